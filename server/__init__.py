@@ -1,0 +1,1 @@
+"""lorahive serving engine and its HTTP face."""

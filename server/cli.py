@@ -1,0 +1,90 @@
+"""`lorahive` command line: `serve` and `export-demo`.
+
+Flags are generated from `Settings`, so every field is both `--some-flag` and `LORAHIVE_SOME_FLAG`
+(the flag wins) and nothing is declared twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import get_args
+
+from pydantic import ValidationError
+
+from server.config import Settings
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        choices = get_args(field.annotation) if "Literal" in str(field.annotation) else None
+        env = "LORAHIVE_" + name.upper()
+        default_text = "" if field.default is None else f" (default {field.default})"
+        parser.add_argument(
+            flag, dest=name, default=None, choices=choices, help=f"{field.description}{default_text}; env {env}"
+        )
+
+
+def settings_from(namespace: argparse.Namespace, environ: dict[str, str]) -> Settings:
+    """Flags first, then LORAHIVE_* variables, then the defaults; pydantic converts and validates."""
+    values = {}
+    for name in Settings.model_fields:
+        flag_value = getattr(namespace, name, None)
+        env_value = environ.get("LORAHIVE_" + name.upper())
+        if flag_value is not None:
+            values[name] = flag_value
+        elif env_value is not None:
+            values[name] = env_value
+    return Settings.model_validate(values)
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    from server.api.app import build_app
+    from server.runtime import build_engine
+
+    engine = build_engine(settings)
+    engine.start()
+    try:
+        uvicorn.run(build_app(engine), host=settings.host, port=settings.port, log_level=settings.log_level)
+    finally:
+        engine.shutdown()
+
+
+def export_demo(directory: Path, seed: int) -> None:
+    from server.checkpoint import save_checkpoint
+    from server.demo import build_demo_model
+
+    model, tokenizer = build_demo_model(seed)
+    save_checkpoint(model, directory)
+    tokenizer.save(directory)
+    print(f"wrote the demo model (seed {seed}) as a Hugging Face checkpoint to {directory}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="lorahive", description="Multi-tenant LoRA inference server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_settings_flags(commands.add_parser("serve", help="start the OpenAI-compatible server"))
+    export = commands.add_parser("export-demo", help="write the embedded demo model as a HF checkpoint directory")
+    export.add_argument("directory", type=Path)
+    export.add_argument("--seed", type=int, default=0)
+    namespace = parser.parse_args(argv)
+
+    if namespace.command == "export-demo":
+        export_demo(namespace.directory, namespace.seed)
+        return
+    try:
+        settings = settings_from(namespace, dict(os.environ))
+    except ValidationError as exc:
+        parser.exit(2, f"lorahive: invalid settings:\n{exc}\n")
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve(settings)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,32 @@
+"""The server's settings: one pydantic object, filled from CLI flags and `LORAHIVE_*` variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class Settings(BaseModel):
+    """Every knob of `lorahive serve`. Flag `--max-gpu-adapters` <-> env `LORAHIVE_MAX_GPU_ADAPTERS`."""
+
+    model: Path | None = Field(None, description="Hugging Face checkpoint directory; none serves the demo model")
+    adapters: Path | None = Field(None, description="directory of PEFT adapters to serve, one sub-directory each")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weight dtype; auto is bfloat16 on CUDA and float32 on CPU"
+    )
+    device: str = Field("auto", description="torch device; auto picks cuda when available")
+    served_model_name: str | None = Field(None, description="name of the base model in the API")
+    max_model_len: int | None = Field(None, gt=0, description="longest prompt + output in tokens")
+    max_gpu_adapters: int = Field(8, gt=0, description="adapter slots on the device")
+    max_lora_rank: int = Field(64, gt=0, description="largest adapter rank served; smaller ranks are padded")
+    kv_cache_tokens: int | None = Field(None, gt=0, description="KV-cache capacity in tokens; default sizes it")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of GPU memory to fill on CUDA")
+    block_size: int = Field(16, gt=0, description="tokens per KV-cache block")
+    max_num_seqs: int = Field(64, gt=0, description="sequences decoded together at most")
+    max_num_batched_tokens: int = Field(2048, gt=0, description="tokens per engine step at most")
+    seed: int = Field(0, description="seed of the demo model's weights")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

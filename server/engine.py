@@ -1,0 +1,294 @@
+"""The engine: a thread that steps the model over a continuously changing batch.
+
+The event loop talks to it through `submit` (returns a `RequestStream`) and `RequestStream.abort`; both
+only put a message in the engine's inbox. The engine thread drains the inbox between steps, asks the
+scheduler for a plan, runs one forward pass for the whole mixed-adapter batch, samples, detokenizes and
+pushes `ChoiceDelta`s back onto each request's asyncio queue with `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from adapters_store import LoraAdapter
+from server.adapter_pool import AdapterSlotPool
+from server.kv_blocks import BlockAllocator
+from server.model import KVCache, Transformer
+from server.sampling import SamplerState, sample
+from server.scheduler import Scheduler, Sequence
+from server.sequence import (
+    AdapterNotFoundError,
+    ChoiceDelta,
+    FinishReason,
+    GenerationRequest,
+    RequestError,
+)
+from server.step_builder import build_step
+from server.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger("lorahive.engine")
+
+
+class EngineStepError(RuntimeError):
+    """The forward pass failed for the batch this request was in."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int
+    num_kv_blocks: int
+    block_size: int
+    max_gpu_adapters: int
+    max_lora_rank: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+
+
+class RequestStream:
+    """The async side of one request: its choices' deltas, in order, until every choice finished."""
+
+    _END = object()
+
+    def __init__(self, request_id: str, prompt_tokens: int, n: int, engine: Engine):
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self._unfinished = n
+        self._engine = engine
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
+        self._aborted = False
+
+    # Called from the engine thread.
+    def _put(self, item: ChoiceDelta | BaseException) -> None:
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> ChoiceDelta:
+        if self._unfinished == 0:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._unfinished = 0
+            raise item
+        self.completion_tokens += len(item.token_ids)
+        if item.finish_reason is not None:
+            self._unfinished -= 1
+        return item
+
+    def abort(self) -> None:
+        if not self._aborted and self._unfinished:
+            self._aborted = True
+            self._engine.abort(self.request_id)
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer: Tokenizer,
+        config: EngineConfig,
+        adapters: Mapping[str, LoraAdapter],
+        model_name: str,
+        model_description: str,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.model_name = model_name
+        self.model_description = model_description
+        self.max_model_len = config.max_model_len
+        self.created = int(time.time())
+        self.adapters = dict(adapters)
+        device, dtype = model.output.weight.device, model.output.weight.dtype
+        args = model.args
+        self.device = device
+        self.cache = KVCache(
+            args.n_layers, config.num_kv_blocks * config.block_size, args.n_kv_heads, args.head_dim, dtype, device
+        )
+        self.allocator = BlockAllocator(config.num_kv_blocks, config.block_size)
+        self.pool = AdapterSlotPool(model, config.max_gpu_adapters, config.max_lora_rank)
+        self.scheduler = Scheduler(self.allocator, self.pool, config.max_num_seqs, config.max_num_batched_tokens)
+        self._streams: dict[str, RequestStream] = {}
+        self._sequences: dict[str, list[Sequence]] = {}
+        self._inbox: list[tuple[str, object]] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._seq_ids = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="lorahive-engine", daemon=True)
+        self.steps = 0
+
+    # ---- event-loop side -------------------------------------------------------------------------
+
+    def adapter_ids(self) -> list[str]:
+        return sorted(self.adapters)
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        adapter = self._resolve_adapter(request.adapter_id)
+        self._validate(request)
+        request_id = request.request_id or uuid.uuid4().hex
+        stream = RequestStream(request_id, len(request.prompt_token_ids), request.n, self)
+        seqs = [self._new_sequence(request, request_id, i, adapter) for i in range(request.n)]
+        self._post("add", (stream, seqs))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._post("abort", request_id)
+
+    def _resolve_adapter(self, adapter_id: str | None) -> LoraAdapter | None:
+        if adapter_id is None:
+            return None
+        adapter = self.adapters.get(adapter_id)
+        if adapter is None:
+            raise AdapterNotFoundError(adapter_id)
+        return adapter
+
+    def _validate(self, request: GenerationRequest) -> None:
+        prompt_len = len(request.prompt_token_ids)
+        if prompt_len == 0:
+            raise RequestError("The prompt is empty.", param="prompt")
+        if any(not 0 <= t < self.tokenizer.vocab_size for t in request.prompt_token_ids):
+            raise RequestError(f"Prompt token ids must lie in [0, {self.tokenizer.vocab_size}).", param="prompt")
+        total = prompt_len + request.params.max_tokens
+        if total > self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {prompt_len} "
+                f"and max_tokens asks for {request.params.max_tokens} more.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        capacity = self.allocator.num_blocks * self.allocator.block_size
+        if total > capacity:
+            raise RequestError(
+                f"prompt + max_tokens = {total} tokens can never fit in this server's KV cache of {capacity} tokens.",
+                param="max_tokens",
+            )
+
+    def _new_sequence(self, request: GenerationRequest, request_id: str, index: int, adapter) -> Sequence:
+        params = request.params
+        seed = secrets.randbits(63) if params.seed is None else params.seed + index
+        generator = torch.Generator().manual_seed(seed)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output)
+        return Sequence(
+            seq_id=next(self._seq_ids),
+            request_id=request_id,
+            choice_index=index,
+            token_ids=list(request.prompt_token_ids),
+            num_prompt_tokens=len(request.prompt_token_ids),
+            adapter=adapter,
+            sampler=SamplerState(params, generator),
+            detokenizer=detokenizer,
+        )
+
+    def _post(self, kind: str, payload: object) -> None:
+        with self._wake:
+            self._inbox.append((kind, payload))
+            self._wake.notify()
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    # ---- engine thread -----------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._inbox and not self.scheduler.has_work() and not self._stopping:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+                inbox, self._inbox = self._inbox, []
+            for kind, payload in inbox:
+                self._handle(kind, payload)
+            plan = self.scheduler.schedule()
+            if plan:
+                self._step(plan)
+
+    def _handle(self, kind: str, payload) -> None:
+        if kind == "add":
+            stream, seqs = payload
+            self._streams[stream.request_id] = stream
+            self._sequences[stream.request_id] = seqs
+            for seq in seqs:
+                self.scheduler.add(seq)
+        elif kind == "abort":
+            for seq in self._sequences.pop(payload, []):
+                if not seq.finished:
+                    self.scheduler.finish(seq)
+            self._streams.pop(payload, None)
+
+    def _step(self, plan) -> None:
+        try:
+            step, lora_batch, sampled = build_step(
+                plan, self.allocator.block_size, self.model.args.sliding_window, self.device
+            )
+            self.model.lora.batch = lora_batch
+            logits = self.model(step, self.cache)
+            tokens, logprobs = sample(logits, [c.seq.sampler for c in sampled])
+        except Exception as exc:  # one bad step fails its batch, never the engine
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("engine step failed (error id %s); failing %d sequence(s)", error_id, len(plan))
+            for request_id in {c.seq.request_id for c in plan}:
+                self._fail(request_id, EngineStepError(f"The engine failed on this request (error id {error_id})."))
+            return
+        finally:
+            self.model.lora.batch = None
+        self.steps += 1
+        for chunk in plan:
+            chunk.seq.num_computed += chunk.num_tokens
+        for chunk, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+            self._append_token(chunk.seq, token, logprob)
+
+    def _append_token(self, seq: Sequence, token: int, logprob) -> None:
+        seq.token_ids.append(token)
+        seq.sampler.output_ids.append(token)
+        params = seq.sampler.params
+        finish: FinishReason | None = None
+        if (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
+            text, finish = seq.detokenizer.flush(), "stop"
+        else:
+            text, stopped = seq.detokenizer.push(token)
+            if stopped:
+                finish = "stop"
+            elif len(seq.output_ids) >= params.max_tokens:
+                text, finish = text + seq.detokenizer.flush(), "length"
+        stream = self._streams.get(seq.request_id)
+        if finish is not None:
+            self.scheduler.finish(seq)
+            self._forget_if_done(seq.request_id)
+        if stream is not None:
+            stream._put(ChoiceDelta(seq.choice_index, text, [token], None if logprob is None else [logprob], finish))
+
+    def _forget_if_done(self, request_id: str) -> None:
+        if all(s.finished for s in self._sequences.get(request_id, [])):
+            self._sequences.pop(request_id, None)
+            self._streams.pop(request_id, None)
+
+    def _fail(self, request_id: str, error: BaseException) -> None:
+        for seq in self._sequences.pop(request_id, []):
+            if not seq.finished:
+                self.scheduler.finish(seq)
+        stream = self._streams.pop(request_id, None)
+        if stream is not None:
+            stream._put(error)

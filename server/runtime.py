@@ -1,0 +1,123 @@
+"""Assembling an engine from settings: device, dtype, weights, KV-cache size, start-up adapters."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+from adapters_store import AdapterFormatError, BaseModelShape, LoraAdapter, load_peft_adapter, validate_adapter_id
+from server.checkpoint import load_weights, read_config
+from server.config import Settings
+from server.demo import DEMO_DESCRIPTION, DEMO_MODEL_NAME, build_demo_model
+from server.engine import Engine, EngineConfig
+from server.model import ModelArgs, Transformer
+from server.tokenizer import Tokenizer
+
+log = logging.getLogger("lorahive.runtime")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KV_CACHE_TOKENS = 32768  # default on CPU: plenty for the demo, a bounded footprint for real models
+ACTIVATION_HEADROOM_BYTES = 2 * 2**30  # kept free on CUDA for activations and the sampler
+
+
+def pick_device(setting: str) -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[setting]
+
+
+@contextmanager
+def _building_on(device: torch.device, dtype: torch.dtype):
+    """Create parameters directly on `device` in `dtype` (no fp32 copy of a large model first)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer, str, str]:
+    """The model, its tokenizer, its served name and a one-line description."""
+    if settings.model is None:
+        model, tokenizer = build_demo_model(settings.seed)
+        return model.to(device, dtype), tokenizer, settings.served_model_name or DEMO_MODEL_NAME, DEMO_DESCRIPTION
+    model_dir = Path(settings.model)
+    args = read_config(model_dir)
+    tokenizer = Tokenizer.from_dir(model_dir)
+    with _building_on(device, dtype):
+        model = Transformer(args, max_seq_len=max_model_len(settings, args))
+    load_weights(model, model_dir)
+    name = settings.served_model_name or model_dir.resolve().name
+    return model.eval(), tokenizer, name, f"{args.architecture} checkpoint at {model_dir}"
+
+
+def max_model_len(settings: Settings, args: ModelArgs) -> int:
+    return settings.max_model_len or args.max_position_embeddings
+
+
+def lora_pool_bytes(args: ModelArgs, num_slots: int, max_rank: int, dtype: torch.dtype) -> int:
+    """Device bytes of the adapter slot pool: A [r, d_in] and B [d_out, r] per module, layer and slot."""
+    per_layer = sum(d_in + d_out for d_in, d_out in args.lora_module_dims.values()) * max_rank
+    return per_layer * args.n_layers * num_slots * torch.finfo(dtype).bits // 8
+
+
+def kv_cache_blocks(settings: Settings, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> int:
+    bytes_per_token = args.n_layers * 2 * args.n_kv_heads * args.head_dim * torch.finfo(dtype).bits // 8
+    if settings.kv_cache_tokens is not None:
+        tokens = settings.kv_cache_tokens
+    elif device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        slot_pool = lora_pool_bytes(args, settings.max_gpu_adapters, settings.max_lora_rank, dtype)
+        budget = total * settings.gpu_memory_utilization - (total - free) - slot_pool - ACTIVATION_HEADROOM_BYTES
+        tokens = int(budget // bytes_per_token)
+    else:
+        tokens = max(CPU_KV_CACHE_TOKENS, max_model_len(settings, args))
+    blocks = tokens // settings.block_size
+    if blocks < 1:
+        raise ValueError(f"no memory left for the KV cache ({tokens} tokens); lower --max-model-len or the model")
+    return blocks
+
+
+def load_adapter_dir(directory: Path, shape: BaseModelShape, max_rank: int) -> dict[str, LoraAdapter]:
+    """Every valid PEFT adapter under `directory`, by sub-directory name; broken ones are logged and skipped."""
+    adapters: dict[str, LoraAdapter] = {}
+    for path in sorted(p for p in directory.iterdir() if p.is_dir()):
+        try:
+            adapter_id = validate_adapter_id(path.name)
+            adapters[adapter_id] = load_peft_adapter(path, adapter_id, base=shape, max_rank=max_rank)
+        except (AdapterFormatError, OSError) as exc:
+            log.warning("skipping adapter directory %s: %s", path, exc)
+    log.info("loaded %d adapter(s) from %s", len(adapters), directory)
+    return adapters
+
+
+def build_engine(settings: Settings) -> Engine:
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    model, tokenizer, name, description = load_model(settings, device, dtype)
+    args = model.args
+    shape = BaseModelShape(num_layers=args.n_layers, module_dims=args.lora_module_dims)
+    adapters = load_adapter_dir(settings.adapters, shape, settings.max_lora_rank) if settings.adapters else {}
+    config = EngineConfig(
+        max_model_len=max_model_len(settings, args),
+        num_kv_blocks=kv_cache_blocks(settings, args, device, dtype),
+        block_size=settings.block_size,
+        max_gpu_adapters=settings.max_gpu_adapters,
+        max_lora_rank=settings.max_lora_rank,
+        max_num_seqs=settings.max_num_seqs,
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+    )
+    log.info("serving %s on %s (%s), KV cache %d blocks of %d tokens", name, device, dtype,
+             config.num_kv_blocks, config.block_size)
+    return Engine(model, tokenizer, config, adapters, name, description)

@@ -1,0 +1,155 @@
+"""Which sequences run in the next step, and how many of their tokens.
+
+Continuous batching: running sequences go first (one decode token each, or the next chunk of a prefill),
+then waiting sequences are admitted in arrival order while the step's token budget, the sequence cap,
+the KV-cache blocks and the adapter slots allow. A long prompt is prefilled in chunks across steps, so
+decodes of other sequences keep flowing. When a running sequence needs a KV block and none is free, the
+most recently admitted sequence is preempted: its blocks are freed and it is recomputed later (its
+output so far is kept, so nothing a client has seen changes).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from adapters_store import LoraAdapter
+from server.adapter_pool import AdapterSlotPool
+from server.kv_blocks import BlockAllocator
+from server.sampling import SamplerState
+from server.tokenizer import IncrementalDetokenizer
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One choice of one request as the engine tracks it."""
+
+    seq_id: int
+    request_id: str
+    choice_index: int
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    adapter: LoraAdapter | None
+    sampler: SamplerState
+    detokenizer: IncrementalDetokenizer
+    arrival_time: float = field(default_factory=time.monotonic)
+    num_computed: int = 0  # leading tokens whose K/V sit in the cache
+    blocks: list[int] = field(default_factory=list)
+    slot: int = -1  # adapter slot while scheduled; -1 for the base model
+    finished: bool = False
+
+    @property
+    def num_pending(self) -> int:
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    num_tokens: int  # tokens fed this step, starting at seq.num_computed
+
+    @property
+    def completes_sequence(self) -> bool:
+        """True when this chunk reaches the last known token, so the step samples a new one."""
+        return self.seq.num_computed + self.num_tokens == len(self.seq.token_ids)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        allocator: BlockAllocator,
+        pool: AdapterSlotPool,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ):
+        self.allocator = allocator
+        self.pool = pool
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[ScheduledChunk]:
+        budget = self.max_num_batched_tokens
+        plan: list[ScheduledChunk] = []
+        preempted = False
+        for seq in list(self.running):
+            if seq not in self.running or budget == 0:
+                continue
+            num_tokens = min(seq.num_pending, budget)
+            while not self._reserve_blocks(seq, seq.num_computed + num_tokens):
+                victim = self.running[-1]  # newest first; it is not in the plan yet unless it is `seq`
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            else:
+                plan.append(ScheduledChunk(seq, num_tokens))
+                budget -= num_tokens
+        if not preempted:
+            budget = self._admit(plan, budget)
+        return plan
+
+    def _admit(self, plan: list[ScheduledChunk], budget: int) -> int:
+        for seq in list(self.waiting):
+            if len(self.running) >= self.max_num_seqs or budget == 0:
+                break
+            num_tokens = min(seq.num_pending, budget)
+            needed = self.allocator.blocks_for(seq.num_computed + num_tokens) - len(seq.blocks)
+            if needed > self.allocator.num_free:
+                break  # memory is admitted in arrival order: nobody overtakes a sequence waiting for blocks
+            if seq.adapter is not None:
+                slot = self.pool.acquire(seq.adapter)
+                if slot is None:
+                    continue  # every slot is pinned; a sequence whose adapter is resident may still go
+                seq.slot = slot
+            self._reserve_blocks(seq, seq.num_computed + num_tokens)
+            self.waiting.remove(seq)
+            self.running.append(seq)
+            plan.append(ScheduledChunk(seq, num_tokens))
+            budget -= num_tokens
+        return budget
+
+    def _reserve_blocks(self, seq: Sequence, num_tokens: int) -> bool:
+        needed = self.allocator.blocks_for(num_tokens) - len(seq.blocks)
+        if needed <= 0:
+            return True
+        if needed > self.allocator.num_free:
+            return False
+        seq.blocks.extend(self.allocator.allocate(needed))
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self._release(seq)
+        self.running.remove(seq)
+        seq.num_computed = 0
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def _release(self, seq: Sequence) -> None:
+        self.allocator.free(seq.blocks)
+        seq.blocks = []
+        if seq.slot >= 0:
+            self.pool.release(seq.slot)
+            seq.slot = -1
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or aborted sequence and give back its blocks and adapter pin."""
+        seq.finished = True
+        self._release(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

@@ -1,0 +1,87 @@
+"""What a request asks of the engine and what the engine streams back.
+
+These types are the whole contract between the HTTP layer and the engine thread: the routes build a
+`GenerationRequest`, `Engine.submit` returns a `RequestStream`, and the routes iterate its
+`ChoiceDelta`s. Nothing here knows about HTTP or about torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding controls, already validated by the API layer."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    logprobs: int | None = None  # None: no logprobs; k >= 0: the chosen token plus the k most likely
+    include_stop_str_in_output: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prompt, `n` independent choices, optionally through one LoRA adapter."""
+
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+    n: int = 1
+    adapter_id: str | None = None  # None: the base model alone
+    request_id: str = ""
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob), most likely first
+
+
+@dataclass
+class ChoiceDelta:
+    """New output of one choice since its previous delta.
+
+    `text` is safe to show: it never ends inside a multi-byte character and never holds the start of
+    a stop string that may still complete. The last delta of a choice carries `finish_reason`.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+
+
+class RequestError(Exception):
+    """A request the engine refuses as given (maps to HTTP 400 `invalid_request_error`)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+class AdapterNotFoundError(RequestError):
+    """The named adapter is not served (maps to HTTP 404 `model_not_found`)."""
+
+    def __init__(self, adapter_id: str, param: str = "adapter_id"):
+        super().__init__(f"The adapter '{adapter_id}' does not exist.", param=param, code="model_not_found")
+        self.adapter_id = adapter_id
