@@ -20,12 +20,18 @@ import torch
 from kernels.metadata import LoRABatch
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for half types (an fp16 intermediate loses the delta), the input's own type when wider."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def shrink(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
-    """v = x @ A[slot]^T for every token with a slot; zero rows for slot -1. fp32 result."""
-    v = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float32, device=x.device)
+    """v = x @ A[slot]^T for every token with a slot; zero rows for slot -1. At least fp32."""
+    acc = accumulation_dtype(x.dtype)
+    v = torch.zeros(x.shape[0], lora_a.shape[1], dtype=acc, device=x.device)
     for slot in batch.active_slots:
         rows = batch.token_slots == slot
-        v[rows] = x[rows].float() @ lora_a[slot].float().T
+        v[rows] = x[rows].to(acc) @ lora_a[slot].to(acc).T
     return v
 
 
@@ -41,10 +47,10 @@ def expand(
     for slot in batch.active_slots:
         rows = batch.token_slots == slot
         v_rows = v[rows]
-        delta = torch.empty(v_rows.shape[0], lora_b.shape[1], dtype=torch.float32, device=y.device)
+        delta = torch.empty(v_rows.shape[0], lora_b.shape[1], dtype=v.dtype, device=y.device)
         offset = 0
         for k, width in enumerate(slice_widths):
-            b_k = lora_b[slot, offset : offset + width].float()
+            b_k = lora_b[slot, offset : offset + width].to(v.dtype)
             delta[:, offset : offset + width] = v_rows[:, k * rank : (k + 1) * rank] @ b_k.T
             offset += width
         y[rows] += delta.to(y.dtype)

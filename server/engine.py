@@ -246,7 +246,7 @@ class Engine:
             self.model.lora.batch = lora_batch
             logits = self.model(step, self.cache)
             tokens, logprobs = sample(logits, [c.seq.sampler for c in sampled])
-        except Exception as exc:  # one bad step fails its batch, never the engine
+        except Exception:  # one bad step fails its batch, never the engine
             error_id = uuid.uuid4().hex[:12]
             log.exception("engine step failed (error id %s); failing %d sequence(s)", error_id, len(plan))
             for request_id in {c.seq.request_id for c in plan}:

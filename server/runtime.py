@@ -8,7 +8,13 @@ from pathlib import Path
 
 import torch
 
-from adapters_store import AdapterFormatError, BaseModelShape, LoraAdapter, load_peft_adapter, validate_adapter_id
+from adapters_store import (
+    AdapterFormatError,
+    BaseModelShape,
+    LoraAdapter,
+    load_peft_adapter,
+    validate_adapter_id,
+)
 from server.checkpoint import load_weights, read_config
 from server.config import Settings
 from server.demo import DEMO_DESCRIPTION, DEMO_MODEL_NAME, build_demo_model

@@ -3,8 +3,8 @@
 A Hugging Face checkpoint's `tokenizer.json` already describes the whole pipeline (normalizer,
 pre-tokenizer, model, post-processor, decoder), so loading it into `tokenizers` reproduces
 `transformers.AutoTokenizer` without importing transformers. What transformers adds on top (special tokens
-from `tokenizer_config.json`, chat templates rendered in a jinja2 sandbox) is re-implemented here in a
-few dozen lines, and the tests hold it to transformers' output.
+from `tokenizer_config.json`, chat templates rendered in a jinja2 sandbox) is re-implemented here, and
+tests/test_tokenizer.py holds it to transformers' output.
 """
 
 from __future__ import annotations
@@ -192,7 +192,8 @@ class Tokenizer:
 
         template = config.get("chat_template")
         if isinstance(template, list):  # several named templates: the unnamed use is "default"
-            template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default")
         jinja_file = path / "chat_template.jinja"
         if jinja_file.is_file():  # newer layout keeps the template in its own file, and it wins
             template = jinja_file.read_text(encoding="utf-8")
@@ -243,8 +244,17 @@ class Tokenizer:
     # ---- text <-> ids
 
     @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The underlying `tokenizers.Tokenizer`."""
+        return self._backend
+
+    @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry (e.g. a special token's text), or None."""
+        return self._backend.token_to_id(token)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
@@ -280,10 +290,12 @@ class Tokenizer:
         special = {
             name: tok for name, tok in (("bos_token", self.bos_token), ("eos_token", self.eos_token)) if tok
         }
-        variables = {"tools": None, "documents": None, **special, **extra}
+        # Same variables as transformers: tools/documents default to None (templates test `is not none`),
+        # special tokens, then the caller's extras.
+        context = {"tools": None, "documents": None, **special, **extra}
+        context.update(messages=cleaned, add_generation_prompt=add_generation_prompt)
         try:
-            template = _compile_template(self.chat_template)
-            return template.render(**variables, messages=cleaned, add_generation_prompt=add_generation_prompt)
+            return _compile_template(self.chat_template).render(context)
         except ChatTemplateError:
             raise
         except Exception as exc:
@@ -352,9 +364,10 @@ class IncrementalDetokenizer:
     this does not depend on how the text happens to be split into tokens.
     """
 
-    # Tokens we wait for an incomplete UTF-8 character to complete: a character has at most 4 bytes and
-    # every token carries at least one, so a longer run is simply invalid bytes and is released as is.
-    _MAX_PENDING_TOKENS = 6
+    # How long the undecoded window may grow before we release it as is. Merged BPE tokens can end inside a
+    # character many times in a row (a run of emoji), so this is no small number; it only bounds the cost of
+    # garbage output (invalid bytes that never complete, or a long run of skipped special tokens).
+    _MAX_PENDING_TOKENS = 256
 
     def __init__(
         self,
@@ -376,6 +389,8 @@ class IncrementalDetokenizer:
 
     @property
     def text(self) -> str:
+        if len(self._released) > 1:  # join once per read, not once per token
+            self._released = ["".join(self._released)]
         return "".join(self._released)
 
     @property
@@ -400,9 +415,8 @@ class IncrementalDetokenizer:
     def _decode_delta(self, final: bool) -> str:
         prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         new_text = self._decode(self._ids[self._prefix_offset :])
-        waiting = len(new_text) <= len(prefix_text) or new_text.endswith(
-            "\ufffd"
-        )  # nothing new, or half a char
+        # Wait while the newest tokens add nothing (skipped specials) or end in half a character.
+        waiting = len(new_text) <= len(prefix_text) or new_text.endswith("\ufffd")
         if waiting and not final and len(self._ids) - self._read_offset < self._MAX_PENDING_TOKENS:
             return ""
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)

@@ -1,0 +1,155 @@
+"""Every error leaves the server in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+
+OpenAI's SDKs read that body to build their exception (`openai.NotFoundError`, ...), so FastAPI's default
+`{"detail": ...}` would reach users as an opaque failure. Handlers here cover request validation,
+malformed JSON, unknown routes and methods, the engine's `RequestError`s, and - through a small ASGI
+middleware - anything unexpected (500 with an error id that is also in the server log).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Mapping
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.protocol import CUSTOM_ERROR_CODES
+from server.sequence import AdapterNotFoundError, RequestError
+
+log = logging.getLogger("lorahive.api")
+
+INVALID_REQUEST = "invalid_request_error"
+SERVER_ERROR = "server_error"
+
+# OpenAI's error `type` by status, for HTTP errors raised by routing or by other routers' dependencies.
+_TYPE_BY_STATUS = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+def error_response(
+    status_code: int,
+    message: str,
+    *,
+    error_type: str = INVALID_REQUEST,
+    param: str | None = None,
+    code: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(error=ErrorInfo(message=message, type=error_type, param=param, code=code))
+    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+
+
+def internal_error_body(error_id: str) -> dict[str, Any]:
+    """The body of a 500 (also sent as an SSE event when a stream fails after its headers went out)."""
+    message = f"The server had an error while processing your request (error id {error_id})."
+    return ErrorResponse(error=ErrorInfo(message=message, type=SERVER_ERROR)).model_dump()
+
+
+def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
+    parts = loc[1:] if loc and loc[0] == "body" else loc
+    return ".".join(str(p) for p in parts) or None
+
+
+def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    first = errors[0] if errors else {"type": "value_error", "loc": ("body",), "msg": "Invalid request."}
+    kind, loc, msg = first["type"], tuple(first["loc"]), first["msg"]
+    param = _param_from_loc(loc)
+    code: str | None
+    if kind == "json_invalid":
+        # FastAPI reports the character position as the location; that is not a parameter name.
+        reason = first.get("ctx", {}).get("error", "invalid JSON")
+        message, param, code = (
+            f"We could not parse the JSON body of your request ({reason}).",
+            None,
+            "invalid_json",
+        )
+    elif kind in CUSTOM_ERROR_CODES:
+        message, code = msg, kind  # our own validators already write a whole sentence
+    elif param is None:
+        message = "The request body must be a JSON object (sent with Content-Type: application/json)."
+        code = "invalid_body"
+    elif kind == "missing":
+        message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
+    else:
+        code = "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value"
+        message = f"Invalid value for '{param}': {msg}."
+    if len(errors) > 1:
+        message += f" ({len(errors) - 1} more problem(s) in the request.)"
+    return error_response(400, message, param=param, code=code)
+
+
+def _request_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestError)
+    status = 404 if isinstance(exc, AdapterNotFoundError) else 400
+    return error_response(status, exc.message, param=exc.param, code=exc.code)
+
+
+def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    message = str(exc.detail)
+    if message == HTTPStatus(status).phrase:  # Starlette's bare "Not Found" / "Method Not Allowed"
+        if status == 404:
+            message = f"Unknown request URL: {request.method} {request.url.path}."
+        elif status == 405:
+            message = f"Method {request.method} is not allowed on {request.url.path}."
+    kind = _TYPE_BY_STATUS.get(status, SERVER_ERROR if status >= 500 else INVALID_REQUEST)
+    return error_response(status, message, error_type=kind, headers=exc.headers)
+
+
+class _UnhandledErrorMiddleware:
+    """Turns an unexpected exception into a logged 500 in OpenAI's shape.
+
+    A plain `Exception` handler would do the same, but Starlette re-raises after calling it, so the server
+    logs a second traceback without the error id; catching here gives one log line per failure.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("unhandled error %s in %s %s", error_id, scope.get("method"), scope.get("path"))
+            if started:  # too late for a clean error body; let the server drop the connection
+                raise
+            await JSONResponse(internal_error_body(error_id), status_code=500)(scope, receive, send)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(RequestError, _request_error)  # AdapterNotFoundError is a subclass: 404
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_middleware(_UnhandledErrorMiddleware)

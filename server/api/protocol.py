@@ -1,0 +1,461 @@
+"""The OpenAI wire contract as pydantic models: what clients may send, and what we answer.
+
+Request models accept unknown fields (`extra="allow"`: OpenAI clients send many we do not use) but are
+strict about the ones we know, so `"max_tokens": "ten"` or `"n": 1.5` is a 400 rather than a guess.
+Fields whose OpenAI type is a union (`prompt`, `stop`, message `content`) are checked by hand-written
+validators: a pydantic union reports one error per member, each with the member's type name in its
+location, which would make the `param` of the 400 unreadable.
+
+Features we do not implement (`best_of`, `suffix`, tools, structured output, non-text content) are
+refused with a 400 naming the field rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from annotated_types import MaxLen
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from server.sequence import FinishReason, SamplingParams
+
+# Error types our validators raise; the error handler turns them into OpenAI's `code`.
+UNSUPPORTED_PARAMETER = "unsupported_parameter"
+UNSUPPORTED_VALUE = "unsupported_value"
+INVALID_TYPE = "invalid_type"
+INVALID_VALUE = "invalid_value"
+CUSTOM_ERROR_CODES = frozenset({UNSUPPORTED_PARAMETER, UNSUPPORTED_VALUE, INVALID_TYPE, INVALID_VALUE})
+
+MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM-style clients send more
+MAX_LOGPROBS = 20
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
+
+_REQUEST_CONFIG = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+def _is_token_id(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_prompt(value: object) -> str | list[str] | list[int] | list[list[int]]:
+    """OpenAI's four prompt shapes. Emptiness gets its own message, so the client learns which problem
+    it has."""
+    ok = isinstance(value, str) or (
+        isinstance(value, list)
+        and (
+            all(isinstance(p, str) for p in value)
+            or all(_is_token_id(t) for t in value)
+            or all(isinstance(p, list) and all(_is_token_id(t) for t in p) for p in value)
+        )
+    )
+    if not ok:
+        raise PydanticCustomError(
+            INVALID_TYPE,
+            "'prompt' must be a string, a list of strings, a list of token ids "
+            "or a list of lists of token ids.",
+        )
+    if not value or (isinstance(value, list) and any(isinstance(p, str | list) and not p for p in value)):
+        raise PydanticCustomError(INVALID_VALUE, "'prompt' must not be empty.")
+    return value  # type: ignore[return-value]
+
+
+def _stop_as_list(value: object) -> object:
+    if isinstance(value, str):
+        return [value]
+    if value is not None and not isinstance(value, list):
+        raise PydanticCustomError(INVALID_TYPE, "'stop' must be a string or a list of strings.")
+    return value
+
+
+def _content_as_parts(value: object) -> object:
+    # A plain string is the common case of a one-part text message; normalizing it here keeps `content` a
+    # non-union type, so errors inside a part get a precise location (messages.0.content.1).
+    if isinstance(value, str):
+        return [{"type": "text", "text": value}]
+    if value is not None and not isinstance(value, list):
+        raise PydanticCustomError(
+            INVALID_TYPE, "Message 'content' must be a string or a list of content parts."
+        )
+    return value
+
+
+Prompt = Annotated[
+    str | list[str] | list[int] | list[list[int]],
+    PlainValidator(_check_prompt, json_schema_input_type=str | list[str] | list[int] | list[list[int]]),
+]
+StopStrings = Annotated[Annotated[list[str], MaxLen(MAX_STOP_STRINGS)] | None, BeforeValidator(_stop_as_list)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Requests
+
+
+class StreamOptions(BaseModel):
+    model_config = _REQUEST_CONFIG
+
+    include_usage: bool | None = None
+
+
+class BaseGenerationRequest(BaseModel):
+    """Fields both generation endpoints share. `None` means "the default" for every optional field, because
+    OpenAI's schema marks them nullable and clients do send explicit nulls."""
+
+    model_config = _REQUEST_CONFIG
+
+    model: str | None = None
+    adapter_id: str | None = None  # extension: pick a LoRA adapter regardless of `model`
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    n: int | None = Field(None, ge=1, le=128)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)  # extension (vLLM): 0 or -1 turns it off
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: StopStrings = None
+    stop_token_ids: list[int] | None = None  # extension (vLLM)
+    include_stop_str_in_output: bool | None = None  # extension (vLLM)
+    ignore_eos: bool | None = None  # extension (vLLM)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None  # accepted for compatibility, not used
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, stop: list[str] | None) -> list[str] | None:
+        if stop and any(not s for s in stop):
+            raise PydanticCustomError(INVALID_VALUE, "Stop strings must not be empty.")
+        return stop
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for key, value in (bias or {}).items():
+            if not (key.isascii() and key.isdigit()):
+                raise PydanticCustomError(
+                    INVALID_VALUE,
+                    "'logit_bias' keys must be token ids written as strings, got '{key}'.",
+                    {"key": key},
+                )
+            if not -100.0 <= value <= 100.0:
+                raise PydanticCustomError(INVALID_VALUE, "'logit_bias' values must lie in [-100, 100].")
+        return bias
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def logprobs_k(self) -> int | None:
+        """How many alternatives per token the client wants (None: no logprobs at all)."""
+        raise NotImplementedError
+
+    def sampling_params(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            seed=self.seed,
+            stop=tuple(self.stop or ()),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=bool(self.ignore_eos),
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            logit_bias=tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items())),
+            logprobs=self.logprobs_k(),
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
+        )
+
+
+class CompletionRequest(BaseGenerationRequest):
+    """`POST /v1/completions` (OpenAI's CreateCompletionRequest)."""
+
+    prompt: Prompt
+    max_tokens: int | None = Field(None, ge=1)  # None: DEFAULT_COMPLETION_MAX_TOKENS
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    best_of: int | None = Field(None, ge=1, le=20)
+    suffix: str | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of: int | None, info: ValidationInfo) -> int | None:
+        # best_of == n is plain sampling; anything else needs server-side ranking, which we do not do.
+        n = info.data.get("n") or 1
+        if best_of is not None and best_of != n:
+            raise PydanticCustomError(UNSUPPORTED_PARAMETER, "'best_of' other than n is not supported.")
+        return best_of
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix: str | None) -> str | None:
+        if suffix:
+            raise PydanticCustomError(UNSUPPORTED_PARAMETER, "'suffix' (insertion) is not supported.")
+        return suffix
+
+    @field_validator("logprobs")
+    @classmethod
+    def _not_with_echo(cls, logprobs: int | None, info: ValidationInfo) -> int | None:
+        # OpenAI returns the prompt tokens' logprobs with echo; the engine does not compute them, and
+        # leaving them out would silently misalign `tokens` with `text`.
+        if logprobs is not None and info.data.get("echo"):
+            raise PydanticCustomError(UNSUPPORTED_VALUE, "'logprobs' together with 'echo' is not supported.")
+        return logprobs
+
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
+
+    def resolved_max_tokens(self) -> int:
+        return DEFAULT_COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+
+
+class TextContentPart(BaseModel):
+    model_config = _REQUEST_CONFIG
+
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> TextContentPart:
+        if self.type != "text":
+            raise PydanticCustomError(
+                UNSUPPORTED_VALUE,
+                "Content parts of type '{type}' are not supported; only 'text' parts are.",
+                {"type": self.type},
+            )
+        if self.text is None:
+            raise PydanticCustomError(INVALID_VALUE, "A 'text' content part needs a 'text' string.")
+        return self
+
+
+class ChatMessage(BaseModel):
+    model_config = _REQUEST_CONFIG
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[list[TextContentPart] | None, BeforeValidator(_content_as_parts)] = None
+    name: str | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+
+    @field_validator("tool_calls", "function_call")
+    @classmethod
+    def _no_tool_calls(cls, value: Any, info: ValidationInfo) -> Any:
+        if value:
+            raise PydanticCustomError(
+                UNSUPPORTED_PARAMETER,
+                "Messages with '{field}' are not supported.",
+                {"field": info.field_name},
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _content_required(self) -> ChatMessage:
+        if self.content is None and self.role != "assistant":
+            raise PydanticCustomError(
+                INVALID_VALUE, "A '{role}' message needs 'content'.", {"role": self.role}
+            )
+        return self
+
+    def text(self) -> str:
+        return "".join(part.text or "" for part in self.content or ())
+
+
+class ChatCompletionRequest(BaseGenerationRequest):
+    """`POST /v1/chat/completions` (OpenAI's CreateChatCompletionRequest)."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top is not None and not info.data.get("logprobs"):
+            raise PydanticCustomError(INVALID_VALUE, "'top_logprobs' requires 'logprobs' to be true.")
+        return top
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, value: list[Any] | None, info: ValidationInfo) -> list[Any] | None:
+        if value:
+            raise PydanticCustomError(
+                UNSUPPORTED_PARAMETER,
+                "'{field}' (tool calling) is not supported yet.",
+                {"field": info.field_name},
+            )
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None and value != "none":
+            raise PydanticCustomError(
+                UNSUPPORTED_PARAMETER,
+                "'{field}' (tool calling) is not supported yet.",
+                {"field": info.field_name},
+            )
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_format_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value.get("type") != "text":
+            raise PydanticCustomError(
+                UNSUPPORTED_VALUE, "Only response_format type 'text' is supported (no structured output)."
+            )
+        return value
+
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The field the client used to cap the output, for error messages."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+# --------------------------------------------------------------------------------------------------
+# Responses (shapes from OpenAI's published schemas; `tests/openai_schema.py` holds us to them)
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = Field(default_factory=list)
+    token_logprobs: list[float] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float]] = Field(default_factory=list)
+    text_offset: list[int] = Field(default_factory=list)
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: FinishReason | None = None  # None only in streamed chunks before the last
+
+
+class CompletionResponse(BaseModel):
+    """A completion, and also each streamed chunk of one (OpenAI uses the same shape for both)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
+
+
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer
+    def _present_fields_only(self) -> dict[str, str]:
+        # OpenAI sends {"role": "assistant", "content": ""}, then {"content": ...}, then {} with the finish.
+        return {k: v for k, v in (("role", self.role), ("content", self.content)) if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(BaseModel):
+    """OpenAI's Model object plus vLLM-style `root`/`parent`, and a `description` of the base model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "lorahive"
+    root: str
+    parent: str | None = None
+    description: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_missing_description(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("description") is None:
+            data.pop("description", None)
+        return data
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
