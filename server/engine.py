@@ -37,6 +37,7 @@ from server.step_builder import build_step
 from server.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger("lorahive.engine")
+_SEED_MIX = 0x9E3779B97F4A7C15  # odd, so seed -> seed * _SEED_MIX is a bijection mod 2**63
 
 
 class EngineStepError(RuntimeError):
@@ -56,8 +57,6 @@ class EngineConfig:
 
 class RequestStream:
     """The async side of one request: its choices' deltas, in order, until every choice finished."""
-
-    _END = object()
 
     def __init__(self, request_id: str, prompt_tokens: int, n: int, engine: Engine):
         self.request_id = request_id
@@ -89,8 +88,10 @@ class RequestStream:
         return item
 
     def abort(self) -> None:
+        """Stop generating; iteration ends at once. Call from the event loop."""
         if not self._aborted and self._unfinished:
             self._aborted = True
+            self._unfinished = 0
             self._engine.abort(self.request_id)
 
 
@@ -153,6 +154,12 @@ class Engine:
         adapter = self.adapters.get(adapter_id)
         if adapter is None:
             raise AdapterNotFoundError(adapter_id)
+        if adapter.rank > self.config.max_lora_rank:
+            raise RequestError(
+                f"The adapter '{adapter_id}' has rank {adapter.rank}; this server serves ranks up to "
+                f"{self.config.max_lora_rank} (--max-lora-rank).",
+                param="adapter_id",
+            )
         return adapter
 
     def _validate(self, request: GenerationRequest) -> None:
@@ -178,7 +185,8 @@ class Engine:
 
     def _new_sequence(self, request: GenerationRequest, request_id: str, index: int, adapter) -> Sequence:
         params = request.params
-        seed = secrets.randbits(63) if params.seed is None else params.seed + index
+        # Choice i of a seeded request gets its own stream, unrelated to the streams of nearby seeds.
+        seed = secrets.randbits(63) if params.seed is None else (params.seed * _SEED_MIX + index) % 2**63
         generator = torch.Generator().manual_seed(seed)
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output)
         return Sequence(
@@ -222,6 +230,9 @@ class Engine:
             for kind, payload in inbox:
                 self._handle(kind, payload)
             plan = self.scheduler.schedule()
+            for seq, error in self.scheduler.take_failed():
+                adapter_id = seq.adapter.adapter_id if seq.adapter else None
+                self._fail(seq.request_id, EngineStepError(f"The adapter '{adapter_id}' could not be loaded: {error}"))
             if plan:
                 self._step(plan)
 

@@ -74,6 +74,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self._failed: list[tuple[Sequence, Exception]] = []
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -111,7 +112,12 @@ class Scheduler:
             if needed > self.allocator.num_free:
                 break  # memory is admitted in arrival order: nobody overtakes a sequence waiting for blocks
             if seq.adapter is not None:
-                slot = self.pool.acquire(seq.adapter)
+                try:
+                    slot = self.pool.acquire(seq.adapter)
+                except Exception as exc:  # the adapter cannot be loaded: its request fails, others go on
+                    self.waiting.remove(seq)
+                    self._failed.append((seq, exc))
+                    continue
                 if slot is None:
                     continue  # every slot is pinned; a sequence whose adapter is resident may still go
                 seq.slot = slot
@@ -121,6 +127,11 @@ class Scheduler:
             plan.append(ScheduledChunk(seq, num_tokens))
             budget -= num_tokens
         return budget
+
+    def take_failed(self) -> list[tuple[Sequence, Exception]]:
+        """Sequences dropped while scheduling (their adapter could not be loaded), with the reason."""
+        failed, self._failed = self._failed, []
+        return failed
 
     def _reserve_blocks(self, seq: Sequence, num_tokens: int) -> bool:
         needed = self.allocator.blocks_for(num_tokens) - len(seq.blocks)

@@ -1,0 +1,366 @@
+"""kernels.add_lora and kernels.reference.shrink/expand against a naive per-token float64 loop.
+
+The naive loop is the Punica contract written as plainly as possible, on the *unpadded* per-slot,
+per-slice A and B: for every token t with slot s >= 0 and every fused slice k,
+    y[t, slice k] += (x[t] @ A_k[s].T) @ B_k[s].T
+so it also checks that zero-padding lower ranks up to the pool's max rank changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernels import LoRABatch, add_lora, reference
+
+# float64 is held to float64 accuracy (the reference accumulates in the wider of the input dtype and fp32);
+# the others to their own rounding. Any indexing or slicing mistake shows up as an O(1) error.
+TOLERANCES: dict[torch.dtype, dict[str, float]] = {
+    torch.float64: {"rtol": 1e-12, "atol": 1e-12},
+    torch.float32: {"rtol": 1e-5, "atol": 1e-4},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 4e-2},
+}
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@dataclass
+class LoraCase:
+    """One random layer: inputs in `dtype` and the same values, unpadded, in float64 for the naive loop."""
+
+    x: torch.Tensor  # [T, d_in]
+    y: torch.Tensor  # [T, sum(widths)], the base output before LoRA
+    lora_a: torch.Tensor  # [S, K * R, d_in]
+    lora_b: torch.Tensor  # [S, sum(widths), R]
+    token_slots: list[int]
+    widths: tuple[int, ...]
+    a: list[list[torch.Tensor | None]]  # a[s][k]: [rank, d_in] float64, None where slot s skips slice k
+    b: list[list[torch.Tensor | None]]  # b[s][k]: [width_k, rank] float64
+
+    @property
+    def batch(self) -> LoRABatch:
+        return LoRABatch.from_token_slots(self.token_slots, device=self.x.device)
+
+
+def make_case(
+    gen: torch.Generator,
+    token_slots: list[int],
+    num_slots: int,
+    max_rank: int,
+    d_in: int,
+    widths: tuple[int, ...],
+    ranks: list[list[int]] | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: str = "cpu",
+) -> LoraCase:
+    """Random x, y and per-slot A/B packed as the slot pool packs them (A rows and B columns zero-padded).
+
+    `ranks[s][k]` is the rank of slot s's adapter on slice k (0: the adapter does not target that slice);
+    by default every slot uses `max_rank` on every slice. Values are scaled so that x, y and every delta
+    are O(1).
+    """
+    ranks = ranks if ranks is not None else [[max_rank] * len(widths) for _ in range(num_slots)]
+
+    def rounded(*shape: int, std: float = 1.0) -> torch.Tensor:
+        """float64 values that are exactly representable in `dtype`."""
+        return (torch.randn(shape, generator=gen, dtype=torch.float64) * std).to(dtype).to(torch.float64)
+
+    t = len(token_slots)
+    lora_a = torch.zeros(num_slots, len(widths) * max_rank, d_in, dtype=torch.float64)
+    lora_b = torch.zeros(num_slots, sum(widths), max_rank, dtype=torch.float64)
+    a: list[list[torch.Tensor | None]] = []
+    b: list[list[torch.Tensor | None]] = []
+    for s in range(num_slots):
+        a.append([])
+        b.append([])
+        offset = 0
+        for k, width in enumerate(widths):
+            rank = ranks[s][k]
+            if rank == 0:
+                a[s].append(None)
+                b[s].append(None)
+            else:
+                a_k = rounded(rank, d_in, std=d_in**-0.5)
+                b_k = rounded(width, rank, std=rank**-0.5)
+                lora_a[s, k * max_rank : k * max_rank + rank] = a_k
+                lora_b[s, offset : offset + width, :rank] = b_k
+                a[s].append(a_k)
+                b[s].append(b_k)
+            offset += width
+    return LoraCase(
+        x=rounded(t, d_in).to(device, dtype),
+        y=rounded(t, sum(widths)).to(device, dtype),
+        lora_a=lora_a.to(device, dtype),
+        lora_b=lora_b.to(device, dtype),
+        token_slots=list(token_slots),
+        widths=tuple(widths),
+        a=a,
+        b=b,
+    )
+
+
+def naive_shrink(case: LoraCase) -> torch.Tensor:
+    """[T, K * R] float64: v[t, k*R : k*R + r] = x[t] @ A_k[slot].T, zero elsewhere."""
+    max_rank = case.lora_a.shape[1] // len(case.widths)
+    x = case.x.cpu().to(torch.float64)
+    v = torch.zeros(len(case.token_slots), len(case.widths) * max_rank, dtype=torch.float64)
+    for t, slot in enumerate(case.token_slots):
+        if slot < 0:
+            continue
+        for k, a_k in enumerate(case.a[slot]):
+            if a_k is not None:
+                v[t, k * max_rank : k * max_rank + a_k.shape[0]] = x[t] @ a_k.T
+    return v
+
+
+def naive_lora(case: LoraCase) -> torch.Tensor:
+    """y + the LoRA delta of every token, one token and one slice at a time, in float64."""
+    x = case.x.cpu().to(torch.float64)
+    y = case.y.cpu().to(torch.float64).clone()
+    for t, slot in enumerate(case.token_slots):
+        if slot < 0:
+            continue
+        offset = 0
+        for a_k, b_k, width in zip(case.a[slot], case.b[slot], case.widths, strict=True):
+            if a_k is not None and b_k is not None:
+                y[t, offset : offset + width] += (x[t] @ a_k.T) @ b_k.T
+            offset += width
+    return y
+
+
+def run_add_lora(case: LoraCase) -> torch.Tensor:
+    y = case.y.clone()
+    add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths)
+    return y
+
+
+def assert_matches_naive(case: LoraCase, actual: torch.Tensor) -> None:
+    assert actual.dtype == case.y.dtype and actual.shape == case.y.shape
+    expected = naive_lora(case)
+    torch.testing.assert_close(actual.cpu().to(torch.float64), expected, **TOLERANCES[case.y.dtype])
+    # Tokens without an adapter are never touched, not even by a rounding error.
+    untouched = torch.tensor([s < 0 for s in case.token_slots], dtype=torch.bool)
+    assert torch.equal(actual.cpu()[untouched], case.y.cpu()[untouched])
+
+
+# ------------------------------------------------------------------------------------------ add_lora
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_tokens_in_one_slot(torch_gen: torch.Generator, device: str) -> None:
+    case = make_case(torch_gen, [2] * 9, num_slots=3, max_rank=4, d_in=32, widths=(24,), device=device)
+    assert_matches_naive(case, run_add_lora(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_token_in_a_different_slot(torch_gen: torch.Generator, device: str) -> None:
+    slots = [5, 0, 3, 6, 1, 4, 2]
+    case = make_case(torch_gen, slots, num_slots=7, max_rank=4, d_in=32, widths=(16, 8), device=device)
+    assert_matches_naive(case, run_add_lora(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mix_of_slots_and_no_adapter(torch_gen: torch.Generator, device: str) -> None:
+    # Segments of one slot, single tokens, -1 at both ends and inside, one slot appearing twice.
+    slots = [-1, 0, 0, 0, 2, -1, -1, 1, 1, 2, 0, -1]
+    case = make_case(torch_gen, slots, num_slots=4, max_rank=8, d_in=40, widths=(32, 8, 8), device=device)
+    assert_matches_naive(case, run_add_lora(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_tokens_without_adapter_leave_y_bit_identical(torch_gen: torch.Generator, device: str) -> None:
+    case = make_case(torch_gen, [-1] * 6, num_slots=2, max_rank=4, d_in=16, widths=(16, 8), device=device)
+    case.lora_a.fill_(float("nan"))  # not even read
+    case.lora_b.fill_(float("nan"))
+    y = run_add_lora(case)
+    assert torch.equal(y, case.y)
+    assert not case.batch.has_lora
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(torch_gen: torch.Generator, device: str) -> None:
+    case = make_case(torch_gen, [], num_slots=2, max_rank=4, d_in=16, widths=(8, 4), device=device)
+    y = run_add_lora(case)
+    assert y.shape == (0, 12)
+    v = reference.shrink(case.x, case.lora_a, case.batch)
+    assert v.shape == (0, 2 * 4)
+    reference.expand(y, v, case.lora_b, case.batch, case.widths)
+    assert y.shape == (0, 12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_slots_no_token_uses_are_never_read(torch_gen: torch.Generator, device: str) -> None:
+    """Stale weights in idle slots (here NaN) must not leak into the tokens of other slots."""
+    slots = [1, 1, -1, 3, 1]
+    case = make_case(torch_gen, slots, num_slots=4, max_rank=4, d_in=24, widths=(16, 8), device=device)
+    for idle in (0, 2):
+        case.lora_a[idle].fill_(float("nan"))
+        case.lora_b[idle].fill_(float("nan"))
+    assert_matches_naive(case, run_add_lora(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rank_one_and_max_rank_with_zero_padding(torch_gen: torch.Generator, device: str) -> None:
+    # Slot 0 rank 1, slot 1 the pool's max rank, slot 2 rank 3 on q and skipping k/v (rank 0: not targeted),
+    # slot 3 different ranks per slice.
+    ranks = [[1, 1, 1], [16, 16, 16], [3, 0, 0], [2, 16, 5]]
+    slots = [0, 0, 1, 1, 1, 2, 3, 3, -1, 0, 2]
+    case = make_case(
+        torch_gen, slots, num_slots=4, max_rank=16, d_in=48, widths=(32, 16, 16), ranks=ranks, device=device
+    )
+    assert_matches_naive(case, run_add_lora(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_odd_dimensions(torch_gen: torch.Generator, device: str) -> None:
+    slots = [0, 1, -1, 1, 0, 0, 1]
+    case = make_case(torch_gen, slots, num_slots=2, max_rank=3, d_in=33, widths=(17,), device=device)
+    assert_matches_naive(case, run_add_lora(case))
+
+
+@pytest.mark.parametrize(
+    "widths",
+    [
+        pytest.param((17,), id="one-slice"),
+        pytest.param((40, 24), id="gate-up"),
+        pytest.param((32, 8, 8), id="gqa-qkv"),
+        pytest.param((9, 23, 1), id="odd-qkv"),
+    ],
+)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_slices_of_different_widths(
+    torch_gen: torch.Generator, device: str, widths: tuple[int, ...]
+) -> None:
+    slots = [0, 0, 0, 2, 2, -1, 1, 0]
+    case = make_case(torch_gen, slots, num_slots=3, max_rank=4, d_in=20, widths=widths, device=device)
+    assert_matches_naive(case, run_add_lora(case))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_low_precision_dtypes(torch_gen: torch.Generator, device: str, dtype: torch.dtype) -> None:
+    slots = [0, 0, 1, -1, 2, 2, 2, 1, -1, 0]
+    ranks = [[8, 8, 8], [2, 2, 2], [5, 0, 8]]
+    case = make_case(
+        torch_gen, slots, num_slots=3, max_rank=8, d_in=64, widths=(32, 16, 16), ranks=ranks, dtype=dtype,
+        device=device,
+    )
+    assert_matches_naive(case, run_add_lora(case))
+
+
+def test_float64_inputs_keep_float64_precision(torch_gen: torch.Generator) -> None:
+    """float64 in, float64 accuracy out: the reference must not round its intermediates to float32."""
+    slots = [0, 0, 1, -1, 1]
+    case = make_case(torch_gen, slots, num_slots=2, max_rank=8, d_in=64, widths=(32, 16))
+    torch.testing.assert_close(run_add_lora(case), naive_lora(case), rtol=1e-13, atol=1e-13)
+    assert reference.shrink(case.x, case.lora_a, case.batch).dtype == torch.float64
+
+
+# ---------------------------------------------------------------------------------- shrink / expand
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_shrink_then_expand_match_naive(torch_gen: torch.Generator, device: str) -> None:
+    slots = [1, 1, -1, 0, 2, 2, -1]
+    ranks = [[4, 1, 4], [4, 4, 4], [2, 3, 0]]
+    case = make_case(
+        torch_gen, slots, num_slots=3, max_rank=4, d_in=24, widths=(16, 8, 8), ranks=ranks, device=device
+    )
+    v = reference.shrink(case.x, case.lora_a, case.batch)
+    assert v.shape == (len(slots), 3 * 4)
+    torch.testing.assert_close(v.cpu().to(torch.float64), naive_shrink(case), **TOLERANCES[torch.float64])
+    assert torch.count_nonzero(v.cpu()[torch.tensor(slots) < 0]) == 0  # rows of slot -1 are zero
+
+    y = case.y.clone()
+    reference.expand(y, v, case.lora_b, case.batch, case.widths)
+    assert_matches_naive(case, y)
+
+
+# --------------------------------------------------------------------------------------- property
+
+
+@st.composite
+def lora_cases(draw: st.DrawFn) -> tuple[int, list[int], int, int, int, tuple[int, ...], list[list[int]]]:
+    num_slots = draw(st.integers(1, 5))
+    max_rank = draw(st.integers(1, 8))
+    num_tokens = draw(st.integers(0, 40))
+    token_slots = draw(st.lists(st.integers(-1, num_slots - 1), min_size=num_tokens, max_size=num_tokens))
+    d_in = draw(st.integers(1, 48))
+    widths = tuple(draw(st.lists(st.integers(1, 48), min_size=1, max_size=3)))
+    # Per slot and slice a rank up to the max (0: that adapter does not target that slice).
+    ranks = draw(
+        st.lists(
+            st.lists(st.integers(0, max_rank), min_size=len(widths), max_size=len(widths)),
+            min_size=num_slots,
+            max_size=num_slots,
+        )
+    )
+    seed = draw(st.integers(0, 2**32 - 1))
+    return seed, token_slots, num_slots, max_rank, d_in, widths, ranks
+
+
+@settings(max_examples=60, deadline=None)
+@given(lora_cases())
+def test_add_lora_matches_naive_on_any_shape(
+    params: tuple[int, list[int], int, int, int, tuple[int, ...], list[list[int]]],
+) -> None:
+    seed, token_slots, num_slots, max_rank, d_in, widths, ranks = params
+    gen = torch.Generator().manual_seed(seed)
+    case = make_case(gen, token_slots, num_slots, max_rank, d_in, widths, ranks=ranks)
+    assert_matches_naive(case, run_add_lora(case))
+
+
+# -------------------------------------------------------------------------------------- LoRABatch
+
+
+def test_lora_batch_segments_and_active_slots() -> None:
+    batch = LoRABatch.from_token_slots([3, 3, -1, -1, 0, 3, 3, 3, -1])
+    assert batch.token_slots.tolist() == [3, 3, -1, -1, 0, 3, 3, 3, -1]
+    assert batch.token_slots.dtype == torch.int64
+    assert batch.segment_starts.tolist() == [0, 2, 4, 5, 8, 9]
+    assert batch.segment_slots.tolist() == [3, -1, 0, 3, -1]
+    assert batch.segment_starts.dtype == batch.segment_slots.dtype == torch.int64
+    assert batch.active_slots == (0, 3)
+    assert batch.has_lora
+
+
+def test_lora_batch_of_base_model_tokens_only() -> None:
+    batch = LoRABatch.from_token_slots([-1, -1, -1])
+    assert batch.segment_starts.tolist() == [0, 3]
+    assert batch.segment_slots.tolist() == [-1]
+    assert batch.active_slots == ()
+    assert not batch.has_lora
+
+
+def test_lora_batch_empty() -> None:
+    batch = LoRABatch.from_token_slots([])
+    assert batch.token_slots.shape == (0,)
+    assert batch.segment_starts.tolist() == [0]
+    assert batch.segment_slots.tolist() == []
+    assert batch.active_slots == ()
+    assert not batch.has_lora
+
+
+def test_lora_batch_single_token_segments() -> None:
+    batch = LoRABatch.from_token_slots([4, 1, 0, 2])
+    assert batch.segment_starts.tolist() == [0, 1, 2, 3, 4]
+    assert batch.segment_slots.tolist() == [4, 1, 0, 2]
+    assert batch.active_slots == (0, 1, 2, 4)
+
+
+@given(st.lists(st.integers(-1, 6), max_size=30))
+def test_lora_batch_segments_cover_the_tokens(token_slots: list[int]) -> None:
+    batch = LoRABatch.from_token_slots(token_slots)
+    starts, slots = batch.segment_starts.tolist(), batch.segment_slots.tolist()
+    assert starts[0] == 0 and starts[-1] == len(token_slots) and len(starts) == len(slots) + 1
+    for i, slot in enumerate(slots):
+        assert starts[i] < starts[i + 1]  # no empty segment
+        assert token_slots[starts[i] : starts[i + 1]] == [slot] * (starts[i + 1] - starts[i])
+        if i:
+            assert slots[i - 1] != slot  # maximal segments
+    assert batch.active_slots == tuple(sorted({s for s in token_slots if s >= 0}))
+    assert batch.has_lora == any(s >= 0 for s in token_slots)
