@@ -51,4 +51,10 @@ def build_demo_model(seed: int = 0) -> tuple[Transformer, Tokenizer]:
                 fan_in = param.shape[1]
                 std = 1.0 if name == "tok_embeddings.weight" else 1.0 / math.sqrt(fan_in)
                 param.copy_(torch.randn(param.shape, generator=generator) * std)
+        # Favour printable ASCII (and the end-of-text tokens) in the output head, so the demo's noise reads
+        # as characters rather than broken UTF-8: other tokens get a zero row (logit 0), these a sharper one.
+        printable = torch.zeros(args.vocab_size, dtype=torch.bool)
+        printable[list(range(32, 127)) + [ord("\n"), *tokenizer.eos_token_ids]] = True
+        model.output.weight[~printable] = 0.0
+        model.output.weight[printable] *= 3.0
     return model.eval(), tokenizer

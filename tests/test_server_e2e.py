@@ -94,7 +94,7 @@ def test_each_adapter_answers_with_its_own_phrase_concurrently(base_url: str):
 def test_chat_streaming_through_an_adapter(client: openai.OpenAI):
     stream = client.chat.completions.create(
         model="red", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True,
-        stream_options={"include_usage": True},
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
     )
     chunks = list(stream)
     for chunk in chunks:
