@@ -1,5 +1,9 @@
-"""The persistent adapter store: PEFT-format parsing and validation (no GPUs, no server imports)."""
+"""The persistent adapter store: PEFT parsing and validation, atomic on-disk storage, archive unpacking.
 
+No GPUs, no HTTP, no server imports.
+"""
+
+from adapters_store.archive import unpack_adapter_archive
 from adapters_store.peft_format import (
     ADAPTER_ID_PATTERN,
     TARGET_MODULES,
@@ -11,15 +15,34 @@ from adapters_store.peft_format import (
     parse_peft_adapter,
     validate_adapter_id,
 )
+from adapters_store.store import (
+    AdapterExistsError,
+    AdapterMissingError,
+    AdapterStore,
+    Manifest,
+    StoreCorruptionError,
+    StoredFile,
+    StoreError,
+    StoreFullError,
+)
 
 __all__ = [
     "ADAPTER_ID_PATTERN",
     "TARGET_MODULES",
+    "AdapterExistsError",
     "AdapterFormatError",
+    "AdapterMissingError",
+    "AdapterStore",
     "BaseModelShape",
     "LoraAdapter",
     "LoraWeight",
+    "Manifest",
+    "StoreCorruptionError",
+    "StoreError",
+    "StoreFullError",
+    "StoredFile",
     "load_peft_adapter",
     "parse_peft_adapter",
+    "unpack_adapter_archive",
     "validate_adapter_id",
 ]

@@ -89,7 +89,7 @@ def main() -> None:
     engine = build_engine(Settings(model=args.model, max_gpu_adapters=slots, max_lora_rank=args.rank,
                                    max_num_seqs=args.requests))
     for i in range(max(args.adapters)):
-        engine.adapters[f"bench-{i}"] = synthetic_adapter(engine, f"bench-{i}", args.rank, seed=i)
+        engine.registry.add(synthetic_adapter(engine, f"bench-{i}", args.rank, seed=i))
     engine.start()
     rows = []
     try:

@@ -1,11 +1,62 @@
-"""The one function the model calls to add the LoRA delta of a mixed batch."""
+"""The one function the model calls to add the LoRA delta of a mixed batch, and the choice of backend.
+
+`resolve_backend` turns the `--lora-backend` setting into "torch" or "triton" once, when the engine is
+built; `add_lora` then takes that name on every call. "auto" means Triton for CUDA tensors when triton
+imports, the torch reference otherwise (CPU, or CUDA without triton). "triton" forced without CUDA runs the
+same kernels through Triton's interpreter, which is how the CPU tests exercise them.
+"""
 
 from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+from typing import Literal
 
 import torch
 
 from kernels import reference
 from kernels.metadata import LoRABatch
+
+BackendSetting = Literal["auto", "torch", "triton"]
+Backend = Literal["torch", "triton"]
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what "auto" sends to Triton on CUDA
+
+
+@functools.cache
+def triton_ops() -> ModuleType | None:
+    """kernels.triton_ops, imported on first use; None when triton is not installed.
+
+    Triton decides at decoration time whether kernels are compiled or interpreted, so without CUDA the
+    interpreter is switched on before the first import (an explicit TRITON_INTERPRET wins).
+    """
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    try:
+        from kernels import triton_ops as module
+    except ImportError:
+        return None
+    return module
+
+
+def resolve_backend(setting: BackendSetting, device: torch.device | str) -> Backend:
+    """The backend a model on `device` uses for the whole run."""
+    device = torch.device(device)
+    if setting == "torch":
+        return "torch"
+    if setting == "triton":
+        ops = triton_ops()
+        if ops is None:
+            raise RuntimeError("--lora-backend triton needs the triton package, which is not installed")
+        if device.type != "cuda" and not ops.INTERPRETED:
+            raise RuntimeError(
+                "--lora-backend triton on a CPU device needs Triton's interpreter, but the kernels were already "
+                "compiled for the GPU; set TRITON_INTERPRET=1 before starting"
+            )
+        return "triton"
+    if setting != "auto":
+        raise ValueError(f"unknown LoRA backend {setting!r}; expected auto, torch or triton")
+    return "triton" if device.type == "cuda" and triton_ops() is not None else "torch"
 
 
 def add_lora(
@@ -15,12 +66,27 @@ def add_lora(
     lora_b: torch.Tensor,
     batch: LoRABatch,
     slice_widths: tuple[int, ...],
+    slot_ranks: torch.Tensor | None = None,
+    backend: BackendSetting = "auto",
 ) -> None:
     """y += per-token LoRA delta (shrink then multi-slice expand), in place.
 
-    A step whose tokens all use slot -1 returns at once: base-model traffic pays nothing for LoRA.
+    A step whose tokens all use slot -1 returns at once: base-model traffic launches no LoRA kernel.
+    `slot_ranks[slot]` (optional) is the highest non-zero rank row of each slot's adapter; Triton does only
+    that much work (the reference ignores it: zero padding gives the same result). "auto" resolves per call
+    from the tensors (for direct callers; the engine passes an already resolved backend).
     """
     if not batch.has_lora or x.shape[0] == 0:
+        return
+    if backend == "auto":
+        use_triton = x.is_cuda and x.dtype in TRITON_DTYPES and triton_ops() is not None
+    else:
+        use_triton = backend == "triton"
+    if use_triton:
+        ops = triton_ops()
+        if ops is None:
+            raise RuntimeError("the Triton LoRA backend was requested but triton is not installed")
+        ops.add_lora(y, x, lora_a, lora_b, batch, slice_widths, slot_ranks)
         return
     v = reference.shrink(x, lora_a, batch)
     reference.expand(y, v, lora_b, batch, slice_widths)

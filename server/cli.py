@@ -1,4 +1,4 @@
-"""`lorahive` command line: `serve` and `export-demo`.
+"""`lorahive` command line: `serve`, `adapters` (a client of a running server) and `export-demo`.
 
 Flags are generated from `Settings`, so every field is both `--some-flag` and `LORAHIVE_SOME_FLAG`
 (the flag wins) and nothing is declared twice.
@@ -15,6 +15,7 @@ from typing import get_args
 
 from pydantic import ValidationError
 
+from server import adapters_client
 from server.config import Settings
 
 
@@ -51,7 +52,8 @@ def serve(settings: Settings) -> None:
     engine = build_engine(settings)
     engine.start()
     try:
-        uvicorn.run(build_app(engine), host=settings.host, port=settings.port, log_level=settings.log_level)
+        app = build_app(engine, max_adapter_bytes=settings.max_adapter_bytes)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
     finally:
         engine.shutdown()
 
@@ -73,10 +75,14 @@ def main(argv: list[str] | None = None) -> None:
     export = commands.add_parser("export-demo", help="write the embedded demo model as a HF checkpoint directory")
     export.add_argument("directory", type=Path)
     export.add_argument("--seed", type=int, default=0)
+    adapters_client.add_commands(commands.add_parser("adapters", help="manage a running server's adapters"))
     namespace = parser.parse_args(argv)
 
     if namespace.command == "export-demo":
         export_demo(namespace.directory, namespace.seed)
+        return
+    if namespace.command == "adapters":
+        adapters_client.run(namespace)
         return
     try:
         settings = settings_from(namespace, dict(os.environ))

@@ -15,13 +15,12 @@ import secrets
 import threading
 import time
 import uuid
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from adapters_store import LoraAdapter
 from server.adapter_pool import AdapterSlotPool
+from server.adapter_registry import AdapterRegistry, AdapterVersion
 from server.kv_blocks import BlockAllocator
 from server.model import KVCache, Transformer
 from server.sampling import SamplerState, sample
@@ -101,7 +100,7 @@ class Engine:
         model: Transformer,
         tokenizer: Tokenizer,
         config: EngineConfig,
-        adapters: Mapping[str, LoraAdapter],
+        registry: AdapterRegistry,
         model_name: str,
         model_description: str,
     ):
@@ -112,7 +111,7 @@ class Engine:
         self.model_description = model_description
         self.max_model_len = config.max_model_len
         self.created = int(time.time())
-        self.adapters = dict(adapters)
+        self.registry = registry
         device, dtype = model.output.weight.device, model.output.weight.dtype
         args = model.args
         self.device = device
@@ -121,7 +120,11 @@ class Engine:
         )
         self.allocator = BlockAllocator(config.num_kv_blocks, config.block_size)
         self.pool = AdapterSlotPool(model, config.max_gpu_adapters, config.max_lora_rank)
-        self.scheduler = Scheduler(self.allocator, self.pool, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(
+            self.allocator, self.pool, registry, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        registry.on_retired = lambda version: self._post("retire", version)
+        registry.on_loaded = lambda version: self._post("loaded", version)
         self._streams: dict[str, RequestStream] = {}
         self._sequences: dict[str, list[Sequence]] = {}
         self._inbox: list[tuple[str, object]] = []
@@ -134,11 +137,14 @@ class Engine:
     # ---- event-loop side -------------------------------------------------------------------------
 
     def adapter_ids(self) -> list[str]:
-        return sorted(self.adapters)
+        return self.registry.ids()
+
+    def has_adapter(self, adapter_id: str) -> bool:
+        return self.registry.exists(adapter_id)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
-        adapter = self._resolve_adapter(request.adapter_id)
         self._validate(request)
+        adapter = self._bind_adapter(request.adapter_id, request.n)
         request_id = request.request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, len(request.prompt_token_ids), request.n, self)
         seqs = [self._new_sequence(request, request_id, i, adapter) for i in range(request.n)]
@@ -148,19 +154,23 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
 
-    def _resolve_adapter(self, adapter_id: str | None) -> LoraAdapter | None:
+    def _bind_adapter(self, adapter_id: str | None, n: int) -> AdapterVersion | None:
+        """The adapter version the request's `n` sequences will use until they finish."""
         if adapter_id is None:
             return None
-        adapter = self.adapters.get(adapter_id)
-        if adapter is None:
+        version = self.registry.version(adapter_id)
+        if version is None:
             raise AdapterNotFoundError(adapter_id)
-        if adapter.rank > self.config.max_lora_rank:
+        if version.manifest.rank > self.config.max_lora_rank:
             raise RequestError(
-                f"The adapter '{adapter_id}' has rank {adapter.rank}; this server serves ranks up to "
+                f"The adapter '{adapter_id}' has rank {version.manifest.rank}; this server serves ranks up to "
                 f"{self.config.max_lora_rank} (--max-lora-rank).",
                 param="adapter_id",
             )
-        return adapter
+        version = self.registry.bind(adapter_id, n)
+        if version is None:  # deleted in the instant since we looked
+            raise AdapterNotFoundError(adapter_id)
+        return version
 
     def _validate(self, request: GenerationRequest) -> None:
         prompt_len = len(request.prompt_token_ids)
@@ -245,9 +255,11 @@ class Engine:
                 self.scheduler.add(seq)
         elif kind == "abort":
             for seq in self._sequences.pop(payload, []):
-                if not seq.finished:
-                    self.scheduler.finish(seq)
+                self.scheduler.finish(seq)
             self._streams.pop(payload, None)
+        elif kind == "retire":  # a deleted or replaced version nobody uses any more: free its slot now
+            self.pool.discard(payload)
+        # "loaded": an adapter reached host memory; nothing to do but schedule again
 
     def _step(self, plan) -> None:
         try:
@@ -298,8 +310,7 @@ class Engine:
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         for seq in self._sequences.pop(request_id, []):
-            if not seq.finished:
-                self.scheduler.finish(seq)
+            self.scheduler.finish(seq)
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream._put(error)

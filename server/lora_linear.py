@@ -16,10 +16,17 @@ from kernels import LoRABatch, add_lora
 
 
 class LoRAContext:
-    """The current step's LoRA metadata, shared by every LoRA layer of one model."""
+    """The current step's LoRA metadata, shared by every LoRA layer of one model.
+
+    `backend` is resolved once when the engine is built ("torch" or "triton"; "auto" decides per call);
+    `slot_ranks` [num_slots] int32 on the model's device is each slot's adapter rank, kept by the slot pool,
+    so the Triton kernels do rank-r work for a rank-r adapter in a pool of a larger max rank.
+    """
 
     def __init__(self) -> None:
         self.batch: LoRABatch | None = None
+        self.backend: str = "auto"
+        self.slot_ranks: torch.Tensor | None = None
 
 
 class LoRALinear(nn.Module):
@@ -77,5 +84,6 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         batch = self.context.batch
         if batch is not None and self.lora_a is not None:
-            add_lora(y, x, self.lora_a, self.lora_b, batch, self.slice_widths)
+            add_lora(y, x, self.lora_a, self.lora_b, batch, self.slice_widths, self.context.slot_ranks,
+                     self.context.backend)
         return y

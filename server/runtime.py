@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
+import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from adapters_store import (
-    AdapterFormatError,
-    BaseModelShape,
-    LoraAdapter,
-    load_peft_adapter,
-    validate_adapter_id,
-)
+from adapters_store import AdapterStore, BaseModelShape
+from kernels import resolve_backend
+from server.adapter_registry import AdapterRegistry
 from server.checkpoint import load_weights, read_config
 from server.config import Settings
 from server.demo import DEMO_DESCRIPTION, DEMO_MODEL_NAME, build_demo_model
@@ -95,26 +94,32 @@ def kv_cache_blocks(settings: Settings, args: ModelArgs, device: torch.device, d
     return blocks
 
 
-def load_adapter_dir(directory: Path, shape: BaseModelShape, max_rank: int) -> dict[str, LoraAdapter]:
-    """Every valid PEFT adapter under `directory`, by sub-directory name; broken ones are logged and skipped."""
-    adapters: dict[str, LoraAdapter] = {}
-    for path in sorted(p for p in directory.iterdir() if p.is_dir()):
-        try:
-            adapter_id = validate_adapter_id(path.name)
-            adapters[adapter_id] = load_peft_adapter(path, adapter_id, base=shape, max_rank=max_rank)
-        except (AdapterFormatError, OSError) as exc:
-            log.warning("skipping adapter directory %s: %s", path, exc)
-    log.info("loaded %d adapter(s) from %s", len(adapters), directory)
-    return adapters
+def open_store(settings: Settings) -> AdapterStore:
+    if settings.store is not None:
+        return AdapterStore(settings.store)
+    directory = tempfile.mkdtemp(prefix="lorahive-store-")
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    log.warning("no --store given: uploaded adapters live in %s and will not survive a restart", directory)
+    return AdapterStore(directory)
 
 
 def build_engine(settings: Settings) -> Engine:
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     model, tokenizer, name, description = load_model(settings, device, dtype)
+    model.lora.backend = resolve_backend(settings.lora_backend, device)
     args = model.args
-    shape = BaseModelShape(num_layers=args.n_layers, module_dims=args.lora_module_dims)
-    adapters = load_adapter_dir(settings.adapters, shape, settings.max_lora_rank) if settings.adapters else {}
+    registry = AdapterRegistry(
+        open_store(settings),
+        BaseModelShape(num_layers=args.n_layers, module_dims=args.lora_module_dims),
+        max_rank=settings.max_lora_rank,
+        host_budget_bytes=settings.max_host_adapter_bytes,
+        pin_memory=device.type == "cuda",
+        pinned_ids=frozenset(settings.pin),
+        max_adapter_bytes=settings.max_adapter_bytes,
+    )
+    if settings.adapters is not None:
+        registry.import_directory(settings.adapters)
     config = EngineConfig(
         max_model_len=max_model_len(settings, args),
         num_kv_blocks=kv_cache_blocks(settings, args, device, dtype),
@@ -124,6 +129,6 @@ def build_engine(settings: Settings) -> Engine:
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
     )
-    log.info("serving %s on %s (%s), KV cache %d blocks of %d tokens", name, device, dtype,
-             config.num_kv_blocks, config.block_size)
-    return Engine(model, tokenizer, config, adapters, name, description)
+    log.info("serving %s on %s (%s), KV cache %d blocks of %d tokens, LoRA backend %s", name, device, dtype,
+             config.num_kv_blocks, config.block_size, model.lora.backend)
+    return Engine(model, tokenizer, config, registry, name, description)

@@ -14,8 +14,8 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from adapters_store import LoraAdapter
 from server.adapter_pool import AdapterSlotPool
+from server.adapter_registry import AdapterRegistry, AdapterVersion
 from server.kv_blocks import BlockAllocator
 from server.sampling import SamplerState
 from server.tokenizer import IncrementalDetokenizer
@@ -30,7 +30,7 @@ class Sequence:
     choice_index: int
     token_ids: list[int]  # prompt, then generated tokens
     num_prompt_tokens: int
-    adapter: LoraAdapter | None
+    adapter: AdapterVersion | None
     sampler: SamplerState
     detokenizer: IncrementalDetokenizer
     arrival_time: float = field(default_factory=time.monotonic)
@@ -38,6 +38,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     slot: int = -1  # adapter slot while scheduled; -1 for the base model
     finished: bool = False
+    waiting_since: int = 0  # the scheduling round it (re)joined the waiting queue
 
     @property
     def num_pending(self) -> int:
@@ -64,25 +65,32 @@ class Scheduler:
         self,
         allocator: BlockAllocator,
         pool: AdapterSlotPool,
+        registry: AdapterRegistry,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        max_adapter_wait_rounds: int = 16,
     ):
         self.allocator = allocator
         self.pool = pool
+        self.registry = registry
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
+        self.max_adapter_wait_rounds = max_adapter_wait_rounds
         self.num_preemptions = 0
+        self.rounds = 0
         self._failed: list[tuple[Sequence, Exception]] = []
 
     def add(self, seq: Sequence) -> None:
+        seq.waiting_since = self.rounds
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[ScheduledChunk]:
+        self.rounds += 1
         budget = self.max_num_batched_tokens
         plan: list[ScheduledChunk] = []
         preempted = False
@@ -101,9 +109,19 @@ class Scheduler:
                 budget -= num_tokens
         if not preempted:
             budget = self._admit(plan, budget)
+        self._prefetch()
         return plan
 
     def _admit(self, plan: list[ScheduledChunk], budget: int) -> int:
+        """Admit waiting sequences in arrival order while budget, sequence cap, blocks and slots allow.
+
+        A sequence whose adapter needs a slot while every slot is pinned lets later sequences of resident
+        adapters overtake it, which keeps the device busy, but only for `max_adapter_wait_rounds` rounds:
+        after that no further adapter sequence is admitted until it has a slot, so pinned slots drain
+        (each within its sequences' max_tokens) and every request is served within a bounded number of
+        steps. Loads stay at most one per admitted request: no slot is ever evicted while pinned.
+        """
+        slots_closed = False
         for seq in list(self.waiting):
             if len(self.running) >= self.max_num_seqs or budget == 0:
                 break
@@ -112,14 +130,13 @@ class Scheduler:
             if needed > self.allocator.num_free:
                 break  # memory is admitted in arrival order: nobody overtakes a sequence waiting for blocks
             if seq.adapter is not None:
-                try:
-                    slot = self.pool.acquire(seq.adapter)
-                except Exception as exc:  # the adapter cannot be loaded: its request fails, others go on
-                    self.waiting.remove(seq)
-                    self._failed.append((seq, exc))
+                if slots_closed:
                     continue
+                slot = self._acquire_slot(seq)
                 if slot is None:
-                    continue  # every slot is pinned; a sequence whose adapter is resident may still go
+                    starving = self.rounds - seq.waiting_since > self.max_adapter_wait_rounds
+                    slots_closed = starving and seq.adapter.weights is not None  # slot-bound, not loading
+                    continue
                 seq.slot = slot
             self._reserve_blocks(seq, seq.num_computed + num_tokens)
             self.waiting.remove(seq)
@@ -127,6 +144,39 @@ class Scheduler:
             plan.append(ScheduledChunk(seq, num_tokens))
             budget -= num_tokens
         return budget
+
+    def _acquire_slot(self, seq: Sequence) -> int | None:
+        """The sequence's adapter slot, pinned; None while its weights are not ready or no slot is free."""
+        version = seq.adapter
+        resident = self.pool.slot_of(version) is not None
+        if not resident and version.weights is None:
+            if version.load_error is not None:
+                self._drop(seq, RuntimeError(version.load_error))
+            else:
+                self.registry.request_load(version)
+            return None
+        try:
+            slot = self.pool.acquire(version, None if resident else version.weights)
+        except Exception as exc:  # the adapter cannot be written to a slot: its request fails, others go on
+            self._drop(seq, exc)
+            return None
+        self.registry.touch(version)
+        return slot
+
+    def _prefetch(self) -> None:
+        """Start disk -> host loads for the adapters the next waiting sequences need."""
+        seen = 0
+        for seq in self.waiting:
+            if seen >= self.pool.num_slots:
+                break
+            version = seq.adapter
+            if version is not None and version.weights is None and self.pool.slot_of(version) is None:
+                self.registry.request_load(version)
+                seen += 1
+
+    def _drop(self, seq: Sequence, error: Exception) -> None:
+        self.waiting.remove(seq)
+        self._failed.append((seq, error))
 
     def take_failed(self) -> list[tuple[Sequence, Exception]]:
         """Sequences dropped while scheduling (their adapter could not be loaded), with the reason."""
@@ -146,6 +196,7 @@ class Scheduler:
         self._release(seq)
         self.running.remove(seq)
         seq.num_computed = 0
+        seq.waiting_since = self.rounds
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
@@ -157,9 +208,13 @@ class Scheduler:
             seq.slot = -1
 
     def finish(self, seq: Sequence) -> None:
-        """Drop a finished or aborted sequence and give back its blocks and adapter pin."""
+        """Drop a finished or aborted sequence and give back its blocks, adapter pin and version."""
+        if seq.finished:
+            return
         seq.finished = True
         self._release(seq)
+        if seq.adapter is not None:
+            self.registry.unbind(seq.adapter)
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:

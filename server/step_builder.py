@@ -90,4 +90,8 @@ def build_step(
         attention_groups=groups,
         logits_index=as_tensor([first_rows[i] + ordered[i].num_tokens - 1 for i in sampled]),
     )
-    return step, LoRABatch.from_token_slots(token_slots, device), [ordered[i] for i in sampled]
+    # A decode-only step gets fixed-shape kernel metadata (one work tile per token, padded), so the step could
+    # be captured in a CUDA graph and replayed correctly whatever mix of adapters a later batch brings.
+    decode_only = all(c.num_tokens == 1 for c in ordered)
+    lora = LoRABatch.from_token_slots(token_slots, device, fixed_shape=decode_only)
+    return step, lora, [ordered[i] for i in sampled]

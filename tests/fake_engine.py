@@ -168,6 +168,9 @@ class FakeEngine:
     def adapter_ids(self) -> list[str]:
         return list(self.adapters)
 
+    def has_adapter(self, adapter_id: str) -> bool:
+        return adapter_id in self.adapters
+
     def submit(self, request: GenerationRequest) -> FakeStream:
         if self.submit_error is not None:
             raise self.submit_error

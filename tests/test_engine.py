@@ -144,7 +144,8 @@ def assert_idle(engine: Engine) -> None:
 
 def start_engine(adapters: Mapping[str, LoraAdapter], **settings: Any) -> Engine:
     engine = build_engine(Settings(**(ENGINE_SETTINGS | settings)))
-    engine.adapters.update(adapters)
+    for adapter in adapters.values():
+        engine.registry.add(adapter)
     engine.start()
     return engine
 
@@ -571,22 +572,26 @@ def test_failed_step_fails_only_its_batch(
 
 
 def test_adapter_that_cannot_be_loaded_fails_its_request_not_the_engine(
-    make_engine: Callable[..., Engine], adapters: dict[str, LoraAdapter]
+    make_engine: Callable[..., Engine], adapters: dict[str, LoraAdapter], tmp_path: Path
 ) -> None:
-    engine = make_engine(max_lora_rank=4)
-    engine.adapters["too-big"] = make_adapter("too-big", engine.model.args, 8, 8.0, ("q_proj",), seed=1)
-    ok_request = greedy(prompt(90, 5), 4, "a3")  # rank 2 fits
+    """A stored adapter whose weights file got corrupted on disk: its request fails, the others run."""
+    make_engine(store=tmp_path)  # stores a0..a4 in tmp_path
+    weights = next((tmp_path / "a1").glob("v*/adapter_model.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"garbage!")
+    # A fresh engine on the same store: nothing in host memory, the store is the only source of a1.
+    engine = build_engine(Settings(**(ENGINE_SETTINGS | {"store": tmp_path})))
+    engine.start()
+    ok_request = greedy(prompt(90, 5), 4, "a3")
 
     async def scenario() -> list[Choice]:
-        try:
-            stream = engine.submit(greedy(prompt(90, 5), 4, "too-big"))
-        except RequestError:
-            pass  # refused at the door: fine
-        else:
-            with pytest.raises((RequestError, EngineStepError)):
-                await asyncio.wait_for(collect(stream), 5)
-        return await asyncio.wait_for(collect(engine.submit(ok_request)), 5)
+        with pytest.raises(EngineStepError, match="a1"):
+            await asyncio.wait_for(collect(engine.submit(greedy(prompt(90, 5), 4, "a1"))), TIMEOUT_S)
+        return await asyncio.wait_for(collect(engine.submit(ok_request)), TIMEOUT_S)
 
-    (choice,) = asyncio.run(scenario())
-    assert len(choice.token_ids) == 4
-    assert_idle(engine)
+    try:
+        (choice,) = asyncio.run(scenario())
+        assert len(choice.token_ids) == 4
+        assert engine.registry.version("a1").load_error is not None
+        assert_idle(engine)
+    finally:
+        engine.shutdown()

@@ -121,11 +121,12 @@ def _our_logits(model: Transformer, tokens: list[int], slot: int) -> torch.Tenso
 @pytest.mark.parametrize("adapter", [None, *ADAPTERS])
 def test_logits_match_transformers_and_peft(checkpoint: Checkpoint, adapter: str | None):
     engine = build_engine(Settings(model=checkpoint.model_dir, adapters=checkpoint.adapters_dir))
-    assert sorted(engine.adapters) == sorted(ADAPTERS)  # every adapter loaded, none skipped
+    assert engine.registry.ids() == sorted(ADAPTERS)  # every adapter imported, none skipped
     slot = -1
     if adapter is not None:
         pool = AdapterSlotPool(engine.model, num_slots=2, max_rank=16)
-        slot = pool.acquire(engine.adapters[adapter])
+        version = engine.registry.version(adapter)
+        slot = pool.acquire(version, version.weights)
     ours = _our_logits(engine.model, PROMPT, slot)
     with torch.no_grad():
         theirs = _hf_with_adapter(checkpoint, adapter)(torch.tensor([PROMPT])).logits[0].float()

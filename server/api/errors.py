@@ -63,6 +63,23 @@ def internal_error_body(error_id: str) -> dict[str, Any]:
     return ErrorResponse(error=ErrorInfo(message=message, type=SERVER_ERROR)).model_dump()
 
 
+class APIError(Exception):
+    """An error a route raises with its own status (409, 413, 507, ...), answered in OpenAI's shape."""
+
+    def __init__(self, status_code: int, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.message = message
+        self.param = param
+        self.code = code
+
+
+def _api_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, APIError)
+    kind = SERVER_ERROR if exc.status_code >= 500 else INVALID_REQUEST
+    return error_response(exc.status_code, exc.message, error_type=kind, param=exc.param, code=exc.code)
+
+
 def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
     parts = loc[1:] if loc and loc[0] == "body" else loc
     return ".".join(str(p) for p in parts) or None
@@ -152,4 +169,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RequestError, _request_error)  # AdapterNotFoundError is a subclass: 404
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(APIError, _api_error)
     app.add_middleware(_UnhandledErrorMiddleware)

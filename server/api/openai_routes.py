@@ -102,6 +102,7 @@ class EngineAPI(Protocol):
     @property
     def created(self) -> int: ...
     def adapter_ids(self) -> list[str]: ...
+    def has_adapter(self, adapter_id: str) -> bool: ...
     def submit(self, request: GenerationRequest) -> RequestStreamAPI: ...
 
 
@@ -271,13 +272,13 @@ class _Adapter:
 
 def _resolve_adapter(engine: EngineAPI, body: BaseGenerationRequest) -> _Adapter:
     if body.adapter_id is not None:
-        if body.adapter_id not in engine.adapter_ids():
+        if not engine.has_adapter(body.adapter_id):
             raise _model_not_found(engine, body.adapter_id, "adapter_id")
         return _Adapter(body.adapter_id, "adapter_id")
     # The base model's name wins over an adapter of the same name: the base must always be reachable.
     if body.model is None or body.model == engine.model_name:
         return _Adapter(None, "model")
-    if body.model in engine.adapter_ids():
+    if engine.has_adapter(body.model):
         return _Adapter(body.model, "model")
     raise _model_not_found(engine, body.model, "model")
 

@@ -1,0 +1,268 @@
+"""Take the two PEFT files out of an uploaded archive (.tar.gz, .tgz, .tar or .zip), in memory only.
+
+An archive is hostile until proven otherwise, so nothing is ever extracted to disk and anything that
+could mean something different to another unpacker is refused rather than skipped: absolute paths,
+``..`` components, backslashes and drive letters, links and device members, duplicate names, encrypted
+zip entries. Size is bounded twice: by the members' declared sizes before anything is read, and by
+counting the bytes that actually come out (for gzip, of the whole decompressed tar stream, since tar
+headers such as pax records are read into memory by ``tarfile`` itself), so a lying header or a
+decompression bomb is stopped after at most ``max_total_bytes`` plus a small allowance for headers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import re
+import stat
+import tarfile
+import zipfile
+import zlib
+from collections.abc import Callable
+from typing import BinaryIO
+
+from adapters_store.peft_format import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE, AdapterFormatError
+
+_GZIP_MAGIC = b"\x1f\x8b"
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")  # a zip with entries; an empty zip
+_TAR_MAGIC = b"ustar"  # POSIX and GNU tar headers carry it at offset 257
+_TAR_MAGIC_OFFSET = 257
+_TAR_BLOCK = 512
+# A PEFT checkpoint directory holds a handful of files; this only stops archives built to waste time.
+_MAX_MEMBERS = 4096
+# Tar stream bytes beyond the members' contents: a 512-byte header and up to 511 bytes of padding per
+# member, pax and GNU long-name records, end-of-archive blocks and record padding.
+_STREAM_OVERHEAD = 8 * 2**20
+_CHUNK = 2**20
+_WANTED = (CONFIG_FILE, WEIGHTS_FILE)
+_DRIVE = re.compile(r"[A-Za-z]:")
+
+
+def unpack_adapter_archive(data: bytes, *, max_total_bytes: int) -> tuple[bytes, bytes]:
+    """(adapter_config.json, adapter_model.safetensors) bytes from an archive given as bytes.
+
+    The format is told by magic bytes, not by a file name. The two files sit at the top level or inside
+    one top-level directory (``tar czf x.tgz mydir``); other files are ignored. Anything else is an
+    :class:`AdapterFormatError` with ``field="archive"`` that says what is wrong.
+    """
+    collector = _Collector(max_total_bytes)
+    head = bytes(data[:_TAR_MAGIC_OFFSET + len(_TAR_MAGIC)])
+    if head.startswith(_ZIP_MAGICS):
+        _read_zip(data, collector)
+    elif head.startswith(_GZIP_MAGIC):
+        stream = _BoundedReader(gzip.GzipFile(fileobj=io.BytesIO(data)), max_total_bytes + _STREAM_OVERHEAD)
+        _read_tar(stream, collector, compressed=True)
+    elif head[_TAR_MAGIC_OFFSET:] == _TAR_MAGIC:
+        _read_tar(_BoundedReader(io.BytesIO(data), max_total_bytes + _STREAM_OVERHEAD), collector, compressed=False)
+    else:
+        _refuse("the upload is not a supported archive: expected .tar.gz, .tgz, .tar or .zip")
+    return collector.result()
+
+
+def _refuse(message: str) -> None:
+    raise AdapterFormatError(message, field="archive")
+
+
+class _TooLarge(Exception):
+    """Raised inside a reader; turned into an AdapterFormatError where the limit is known."""
+
+
+class _BoundedReader:
+    """A read-only stream that raises :class:`_TooLarge` once more than ``limit`` bytes came through it."""
+
+    def __init__(self, raw: BinaryIO, limit: int) -> None:
+        self._raw = raw
+        self._limit = limit
+        self._count = 0
+        self._prefix = b""  # bytes peeked at, handed out again by the next reads
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self._prefix:
+            n = len(self._prefix) if size is None or size < 0 else size
+            out, self._prefix = self._prefix[:n], self._prefix[n:]
+            return out
+        room = self._limit - self._count + 1  # one more than allowed, to notice going over
+        data = self._raw.read(room if size is None or size < 0 else min(size, room))
+        self._count += len(data)
+        if self._count > self._limit:
+            raise _TooLarge
+        return data
+
+    def peek(self, size: int) -> bytes:
+        """Up to ``size`` bytes from the start, without consuming them (only before the first read)."""
+        chunks = []
+        while (got := sum(map(len, chunks))) < size and (chunk := self.read(size - got)):
+            chunks.append(chunk)
+        self._prefix = b"".join(chunks)
+        return self._prefix
+
+
+class _Collector:
+    """Checks every member's path and size, keeps the adapter files, and decides which pair is the adapter."""
+
+    def __init__(self, max_total_bytes: int) -> None:
+        self.max_total_bytes = max_total_bytes
+        self.declared = 0  # sum of the members' declared sizes
+        self.read_bytes = 0  # bytes actually decompressed so far
+        self.members = 0
+        self.paths: set[tuple[str, ...]] = set()
+        # directory (() for the top level, (name,) for a top-level directory) -> file name -> contents
+        self.found: dict[tuple[str, ...], dict[str, bytes]] = {}
+        self.pickles: list[str] = []
+        self.deeper: list[str] = []  # adapter files nested too deep to count, for the error message
+
+    def check_path(self, name: str) -> tuple[str, ...]:
+        """Refuse names that could escape a directory on some unpacker; return the path's parts."""
+        self.members += 1
+        if self.members > _MAX_MEMBERS:
+            _refuse(f"the archive has more than {_MAX_MEMBERS} members")
+        shown = repr(name[:200])
+        if "\\" in name:
+            _refuse(f"archive member {shown} contains a backslash (a path trick on Windows)")
+        if "\0" in name:
+            _refuse(f"archive member {shown} contains a NUL byte")
+        if name.startswith("/") or _DRIVE.match(name):
+            _refuse(f"archive member {shown} has an absolute path")
+        parts = tuple(part for part in name.split("/") if part not in ("", "."))
+        if ".." in parts:
+            _refuse(f"archive member {shown} has a '..' component (it would escape the archive's directory)")
+        return parts
+
+    def add_file(self, name: str, parts: tuple[str, ...], declared_size: int, read: Callable[[], bytes]) -> None:
+        if parts in self.paths:
+            _refuse(f"archive member {'/'.join(parts)!r} appears more than once")
+        self.paths.add(parts)
+        self.declared += max(declared_size, 0)
+        if self.declared > self.max_total_bytes:
+            self.too_large()
+        if not parts or parts[-1] not in (*_WANTED, PICKLE_FILE):
+            return
+        if len(parts) > 2:
+            self.deeper.append("/".join(parts))
+            return
+        directory = parts[:-1]
+        if parts[-1] == PICKLE_FILE:
+            self.pickles.append("/".join(parts))
+            self.found.setdefault(directory, {})
+            return
+        content = read()
+        if len(content) != declared_size:
+            _refuse(f"archive member {name[:200]!r} holds {len(content)} bytes but its header says {declared_size}")
+        self.found.setdefault(directory, {})[parts[-1]] = content
+
+    def count(self, n: int) -> None:
+        """Count bytes as they are decompressed: the declared sizes may lie."""
+        self.read_bytes += n
+        if self.read_bytes > self.max_total_bytes:
+            self.too_large()
+
+    def too_large(self) -> None:
+        _refuse(f"the archive expands to more than {self.max_total_bytes} bytes, the most an adapter may have")
+
+    def result(self) -> tuple[bytes, bytes]:
+        places = sorted(d for d, files in self.found.items() if any(f in files for f in _WANTED))
+        if len(places) > 1:
+            shown = ", ".join("/".join(d) + "/" if d else "the top level" for d in places)
+            _refuse(f"the archive holds adapter files in several places ({shown}); upload one adapter per archive")
+        files = self.found[places[0]] if places else {}
+        if WEIGHTS_FILE not in files and self.pickles:
+            _refuse(
+                f"the archive has only {PICKLE_FILE} ({self.pickles[0]}): pickle weights are not supported; "
+                f"save with safe_serialization=True to get {WEIGHTS_FILE}"
+            )
+        for name in _WANTED:
+            if name not in files:
+                hint = (
+                    f" (found {self.deeper[0]}: put the files at the top level or inside one top-level directory)"
+                    if self.deeper
+                    else ""
+                )
+                _refuse(f"the archive has no {name}{hint}")
+        return files[CONFIG_FILE], files[WEIGHTS_FILE]
+
+
+# ------------------------------------------------------------------------------------------------ tar
+
+
+def _read_tar(stream: _BoundedReader, collector: _Collector, *, compressed: bool) -> None:
+    try:
+        first = stream.peek(_TAR_BLOCK) if compressed else b""
+        # An empty tar is end-of-archive zero blocks alone; anything else starts with a ustar header.
+        if compressed and first[_TAR_MAGIC_OFFSET : _TAR_MAGIC_OFFSET + len(_TAR_MAGIC)] != _TAR_MAGIC and any(first):
+            _refuse("the gzip data does not hold a tar archive (upload a .tar.gz of the adapter's directory)")
+        # Stream mode ("r|"): members are visited in order and nothing is seeked, so each byte is counted once.
+        with tarfile.open(fileobj=stream, mode="r|") as archive:
+            for member in archive:
+                parts = collector.check_path(member.name)
+                if member.isdir():
+                    continue
+                if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+                    kind = _tar_kind(member)
+                    _refuse(f"archive member {member.name[:200]!r} is a {kind}; only regular files are allowed")
+                collector.add_file(
+                    member.name, parts, member.size, lambda m=member: _read_tar_member(archive, m, collector)
+                )
+    except _TooLarge:
+        collector.too_large()
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+        _refuse(f"the archive is corrupt or truncated: {exc}")
+
+
+def _read_tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo, collector: _Collector) -> bytes:
+    source = archive.extractfile(member)
+    assert source is not None  # a regular file always has contents
+    chunks = []
+    while chunk := source.read(_CHUNK):
+        collector.count(len(chunk))
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _tar_kind(member: tarfile.TarInfo) -> str:
+    if member.issym():
+        return f"symbolic link (to {member.linkname[:200]!r})"
+    if member.islnk():
+        return f"hard link (to {member.linkname[:200]!r})"
+    if member.ischr() or member.isblk():
+        return "device"
+    if member.isfifo():
+        return "FIFO"
+    if member.issparse():
+        return "sparse file"
+    return f"member of tar type {member.type!r}"
+
+
+# ------------------------------------------------------------------------------------------------ zip
+
+
+def _read_zip(data: bytes, collector: _Collector) -> None:
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            for info in archive.infolist():
+                parts = collector.check_path(info.filename)
+                kind = stat.S_IFMT(info.external_attr >> 16)  # Unix mode bits; 0 when made on DOS/Windows
+                if kind == stat.S_IFLNK:
+                    _refuse(f"archive member {info.filename[:200]!r} is a symbolic link")
+                if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
+                    _refuse(f"archive member {info.filename[:200]!r} is not a regular file (mode {kind:#o})")
+                if info.flag_bits & 0x1:
+                    _refuse(f"archive member {info.filename[:200]!r} is encrypted")
+                if info.is_dir():
+                    continue
+                collector.add_file(
+                    info.filename, parts, info.file_size, lambda i=info: _read_zip_member(archive, i, collector)
+                )
+    except AdapterFormatError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError, OSError, EOFError,
+            zlib.error, RuntimeError) as exc:
+        _refuse(f"the zip archive is corrupt or unsupported: {exc}")
+
+
+def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, collector: _Collector) -> bytes:
+    chunks = []
+    with archive.open(info) as source:
+        while chunk := source.read(_CHUNK):
+            collector.count(len(chunk))
+            chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,41 @@
+"""Write a `LoraAdapter` back out as PEFT files (the inverse of `parse_peft_adapter`).
+
+Lets adapters made in code (tests, benchmarks, synthetic load) travel the same path as uploaded ones.
+Each module's own rank and scale are kept exactly through `rank_pattern` / `alpha_pattern` entries
+keyed by the module's full name.
+"""
+
+from __future__ import annotations
+
+import json
+
+from safetensors.torch import save
+
+from adapters_store.peft_format import _PARENT_OF, LoraAdapter
+
+
+def to_peft_files(adapter: LoraAdapter) -> tuple[bytes, bytes]:
+    """(adapter_config.json, adapter_model.safetensors) bytes that parse back to the same adapter."""
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    tensors = {}
+    for (layer, module), weight in sorted(adapter.weights.items()):
+        path = f"model.layers.{layer}.{_PARENT_OF[module]}.{module}"
+        if weight.rank != adapter.rank:
+            rank_pattern[path] = weight.rank
+        alpha = weight.scale * weight.rank  # scale = alpha / r (rsLoRA is not used when writing)
+        if alpha != adapter.lora_alpha * weight.rank / adapter.rank or path in rank_pattern:
+            alpha_pattern[path] = alpha
+        tensors[f"base_model.model.{path}.lora_A.weight"] = weight.a.contiguous()
+        tensors[f"base_model.model.{path}.lora_B.weight"] = weight.b.contiguous()
+    config = {
+        "peft_type": "LORA",
+        "r": adapter.rank,
+        "lora_alpha": adapter.lora_alpha * 1.0,
+        "target_modules": list(adapter.target_modules),
+        "use_rslora": False,
+        "bias": "none",
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+    }
+    return json.dumps(config).encode(), save(tensors)

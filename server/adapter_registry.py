@@ -1,0 +1,295 @@
+"""Which adapters exist, which version a request uses, and the host-memory tier of the cache.
+
+Tiers, coldest first: the store on disk (`adapters_store.AdapterStore`), host memory (parsed weights,
+pinned on CUDA, within a byte budget, least recently used dropped first) and the device slots
+(`AdapterSlotPool`, owned by the engine thread). A request binds to one `AdapterVersion` when it is
+submitted and keeps it until it finishes, so a replace or delete never changes the weights under a
+request already in flight; a version nobody uses any more is freed from every tier at once.
+
+Thread model: the event loop uploads, deletes and binds; the engine thread unbinds and asks for loads;
+a small thread pool reads and parses from disk. One lock guards the bookkeeping; no I/O runs under it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from adapters_store import (
+    AdapterExistsError,
+    AdapterMissingError,
+    AdapterStore,
+    BaseModelShape,
+    LoraAdapter,
+    LoraWeight,
+    Manifest,
+    StoreError,
+    parse_peft_adapter,
+)
+from adapters_store.peft_export import to_peft_files
+
+log = logging.getLogger("lorahive.adapters")
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    """One version of one adapter. Requests bind to it; the tiers hold its weights."""
+
+    manifest: Manifest
+    weights: LoraAdapter | None = None  # the host-tier copy; None while only on disk
+    users: int = 0  # bound requests not yet finished
+    retired: bool = False  # replaced or deleted: no new request binds to it
+    loading: bool = False
+    load_error: str | None = None
+    requests_served: int = 0
+    last_used: float | None = None
+
+    @property
+    def adapter_id(self) -> str:
+        return self.manifest.id
+
+
+@dataclass
+class HostTierStats:
+    host: int = 0  # bytes of weights held in host memory
+    host_adapters: int = 0
+    loads_from_disk: int = 0
+    host_evictions: int = 0
+
+
+class AdapterRegistry:
+    def __init__(
+        self,
+        store: AdapterStore,
+        shape: BaseModelShape,
+        max_rank: int,
+        host_budget_bytes: int,
+        pin_memory: bool = False,
+        pinned_ids: frozenset[str] = frozenset(),
+        max_adapter_bytes: int = 512 * 2**20,
+    ):
+        self.store = store
+        self.shape = shape
+        self.max_rank = max_rank
+        self.host_budget_bytes = host_budget_bytes
+        self.pin_memory = pin_memory
+        self.pinned_ids = pinned_ids
+        self.max_adapter_bytes = max_adapter_bytes
+        self._lock = threading.Lock()
+        self._current: dict[str, AdapterVersion] = {}  # id -> current version, filled lazily from the store
+        self._host_lru: OrderedDict[AdapterVersion, None] = OrderedDict()  # versions with weights, LRU first
+        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorahive-adapter-load")
+        self.stats = HostTierStats()
+        # Called (from any thread) when a version leaves service for good, so the engine frees its slot.
+        self.on_retired: Callable[[AdapterVersion], None] = lambda version: None
+        # Called when an asynchronous load finished (loaded or failed), so the engine re-schedules.
+        self.on_loaded: Callable[[AdapterVersion], None] = lambda version: None
+
+    # ---- lookup and binding (event loop) ---------------------------------------------------------
+
+    def exists(self, adapter_id: str) -> bool:
+        return self._version(adapter_id) is not None
+
+    def ids(self, after: str | None = None, limit: int | None = None) -> list[str]:
+        return self.store.ids(after=after, limit=limit)
+
+    def version(self, adapter_id: str) -> AdapterVersion | None:
+        return self._version(adapter_id)
+
+    def bind(self, adapter_id: str, users: int = 1) -> AdapterVersion | None:
+        """The current version of `adapter_id`, held for `users` sequences (None if there is no such adapter).
+
+        Each of them must be `unbind`-ed once when it finishes."""
+        while True:
+            version = self._version(adapter_id)
+            if version is None:
+                return None
+            with self._lock:
+                if version.retired:  # replaced or deleted since we looked it up: take the newer state
+                    continue
+                version.users += users
+                version.requests_served += 1
+                version.last_used = time.time()
+            return version
+
+    def unbind(self, version: AdapterVersion) -> None:
+        """A request bound to `version` finished or was aborted."""
+        with self._lock:
+            version.users -= 1
+            gone = version.retired and version.users == 0
+            if gone:
+                self._drop_host_copy(version)
+        if gone:
+            self.on_retired(version)
+
+    def _version(self, adapter_id: str) -> AdapterVersion | None:
+        with self._lock:
+            version = self._current.get(adapter_id)
+        if version is not None:
+            return version
+        try:
+            manifest = self.store.manifest(adapter_id)
+        except (AdapterMissingError, StoreError, ValueError):
+            return None
+        with self._lock:  # another thread may have filled it meanwhile: keep the first
+            return self._current.setdefault(adapter_id, AdapterVersion(manifest))
+
+    # ---- the host tier ---------------------------------------------------------------------------
+
+    def request_load(self, version: AdapterVersion) -> None:
+        """Start reading `version` from disk into host memory unless it is there or on its way."""
+        with self._lock:
+            if version.weights is not None or version.loading or version.load_error is not None:
+                return
+            version.loading = True
+        self._loader.submit(self._load, version)
+
+    def _load(self, version: AdapterVersion) -> None:
+        try:
+            manifest, config, weights = self.store.read(version.adapter_id)
+            if manifest.version != version.manifest.version:
+                raise StoreError(f"version {version.manifest.version} was replaced while it loaded")
+            adapter = self._parse(version.adapter_id, config, weights)
+            with self._lock:
+                self._keep_in_host(version, adapter)
+                self.stats.loads_from_disk += 1
+        except Exception as exc:  # reported to the requests waiting for it; the others keep serving
+            log.warning("adapter %s v%d failed to load: %s", version.adapter_id, version.manifest.version, exc)
+            with self._lock:
+                version.load_error = str(exc)
+        finally:
+            with self._lock:
+                version.loading = False
+            self.on_loaded(version)
+
+    def _parse(self, adapter_id: str, config: bytes, weights: bytes) -> LoraAdapter:
+        adapter = parse_peft_adapter(config, weights, adapter_id, base=self.shape, max_rank=self.max_rank)
+        if not self.pin_memory:
+            return adapter
+        # Page-locked host memory lets host -> device copies run asynchronously on CUDA.
+        pinned = {key: LoraWeight(w.a.pin_memory(), w.b.pin_memory(), w.scale) for key, w in adapter.weights.items()}
+        return replace(adapter, weights=pinned)
+
+    def _keep_in_host(self, version: AdapterVersion, adapter: LoraAdapter) -> None:
+        """Lock held. Put weights in the host tier, then drop least recently used copies over budget.
+
+        Copies of idle versions go first; then those of waiting requests, which can be read from disk
+        again. Never dropped: pinned adapters, and retired versions still in use (their files are gone).
+        """
+        version.weights = adapter
+        self._host_lru[version] = None
+        self.stats.host += adapter.num_bytes
+        self.stats.host_adapters += 1
+        for idle_only in (True, False):
+            for victim in list(self._host_lru):
+                if self.stats.host <= self.host_budget_bytes:
+                    return
+                if victim is version or victim.retired or victim.adapter_id in self.pinned_ids:
+                    continue
+                if victim.users == 0 or not idle_only:
+                    self._drop_host_copy(victim)
+                    self.stats.host_evictions += 1
+
+    def _drop_host_copy(self, version: AdapterVersion) -> None:
+        """Lock held."""
+        if version.weights is None:
+            return
+        self.stats.host -= version.weights.num_bytes
+        self.stats.host_adapters -= 1
+        version.weights = None
+        self._host_lru.pop(version, None)
+
+    def touch(self, version: AdapterVersion) -> None:
+        with self._lock:
+            if version in self._host_lru:
+                self._host_lru.move_to_end(version)
+
+    # ---- lifecycle (event loop; parsing runs in a worker thread via the routes) --------------------
+
+    def validate(self, adapter_id: str, config: bytes, weights: bytes) -> LoraAdapter:
+        """Parse and check an upload against this base model; AdapterFormatError names what is wrong."""
+        return self._parse(adapter_id, config, weights)
+
+    def create(self, adapter_id: str, config: bytes, weights: bytes, owner: str | None = None) -> AdapterVersion:
+        adapter = self.validate(adapter_id, config, weights)
+        manifest = self.store.create(
+            adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
+            target_modules=adapter.target_modules, owner=owner,
+        )
+        return self._install(manifest, adapter)
+
+    def replace(self, adapter_id: str, config: bytes, weights: bytes) -> AdapterVersion:
+        adapter = self.validate(adapter_id, config, weights)
+        manifest = self.store.replace(
+            adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
+            target_modules=adapter.target_modules,
+        )
+        return self._install(manifest, adapter)
+
+    def add(self, adapter: LoraAdapter, owner: str | None = None) -> AdapterVersion:
+        """Store an adapter built in code (tests, benchmarks), through the same path as an upload."""
+        config, weights = to_peft_files(adapter)
+        try:
+            return self.create(adapter.adapter_id, config, weights, owner=owner)
+        except AdapterExistsError:
+            return self.replace(adapter.adapter_id, config, weights)
+
+    def delete(self, adapter_id: str) -> None:
+        self.store.delete(adapter_id)
+        with self._lock:
+            old = self._current.pop(adapter_id, None)
+        if old is not None:
+            self._retire(old)
+
+    def _install(self, manifest: Manifest, adapter: LoraAdapter) -> AdapterVersion:
+        """Make a freshly stored version current (warm in host memory) and retire the previous one."""
+        version = AdapterVersion(manifest)
+        with self._lock:
+            old = self._current.get(manifest.id)
+            self._current[manifest.id] = version
+            self._keep_in_host(version, adapter)
+        if old is not None:
+            self._retire(old)
+        return version
+
+    def _retire(self, version: AdapterVersion) -> None:
+        with self._lock:
+            version.retired = True
+            gone = version.users == 0
+            if gone:
+                self._drop_host_copy(version)
+        if gone:
+            self.on_retired(version)
+
+    def import_directory(self, directory: Path) -> None:
+        """Bring every PEFT sub-directory of `directory` into the store (new or changed ones only)."""
+        for path in sorted(p for p in directory.iterdir() if p.is_dir()):
+            try:
+                config = (path / "adapter_config.json").read_bytes()
+                weights = (path / "adapter_model.safetensors").read_bytes()
+                if path.name in self.store and self._same_files(path.name, config, weights):
+                    continue
+                if path.name in self.store:
+                    self.replace(path.name, config, weights)
+                else:
+                    self.create(path.name, config, weights)
+            except (OSError, ValueError, StoreError) as exc:
+                log.warning("skipping adapter directory %s: %s", path, exc)
+
+    def _same_files(self, adapter_id: str, config: bytes, weights: bytes) -> bool:
+        files = self.store.manifest(adapter_id).files
+        return all(
+            files[name].sha256 == hashlib.sha256(data).hexdigest()
+            for name, data in (("adapter_config.json", config), ("adapter_model.safetensors", weights))
+        )
+
+    def close(self) -> None:
+        self._loader.shutdown(wait=False, cancel_futures=True)
+

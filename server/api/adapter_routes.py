@@ -1,0 +1,214 @@
+"""Adapter lifecycle over REST: upload, replace, list, inspect, delete.
+
+Uploads are multipart forms carrying the PEFT files themselves (never a server-side path or a URL):
+either `adapter_config` + `adapter_model`, or one `archive` (.tar.gz / .zip of a PEFT directory). Every
+upload is parsed and checked against the served base model before anything is stored, and the store
+writes atomically, so a refused or interrupted upload leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from pydantic import BaseModel
+
+from adapters_store import (
+    AdapterExistsError,
+    AdapterFormatError,
+    AdapterMissingError,
+    StoreFullError,
+    unpack_adapter_archive,
+    validate_adapter_id,
+)
+from server.adapter_registry import AdapterRegistry, AdapterVersion
+from server.api.errors import APIError, ErrorResponse
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 507)}
+
+
+class StoredFileInfo(BaseModel):
+    sha256: str
+    bytes: int
+
+
+class AdapterInfo(BaseModel):
+    id: str
+    object: Literal["adapter"] = "adapter"
+    version: int
+    created_at: int
+    updated_at: int
+    rank: int
+    lora_alpha: float
+    target_modules: list[str]
+    bytes: int
+    location: Literal["gpu", "host", "disk"]  # the warmest tier holding it now
+    requests_served: int
+    last_used_at: int | None
+    files: dict[str, StoredFileInfo]
+
+
+class AdapterList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AdapterInfo]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class AdapterDeleted(BaseModel):
+    id: str
+    object: Literal["adapter.deleted"] = "adapter.deleted"
+    deleted: bool = True
+
+
+def get_registry(request: Request) -> AdapterRegistry:
+    return request.app.state.engine.registry
+
+
+def _location(request: Request, version: AdapterVersion) -> Literal["gpu", "host", "disk"]:
+    if request.app.state.engine.pool.slot_of(version) is not None:
+        return "gpu"
+    return "host" if version.weights is not None else "disk"
+
+
+def _info(request: Request, version: AdapterVersion) -> AdapterInfo:
+    m = version.manifest
+    return AdapterInfo(
+        id=m.id,
+        version=m.version,
+        created_at=int(m.created_at),
+        updated_at=int(m.updated_at),
+        rank=m.rank,
+        lora_alpha=m.lora_alpha,
+        target_modules=list(m.target_modules),
+        bytes=m.num_bytes,
+        location=_location(request, version),
+        requests_served=version.requests_served,
+        last_used_at=None if version.last_used is None else int(version.last_used),
+        files={name: StoredFileInfo(sha256=f.sha256, bytes=f.size) for name, f in m.files.items()},
+    )
+
+
+RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
+OptionalFile = Annotated[UploadFile | None, File()]
+
+
+async def _adapter_files(
+    registry: AdapterRegistry,
+    adapter_config: UploadFile | None,
+    adapter_model: UploadFile | None,
+    archive: UploadFile | None,
+) -> tuple[bytes, bytes]:
+    """The two PEFT files from either upload form."""
+    if archive is not None:
+        if adapter_config is not None or adapter_model is not None:
+            raise APIError(400, "Send either 'archive' or 'adapter_config' + 'adapter_model', not both.",
+                           param="archive")
+        data = await archive.read()
+        try:  # the unpacked size is bounded too: a small archive may expand enormously
+            return await asyncio.to_thread(unpack_adapter_archive, data, max_total_bytes=registry.max_adapter_bytes)
+        except AdapterFormatError as exc:
+            raise APIError(400, f"Invalid archive: {exc.message}", param="archive", code="invalid_adapter") from exc
+    missing = [name for name, f in (("adapter_config", adapter_config), ("adapter_model", adapter_model)) if f is None]
+    if missing:
+        raise APIError(400, f"Missing file field(s): {', '.join(missing)} (or send one 'archive').", param=missing[0],
+                       code="missing_required_parameter")
+    return await adapter_config.read(), await adapter_model.read()
+
+
+async def _store(registry: RegistryDep, adapter_id: str, files: tuple[bytes, bytes], replace: bool) -> AdapterVersion:
+    """Validate and store in a worker thread (parsing and fsync are blocking); map store errors to HTTP."""
+    operation = registry.replace if replace else registry.create
+    try:
+        return await asyncio.to_thread(operation, adapter_id, *files)
+    except AdapterFormatError as exc:
+        raise APIError(400, f"Invalid adapter: {exc.message}", param=exc.field, code="invalid_adapter") from exc
+    except AdapterExistsError as exc:
+        raise APIError(409, f"The adapter '{adapter_id}' already exists; PUT /v1/adapters/{adapter_id} replaces it.",
+                       param="id", code="adapter_exists") from exc
+    except AdapterMissingError as exc:
+        raise APIError(404, f"The adapter '{adapter_id}' does not exist.", param="id", code="model_not_found") from exc
+    except StoreFullError as exc:
+        raise APIError(507, "The adapter store is out of space; nothing was stored.",
+                       code="insufficient_storage") from exc
+
+
+def _checked_id(adapter_id: str) -> str:
+    try:
+        return validate_adapter_id(adapter_id)
+    except AdapterFormatError as exc:
+        raise APIError(400, exc.message, param="id", code="invalid_adapter_id") from exc
+
+
+@router.post("", status_code=201, response_model=AdapterInfo, responses=_ERRORS)
+async def upload_adapter(
+    request: Request,
+    registry: RegistryDep,
+    id: Annotated[str, Form()],  # noqa: A002 - the form field's public name
+    adapter_config: OptionalFile = None,
+    adapter_model: OptionalFile = None,
+    archive: OptionalFile = None,
+) -> AdapterInfo:
+    adapter_id = _checked_id(id)
+    if registry.exists(adapter_id):  # cheap early answer; the store's atomic create still decides races
+        raise APIError(409, f"The adapter '{adapter_id}' already exists.", param="id", code="adapter_exists")
+    files = await _adapter_files(registry, adapter_config, adapter_model, archive)
+    return _info(request, await _store(registry, adapter_id, files, replace=False))
+
+
+@router.put("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS)
+async def replace_adapter(
+    request: Request,
+    adapter_id: str,
+    registry: RegistryDep,
+    adapter_config: OptionalFile = None,
+    adapter_model: OptionalFile = None,
+    archive: OptionalFile = None,
+) -> AdapterInfo:
+    files = await _adapter_files(registry, adapter_config, adapter_model, archive)
+    return _info(request, await _store(registry, _checked_id(adapter_id), files, replace=True))
+
+
+@router.get("", response_model=AdapterList)
+async def list_adapters(
+    request: Request,
+    registry: RegistryDep,
+    after: Annotated[str | None, Query(description="list ids after this one")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> AdapterList:
+    ids = registry.ids(after=after, limit=limit + 1)
+    versions = [v for v in (registry.version(i) for i in ids[:limit]) if v is not None]
+    data = [_info(request, v) for v in versions]
+    return AdapterList(
+        data=data,
+        has_more=len(ids) > limit,
+        first_id=data[0].id if data else None,
+        last_id=data[-1].id if data else None,
+    )
+
+
+def _existing(registry: AdapterRegistry, adapter_id: str) -> AdapterVersion:
+    version = registry.version(adapter_id)
+    if version is None:
+        raise APIError(404, f"The adapter '{adapter_id}' does not exist.", param="adapter_id", code="model_not_found")
+    return version
+
+
+@router.get("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS)
+async def get_adapter(request: Request, adapter_id: str, registry: RegistryDep) -> AdapterInfo:
+    return _info(request, _existing(registry, adapter_id))
+
+
+@router.delete("/{adapter_id}", response_model=AdapterDeleted, responses=_ERRORS)
+async def delete_adapter(adapter_id: str, registry: RegistryDep) -> AdapterDeleted:
+    _existing(registry, adapter_id)
+    try:
+        await asyncio.to_thread(registry.delete, adapter_id)
+    except AdapterMissingError as exc:  # deleted by a concurrent request
+        raise APIError(404, f"The adapter '{adapter_id}' does not exist.", param="adapter_id",
+                       code="model_not_found") from exc
+    return AdapterDeleted(id=adapter_id)
+
