@@ -240,3 +240,26 @@ def test_body_over_the_limit_is_413_before_parsing(client, server):
     assert response.status_code == 413
     assert response.json()["error"]["message"]
     assert client.get("/v1/adapters/too-big").status_code == 404
+
+
+def test_command_line_client_round_trip(server, tmp_path, capsys):
+    from server.cli import main
+
+    url = server[0]
+    config, weights = peft_files(server[1], seed=70)
+    peft_dir = tmp_path / "peft"
+    peft_dir.mkdir()
+    (peft_dir / "adapter_config.json").write_bytes(config)
+    (peft_dir / "adapter_model.safetensors").write_bytes(weights)
+
+    main(["adapters", "--url", url, "upload", "cli-made", str(peft_dir)])
+    assert json.loads(capsys.readouterr().out)["version"] == 1
+    main(["adapters", "--url", url, "upload", "cli-made", str(peft_dir), "--replace"])
+    assert json.loads(capsys.readouterr().out)["version"] == 2
+    main(["adapters", "--url", url, "list"])
+    assert "cli-made" in capsys.readouterr().out
+    main(["adapters", "--url", url, "show", "cli-made"])
+    assert json.loads(capsys.readouterr().out)["id"] == "cli-made"
+    main(["adapters", "--url", url, "delete", "cli-made"])
+    with pytest.raises(SystemExit, match="404"):
+        main(["adapters", "--url", url, "show", "cli-made"])
