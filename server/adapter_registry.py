@@ -34,6 +34,7 @@ from adapters_store import (
     parse_peft_adapter,
 )
 from adapters_store.peft_export import to_peft_files
+from server.metrics import Metrics
 
 log = logging.getLogger("lorahive.adapters")
 
@@ -91,6 +92,7 @@ class AdapterRegistry:
         self.on_retired: Callable[[AdapterVersion], None] = lambda version: None
         # Called when an asynchronous load finished (loaded or failed), so the engine re-schedules.
         self.on_loaded: Callable[[AdapterVersion], None] = lambda version: None
+        self.metrics: Metrics | None = None  # set by the engine: disk reads and their latency
 
     # ---- lookup and binding (event loop) ---------------------------------------------------------
 
@@ -152,6 +154,7 @@ class AdapterRegistry:
         self._loader.submit(self._load, version)
 
     def _load(self, version: AdapterVersion) -> None:
+        start = time.perf_counter()
         try:
             manifest, config, weights = self.store.read(version.adapter_id)
             if manifest.version != version.manifest.version:
@@ -160,10 +163,15 @@ class AdapterRegistry:
             with self._lock:
                 self._keep_in_host(version, adapter)
                 self.stats.loads_from_disk += 1
+            if self.metrics is not None:
+                self.metrics.disk_read(ok=True)
+                self.metrics.adapter_loaded("disk_to_host", time.perf_counter() - start)
         except Exception as exc:  # reported to the requests waiting for it; the others keep serving
             log.warning("adapter %s v%d failed to load: %s", version.adapter_id, version.manifest.version, exc)
             with self._lock:
                 version.load_error = str(exc)
+            if self.metrics is not None:
+                self.metrics.disk_read(ok=False)
         finally:
             with self._lock:
                 version.loading = False

@@ -43,6 +43,10 @@ class Settings(BaseModel):
         "auto", description="LoRA kernels: auto is Triton on CUDA and the torch reference elsewhere; triton without "
         "CUDA runs Triton's interpreter (slow, for tests)"
     )
+    metrics_top_adapters: int = Field(
+        20, ge=0, description="adapters with the most requests that get their own label in /metrics; the rest "
+        "count as adapter=\"other\""
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("pin", mode="before")

@@ -22,6 +22,7 @@ import torch
 from server.adapter_pool import AdapterSlotPool
 from server.adapter_registry import AdapterRegistry, AdapterVersion
 from server.kv_blocks import BlockAllocator
+from server.metrics import Metrics
 from server.model import KVCache, Transformer
 from server.sampling import SamplerState, sample
 from server.scheduler import Scheduler, Sequence
@@ -103,6 +104,7 @@ class Engine:
         registry: AdapterRegistry,
         model_name: str,
         model_description: str,
+        metrics: Metrics | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -120,9 +122,13 @@ class Engine:
         )
         self.allocator = BlockAllocator(config.num_kv_blocks, config.block_size)
         self.pool = AdapterSlotPool(model, config.max_gpu_adapters, config.max_lora_rank)
+        self.metrics = metrics if metrics is not None else Metrics()
         self.scheduler = Scheduler(
-            self.allocator, self.pool, registry, config.max_num_seqs, config.max_num_batched_tokens
+            self.allocator, self.pool, registry, config.max_num_seqs, config.max_num_batched_tokens,
+            metrics=self.metrics,
         )
+        registry.metrics = self.metrics
+        self.metrics.attach(self)
         registry.on_retired = lambda version: self._post("retire", version)
         registry.on_loaded = lambda version: self._post("loaded", version)
         self._streams: dict[str, RequestStream] = {}
@@ -148,6 +154,7 @@ class Engine:
         request_id = request.request_id or uuid.uuid4().hex
         stream = RequestStream(request_id, len(request.prompt_token_ids), request.n, self)
         seqs = [self._new_sequence(request, request_id, i, adapter) for i in range(request.n)]
+        self.metrics.request_submitted(request.adapter_id, len(request.prompt_token_ids))
         self._post("add", (stream, seqs))
         return stream
 
@@ -230,10 +237,14 @@ class Engine:
     # ---- engine thread -----------------------------------------------------------------------------
 
     def _run(self) -> None:
+        stalled = False  # the last round scheduled nothing: only a message (a load finishing, a new
+        # request, an abort) can change that, so wait for one instead of spinning, which would starve the
+        # adapter loader threads of the GIL. The timeout is a safety net, not the mechanism.
         while True:
             with self._wake:
-                while not self._inbox and not self.scheduler.has_work() and not self._stopping:
-                    self._wake.wait()
+                while not self._inbox and (stalled or not self.scheduler.has_work()) and not self._stopping:
+                    if not self._wake.wait(timeout=0.1 if stalled else None):
+                        break
                 if self._stopping:
                     return
                 inbox, self._inbox = self._inbox, []
@@ -243,7 +254,9 @@ class Engine:
             for seq, error in self.scheduler.take_failed():
                 adapter_id = seq.adapter.adapter_id if seq.adapter else None
                 self._fail(seq.request_id, EngineStepError(f"The adapter '{adapter_id}' could not be loaded: {error}"))
+            stalled = not plan
             if plan:
+                self._admitted(plan)
                 self._step(plan)
 
     def _handle(self, kind: str, payload) -> None:
@@ -255,13 +268,23 @@ class Engine:
                 self.scheduler.add(seq)
         elif kind == "abort":
             for seq in self._sequences.pop(payload, []):
+                if not seq.finished:
+                    self.metrics.sequence_finished("abort")
                 self.scheduler.finish(seq)
             self._streams.pop(payload, None)
         elif kind == "retire":  # a deleted or replaced version nobody uses any more: free its slot now
             self.pool.discard(payload)
         # "loaded": an adapter reached host memory; nothing to do but schedule again
 
+    def _admitted(self, plan) -> None:
+        now = time.monotonic()
+        for chunk in plan:
+            if chunk.seq.admitted_time is None:
+                chunk.seq.admitted_time = now
+                self.metrics.admitted(now - chunk.seq.arrival_time)
+
     def _step(self, plan) -> None:
+        start = time.perf_counter()
         try:
             step, lora_batch, sampled = build_step(
                 plan, self.allocator.block_size, self.model.args.sliding_window, self.device
@@ -278,6 +301,7 @@ class Engine:
         finally:
             self.model.lora.batch = None
         self.steps += 1
+        self.metrics.step(time.perf_counter() - start, len(plan), sum(c.num_tokens for c in plan))
         for chunk in plan:
             chunk.seq.num_computed += chunk.num_tokens
         for chunk, token, logprob in zip(sampled, tokens, logprobs, strict=True):
@@ -286,6 +310,14 @@ class Engine:
     def _append_token(self, seq: Sequence, token: int, logprob) -> None:
         seq.token_ids.append(token)
         seq.sampler.output_ids.append(token)
+        now = time.monotonic()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            self.metrics.first_token(now - seq.arrival_time)
+        else:
+            self.metrics.next_token(now - seq.last_token_time)
+        seq.last_token_time = now
+        self.metrics.tokens_generated(seq.adapter.adapter_id if seq.adapter else None, 1)
         params = seq.sampler.params
         finish: FinishReason | None = None
         if (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:
@@ -298,6 +330,9 @@ class Engine:
                 text, finish = text + seq.detokenizer.flush(), "length"
         stream = self._streams.get(seq.request_id)
         if finish is not None:
+            num_out = len(seq.output_ids)
+            tpot = (now - seq.first_token_time) / (num_out - 1) if num_out > 1 else None
+            self.metrics.sequence_finished(finish, now - seq.arrival_time, tpot)
             self.scheduler.finish(seq)
             self._forget_if_done(seq.request_id)
         if stream is not None:
@@ -310,6 +345,8 @@ class Engine:
 
     def _fail(self, request_id: str, error: BaseException) -> None:
         for seq in self._sequences.pop(request_id, []):
+            if not seq.finished:
+                self.metrics.sequence_finished("error")
             self.scheduler.finish(seq)
         stream = self._streams.pop(request_id, None)
         if stream is not None:

@@ -18,6 +18,7 @@ from server.checkpoint import load_weights, read_config
 from server.config import Settings
 from server.demo import DEMO_DESCRIPTION, DEMO_MODEL_NAME, build_demo_model
 from server.engine import Engine, EngineConfig
+from server.metrics import Metrics
 from server.model import ModelArgs, Transformer
 from server.tokenizer import Tokenizer
 
@@ -131,4 +132,5 @@ def build_engine(settings: Settings) -> Engine:
     )
     log.info("serving %s on %s (%s), KV cache %d blocks of %d tokens, LoRA backend %s", name, device, dtype,
              config.num_kv_blocks, config.block_size, model.lora.backend)
-    return Engine(model, tokenizer, config, registry, name, description)
+    metrics = Metrics(top_adapters=settings.metrics_top_adapters)
+    return Engine(model, tokenizer, config, registry, name, description, metrics=metrics)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from server.adapter_pool import AdapterSlotPool
 from server.adapter_registry import AdapterRegistry, AdapterVersion
 from server.kv_blocks import BlockAllocator
+from server.metrics import Metrics
 from server.sampling import SamplerState
 from server.tokenizer import IncrementalDetokenizer
 
@@ -39,6 +40,11 @@ class Sequence:
     slot: int = -1  # adapter slot while scheduled; -1 for the base model
     finished: bool = False
     waiting_since: int = 0  # the scheduling round it (re)joined the waiting queue
+    # Metrics: first admission, first and latest token (monotonic), whether its adapter lookup was counted.
+    admitted_time: float | None = None
+    first_token_time: float | None = None
+    last_token_time: float | None = None
+    adapter_looked_up: bool = False
 
     @property
     def num_pending(self) -> int:
@@ -69,6 +75,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         max_adapter_wait_rounds: int = 16,
+        metrics: Metrics | None = None,
     ):
         self.allocator = allocator
         self.pool = pool
@@ -81,6 +88,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.rounds = 0
         self._failed: list[tuple[Sequence, Exception]] = []
+        self.metrics = metrics
 
     def add(self, seq: Sequence) -> None:
         seq.waiting_since = self.rounds
@@ -149,17 +157,23 @@ class Scheduler:
         """The sequence's adapter slot, pinned; None while its weights are not ready or no slot is free."""
         version = seq.adapter
         resident = self.pool.slot_of(version) is not None
+        if self.metrics is not None and not seq.adapter_looked_up:
+            seq.adapter_looked_up = True
+            self.metrics.adapter_lookup(on_gpu=resident, in_host=version.weights is not None)
         if not resident and version.weights is None:
             if version.load_error is not None:
                 self._drop(seq, RuntimeError(version.load_error))
             else:
                 self.registry.request_load(version)
             return None
+        start = time.perf_counter()
         try:
             slot = self.pool.acquire(version, None if resident else version.weights)
         except Exception as exc:  # the adapter cannot be written to a slot: its request fails, others go on
             self._drop(seq, exc)
             return None
+        if self.metrics is not None and not resident and slot is not None:
+            self.metrics.adapter_loaded("host_to_gpu", time.perf_counter() - start)
         self.registry.touch(version)
         return slot
 
