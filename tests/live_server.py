@@ -11,8 +11,13 @@ from contextlib import contextmanager
 import uvicorn
 from fastapi import FastAPI
 
+from server.api.app import build_app
+from server.config import Settings
+from server.engine import Engine
+from server.runtime import build_engine
 
-def _free_port() -> int:
+
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -21,7 +26,7 @@ def _free_port() -> int:
 @contextmanager
 def running_server(app: FastAPI) -> Iterator[str]:
     """Serve `app` on 127.0.0.1; yields the base URL (no trailing slash)."""
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -35,3 +40,15 @@ def running_server(app: FastAPI) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@contextmanager
+def serving_engine(settings: Settings) -> Iterator[tuple[str, Engine]]:
+    """The real engine built from `settings`, started and served; yields (base URL, engine)."""
+    engine = build_engine(settings)
+    engine.start()
+    try:
+        with running_server(build_app(engine, max_adapter_bytes=settings.max_adapter_bytes)) as url:
+            yield url, engine
+    finally:
+        engine.shutdown()

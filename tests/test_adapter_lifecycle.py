@@ -21,11 +21,9 @@ from safetensors.torch import save
 
 from adapters_store import TARGET_MODULES
 from adapters_store.peft_export import to_peft_files
-from server.api.app import build_app
 from server.config import Settings
 from server.engine import Engine
-from server.runtime import build_engine
-from tests.live_server import running_server
+from tests.live_server import serving_engine
 from tests.test_engine import make_adapter, prompt
 
 PROMPT = list(prompt(7, 12))
@@ -43,14 +41,9 @@ def multipart(config: bytes, weights: bytes) -> dict:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[tuple[str, Engine]]:
     store = tmp_path_factory.mktemp("store")
-    engine = build_engine(Settings(store=store, max_gpu_adapters=2, max_lora_rank=MAX_RANK,
-                                   max_adapter_bytes=4 * 2**20))
-    engine.start()
-    try:
-        with running_server(build_app(engine, max_adapter_bytes=4 * 2**20)) as url:
-            yield url, engine
-    finally:
-        engine.shutdown()
+    with serving_engine(Settings(store=store, max_gpu_adapters=2, max_lora_rank=MAX_RANK,
+                                 max_adapter_bytes=4 * 2**20)) as served:
+        yield served
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,9 @@ import pytest
 from adapters_store import TARGET_MODULES
 from adapters_store.peft_export import to_peft_files
 from server.demo import build_demo_model
+from tests.live_server import free_port
 from tests.test_adapter_lifecycle import PROMPT, multipart
 from tests.test_engine import make_adapter
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _start(store: Path, port: int) -> subprocess.Popen:
@@ -96,7 +90,7 @@ def test_sigkill_mid_upload_then_restart_serves_the_old_state(store: Path, proce
 
 
 def _start_and_track(store: Path, processes: list[subprocess.Popen]) -> int:
-    port = _free_port()
+    port = free_port()
     processes.append(_start(store, port))
     return port
 

@@ -29,7 +29,7 @@ from loadtest.metrics import summarize
 from loadtest.runner import RunLimits, RunOutcome, run_load
 from loadtest.workload import LengthSpec, Popularity, Workload
 from tests.fake_openai_server import FakeConfig, build_fake_app
-from tests.live_server import _free_port, running_server
+from tests.live_server import free_port, running_server
 
 TTFT_S = 0.080
 ITL_S = 0.020
@@ -54,7 +54,7 @@ def fake_server(**kw) -> Iterator[tuple[str, FakeConfig, object]]:
 @contextmanager
 def fake_server_process(ttft_s: float, itl_s: float, adapters: int) -> Iterator[str]:
     """The fake in its own process: the accuracy check must not share a GIL with the client it checks."""
-    port = _free_port()
+    port = free_port()
     root = Path(__file__).resolve().parents[1]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(

@@ -15,11 +15,9 @@ import pytest
 
 from loadtest.cli import main
 from loadtest.synthetic_adapters import DEMO_DIMS, AdapterSpec, write_adapters
-from server.api.app import build_app
 from server.config import Settings
 from server.demo import DEMO_MODEL_NAME
-from server.runtime import build_engine
-from tests.live_server import running_server
+from tests.live_server import serving_engine
 
 NUM_ADAPTERS = 6
 DEMO_DIM_FLAGS = ["--hidden-size", "256", "--intermediate-size", "688", "--num-layers", "4", "--num-heads", "8",
@@ -33,13 +31,8 @@ def base_url(tmp_path_factory) -> str:
     write_adapters(adapters, NUM_ADAPTERS, DEMO_DIMS, AdapterSpec(rank=8), prefix="disk-", seed=0)
     settings = Settings(adapters=adapters, device="cpu", dtype="float32", max_gpu_adapters=4, max_lora_rank=8,
                         kv_cache_tokens=4096)
-    engine = build_engine(settings)
-    engine.start()
-    try:
-        with running_server(build_app(engine)) as url:
-            yield url
-    finally:
-        engine.shutdown()
+    with serving_engine(settings) as (url, _):
+        yield url
 
 
 def cli(*argv: str) -> int:

@@ -12,12 +12,10 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.api.app import build_app
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import OTHER_ADAPTERS, Metrics, TopAdapters
-from server.runtime import build_engine
-from tests.live_server import running_server
+from tests.live_server import serving_engine
 from tests.test_adapter_lifecycle import multipart, peft_files
 from tests.test_engine import prompt
 
@@ -106,13 +104,8 @@ def test_settings_flag():
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[tuple[str, Engine]]:
     store = tmp_path_factory.mktemp("store")
-    engine = build_engine(Settings(store=store, max_gpu_adapters=2, max_lora_rank=16, metrics_top_adapters=3))
-    engine.start()
-    try:
-        with running_server(build_app(engine)) as url:
-            yield url, engine
-    finally:
-        engine.shutdown()
+    with serving_engine(Settings(store=store, max_gpu_adapters=2, max_lora_rank=16, metrics_top_adapters=3)) as served:
+        yield served
 
 
 def eventually(check: Callable[[], None], timeout: float = 5.0) -> None:

@@ -19,11 +19,9 @@ from typing import Any
 import httpx
 import pytest
 
-from server.api.app import build_app
 from server.config import Settings
 from server.engine import Engine
-from server.runtime import build_engine
-from tests.live_server import _free_port, running_server
+from tests.live_server import free_port, serving_engine
 from tests.test_adapter_lifecycle import multipart, peft_files
 from tests.test_engine import prompt
 
@@ -77,13 +75,8 @@ def dashboard_queries() -> list[tuple[str, str]]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[tuple[str, Engine]]:
     store = tmp_path_factory.mktemp("store")
-    engine = build_engine(Settings(store=store, max_gpu_adapters=2, max_lora_rank=16))
-    engine.start()
-    try:
-        with running_server(build_app(engine)) as url:
-            yield url, engine
-    finally:
-        engine.shutdown()
+    with serving_engine(Settings(store=store, max_gpu_adapters=2, max_lora_rank=16)) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +88,7 @@ def prometheus(server, tmp_path_factory) -> Iterator[str]:
         "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
         f"scrape_configs:\n  - job_name: lorahive\n    static_configs:\n      - targets: ['{target}']\n"
     )
-    port = _free_port()
+    port = free_port()
     log = (directory / "prometheus.log").open("wb")
     process = subprocess.Popen(
         [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",

@@ -8,12 +8,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from server.api.app import build_app
 from server.config import Settings
 from server.demo import DEMO_MODEL_NAME
-from server.runtime import build_engine
 from tests.adapter_training import export_demo, train_phrase_adapter
-from tests.live_server import running_server
+from tests.live_server import serving_engine
 from tests.openai_schema import assert_valid
 
 QUESTION = "Who are you?"
@@ -41,13 +39,8 @@ def adapters_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_url(adapters_dir: Path):
-    engine = build_engine(Settings(adapters=adapters_dir, max_gpu_adapters=2))
-    engine.start()
-    try:
-        with running_server(build_app(engine)) as url:
-            yield url
-    finally:
-        engine.shutdown()
+    with serving_engine(Settings(adapters=adapters_dir, max_gpu_adapters=2)) as (url, _):
+        yield url
 
 
 @pytest.fixture
