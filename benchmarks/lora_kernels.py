@@ -46,7 +46,8 @@ from pathlib import Path
 
 import torch
 
-from kernels import LoRABatch, add_lora, resolve_backend
+from kernels import LoRABatch, PageTable, add_lora, resolve_backend
+from kernels.paging import pack_dense
 
 RESULTS = Path(__file__).parent / "results"
 MIXES = ("distinct", "uniform", "skewed", "identical")
@@ -99,9 +100,9 @@ def adapters_of(mix: str, num_seqs: int, rng: random.Random) -> list[int]:
 class Workload:
     x: torch.Tensor
     y: torch.Tensor
-    lora_a: torch.Tensor
-    lora_b: torch.Tensor
-    slot_ranks: torch.Tensor
+    lora_a: torch.Tensor  # dense per slot [S, K * R, d_in], for the torch baselines
+    lora_b: torch.Tensor  # [S, sum(widths), R]
+    pages: tuple[torch.Tensor, torch.Tensor, PageTable]  # the same weights as the server lays them out
     batch: LoRABatch
     widths: tuple[int, ...]
     rank: int
@@ -138,7 +139,7 @@ def make_workload(
         y=torch.randn(len(slots), sum(widths), generator=gen, device=device).to(dtype),
         lora_a=lora_a,
         lora_b=lora_b,
-        slot_ranks=torch.full((num_slots,), rank, dtype=torch.int32, device=device),
+        pages=pack_dense(lora_a, lora_b, widths, ranks=[rank] * num_slots),
         batch=LoRABatch.from_token_slots(slots, device, fixed_shape=decode),
         widths=widths,
         rank=rank,
@@ -150,7 +151,8 @@ def make_workload(
 
 
 def run_kernel(w: Workload, backend: str) -> None:
-    add_lora(w.y, w.x, w.lora_a, w.lora_b, w.batch, w.widths, w.slot_ranks, backend)
+    pages_a, pages_b, table = w.pages
+    add_lora(w.y, w.x, pages_a, pages_b, w.batch, w.widths, table, backend)
 
 
 def run_loop(w: Workload) -> None:

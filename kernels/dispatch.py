@@ -17,6 +17,7 @@ import torch
 
 from kernels import reference
 from kernels.metadata import LoRABatch
+from kernels.paging import PageTable
 
 BackendSetting = Literal["auto", "torch", "triton"]
 Backend = Literal["torch", "triton"]
@@ -66,15 +67,15 @@ def add_lora(
     lora_b: torch.Tensor,
     batch: LoRABatch,
     slice_widths: tuple[int, ...],
-    slot_ranks: torch.Tensor | None = None,
+    table: PageTable,
     backend: BackendSetting = "auto",
 ) -> None:
     """y += per-token LoRA delta (shrink then multi-slice expand), in place.
 
-    A step whose tokens all use slot -1 returns at once: base-model traffic launches no LoRA kernel.
-    `slot_ranks[slot]` (optional) is the highest non-zero rank row of each slot's adapter; Triton does only
-    that much work (the reference ignores it: zero padding gives the same result). "auto" resolves per call
-    from the tensors (for direct callers; the engine passes an already resolved backend).
+    `lora_a`/`lora_b` are paged buffers and `table` each slot's pages and rank (`kernels.paging`). A step
+    whose tokens all use slot -1 returns at once: base-model traffic launches no LoRA kernel. Triton does
+    rank-r work for a rank-r adapter; the reference reads zero pages past it. "auto" resolves per call from
+    the tensors (for direct callers; the engine passes an already resolved backend).
     """
     if not batch.has_lora or x.shape[0] == 0:
         return
@@ -86,7 +87,7 @@ def add_lora(
         ops = triton_ops()
         if ops is None:
             raise RuntimeError("the Triton LoRA backend was requested but triton is not installed")
-        ops.add_lora(y, x, lora_a, lora_b, batch, slice_widths, slot_ranks)
+        ops.add_lora(y, x, lora_a, lora_b, batch, slice_widths, table)
         return
-    v = reference.shrink(x, lora_a, batch)
-    reference.expand(y, v, lora_b, batch, slice_widths)
+    v = reference.shrink(x, lora_a, batch, table)
+    reference.expand(y, v, lora_b, batch, slice_widths, table)

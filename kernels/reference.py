@@ -1,16 +1,19 @@
-"""Pure-torch reference of the Punica shrink/expand contract.
+"""Pure-torch reference of the Punica shrink/expand contract over paged adapter weights.
 
-Shapes (S slots, R the pool's max rank, K slices fused in one layer):
-  x: [T, d_in]                      the layer's input
-  lora_a: [S, K * R, d_in]          the K slices' A matrices stacked along the rank axis
-  lora_b: [S, sum(d_out_k), R]      the K slices' B matrices (scale already folded in) stacked along d_out
-  y: [T, sum(d_out_k)]              the base layer's output, updated in place
+Shapes (K slices fused in one layer, D the sum of their widths, R = `table.max_rank`; the page layout is
+described in `kernels.paging`):
+  x: [T, d_in]                              the layer's input
+  lora_a: [num_pages, K * PAGE_RANK, d_in]  A pages
+  lora_b: [num_pages, PAGE_RANK, D]         B pages (B transposed, scale already folded in)
+  v: [T, K * R]                             the shrink's output: slice k's ranks in columns k*R ... k*R + R-1
+  y: [T, D]                                 the base layer's output, updated in place
 
-shrink: v[t, k*R:(k+1)*R] = x[t] @ A_k[slot[t]]^T
-expand: y[t, off_k:off_k+d_k] += v[t, k*R:(k+1)*R] @ B_k[slot[t]]^T
+shrink: v[t, k*R : (k+1)*R] = x[t] @ A_k[slot[t]]^T
+expand: y[t, off_k : off_k + d_k] += v[t, k*R : (k+1)*R] @ B_k[slot[t]]^T
 
-Tokens are processed per distinct slot (gather the slot's rows, two matmuls, scatter back), so the work
-is one pair of GEMMs per adapter present in the batch, not a [T, R, d_in] gather of weights.
+Tokens are processed per distinct slot (gather the slot's pages, two matmuls, scatter back), so the work
+is one pair of GEMMs per adapter present in the batch, not a [T, R, d_in] gather of weights. The reference
+reads every page-table entry of a slot, ranks ignored: entries past an adapter's rank name the zero page.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import torch
 
 from kernels.metadata import LoRABatch
+from kernels.paging import PAGE_RANK, PageTable
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -25,13 +29,26 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def shrink(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch) -> torch.Tensor:
+def slot_a(lora_a: torch.Tensor, table: PageTable, slot: int) -> torch.Tensor:
+    """[K, R, d_in]: slot's A of every slice, gathered from its pages."""
+    pages = lora_a[table.pages[slot].long()]  # [P, K * PAGE_RANK, d_in]
+    num_pages, _, d_in = pages.shape
+    return pages.view(num_pages, -1, PAGE_RANK, d_in).transpose(0, 1).reshape(-1, num_pages * PAGE_RANK, d_in)
+
+
+def slot_b(lora_b: torch.Tensor, table: PageTable, slot: int) -> torch.Tensor:
+    """[R, D]: slot's B^T of all slices, gathered from its pages."""
+    return lora_b[table.pages[slot].long()].flatten(0, 1)
+
+
+def shrink(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, table: PageTable) -> torch.Tensor:
     """v = x @ A[slot]^T for every token with a slot; zero rows for slot -1. At least fp32."""
     acc = accumulation_dtype(x.dtype)
-    v = torch.zeros(x.shape[0], lora_a.shape[1], dtype=acc, device=x.device)
+    num_slices = lora_a.shape[1] // PAGE_RANK
+    v = torch.zeros(x.shape[0], num_slices * table.max_rank, dtype=acc, device=x.device)
     for slot in batch.active_slots:
         rows = batch.token_slots == slot
-        v[rows] = x[rows].to(acc) @ lora_a[slot].to(acc).T
+        v[rows] = x[rows].to(acc) @ slot_a(lora_a, table, slot).flatten(0, 1).to(acc).T
     return v
 
 
@@ -41,16 +58,17 @@ def expand(
     lora_b: torch.Tensor,
     batch: LoRABatch,
     slice_widths: tuple[int, ...],
+    table: PageTable,
 ) -> None:
     """y[:, slice k] += v[:, rank block k] @ B_k[slot]^T, in place; slot -1 rows untouched."""
-    rank = lora_b.shape[2]
+    rank = table.max_rank
     for slot in batch.active_slots:
         rows = batch.token_slots == slot
         v_rows = v[rows]
-        delta = torch.empty(v_rows.shape[0], lora_b.shape[1], dtype=v.dtype, device=y.device)
+        b = slot_b(lora_b, table, slot).to(v.dtype)  # [R, D]
+        delta = torch.empty(v_rows.shape[0], b.shape[1], dtype=v.dtype, device=y.device)
         offset = 0
         for k, width in enumerate(slice_widths):
-            b_k = lora_b[slot, offset : offset + width].to(v.dtype)
-            delta[:, offset : offset + width] = v_rows[:, k * rank : (k + 1) * rank] @ b_k.T
+            delta[:, offset : offset + width] = v_rows[:, k * rank : (k + 1) * rank] @ b[:, offset : offset + width]
             offset += width
         y[rows] += delta.to(y.dtype)

@@ -1,6 +1,7 @@
 """Punica's shrink and multi-slice expand as Triton kernels: one launch each per layer.
 
-Design (the same contract and shapes as `kernels.reference`; K fused slices, R the pool's max rank):
+Design (the same contract and shapes as `kernels.reference`; K fused slices, R the page table's max rank,
+weights in pages of PAGE_RANK ranks as `kernels.paging` lays them out):
 
 * One kernel family for prefill and decode. Both kernels walk `LoRABatch.tiles`, a work list of runs of at
   most `tile_rows` tokens that share a slot. A prefill segment becomes a few long tiles (SGMV); a decode
@@ -13,13 +14,12 @@ Design (the same contract and shapes as `kernels.reference`; K fused slices, R t
   the fastest so the programs that read the same x tile run together and share it through L2. Expand:
   (output blocks of BLOCK_N columns, each inside one slice, tiles); every y element belongs to exactly one
   program, which loads it, adds its delta and stores it: no atomics.
-* Rank-aware. `slot_ranks[slot]` (kept by the adapter pool) bounds each adapter's non-zero rank rows.
-  Shrink programs whose rank block starts at or past it return before loading anything; expand loops over
-  `ceil(rank / BLOCK_R)` rank blocks only and masks the rest, so a rank-8 adapter in a rank-64 pool reads
-  rank-8 bytes of A and does one rank block of arithmetic, as in a rank-8 pool. (B is stored [d_out, R]
-  with R contiguous and the GPU reads 32-byte sectors, so below 16 ranks of a half type the expand still
-  fetches some padding of B: the [num_slots, R, d_out] layout would avoid it, a change to the shared
-  contract left for later.)
+* Paged and rank-aware. A rank block is one page (BLOCK_R = PAGE_RANK): a program loads its page number
+  from the slot's page-table row, then reads that page's rows. `table.ranks[slot]` bounds each adapter's
+  rank: shrink programs whose rank block starts at or past it return before loading anything; expand loops
+  over the adapter's own pages only and masks ranks past it, so a rank-8 adapter reads rank-8 bytes of A
+  and does one rank block of arithmetic whatever the max rank. B pages are rank-major (d_out contiguous),
+  so a rank-8 adapter's expand reads full 32-byte sectors of B too.
 * Precision. Both kernels accumulate in fp32 (fp64 for fp64 inputs) and the intermediate v is fp32: an
   fp16 v is the accuracy trap of earlier kernels. The expand dot multiplies v (fp32) by B converted to
   fp32; for half inputs that dot runs in TF32 (B is exact in TF32, v keeps fp32 range, and the error stays
@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from kernels.metadata import LoRABatch
+from kernels.paging import PAGE_RANK, PageTable
 
 TARGET_PROGRAMS_PER_SM = 4  # when to split d_in in the shrink
 MIN_SPLIT_COLUMNS = 256  # never split d_in into pieces narrower than this
@@ -58,35 +59,39 @@ _ACC_TORCH = {tl.float32: torch.float32, tl.float64: torch.float64}
 
 @triton.jit
 def _shrink_kernel(
-    x_ptr, a_ptr, v_ptr, tiles_ptr, ranks_ptr,
+    x_ptr, a_ptr, v_ptr, tiles_ptr, ranks_ptr, pages_ptr,
     d_in, max_rank, split_columns,
-    stride_xt, stride_xd, stride_as, stride_ar, stride_ad, stride_vs, stride_vt,
+    stride_xt, stride_xd, stride_ap, stride_ar, stride_ad, stride_pt, stride_vs, stride_vt,
     RANK_BLOCKS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """v[split, rows, k*R + ranks] = x[rows, split's d_in] @ A[slot, k*R + ranks, split's d_in]^T."""
+    """v[split, rows, k*R + ranks] = x[rows, split's d_in] @ (slice k's rows of one A page)[:, split's d_in]^T."""
     tile = tl.program_id(1)
     slot = tl.load(tiles_ptr + tile * 3 + 2).to(tl.int64)
     if slot < 0:  # padding tile
         return
     rank = tl.load(ranks_ptr + slot)
     kr = tl.program_id(0)
-    r0 = (kr % RANK_BLOCKS) * BLOCK_R
+    block = kr % RANK_BLOCKS
+    r0 = block * BLOCK_R
     if r0 >= rank:  # rank-aware: this block is all zero padding
         return
     # Index math in int64: no overflow on large pools, and no overflow checks under the interpreter.
+    page = tl.load(pages_ptr + slot * stride_pt + block).to(tl.int64)
+    k = kr // RANK_BLOCKS
     first = tl.load(tiles_ptr + tile * 3).to(tl.int64)
     end = tl.load(tiles_ptr + tile * 3 + 1)
     rows = first + tl.arange(0, BLOCK_M)
-    ranks = r0 + tl.arange(0, BLOCK_R)
-    a_row = (kr // RANK_BLOCKS) * max_rank + ranks  # row of A = column of v
+    in_page = tl.arange(0, BLOCK_R)
+    ranks = r0 + in_page
+    a_row = k * BLOCK_R + in_page  # the page's rows of slice k
     row_ok = (rows < end)[:, None]
     rank_ok = ranks < rank
     d_start = tl.program_id(2).to(tl.int64) * split_columns
     d_end = tl.minimum(d_start + split_columns, d_in)
     d = tl.arange(0, BLOCK_K)
     x_at = x_ptr + rows[:, None] * stride_xt + (d_start + d)[None, :] * stride_xd
-    a_at = a_ptr + slot * stride_as + a_row[:, None] * stride_ar + (d_start + d)[None, :] * stride_ad
+    a_at = a_ptr + page * stride_ap + a_row[:, None] * stride_ar + (d_start + d)[None, :] * stride_ad
     acc = tl.full((BLOCK_M, BLOCK_R), 0, dtype=ACC)
     for d0 in range(d_start, d_end, BLOCK_K):
         d_ok = (d < d_end - d0)[None, :]
@@ -98,19 +103,19 @@ def _shrink_kernel(
         acc = tl.dot(xt, tl.trans(at), acc, input_precision=PRECISION)
         x_at += BLOCK_K * stride_xd
         a_at += BLOCK_K * stride_ad
-    v_at = v_ptr + tl.program_id(2) * stride_vs + rows[:, None] * stride_vt + a_row[None, :]
+    v_at = v_ptr + tl.program_id(2) * stride_vs + rows[:, None] * stride_vt + (k * max_rank + ranks)[None, :]
     tl.store(v_at, acc, mask=row_ok & rank_ok[None, :])
 
 
 @triton.jit
 def _expand_kernel(
-    v_ptr, b_ptr, y_ptr, tiles_ptr, ranks_ptr, slices_ptr,
+    v_ptr, b_ptr, y_ptr, tiles_ptr, ranks_ptr, pages_ptr, slices_ptr,
     max_rank,
-    stride_vs, stride_vt, stride_bs, stride_bn, stride_br, stride_yt, stride_yn,
+    stride_vs, stride_vt, stride_bp, stride_br, stride_bn, stride_pt, stride_yt, stride_yn,
     NUM_SLICES: tl.constexpr, SPLITS: tl.constexpr, ACC: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    """y[rows, cols] += v[rows, k*R : k*R + rank] @ B[slot, cols, :rank]^T for one block of slice k."""
+    """y[rows, cols] += v[rows, k*R : k*R + rank] @ (the slot's B pages)[:rank, cols] for one block of slice k."""
     tile = tl.program_id(1)
     slot = tl.load(tiles_ptr + tile * 3 + 2).to(tl.int64)
     if slot < 0:
@@ -135,17 +140,19 @@ def _expand_kernel(
     col_ok = cols < col_end
     ranks = tl.arange(0, BLOCK_R)
     v_at = v_ptr + rows[:, None] * stride_vt + (k * max_rank + ranks)[None, :]
-    b_at = b_ptr + slot * stride_bs + cols[:, None] * stride_bn + ranks[None, :] * stride_br
+    b_in_page = ranks[:, None] * stride_br + cols[None, :] * stride_bn
+    page_at = pages_ptr + slot * stride_pt
     acc = tl.full((BLOCK_M, BLOCK_N), 0, dtype=ACC)
-    for r0 in range(0, rank, BLOCK_R):  # rank-aware: only the adapter's own rank blocks
-        rank_ok = (ranks < rank - r0)[None, :]
-        vt = tl.load(v_at, mask=row_ok & rank_ok, other=0.0)
+    for r0 in range(0, rank, BLOCK_R):  # rank-aware: only the adapter's own pages
+        rank_ok = ranks < rank - r0
+        vt = tl.load(v_at, mask=row_ok & rank_ok[None, :], other=0.0)
         for s in tl.static_range(1, SPLITS):  # add the shrink's other d_in partials
-            vt += tl.load(v_at + s * stride_vs, mask=row_ok & rank_ok, other=0.0)
-        bt = tl.load(b_at, mask=col_ok[:, None] & rank_ok, other=0.0)
-        acc = tl.dot(vt.to(ACC), tl.trans(bt.to(ACC)), acc, input_precision=PRECISION)
+            vt += tl.load(v_at + s * stride_vs, mask=row_ok & rank_ok[None, :], other=0.0)
+        page = tl.load(page_at).to(tl.int64)
+        bt = tl.load(b_ptr + page * stride_bp + b_in_page, mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(vt.to(ACC), bt.to(ACC), acc, input_precision=PRECISION)
         v_at += BLOCK_R
-        b_at += BLOCK_R * stride_br
+        page_at += 1
     y_at = y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yn
     mask = row_ok & col_ok[None, :]
     y = tl.load(y_at, mask=mask, other=0.0)
@@ -158,7 +165,7 @@ INTERPRETED = type(_shrink_kernel).__name__ == "InterpretedFunction"
 
 # Block sizes: starting points for a GPU, to be tuned with benchmarks/lora_kernels.py. The interpreter's cost
 # is per operation, not per element, so it runs fewer, larger blocks (tests shrink them to reach every edge).
-BLOCK_R = 16  # rank rows per block: the granularity of rank-aware work (and the smallest dot dimension)
+BLOCK_R = PAGE_RANK  # rank rows per block: one page, the granularity of rank-aware work
 BLOCK_K = 256 if INTERPRETED else 64  # d_in columns per shrink step
 BLOCK_N = 256 if INTERPRETED else 64  # output columns per expand program
 
@@ -210,36 +217,19 @@ def _slice_table(widths: tuple[int, ...], block_n: int, device: torch.device) ->
     return torch.tensor(offsets + blocks, dtype=torch.int32, device=device)
 
 
-@functools.cache
-def _full_ranks(num_slots: int, max_rank: int, device: torch.device) -> torch.Tensor:
-    return torch.full((num_slots,), max_rank, dtype=torch.int32, device=device)
-
-
-def _ranks(slot_ranks: torch.Tensor | None, lora: torch.Tensor, max_rank: int) -> torch.Tensor:
-    """Each slot's rank; without the pool's ranks every slot is assumed to use the full max rank."""
-    return slot_ranks if slot_ranks is not None else _full_ranks(lora.shape[0], max_rank, lora.device)
-
-
-def _launch_shrink(
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    batch: LoRABatch,
-    num_slices: int,
-    slot_ranks: torch.Tensor | None,
-    v: torch.Tensor,
-) -> None:
+def _launch_shrink(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, table: PageTable, v: torch.Tensor) -> None:
     """Write v [splits, T, K*R] (partials over d_in) for the rows of every tile and the slot's ranks."""
     splits = v.shape[0]
     d_in = x.shape[1]
-    max_rank = lora_a.shape[1] // num_slices
-    rank_blocks = triton.cdiv(max_rank, BLOCK_R)
+    num_slices = lora_a.shape[1] // PAGE_RANK
+    rank_blocks = table.pages.shape[1]
     split_columns = triton.cdiv(triton.cdiv(d_in, splits), BLOCK_K) * BLOCK_K
-    ranks = _ranks(slot_ranks, lora_a, max_rank)
     grid = (num_slices * rank_blocks, batch.tiles.shape[0], splits)
     _shrink_kernel[grid](
-        x, lora_a, v, batch.tiles, ranks,
-        d_in, max_rank, split_columns,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), v.stride(0), v.stride(1),
+        x, lora_a, v, batch.tiles, table.ranks, table.pages,
+        d_in, table.max_rank, split_columns,
+        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), table.pages.stride(0),
+        v.stride(0), v.stride(1),
         RANK_BLOCKS=rank_blocks, ACC=_ACC[x.dtype], PRECISION=_precision(x.dtype, False),
         UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
         BLOCK_M=batch.tile_rows, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
@@ -252,43 +242,44 @@ def _launch_expand(
     lora_b: torch.Tensor,
     batch: LoRABatch,
     slice_widths: tuple[int, ...],
-    slot_ranks: torch.Tensor | None,
+    table: PageTable,
 ) -> None:
     """y += sum over splits of v [splits, T, K*R], expanded through B, for the rows of every tile."""
     slices = _slice_table(tuple(slice_widths), BLOCK_N, y.device)
     column_blocks = sum(triton.cdiv(w, BLOCK_N) for w in slice_widths)
-    ranks = _ranks(slot_ranks, lora_b, lora_b.shape[2])
     grid = (column_blocks, batch.tiles.shape[0])
     _expand_kernel[grid](
-        v, lora_b, y, batch.tiles, ranks, slices,
-        lora_b.shape[2],
-        v.stride(0), v.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0), y.stride(1),
+        v, lora_b, y, batch.tiles, table.ranks, table.pages, slices,
+        table.max_rank,
+        v.stride(0), v.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), table.pages.stride(0),
+        y.stride(0), y.stride(1),
         NUM_SLICES=len(slice_widths), SPLITS=v.shape[0], ACC=_ACC[y.dtype],
         PRECISION=_precision(y.dtype, True), BLOCK_M=batch.tile_rows, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
     )
 
 
-def _check(x: torch.Tensor, lora_a: torch.Tensor, num_slices: int) -> None:
+def _check(x: torch.Tensor, lora_a: torch.Tensor) -> None:
     _check_device(x)
     if x.dtype not in _ACC:
         raise TypeError(f"LoRA kernels take float16, bfloat16, float32 or float64, not {x.dtype}")
-    if lora_a.shape[1] % num_slices:
-        raise ValueError(f"A has {lora_a.shape[1]} rank rows, not a multiple of {num_slices} slices")
+    if lora_a.shape[1] % PAGE_RANK:
+        raise ValueError(f"A pages have {lora_a.shape[1]} rows, not a multiple of the page rank {PAGE_RANK}")
+
+
+def _v_buffer(x: torch.Tensor, lora_a: torch.Tensor, table: PageTable, splits: int, zeroed: bool) -> torch.Tensor:
+    shape = (splits, x.shape[0], lora_a.shape[1] // PAGE_RANK * table.max_rank)
+    make = torch.zeros if zeroed else torch.empty
+    return make(shape, dtype=_ACC_TORCH[_ACC[x.dtype]], device=x.device)
 
 
 def shrink(
-    x: torch.Tensor,
-    lora_a: torch.Tensor,
-    batch: LoRABatch,
-    num_slices: int,
-    slot_ranks: torch.Tensor | None = None,
-    splits: int = 1,
+    x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, table: PageTable, splits: int = 1
 ) -> torch.Tensor:
     """v = x @ A[slot]^T as `reference.shrink` (zero rows for slot -1, zeros past each slot's rank)."""
-    _check(x, lora_a, num_slices)
-    v = torch.zeros(splits, x.shape[0], lora_a.shape[1], dtype=_ACC_TORCH[_ACC[x.dtype]], device=x.device)
+    _check(x, lora_a)
+    v = _v_buffer(x, lora_a, table, splits, zeroed=True)
     if batch.has_lora and x.shape[0]:
-        _launch_shrink(x, lora_a, batch, num_slices, slot_ranks, v)
+        _launch_shrink(x, lora_a, batch, table, v)
     return v.sum(0) if splits > 1 else v[0]
 
 
@@ -298,12 +289,12 @@ def expand(
     lora_b: torch.Tensor,
     batch: LoRABatch,
     slice_widths: tuple[int, ...],
-    slot_ranks: torch.Tensor | None = None,
+    table: PageTable,
 ) -> None:
     """y[:, slice k] += v[:, rank block k] @ B_k[slot]^T in place, as `reference.expand`."""
     _check_device(y)
     if batch.has_lora and y.shape[0]:
-        _launch_expand(y, v.contiguous().unsqueeze(0), lora_b, batch, slice_widths, slot_ranks)
+        _launch_expand(y, v.contiguous().unsqueeze(0), lora_b, batch, slice_widths, table)
 
 
 def add_lora(
@@ -313,17 +304,18 @@ def add_lora(
     lora_b: torch.Tensor,
     batch: LoRABatch,
     slice_widths: tuple[int, ...],
-    slot_ranks: torch.Tensor | None = None,
+    table: PageTable,
     splits: int | None = None,
 ) -> None:
     """y += the per-token LoRA delta: one shrink launch and one multi-slice expand launch."""
     if not batch.has_lora or x.shape[0] == 0:
         return
-    num_slices = len(slice_widths)
-    _check(x, lora_a, num_slices)
+    _check(x, lora_a)
+    if lora_a.shape[1] != len(slice_widths) * PAGE_RANK:
+        raise ValueError(f"A pages hold {lora_a.shape[1] // PAGE_RANK} slices, not {len(slice_widths)}")
     if splits is None:
-        splits = default_splits(batch.tiles.shape[0], num_slices, x.shape[1], x.device)
+        splits = default_splits(batch.tiles.shape[0], len(slice_widths), x.shape[1], x.device)
     # Uninitialised on purpose: the expand reads only what the shrink wrote (tile rows, ranks < slot rank).
-    v = torch.empty(splits, x.shape[0], lora_a.shape[1], dtype=_ACC_TORCH[_ACC[x.dtype]], device=x.device)
-    _launch_shrink(x, lora_a, batch, num_slices, slot_ranks, v)
-    _launch_expand(y, v, lora_b, batch, slice_widths, slot_ranks)
+    v = _v_buffer(x, lora_a, table, splits, zeroed=False)
+    _launch_shrink(x, lora_a, batch, table, v)
+    _launch_expand(y, v, lora_b, batch, slice_widths, table)

@@ -1,49 +1,72 @@
-"""The device-side adapter slots: which adapter sits in which slot, LRU eviction, pins.
+"""The device tier of adapters: slots (rows of the page table), the pages they occupy, LRU eviction, pins.
 
-An adapter is written into a slot of every `LoRALinear` at once: its A rows zero-padded to the pool's max
-rank and its B with the LoRA scale folded in, so the kernels do no scaling. A slot is pinned while any
-scheduled sequence uses it and is never evicted then.
+An adapter of rank r is written into `pages_for_rank(r)` pages of every `LoRALinear` at once (`kernels.paging`
+has the layout), with the LoRA scale folded into B so the kernels do no scaling. The tier has two limits:
+`num_slots`, the distinct adapters resident at once, and pages, the device bytes (`max_bytes`, by default
+enough for every slot to hold a max-rank adapter). Both are spent by rank, so a byte budget that fits 8
+rank-64 adapters fits 32 rank-16 ones. A slot is pinned while any scheduled sequence uses it and is never
+evicted then.
 
 Slots are keyed by an opaque, identity-hashed key (the engine uses the adapter *version*), so a replaced
 adapter never aliases the slot of its previous version, and a retired version can be discarded at once.
+
+On CUDA the weights are copied on a side stream from pinned host memory: a copy issued while a step runs
+(`prefetch`) overlaps that step, and the compute stream waits for the copies before the next step reads them.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 
 import torch
 
 from adapters_store import LoraAdapter
+from kernels import PageTable
+from kernels.paging import SliceWeights, pages_for_rank
 from server.lora_linear import LoRALinear
 from server.model import Transformer
 
 
 class AdapterSlotPool:
-    def __init__(self, model: Transformer, num_slots: int, max_rank: int):
+    def __init__(self, model: Transformer, num_slots: int, max_rank: int, max_bytes: int | None = None):
         self.num_slots = num_slots
         self.max_rank = max_rank
         self._layers: list[tuple[int, LoRALinear]] = [
             (i, module) for i, block in enumerate(model.layers) for module in block.modules()
             if isinstance(module, LoRALinear)
         ]
+        self.page_bytes = sum(module.page_bytes for _, module in self._layers)
+        max_pages_per_adapter = pages_for_rank(max_rank)
+        self.num_pages = num_slots * max_pages_per_adapter if max_bytes is None else max_bytes // self.page_bytes
+        if self.num_pages < max_pages_per_adapter:
+            raise ValueError(
+                f"--max-gpu-adapter-bytes {max_bytes} holds {self.num_pages} pages of {self.page_bytes} bytes, but "
+                f"one adapter of --max-lora-rank {max_rank} needs {max_pages_per_adapter}"
+            )
         for _, module in self._layers:
-            module.allocate_slots(num_slots, max_rank)
-        # Each slot's adapter rank (0: empty), read by the kernels through the model's LoRA context so that a
-        # low-rank adapter costs low-rank work. Updated in place: a captured step would see new values.
-        self.slot_ranks = torch.zeros(num_slots, dtype=torch.int32, device=model.output.weight.device)
-        model.lora.slot_ranks = self.slot_ranks
+            module.allocate_pages(1 + self.num_pages)  # + the zero page
+        self.device = model.output.weight.device
+        self.table = PageTable.empty(num_slots, max_rank, self.device)
+        model.lora.table = self.table
+        self._free_pages = list(range(self.num_pages, 0, -1))  # pop() hands out low page numbers first
+        self._slot_pages: list[list[int]] = [[] for _ in range(num_slots)]
         self._keys: list[Hashable | None] = [None] * num_slots
-        self._bytes = [0] * num_slots  # the resident adapter's own (unpadded) weight bytes
         self._pins = [0] * num_slots
         self._lru: OrderedDict[Hashable, int] = OrderedDict()  # key -> slot, least recently used first
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.loads = 0
         self.evictions = 0
 
     @property
+    def capacity_bytes(self) -> int:
+        return self.num_pages * self.page_bytes
+
+    @property
     def resident_bytes(self) -> int:
-        return sum(self._bytes)
+        """Device bytes the resident adapters occupy: whole pages, so a rank-8 adapter counts a 16-rank page."""
+        return (self.num_pages - len(self._free_pages)) * self.page_bytes
 
     @property
     def resident_count(self) -> int:
@@ -55,22 +78,36 @@ class AdapterSlotPool:
     def acquire(self, key: Hashable, adapter: LoraAdapter | None) -> int | None:
         """Pin `key` in a slot, writing `adapter` there if it is not resident yet.
 
-        Returns None when every slot is pinned by others. `adapter` may be None only when the key is
-        resident (the caller checks with `slot_of`)."""
+        Returns None when the slots or pages it needs are all held by pinned adapters. `adapter` may be None
+        only when the key is resident (the caller checks with `slot_of`)."""
         slot = self._lru.get(key)
         if slot is None:
             if adapter is None:
                 raise ValueError("adapter weights are needed to load a slot")
-            slot = self._free_slot()
+            rank = self._rank_of(adapter)
+            slot = self._make_room(pages_for_rank(rank))
             if slot is None:
                 return None
-            self._load(slot, key, adapter)
+            self._load(slot, key, adapter, rank)
         self._lru.move_to_end(key)
         self._pins[slot] += 1
         return slot
 
+    def prefetch(self, key: Hashable, adapter: LoraAdapter) -> bool:
+        """Load `key` ahead of need into free space only (evicting nothing); True if it is resident now.
+
+        Called while a step runs, so on CUDA the copy overlaps that step. Not pinned, not counted as used."""
+        if key in self._lru:
+            return True
+        rank = self._rank_of(adapter)
+        if None not in self._keys or len(self._free_pages) < pages_for_rank(rank):
+            return False
+        self._load(self._keys.index(None), key, adapter, rank)
+        self._lru.move_to_end(key, last=False)  # not used yet: first to go if space is needed
+        return True
+
     def discard(self, key: Hashable) -> None:
-        """Free `key`'s slot now (a deleted or replaced version); it must not be pinned."""
+        """Free `key`'s slot and pages now (a deleted or replaced version); it must not be pinned."""
         slot = self._lru.pop(key, None)
         if slot is None:
             return
@@ -84,44 +121,70 @@ class AdapterSlotPool:
     def pinned(self, slot: int) -> int:
         return self._pins[slot]
 
-    def _free_slot(self) -> int | None:
-        if None in self._keys:
-            return self._keys.index(None)
+    def _rank_of(self, adapter: LoraAdapter) -> int:
+        """The rank rows actually written (the max over modules): the kernels skip every row past it."""
+        rank = max((w.a.shape[0] for w in adapter.weights.values()), default=0)
+        if max(rank, adapter.rank) > self.max_rank:
+            raise ValueError(f"adapter {adapter.adapter_id!r} has rank {max(rank, adapter.rank)} > max rank "
+                             f"{self.max_rank}")
+        return rank
+
+    def _make_room(self, pages_needed: int) -> int | None:
+        """A free slot with `pages_needed` free pages, evicting least recently used unpinned adapters; None
+        (evicting nothing) when even evicting every unpinned one would not make enough room."""
+        free_pages = len(self._free_pages)
+        has_slot = None in self._keys
+        victims: list[Hashable] = []
         for key, slot in self._lru.items():  # least recently used first
+            if free_pages >= pages_needed and has_slot:
+                break
             if self._pins[slot] == 0:
-                del self._lru[key]
-                self._clear(slot)
-                self.evictions += 1
-                return slot
-        return None
+                victims.append(key)
+                free_pages += len(self._slot_pages[slot])
+                has_slot = True
+        if free_pages < pages_needed or not has_slot:
+            return None
+        for key in victims:
+            self._clear(self._lru.pop(key))
+            self.evictions += 1
+        return self._keys.index(None)
 
     def _clear(self, slot: int) -> None:
-        for _, module in self._layers:
-            module.clear_slot(slot)
+        self._free_pages.extend(reversed(self._slot_pages[slot]))
+        self._slot_pages[slot] = []
         self._keys[slot] = None
-        self._bytes[slot] = 0
-        self.slot_ranks[slot] = 0
+        self.table.clear(slot)
 
-    def _load(self, slot: int, key: Hashable, adapter: LoraAdapter) -> None:
-        if adapter.rank > self.max_rank:
-            raise ValueError(f"adapter {adapter.adapter_id!r} has rank {adapter.rank} > max rank {self.max_rank}")
-        # The rank rows actually written (the max over modules): the kernels skip every row past it.
-        rank = max((w.a.shape[0] for w in adapter.weights.values()), default=0)
-        if rank > self.max_rank:
-            raise ValueError(f"adapter {adapter.adapter_id!r} has a module of rank {rank} > max rank {self.max_rank}")
-        for layer_index, module in self._layers:
-            dtype, device = module.weight.dtype, module.weight.device
-            slices: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-            for name in module.slice_names:
-                weight = adapter.weights.get((layer_index, name))
-                if weight is None:
-                    slices.append(None)
-                else:
-                    b = weight.b * weight.scale  # folded in fp32, then cast once
-                    slices.append((weight.a.to(device, dtype, non_blocking=True), b.to(device, dtype)))
-            module.set_slot(slot, slices)
+    def _load(self, slot: int, key: Hashable, adapter: LoraAdapter, rank: int) -> None:
+        pages = [self._free_pages.pop() for _ in range(pages_for_rank(rank))]
+        with self._copying():
+            index = torch.tensor(pages, dtype=torch.int64).to(self.device, non_blocking=True)
+            for layer_index, module in self._layers:
+                slices: list[SliceWeights] = []
+                for name in module.slice_names:
+                    weight = adapter.weights.get((layer_index, name))
+                    # The scale is folded in fp32 before `pack` casts to the layer's dtype once.
+                    slices.append(None if weight is None else (weight.a, weight.b * weight.scale))
+                packed = module.pack(slices, len(pages))
+                if self._copy_stream is not None:
+                    packed = (packed[0].pin_memory(), packed[1].pin_memory())  # so the copy is asynchronous
+                module.write_pages(index, packed)
+            self.table.assign(slot, rank, pages)
+        self._slot_pages[slot] = pages
         self._keys[slot] = key
-        self._bytes[slot] = adapter.num_bytes
-        self.slot_ranks[slot] = rank
         self._lru[key] = slot
         self.loads += 1
+
+    @contextmanager
+    def _copying(self) -> Iterator[None]:
+        """Device copies on the side stream (CUDA), ordered before everything the compute stream does next.
+
+        The copies need not wait for queued compute: a page is free only once its adapter is unpinned, which
+        happens after the step that used it finished on the device (the engine reads each step's sampled
+        tokens back before it plans the next), and a step in flight pins every adapter it reads."""
+        if self._copy_stream is None:
+            yield
+            return
+        with torch.cuda.stream(self._copy_stream):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)

@@ -22,7 +22,11 @@ class Settings(BaseModel):
     served_model_name: str | None = Field(None, description="name of the base model in the API")
     max_model_len: int | None = Field(None, gt=0, description="longest prompt + output in tokens")
     max_gpu_adapters: int = Field(8, gt=0, description="adapter slots on the device")
-    max_lora_rank: int = Field(64, gt=0, description="largest adapter rank served; smaller ranks are padded")
+    max_lora_rank: int = Field(64, gt=0, description="largest adapter rank served")
+    max_gpu_adapter_bytes: int | None = Field(
+        None, gt=0, description="device memory for adapter weights, spent by rank in pages of 16 ranks; default "
+        "fits --max-gpu-adapters adapters of --max-lora-rank"
+    )
     store: Path | None = Field(
         None, description="adapter store directory; none keeps uploads in a temporary directory for this run"
     )

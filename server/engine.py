@@ -53,6 +53,7 @@ class EngineConfig:
     max_lora_rank: int
     max_num_seqs: int
     max_num_batched_tokens: int
+    max_gpu_adapter_bytes: int | None = None  # None: every slot can hold a max-rank adapter
 
 
 class RequestStream:
@@ -121,7 +122,8 @@ class Engine:
             args.n_layers, config.num_kv_blocks * config.block_size, args.n_kv_heads, args.head_dim, dtype, device
         )
         self.allocator = BlockAllocator(config.num_kv_blocks, config.block_size)
-        self.pool = AdapterSlotPool(model, config.max_gpu_adapters, config.max_lora_rank)
+        self.pool = AdapterSlotPool(model, config.max_gpu_adapters, config.max_lora_rank,
+                                    config.max_gpu_adapter_bytes)
         self.metrics = metrics if metrics is not None else Metrics()
         self.scheduler = Scheduler(
             self.allocator, self.pool, registry, config.max_num_seqs, config.max_num_batched_tokens,

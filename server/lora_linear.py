@@ -1,8 +1,8 @@
 """A linear layer that adds each token's own LoRA delta, without knowing about tenants.
 
-Following vLLM's layering: the layer holds the base weight plus one buffer of A and one of B with a row
-block per adapter *slot*; the slot pool writes adapters into slots (`set_slot` / `clear_slot`); the
-engine publishes the step's token -> slot metadata once in the shared `LoRAContext`; `forward` does the
+Following vLLM's layering: the layer holds the base weight plus one paged buffer of A and one of B
+(`kernels.paging`); the slot pool writes an adapter into pages (`write_pages`) and keeps the page table;
+the engine publishes the step's token -> slot metadata once in the shared `LoRAContext`; `forward` does the
 base GEMM and then one shrink + one expand over all fused output slices.
 """
 
@@ -12,28 +12,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import LoRABatch, add_lora
+from kernels import LoRABatch, PageTable, add_lora
+from kernels.paging import SliceWeights, allocate_buffers, pack_pages, page_bytes
 
 
 class LoRAContext:
     """The current step's LoRA metadata, shared by every LoRA layer of one model.
 
     `backend` is resolved once when the engine is built ("torch" or "triton"; "auto" decides per call);
-    `slot_ranks` [num_slots] int32 on the model's device is each slot's adapter rank, kept by the slot pool,
-    so the Triton kernels do rank-r work for a rank-r adapter in a pool of a larger max rank.
+    `table` holds each slot's pages and rank, kept by the slot pool.
     """
 
     def __init__(self) -> None:
         self.batch: LoRABatch | None = None
         self.backend: str = "auto"
-        self.slot_ranks: torch.Tensor | None = None
+        self.table: PageTable | None = None
 
 
 class LoRALinear(nn.Module):
     """y = x W^T (+ b), W fused from several projections (e.g. q|k|v), plus per-token LoRA.
 
     `slice_names` are the projections fused in W (PEFT's module names), `slice_widths` their output
-    widths; an adapter that targets only some of them has zeros in the others' slot rows.
+    widths; an adapter that targets only some of them has zeros in the others' rows of its pages.
     """
 
     def __init__(
@@ -51,39 +51,35 @@ class LoRALinear(nn.Module):
         self.context = context
         self.weight = nn.Parameter(torch.empty(sum(slice_widths), d_in), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(sum(slice_widths)), requires_grad=False) if bias else None
-        self.lora_a: torch.Tensor | None = None  # [slots, K * R, d_in]
-        self.lora_b: torch.Tensor | None = None  # [slots, sum(widths), R]
+        self.lora_a: torch.Tensor | None = None  # [pages, K * PAGE_RANK, d_in]
+        self.lora_b: torch.Tensor | None = None  # [pages, PAGE_RANK, sum(widths)]
 
-    def allocate_slots(self, num_slots: int, max_rank: int) -> None:
-        """Reserve zeroed A/B buffers for `num_slots` adapters of rank up to `max_rank`."""
-        k = len(self.slice_widths)
-        w = self.weight
-        self.lora_a = torch.zeros(num_slots, k * max_rank, self.d_in, dtype=w.dtype, device=w.device)
-        self.lora_b = torch.zeros(num_slots, sum(self.slice_widths), max_rank, dtype=w.dtype, device=w.device)
+    @property
+    def page_bytes(self) -> int:
+        return page_bytes(self.d_in, self.slice_widths, self.weight.dtype)
 
-    def set_slot(self, slot: int, slices: list[tuple[torch.Tensor, torch.Tensor] | None]) -> None:
-        """Write one adapter into `slot`: per fused slice (A [r, d_in], B*scale [d_out, r]) or None."""
-        assert self.lora_a is not None and self.lora_b is not None, "allocate_slots first"
-        max_rank = self.lora_b.shape[2]
-        self.clear_slot(slot)
-        offset = 0
-        for k, (width, pair) in enumerate(zip(self.slice_widths, slices, strict=True)):
-            if pair is not None:
-                a, b = pair
-                rank = a.shape[0]
-                self.lora_a[slot, k * max_rank : k * max_rank + rank].copy_(a)
-                self.lora_b[slot, offset : offset + width, :rank].copy_(b)
-            offset += width
+    def allocate_pages(self, num_pages: int) -> None:
+        """Reserve zeroed A/B buffers of `num_pages` pages (page 0, the zero page, included)."""
+        self.lora_a, self.lora_b = allocate_buffers(
+            num_pages, self.d_in, self.slice_widths, self.weight.dtype, self.weight.device
+        )
 
-    def clear_slot(self, slot: int) -> None:
-        assert self.lora_a is not None and self.lora_b is not None
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+    def pack(self, slices: list[SliceWeights], num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One adapter's weights for this layer as `num_pages` pages, in host memory, ready to copy."""
+        return pack_pages(slices, self.d_in, self.slice_widths, num_pages, self.weight.dtype)
+
+    def write_pages(self, pages: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor]) -> None:
+        """Copy `pack`'s output into `pages` (int64 indices on this layer's device)."""
+        assert self.lora_a is not None and self.lora_b is not None, "allocate_pages first"
+        a_pages, b_pages = packed
+        device = self.lora_a.device
+        self.lora_a.index_copy_(0, pages, a_pages.to(device, non_blocking=True))
+        self.lora_b.index_copy_(0, pages, b_pages.to(device, non_blocking=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         batch = self.context.batch
         if batch is not None and self.lora_a is not None:
-            add_lora(y, x, self.lora_a, self.lora_b, batch, self.slice_widths, self.context.slot_ranks,
-                     self.context.backend)
+            assert self.context.table is not None, "the slot pool publishes the page table"
+            add_lora(y, x, self.lora_a, self.lora_b, batch, self.slice_widths, self.context.table, self.context.backend)
         return y

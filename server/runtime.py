@@ -13,6 +13,7 @@ import torch
 
 from adapters_store import AdapterStore, BaseModelShape
 from kernels import resolve_backend
+from kernels.paging import PAGE_RANK, pages_for_rank
 from server.adapter_registry import AdapterRegistry
 from server.checkpoint import load_weights, read_config
 from server.config import Settings
@@ -72,10 +73,14 @@ def max_model_len(settings: Settings, args: ModelArgs) -> int:
     return settings.max_model_len or args.max_position_embeddings
 
 
-def lora_pool_bytes(args: ModelArgs, num_slots: int, max_rank: int, dtype: torch.dtype) -> int:
-    """Device bytes of the adapter slot pool: A [r, d_in] and B [d_out, r] per module, layer and slot."""
-    per_layer = sum(d_in + d_out for d_in, d_out in args.lora_module_dims.values()) * max_rank
-    return per_layer * args.n_layers * num_slots * torch.finfo(dtype).bits // 8
+def lora_pool_bytes(settings: Settings, args: ModelArgs, dtype: torch.dtype) -> int:
+    """Device bytes of the adapter pages: the budget, or enough for every slot to hold a max-rank adapter."""
+    if settings.max_gpu_adapter_bytes is not None:
+        return settings.max_gpu_adapter_bytes
+    # A rank row of every module in every layer: A's row [d_in] plus B's column [d_out].
+    rank_row = sum(d_in + d_out for d_in, d_out in args.lora_module_dims.values()) * args.n_layers
+    pages = settings.max_gpu_adapters * pages_for_rank(settings.max_lora_rank)
+    return pages * PAGE_RANK * rank_row * torch.finfo(dtype).bits // 8
 
 
 def kv_cache_blocks(settings: Settings, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> int:
@@ -84,7 +89,7 @@ def kv_cache_blocks(settings: Settings, args: ModelArgs, device: torch.device, d
         tokens = settings.kv_cache_tokens
     elif device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        slot_pool = lora_pool_bytes(args, settings.max_gpu_adapters, settings.max_lora_rank, dtype)
+        slot_pool = lora_pool_bytes(settings, args, dtype)
         budget = total * settings.gpu_memory_utilization - (total - free) - slot_pool - ACTIVATION_HEADROOM_BYTES
         tokens = int(budget // bytes_per_token)
     else:
@@ -127,6 +132,7 @@ def build_engine(settings: Settings) -> Engine:
         block_size=settings.block_size,
         max_gpu_adapters=settings.max_gpu_adapters,
         max_lora_rank=settings.max_lora_rank,
+        max_gpu_adapter_bytes=settings.max_gpu_adapter_bytes,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
     )

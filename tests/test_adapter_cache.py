@@ -76,3 +76,34 @@ def test_host_budget_evicts_and_reloads_from_disk(engines):
     assert registry.stats.loads_from_disk > 0 and registry.stats.host_evictions > 0
     assert registry.version("t0").weights is not None  # pinned: never dropped from host memory
     assert_idle(tight)
+
+
+def test_device_byte_budget_with_mixed_ranks_gives_the_alone_outputs(tmp_path: Path):
+    """Adapters of ranks 4 to 64 through a device budget of five 16-rank pages (one rank-64 adapter and one
+    more page): the pool evicts by pages, never exceeds the budget, and every output is the one alone."""
+    ranks = [4, 64, 16, 48, 8, 32]
+    settings = ENGINE_SETTINGS | {"max_lora_rank": 64, "max_gpu_adapters": len(ranks)}
+
+    def start(store: Path, **extra: Any) -> Engine:
+        engine = build_engine(Settings(**(settings | {"store": store} | extra)))
+        for i, rank in enumerate(ranks):
+            engine.registry.add(make_adapter(f"m{i}", engine.model.args, rank, 2.0 * rank, TARGET_MODULES,
+                                             seed=200 + i))
+        engine.start()
+        return engine
+
+    requests = [greedy(prompt(7 * i + r, 5 + i), 5, f"m{i}") for r in range(2) for i in range(len(ranks))]
+    roomy = start(tmp_path / "roomy")
+    try:
+        alone = [generate(roomy, [r])[0] for r in requests]
+        page_bytes = roomy.pool.page_bytes
+    finally:
+        roomy.shutdown()
+    tight = start(tmp_path / "tight", max_gpu_adapter_bytes=5 * page_bytes)
+    try:
+        assert tight.pool.capacity_bytes == 5 * page_bytes
+        assert generate(tight, requests) == alone
+        assert tight.pool.evictions > 0 and tight.pool.resident_bytes <= tight.pool.capacity_bytes
+        assert_idle(tight)
+    finally:
+        tight.shutdown()

@@ -3,7 +3,8 @@
 The naive loop is the Punica contract written as plainly as possible, on the *unpadded* per-slot,
 per-slice A and B: for every token t with slot s >= 0 and every fused slice k,
     y[t, slice k] += (x[t] @ A_k[s].T) @ B_k[s].T
-so it also checks that zero-padding lower ranks up to the pool's max rank changes nothing.
+so it also checks the paged layout: each case scatters its slots' pages over the buffers in a random order,
+with spare pages left free, and lower ranks leave zeros in a page.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernels import LoRABatch, add_lora, reference
+from kernels import LoRABatch, PageTable, add_lora, reference
+from kernels.paging import ZERO_PAGE, allocate_buffers, pack_pages, pages_for_rank
 
 # float64 is held to float64 accuracy (the reference accumulates in the wider of the input dtype and fp32);
 # the others to their own rounding. Any indexing or slicing mistake shows up as an O(1) error.
@@ -34,8 +36,9 @@ class LoraCase:
 
     x: torch.Tensor  # [T, d_in]
     y: torch.Tensor  # [T, sum(widths)], the base output before LoRA
-    lora_a: torch.Tensor  # [S, K * R, d_in]
-    lora_b: torch.Tensor  # [S, sum(widths), R]
+    lora_a: torch.Tensor  # [pages, K * PAGE_RANK, d_in]
+    lora_b: torch.Tensor  # [pages, PAGE_RANK, sum(widths)]
+    table: PageTable
     token_slots: list[int]
     widths: tuple[int, ...]
     a: list[list[torch.Tensor | None]]  # a[s][k]: [rank, d_in] float64, None where slot s skips slice k
@@ -44,6 +47,9 @@ class LoraCase:
     @property
     def batch(self) -> LoRABatch:
         return LoRABatch.from_token_slots(self.token_slots, device=self.x.device)
+
+    def pages_of(self, slot: int) -> list[int]:
+        return [p for p in self.table.pages[slot].tolist() if p != ZERO_PAGE]
 
 
 def make_case(
@@ -57,11 +63,11 @@ def make_case(
     dtype: torch.dtype = torch.float64,
     device: str = "cpu",
 ) -> LoraCase:
-    """Random x, y and per-slot A/B packed as the slot pool packs them (A rows and B columns zero-padded).
+    """Random x, y and per-slot A/B in paged buffers, as the slot pool lays them out.
 
     `ranks[s][k]` is the rank of slot s's adapter on slice k (0: the adapter does not target that slice);
-    by default every slot uses `max_rank` on every slice. Values are scaled so that x, y and every delta
-    are O(1).
+    by default every slot uses `max_rank` on every slice. Slot s takes pages for its largest rank, drawn in a
+    random order from buffers with two spare pages. Values are scaled so that x, y and every delta are O(1).
     """
     ranks = ranks if ranks is not None else [[max_rank] * len(widths) for _ in range(num_slots)]
 
@@ -70,32 +76,30 @@ def make_case(
         return (torch.randn(shape, generator=gen, dtype=torch.float64) * std).to(dtype).to(torch.float64)
 
     t = len(token_slots)
-    lora_a = torch.zeros(num_slots, len(widths) * max_rank, d_in, dtype=torch.float64)
-    lora_b = torch.zeros(num_slots, sum(widths), max_rank, dtype=torch.float64)
+    pages_needed = [pages_for_rank(max(slot_ranks, default=0)) for slot_ranks in ranks]
+    num_pages = 1 + sum(pages_needed) + 2
+    order = (1 + torch.randperm(num_pages - 1, generator=gen)).tolist()
+    lora_a, lora_b = allocate_buffers(num_pages, d_in, tuple(widths), torch.float64, "cpu")
+    table = PageTable.empty(num_slots, max_rank)
     a: list[list[torch.Tensor | None]] = []
     b: list[list[torch.Tensor | None]] = []
     for s in range(num_slots):
         a.append([])
         b.append([])
-        offset = 0
         for k, width in enumerate(widths):
             rank = ranks[s][k]
-            if rank == 0:
-                a[s].append(None)
-                b[s].append(None)
-            else:
-                a_k = rounded(rank, d_in, std=d_in**-0.5)
-                b_k = rounded(width, rank, std=rank**-0.5)
-                lora_a[s, k * max_rank : k * max_rank + rank] = a_k
-                lora_b[s, offset : offset + width, :rank] = b_k
-                a[s].append(a_k)
-                b[s].append(b_k)
-            offset += width
+            a[s].append(rounded(rank, d_in, std=d_in**-0.5) if rank else None)
+            b[s].append(rounded(width, rank, std=rank**-0.5) if rank else None)
+        pages = [order.pop() for _ in range(pages_needed[s])]
+        slices = [None if a_k is None else (a_k, b_k) for a_k, b_k in zip(a[s], b[s], strict=True)]
+        lora_a[pages], lora_b[pages] = pack_pages(slices, d_in, tuple(widths), len(pages), torch.float64)
+        table.assign(s, max(ranks[s], default=0), pages)
     return LoraCase(
         x=rounded(t, d_in).to(device, dtype),
         y=rounded(t, sum(widths)).to(device, dtype),
         lora_a=lora_a.to(device, dtype),
         lora_b=lora_b.to(device, dtype),
+        table=PageTable(table.ranks.to(device), table.pages.to(device)),
         token_slots=list(token_slots),
         widths=tuple(widths),
         a=a,
@@ -105,7 +109,7 @@ def make_case(
 
 def naive_shrink(case: LoraCase) -> torch.Tensor:
     """[T, K * R] float64: v[t, k*R : k*R + r] = x[t] @ A_k[slot].T, zero elsewhere."""
-    max_rank = case.lora_a.shape[1] // len(case.widths)
+    max_rank = case.table.max_rank
     x = case.x.cpu().to(torch.float64)
     v = torch.zeros(len(case.token_slots), len(case.widths) * max_rank, dtype=torch.float64)
     for t, slot in enumerate(case.token_slots):
@@ -134,7 +138,7 @@ def naive_lora(case: LoraCase) -> torch.Tensor:
 
 def run_add_lora(case: LoraCase) -> torch.Tensor:
     y = case.y.clone()
-    add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths)
+    add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table)
     return y
 
 
@@ -186,20 +190,21 @@ def test_empty_batch(torch_gen: torch.Generator, device: str) -> None:
     case = make_case(torch_gen, [], num_slots=2, max_rank=4, d_in=16, widths=(8, 4), device=device)
     y = run_add_lora(case)
     assert y.shape == (0, 12)
-    v = reference.shrink(case.x, case.lora_a, case.batch)
-    assert v.shape == (0, 2 * 4)
-    reference.expand(y, v, case.lora_b, case.batch, case.widths)
+    v = reference.shrink(case.x, case.lora_a, case.batch, case.table)
+    assert v.shape == (0, 2 * 16)
+    reference.expand(y, v, case.lora_b, case.batch, case.widths, case.table)
     assert y.shape == (0, 12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_slots_no_token_uses_are_never_read(torch_gen: torch.Generator, device: str) -> None:
-    """Stale weights in idle slots (here NaN) must not leak into the tokens of other slots."""
+    """Stale weights in idle slots' pages and in free pages (here NaN) must not leak into other tokens."""
     slots = [1, 1, -1, 3, 1]
     case = make_case(torch_gen, slots, num_slots=4, max_rank=4, d_in=24, widths=(16, 8), device=device)
-    for idle in (0, 2):
-        case.lora_a[idle].fill_(float("nan"))
-        case.lora_b[idle].fill_(float("nan"))
+    used = {p for slot in (1, 3) for p in case.pages_of(slot)} | {ZERO_PAGE}
+    stale = [p for p in range(case.lora_a.shape[0]) if p not in used]
+    case.lora_a[stale] = float("nan")
+    case.lora_b[stale] = float("nan")
     assert_matches_naive(case, run_add_lora(case))
 
 
@@ -212,6 +217,18 @@ def test_rank_one_and_max_rank_with_zero_padding(torch_gen: torch.Generator, dev
     case = make_case(
         torch_gen, slots, num_slots=4, max_rank=16, d_in=48, widths=(32, 16, 16), ranks=ranks, device=device
     )
+    assert_matches_naive(case, run_add_lora(case))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_ranks_over_several_pages(torch_gen: torch.Generator, device: str) -> None:
+    # 40 ranks take three pages; 33 on one slice and 17 on another end inside their last page.
+    ranks = [[40, 33, 17], [5, 0, 20], [48, 48, 48]]
+    slots = [0, 0, 1, -1, 2, 2, 1, 0]
+    case = make_case(
+        torch_gen, slots, num_slots=3, max_rank=48, d_in=24, widths=(16, 8, 8), ranks=ranks, device=device
+    )
+    assert [len(case.pages_of(slot)) for slot in range(3)] == [3, 2, 3]
     assert_matches_naive(case, run_add_lora(case))
 
 
@@ -257,7 +274,7 @@ def test_float64_inputs_keep_float64_precision(torch_gen: torch.Generator) -> No
     slots = [0, 0, 1, -1, 1]
     case = make_case(torch_gen, slots, num_slots=2, max_rank=8, d_in=64, widths=(32, 16))
     torch.testing.assert_close(run_add_lora(case), naive_lora(case), rtol=1e-13, atol=1e-13)
-    assert reference.shrink(case.x, case.lora_a, case.batch).dtype == torch.float64
+    assert reference.shrink(case.x, case.lora_a, case.batch, case.table).dtype == torch.float64
 
 
 # ---------------------------------------------------------------------------------- shrink / expand
@@ -270,13 +287,13 @@ def test_shrink_then_expand_match_naive(torch_gen: torch.Generator, device: str)
     case = make_case(
         torch_gen, slots, num_slots=3, max_rank=4, d_in=24, widths=(16, 8, 8), ranks=ranks, device=device
     )
-    v = reference.shrink(case.x, case.lora_a, case.batch)
-    assert v.shape == (len(slots), 3 * 4)
+    v = reference.shrink(case.x, case.lora_a, case.batch, case.table)
+    assert v.shape == (len(slots), 3 * 16)
     torch.testing.assert_close(v.cpu().to(torch.float64), naive_shrink(case), **TOLERANCES[torch.float64])
     assert torch.count_nonzero(v.cpu()[torch.tensor(slots) < 0]) == 0  # rows of slot -1 are zero
 
     y = case.y.clone()
-    reference.expand(y, v, case.lora_b, case.batch, case.widths)
+    reference.expand(y, v, case.lora_b, case.batch, case.widths, case.table)
     assert_matches_naive(case, y)
 
 
@@ -286,7 +303,7 @@ def test_shrink_then_expand_match_naive(torch_gen: torch.Generator, device: str)
 @st.composite
 def lora_cases(draw: st.DrawFn) -> tuple[int, list[int], int, int, int, tuple[int, ...], list[list[int]]]:
     num_slots = draw(st.integers(1, 5))
-    max_rank = draw(st.integers(1, 8))
+    max_rank = draw(st.integers(1, 40))
     num_tokens = draw(st.integers(0, 40))
     token_slots = draw(st.lists(st.integers(-1, num_slots - 1), min_size=num_tokens, max_size=num_tokens))
     d_in = draw(st.integers(1, 48))

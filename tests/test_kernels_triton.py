@@ -26,6 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 from kernels import LoRABatch, add_lora, reference, resolve_backend  # noqa: E402
 from kernels import triton_ops as ops  # noqa: E402
 from kernels.metadata import LARGE_TILE_ROWS, SMALL_TILE_ROWS  # noqa: E402
+from kernels.paging import PAGE_RANK, ZERO_PAGE  # noqa: E402
 from tests.test_kernels_reference import TOLERANCES, LoraCase, make_case, naive_lora, naive_shrink  # noqa: E402
 
 # Half precision: the kernel rounds once (y + fp32 delta), the naive loop not at all.
@@ -46,28 +47,30 @@ def blocks(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
     return request.param
 
 
-def slot_ranks(case: LoraCase, poison_padding: bool = True) -> torch.Tensor:
-    """Each slot's adapter rank (max over its slices), as the slot pool keeps it.
+def poison_padding(case: LoraCase) -> LoraCase:
+    """NaN wherever a rank-aware kernel must not read: each slot's page rows past its rank, and the pages its
+    page-table entries past its rank name (pointed at a NaN spare page here instead of the zero page).
+    A kernel that does more than rank-r work, or follows an entry past the rank, fails loudly."""
+    spare = next(p for p in range(1, case.lora_a.shape[0]) if all(p not in case.pages_of(s) for s in range(
+        case.table.ranks.shape[0])))
+    case.lora_a[spare] = float("nan")
+    case.lora_b[spare] = float("nan")
+    num_slices = len(case.widths)
+    for slot, rank in enumerate(case.table.ranks.tolist()):
+        pages = case.pages_of(slot)
+        case.table.pages[slot, len(pages):] = spare
+        if pages and rank % PAGE_RANK:
+            last, used = pages[-1], rank % PAGE_RANK
+            for k in range(num_slices):
+                case.lora_a[last, k * PAGE_RANK + used : (k + 1) * PAGE_RANK] = float("nan")
+            case.lora_b[last, used:] = float("nan")
+    return case
 
-    With `poison_padding` the A rows and B columns past that rank become NaN: a kernel that does more than
-    rank-r work reads them and fails loudly.
-    """
-    max_rank = case.lora_a.shape[1] // len(case.widths)
-    ranks = [max((a.shape[0] for a in slices if a is not None), default=0) for slices in case.a]
-    if poison_padding:
-        for slot, rank in enumerate(ranks):
-            for k in range(len(case.widths)):
-                case.lora_a[slot, k * max_rank + rank : (k + 1) * max_rank] = float("nan")
-            case.lora_b[slot, :, rank:] = float("nan")
-    return torch.tensor(ranks, dtype=torch.int32, device=case.x.device)
 
-
-def run_triton(
-    case: LoraCase, ranks: torch.Tensor | None = None, splits: int | None = None, fixed_shape: bool = False
-) -> torch.Tensor:
+def run_triton(case: LoraCase, splits: int | None = None, fixed_shape: bool = False) -> torch.Tensor:
     y = case.y.clone()
     batch = LoRABatch.from_token_slots(case.token_slots, case.x.device, fixed_shape=fixed_shape)
-    ops.add_lora(y, case.x, case.lora_a, case.lora_b, batch, case.widths, ranks, splits=splits)
+    ops.add_lora(y, case.x, case.lora_a, case.lora_b, batch, case.widths, case.table, splits=splits)
     return y
 
 
@@ -117,7 +120,7 @@ def test_base_only_batch_launches_nothing(
     monkeypatch.setattr(ops, "_launch_expand", no_launch)
     for backend in ("triton", "auto"):
         y = case.y.clone()
-        add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths, backend=backend)
+        add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table, backend=backend)
         assert torch.equal(y, case.y)
     assert torch.equal(run_triton(case, fixed_shape=True), case.y)
 
@@ -126,16 +129,17 @@ def test_base_only_batch_launches_nothing(
 def test_empty_batch(torch_gen: torch.Generator, device: str) -> None:
     case = make_case(torch_gen, [], num_slots=2, max_rank=4, d_in=16, widths=(8, 4), device=device)
     assert run_triton(case).shape == (0, 12)
-    assert ops.shrink(case.x, case.lora_a, case.batch, 2).shape == (0, 8)
+    assert ops.shrink(case.x, case.lora_a, case.batch, case.table).shape == (0, 2 * PAGE_RANK)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_slots_no_token_uses_are_never_read(torch_gen: torch.Generator, device: str) -> None:
     slots = [1, 1, -1, 3, 1]
     case = make_case(torch_gen, slots, num_slots=4, max_rank=4, d_in=24, widths=(16, 8), device=device)
-    for idle in (0, 2):
-        case.lora_a[idle].fill_(float("nan"))
-        case.lora_b[idle].fill_(float("nan"))
+    used = {p for slot in (1, 3) for p in case.pages_of(slot)} | {ZERO_PAGE}
+    stale = [p for p in range(case.lora_a.shape[0]) if p not in used]
+    case.lora_a[stale] = float("nan")
+    case.lora_b[stale] = float("nan")
     assert_matches(case, run_triton(case))
 
 
@@ -154,11 +158,11 @@ def test_rank_one_and_max_rank_64(torch_gen: torch.Generator, device: str) -> No
 def test_rank_aware_kernels_never_read_past_a_slots_rank(
     torch_gen: torch.Generator, device: str, blocks: str
 ) -> None:
-    """A rank-r adapter in a max-rank-64 pool: the padding (here NaN) past rank r is never loaded."""
+    """A rank-r adapter in a max-rank-64 pool: nothing past rank r (here NaN) is ever loaded."""
     ranks = [[8, 8], [1, 0], [17, 5], [64, 64]]
     slots = [0, 0, 0, 1, 2, 2, -1, 3, 0]
     case = make_case(torch_gen, slots, num_slots=4, max_rank=64, d_in=40, widths=(24, 8), ranks=ranks, device=device)
-    assert_matches(case, run_triton(case, slot_ranks(case)))
+    assert_matches(case, run_triton(poison_padding(case)))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -198,7 +202,7 @@ def test_dtypes(torch_gen: torch.Generator, device: str, dtype: torch.dtype) -> 
         torch_gen, slots, num_slots=3, max_rank=8, d_in=64, widths=(32, 16, 16), ranks=ranks, dtype=dtype,
         device=device,
     )
-    y = run_triton(case, slot_ranks(case, poison_padding=False))
+    y = run_triton(case)
     assert_matches(case, y)
     if dtype == torch.float64:  # fp64 in, fp64 accumulation: as exact as the reference
         torch.testing.assert_close(y, naive_lora(case).to(device), rtol=1e-12, atol=1e-12)
@@ -210,7 +214,7 @@ def test_split_d_in_partials_add_up(torch_gen: torch.Generator, device: str, spl
     """d_in split over programs (small decode batches): the expand sums the shrink's partials."""
     slots = [3, 1, 0, -1, 2, 2]
     case = make_case(torch_gen, slots, num_slots=4, max_rank=8, d_in=70, widths=(24, 8, 8), device=device)
-    assert_matches(case, run_triton(case, slot_ranks(case), splits=splits))
+    assert_matches(case, run_triton(poison_padding(case), splits=splits))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -218,7 +222,7 @@ def test_prefill_sized_step_uses_large_tiles(torch_gen: torch.Generator, device:
     slots = [1] * 150 + [-1] * 20 + [0] * 90 + [2] + [1] * 40  # 301 tokens: tiles of 64
     case = make_case(torch_gen, slots, num_slots=3, max_rank=4, d_in=24, widths=(16, 8), device=device)
     assert case.batch.tile_rows == LARGE_TILE_ROWS
-    assert_matches(case, run_triton(case, slot_ranks(case)))
+    assert_matches(case, run_triton(poison_padding(case)))
 
 
 # ---------------------------------------------------------------------- decode metadata (CUDA graphs)
@@ -237,7 +241,7 @@ def test_fixed_shape_tiles_depend_only_on_the_token_count() -> None:
 def test_padded_decode_metadata_gives_the_same_result(torch_gen: torch.Generator, device: str) -> None:
     slots = [0, 0, 0, 4, -1, 1, 1, 3, 2, 2]
     case = make_case(torch_gen, slots, num_slots=5, max_rank=8, d_in=24, widths=(16, 8), device=device)
-    assert_matches(case, run_triton(case, slot_ranks(case), fixed_shape=True))
+    assert_matches(case, run_triton(poison_padding(case), fixed_shape=True))
 
 
 @pytest.mark.gpu
@@ -249,16 +253,15 @@ def test_cuda_graph_replay_with_a_different_adapter_mix(torch_gen: torch.Generat
     replay = make_case(torch_gen, slots_at_replay, num_slots=8, max_rank=16, d_in=64, widths=widths,
                        dtype=torch.bfloat16, device="cuda")
     batch = LoRABatch.from_token_slots(slots_at_capture, "cuda", fixed_shape=True)
-    ranks = torch.full((8,), 16, dtype=torch.int32, device="cuda")
     x, y = capture.x.clone(), capture.y.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):  # compile and fill the caches outside the capture
-        ops.add_lora(y.clone(), x, replay.lora_a, replay.lora_b, batch, widths, ranks)
+        ops.add_lora(y.clone(), x, replay.lora_a, replay.lora_b, batch, widths, replay.table)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        ops.add_lora(y, x, replay.lora_a, replay.lora_b, batch, widths, ranks)
+        ops.add_lora(y, x, replay.lora_a, replay.lora_b, batch, widths, replay.table)
     x.copy_(replay.x)
     y.copy_(replay.y)
     batch.tiles.copy_(LoRABatch.from_token_slots(slots_at_replay, "cuda", fixed_shape=True).tiles)
@@ -279,15 +282,15 @@ def test_shrink_then_expand_match_naive(torch_gen: torch.Generator, device: str,
     )
     batch = case.batch
     for splits in (1, 2):
-        v = ops.shrink(case.x, case.lora_a, batch, num_slices=3, splits=splits)
-        assert v.shape == (len(slots), 3 * 4) and v.dtype == torch.float64
+        v = ops.shrink(case.x, case.lora_a, batch, case.table, splits=splits)
+        assert v.shape == (len(slots), 3 * PAGE_RANK) and v.dtype == torch.float64
         torch.testing.assert_close(v.cpu(), naive_shrink(case), **TOLERANCES[torch.float64])
         assert torch.count_nonzero(v.cpu()[torch.tensor(slots) < 0]) == 0
     y = case.y.clone()
-    ops.expand(y, v, case.lora_b, batch, case.widths)
+    ops.expand(y, v, case.lora_b, batch, case.widths, case.table)
     assert_matches(case, y)
     y = case.y.clone()  # the Triton expand of the reference's v
-    ops.expand(y, reference.shrink(case.x, case.lora_a, batch), case.lora_b, batch, case.widths)
+    ops.expand(y, reference.shrink(case.x, case.lora_a, batch, case.table), case.lora_b, batch, case.widths, case.table)
     assert_matches(case, y)
 
 
@@ -296,7 +299,7 @@ def test_shrink_of_half_inputs_is_fp32(torch_gen: torch.Generator, device: str) 
     slots = [0, 0, 1, -1]
     case = make_case(torch_gen, slots, num_slots=2, max_rank=4, d_in=32, widths=(8,), dtype=torch.bfloat16,
                      device=device)
-    v = ops.shrink(case.x, case.lora_a, case.batch, num_slices=1)
+    v = ops.shrink(case.x, case.lora_a, case.batch, case.table)
     assert v.dtype == torch.float32
     torch.testing.assert_close(v.cpu().double(), naive_shrink(case), rtol=1e-5, atol=1e-5)
 
@@ -307,7 +310,7 @@ def test_shrink_of_half_inputs_is_fp32(torch_gen: torch.Generator, device: str) 
 @st.composite
 def kernel_cases(draw: st.DrawFn) -> dict:
     num_slots = draw(st.integers(1, 5))
-    max_rank = draw(st.integers(1, 20))
+    max_rank = draw(st.integers(1, 40))
     num_tokens = draw(st.integers(0, 40))
     widths = tuple(draw(st.lists(st.integers(1, 40), min_size=1, max_size=3)))
     return {
@@ -319,7 +322,7 @@ def kernel_cases(draw: st.DrawFn) -> dict:
         "widths": widths,
         "ranks": draw(st.lists(st.lists(st.integers(0, max_rank), min_size=len(widths), max_size=len(widths)),
                                min_size=num_slots, max_size=num_slots)),
-        "with_ranks": draw(st.booleans()),
+        "poison": draw(st.booleans()),
         "splits": draw(st.sampled_from([None, 1, 2, 3])),
         "fixed_shape": draw(st.booleans()),
         "block": draw(st.sampled_from([16, 32])),
@@ -336,8 +339,9 @@ def test_add_lora_matches_naive_on_any_shape(device: str, params: dict, monkeypa
     gen = torch.Generator().manual_seed(params["seed"])
     case = make_case(gen, params["token_slots"], params["num_slots"], params["max_rank"], params["d_in"],
                      params["widths"], ranks=params["ranks"], dtype=params["dtype"], device=device)
-    ranks = slot_ranks(case) if params["with_ranks"] else None
-    assert_matches(case, run_triton(case, ranks, params["splits"], params["fixed_shape"]))
+    if params["poison"]:
+        poison_padding(case)
+    assert_matches(case, run_triton(case, params["splits"], params["fixed_shape"]))
 
 
 # ------------------------------------------------------------------------------------------ dispatch
@@ -395,7 +399,7 @@ def test_engine_with_triton_backend_matches_torch_backend() -> None:
             outputs[backend] = [[c.token_ids for c in choices] for choices in generate(engine, requests)]
             assert_idle(engine)
             # The pool published each resident adapter's rank for the kernels (a1: 4, a2: 16).
-            assert sorted(r for r in engine.pool.slot_ranks.tolist() if r) == [4, 16]
+            assert sorted(r for r in engine.pool.table.ranks.tolist() if r) == [4, 16]
         finally:
             engine.shutdown()
     assert outputs["triton"] == outputs["torch"]

@@ -1,0 +1,109 @@
+"""The device tier in pages: a byte budget spent by rank, LRU eviction that makes room, pins, prefetch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters_store import TARGET_MODULES
+from kernels.paging import PAGE_RANK, ZERO_PAGE
+from server.adapter_pool import AdapterSlotPool
+from server.demo import build_demo_model
+from tests.test_engine import make_adapter
+
+MAX_RANK = 64  # four pages per max-rank adapter
+
+
+@pytest.fixture(scope="module")
+def model():
+    return build_demo_model()[0].to(torch.float32)
+
+
+def adapter(model, name: str, rank: int, seed: int = 0):
+    return make_adapter(name, model.args, rank, 2.0 * rank, TARGET_MODULES, seed=seed)
+
+
+def pool_of(model, num_slots: int, pages: int | None) -> AdapterSlotPool:
+    probe = AdapterSlotPool(model, 1, MAX_RANK)
+    budget = None if pages is None else pages * probe.page_bytes
+    return AdapterSlotPool(model, num_slots, MAX_RANK, budget)
+
+
+def test_default_budget_fits_every_slot_at_max_rank(model):
+    pool = pool_of(model, num_slots=3, pages=None)
+    assert pool.num_pages == 3 * MAX_RANK // PAGE_RANK
+    for i in range(3):
+        assert pool.acquire(i, adapter(model, f"a{i}", MAX_RANK, seed=i)) is not None
+    assert pool.resident_bytes == pool.capacity_bytes and pool.evictions == 0
+
+
+def test_byte_budget_holds_four_times_more_rank_16_than_rank_64_adapters(model):
+    pool = pool_of(model, num_slots=8, pages=4)
+    for i in range(4):
+        pool.release(pool.acquire(("r16", i), adapter(model, f"r16-{i}", 16, seed=i)))
+    assert pool.resident_count == 4 and pool.evictions == 0
+    assert pool.resident_bytes == 4 * pool.page_bytes == pool.capacity_bytes
+
+    # One rank-64 adapter needs all four pages: the four rank-16 ones leave, least recently used first.
+    pool.release(pool.acquire("r64", adapter(model, "r64", 64, seed=9)))
+    assert pool.resident_count == 1 and pool.evictions == 4
+    assert sorted(p for p in pool.table.pages[pool.slot_of("r64")].tolist()) == [1, 2, 3, 4]
+    assert pool.table.ranks[pool.slot_of("r64")] == 64
+
+
+def test_eviction_takes_only_as_many_lru_adapters_as_the_pages_needed(model):
+    pool = pool_of(model, num_slots=8, pages=6)
+    for i, rank in enumerate([16, 32, 16, 16]):  # 1 + 2 + 1 + 1 pages, one page free
+        pool.release(pool.acquire(i, adapter(model, f"a{i}", rank, seed=i)))
+    pool.release(pool.acquire(0, None))  # 0 becomes the most recently used
+    pool.release(pool.acquire("big", adapter(model, "big", 48, seed=7)))  # three pages: evict 1 (two pages)
+    assert pool.slot_of(1) is None and pool.evictions == 1
+    assert all(pool.slot_of(key) is not None for key in (0, 2, 3, "big"))
+    assert pool.resident_bytes == pool.capacity_bytes
+
+
+def test_pinned_adapters_are_never_evicted_and_a_load_that_cannot_fit_evicts_nothing(model):
+    pool = pool_of(model, num_slots=8, pages=4)
+    pinned = pool.acquire("pinned", adapter(model, "pinned", 32, seed=1))  # two pages, kept pinned
+    pool.release(pool.acquire("idle", adapter(model, "idle", 16, seed=2)))
+    assert pool.acquire("big", adapter(model, "big", 48, seed=3)) is None  # 3 pages: only 2 could be freed
+    assert pool.slot_of("idle") is not None and pool.evictions == 0  # nothing evicted in vain
+    pool.release(pinned)
+    assert pool.acquire("big", adapter(model, "big", 48, seed=3)) is not None
+    # The formerly pinned one is least recently used: its two pages and the free one suffice.
+    assert pool.slot_of("pinned") is None and pool.slot_of("idle") is not None and pool.evictions == 1
+
+
+def test_out_of_slots_evicts_even_when_pages_are_free(model):
+    pool = pool_of(model, num_slots=2, pages=None)
+    for i in range(3):
+        pool.release(pool.acquire(i, adapter(model, f"a{i}", 8, seed=i)))
+    assert pool.resident_count == 2 and pool.slot_of(0) is None and pool.evictions == 1
+
+
+def test_freed_pages_are_reused_and_the_table_points_past_the_rank_at_the_zero_page(model):
+    pool = pool_of(model, num_slots=4, pages=4)
+    slot = pool.acquire("a", adapter(model, "a", 20, seed=1))  # two pages
+    assert pool.table.pages[slot].tolist() == [1, 2, ZERO_PAGE, ZERO_PAGE]
+    pool.release(slot)
+    pool.discard("a")
+    assert pool.table.ranks[slot] == 0 and pool.table.pages[slot].tolist() == [ZERO_PAGE] * 4
+    assert pool.resident_bytes == 0
+    slot = pool.acquire("b", adapter(model, "b", 40, seed=2))
+    assert sorted(pool.table.pages[slot].tolist()[:3]) == [1, 2, 3]
+
+
+def test_prefetch_uses_free_space_only(model):
+    pool = pool_of(model, num_slots=4, pages=4)
+    pool.release(pool.acquire("a", adapter(model, "a", 32, seed=1)))
+    assert pool.prefetch("b", adapter(model, "b", 32, seed=2))  # fits the two free pages
+    assert not pool.prefetch("c", adapter(model, "c", 16, seed=3))  # would need an eviction: refused
+    assert pool.evictions == 0 and pool.slot_of("c") is None
+    # A prefetched adapter has not been used yet, so it is the first to leave.
+    pool.release(pool.acquire("d", adapter(model, "d", 16, seed=4)))
+    assert pool.slot_of("b") is None and pool.slot_of("a") is not None
+
+
+def test_a_budget_below_one_max_rank_adapter_is_refused_naming_the_flag(model):
+    with pytest.raises(ValueError, match="--max-gpu-adapter-bytes"):
+        pool_of(model, num_slots=4, pages=3)
