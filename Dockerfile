@@ -16,6 +16,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 
+# The distribution's own python3 for whatever BASE_IMAGE is given: no version pin can fit every base.
+# hadolint ignore=DL3008
 RUN if ! command -v python3 >/dev/null 2>&1 || ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then \
         apt-get update && apt-get install -y --no-install-recommends python3 python3-venv \
         && rm -rf /var/lib/apt/lists/*; \
@@ -31,11 +33,14 @@ COPY loadtest loadtest
 RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} "torch==${TORCH_VERSION}" .
 
 # Uploaded adapters persist in the store; mount a volume here (docker-compose.yml does).
-RUN useradd --system --uid 10001 --home-dir /app lorahive && mkdir -p /data/adapters && chown lorahive /data/adapters
-USER lorahive
+# A numeric user (10001:10001) so that runtimes checking runAsNonRoot need no /etc/passwd lookup.
+RUN groupadd --system --gid 10001 lorahive \
+    && useradd --system --uid 10001 --gid 10001 --home-dir /app lorahive \
+    && mkdir -p /data/adapters && chown 10001:10001 /data/adapters
+USER 10001:10001
 ENV LORAHIVE_STORE=/data/adapters
 VOLUME ["/data/adapters"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s \
-    CMD python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"
+    CMD ["python3", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 CMD ["lorahive", "serve", "--host", "0.0.0.0"]

@@ -1,4 +1,4 @@
-"""`/metrics`: values agree with the traffic sent, per-adapter labels stay bounded, deploy files are sound."""
+"""`/metrics`: values agree with the traffic sent, per-adapter labels stay bounded (deploy/: test_deploy.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import Settings
@@ -20,8 +19,6 @@ from tests.test_adapter_lifecycle import multipart, peft_files
 from tests.test_engine import prompt
 
 ROOT = Path(__file__).resolve().parent.parent
-DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))
-DATASOURCE_UID = "lorahive-prometheus"
 PER_ADAPTER = ("lorahive_adapter_requests", "lorahive_adapter_prompt_tokens", "lorahive_adapter_generation_tokens")
 
 
@@ -232,57 +229,3 @@ def test_metric_values_agree_with_traffic(server):
             assert delta("lorahive_step_tokens_sum") >= prompt_tokens
 
         eventually(check)
-
-
-# ---- deploy/ files -------------------------------------------------------------------------------------
-
-
-def test_dashboards_are_self_contained():
-    assert [p.name for p in DASHBOARDS] == ["adapters.json", "serving.json"]
-    for path in DASHBOARDS:
-        text = path.read_text()
-        assert "${DS_" not in text and "__inputs" not in text, path
-        dashboard = json.loads(text)
-        assert dashboard["uid"] and dashboard["title"]
-        for panel in dashboard["panels"]:
-            where = f"{path.name}: {panel.get('title')!r}"
-            assert panel.get("title") and panel.get("description"), where
-            assert panel["fieldConfig"]["defaults"].get("unit"), where
-            assert panel["datasource"] == {"type": "prometheus", "uid": DATASOURCE_UID}, where
-            assert panel["targets"], where
-            for target in panel["targets"]:
-                assert target["datasource"]["uid"] == DATASOURCE_UID and target["expr"], where
-        for variable in dashboard.get("templating", {}).get("list", []):
-            assert variable["datasource"]["uid"] == DATASOURCE_UID
-
-
-def test_provisioning_and_compose_files():
-    datasources = yaml.safe_load((ROOT / "deploy/grafana/provisioning/datasources/prometheus.yml").read_text())
-    assert [d["uid"] for d in datasources["datasources"]] == [DATASOURCE_UID]
-    providers = yaml.safe_load((ROOT / "deploy/grafana/provisioning/dashboards/lorahive.yml").read_text())
-    dashboards_path = providers["providers"][0]["options"]["path"]
-    prometheus = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
-    assert prometheus["scrape_configs"][0]["static_configs"][0]["targets"] == ["lorahive:8000"]
-
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
-    services = compose["services"]
-    assert set(services) == {"lorahive", "prometheus", "grafana"}
-    assert services["lorahive"]["environment"]["LORAHIVE_STORE"] == "/data/adapters"
-    named_volumes = set(compose["volumes"])
-    mounts: dict[str, str] = {}
-    for service in services.values():
-        for volume in service.get("volumes", []):
-            source, target = volume.split(":")[:2]
-            if source.startswith("."):
-                assert (ROOT / source).exists(), f"compose mounts {source}, which is not in the repository"
-                mounts[target] = source
-            else:
-                assert source in named_volumes, source
-    assert "adapter-store" in named_volumes
-    assert mounts["/etc/grafana/dashboards"] == "./deploy/grafana/dashboards" and dashboards_path == \
-        "/etc/grafana/dashboards"
-    assert mounts["/etc/prometheus/prometheus.yml"] == "./deploy/prometheus.yml"
-    assert (ROOT / services["lorahive"]["build"]["context"] / "Dockerfile").exists()
-    dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "pip install" in dockerfile and "torch==${TORCH_VERSION}" in dockerfile and "ARG BASE_IMAGE" in dockerfile
-    assert 'CMD ["lorahive", "serve", "--host", "0.0.0.0"]' in dockerfile
