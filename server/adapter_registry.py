@@ -6,6 +6,12 @@ pinned on CUDA, within a byte budget, least recently used dropped first) and the
 submitted and keeps it until it finishes, so a replace or delete never changes the weights under a
 request already in flight; a version nobody uses any more is freed from every tier at once.
 
+A version whose stored files fail at load (a checksum mismatch, a missing file, weights that no longer
+parse) is *broken*: the requests waiting for it fail, new ones are refused at `bind`, and its files are
+not read again; it never reaches host memory or a slot. Only a replace (a new version) or a delete ends
+that. Any other load failure (out of memory, say) fails the requests that waited for it and is retried
+by the next request.
+
 Thread model: the event loop uploads, deletes and binds; the engine thread unbinds and asks for loads;
 a small thread pool reads and parses from disk. One lock guards the bookkeeping; no I/O runs under it.
 """
@@ -24,17 +30,20 @@ from pathlib import Path
 
 from adapters_store import (
     AdapterExistsError,
+    AdapterFormatError,
     AdapterMissingError,
     AdapterStore,
     BaseModelShape,
     LoraAdapter,
     LoraWeight,
     Manifest,
+    StoreCorruptionError,
     StoreError,
     parse_peft_adapter,
 )
 from adapters_store.peft_export import to_peft_files
 from server.metrics import Metrics
+from server.sequence import AdapterBrokenError
 
 log = logging.getLogger("lorahive.adapters")
 
@@ -48,7 +57,8 @@ class AdapterVersion:
     users: int = 0  # bound requests not yet finished
     retired: bool = False  # replaced or deleted: no new request binds to it
     loading: bool = False
-    load_error: str | None = None
+    load_error: str | None = None  # why the last load failed; the requests waiting for it fail with it
+    broken: bool = False  # load_error lies in the stored files: this version can never be served
     requests_served: int = 0
     last_used: float | None = None
 
@@ -84,6 +94,9 @@ class AdapterRegistry:
         self.pinned_ids = pinned_ids
         self.max_adapter_bytes = max_adapter_bytes
         self._lock = threading.Lock()
+        # Held from a store write until the registry shows it, so the cached manifest of the current version
+        # (its owner and public flag) is always the newest one written. Parsing runs outside it.
+        self._writing = threading.Lock()
         self._current: dict[str, AdapterVersion] = {}  # id -> current version, filled lazily from the store
         self._host_lru: OrderedDict[AdapterVersion, None] = OrderedDict()  # versions with weights, LRU first
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorahive-adapter-load")
@@ -108,7 +121,7 @@ class AdapterRegistry:
     def bind(self, adapter_id: str, users: int = 1) -> AdapterVersion | None:
         """The current version of `adapter_id`, held for `users` sequences (None if there is no such adapter).
 
-        Each of them must be `unbind`-ed once when it finishes."""
+        Each of them must be `unbind`-ed once when it finishes. AdapterBrokenError if the version is broken."""
         while True:
             version = self._version(adapter_id)
             if version is None:
@@ -116,6 +129,10 @@ class AdapterRegistry:
             with self._lock:
                 if version.retired:  # replaced or deleted since we looked it up: take the newer state
                     continue
+                if version.broken:  # known from an earlier load: refuse without reading the files again
+                    raise AdapterBrokenError(adapter_id, version.load_error or "")
+                if version.load_error is not None:
+                    version.load_error = None  # the failure was not in the files: this request tries again
                 version.users += users
                 version.requests_served += 1
                 version.last_used = time.time()
@@ -168,10 +185,14 @@ class AdapterRegistry:
                 self.metrics.adapter_loaded("disk_to_host", time.perf_counter() - start)
         except Exception as exc:  # reported to the requests waiting for it; the others keep serving
             log.warning("adapter %s v%d failed to load: %s", version.adapter_id, version.manifest.version, exc)
+            reason = _broken_reason(version.adapter_id, exc)
             with self._lock:
-                version.load_error = str(exc)
+                version.load_error = str(exc) if reason is None else reason
+                version.broken = reason is not None
             if self.metrics is not None:
                 self.metrics.disk_read(ok=False)
+                if reason is not None:
+                    self.metrics.adapter_broken()
         finally:
             with self._lock:
                 version.loading = False
@@ -225,21 +246,25 @@ class AdapterRegistry:
         """Parse and check an upload against this base model; AdapterFormatError names what is wrong."""
         return self._parse(adapter_id, config, weights)
 
-    def create(self, adapter_id: str, config: bytes, weights: bytes, owner: str | None = None) -> AdapterVersion:
+    def create(
+        self, adapter_id: str, config: bytes, weights: bytes, owner: str | None = None, public: bool = False
+    ) -> AdapterVersion:
         adapter = self.validate(adapter_id, config, weights)
-        manifest = self.store.create(
-            adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
-            target_modules=adapter.target_modules, owner=owner,
-        )
-        return self._install(manifest, adapter)
+        with self._writing:
+            manifest = self.store.create(
+                adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
+                target_modules=adapter.target_modules, owner=owner, public=public,
+            )
+            return self._install(manifest, adapter)
 
     def replace(self, adapter_id: str, config: bytes, weights: bytes) -> AdapterVersion:
         adapter = self.validate(adapter_id, config, weights)
-        manifest = self.store.replace(
-            adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
-            target_modules=adapter.target_modules,
-        )
-        return self._install(manifest, adapter)
+        with self._writing:
+            manifest = self.store.replace(
+                adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
+                target_modules=adapter.target_modules,
+            )
+            return self._install(manifest, adapter)
 
     def add(self, adapter: LoraAdapter, owner: str | None = None) -> AdapterVersion:
         """Store an adapter built in code (tests, benchmarks), through the same path as an upload."""
@@ -248,6 +273,19 @@ class AdapterRegistry:
             return self.create(adapter.adapter_id, config, weights, owner=owner)
         except AdapterExistsError:
             return self.replace(adapter.adapter_id, config, weights)
+
+    def set_public(self, adapter_id: str, public: bool) -> AdapterVersion:
+        """Let every tenant use the adapter, or only its owner again; weights and version stay as they are.
+
+        AdapterMissingError if there is no such adapter."""
+        with self._writing:
+            manifest = self.store.set_public(adapter_id, public)
+            version = self._version(adapter_id)
+            if version is None:
+                raise AdapterMissingError(f"adapter {adapter_id!r} does not exist", adapter_id)
+            with self._lock:
+                version.manifest = manifest
+        return version
 
     def delete(self, adapter_id: str) -> None:
         self.store.delete(adapter_id)
@@ -287,7 +325,7 @@ class AdapterRegistry:
                 if path.name in self.store:
                     self.replace(path.name, config, weights)
                 else:
-                    self.create(path.name, config, weights)
+                    self.create(path.name, config, weights, public=True)  # the operator's: for every tenant
             except (OSError, ValueError, StoreError) as exc:
                 log.warning("skipping adapter directory %s: %s", path, exc)
 
@@ -301,3 +339,12 @@ class AdapterRegistry:
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
 
+
+def _broken_reason(adapter_id: str, error: Exception) -> str | None:
+    """What is wrong with the stored files of an adapter, or None when `error` is not about them."""
+    if isinstance(error, StoreCorruptionError):
+        # The store names the adapter; every message built from this reason names it already.
+        return error.message.removeprefix(f"adapter {adapter_id!r}: ")
+    if isinstance(error, AdapterFormatError):
+        return f"the stored files no longer parse: {error.message}"
+    return None

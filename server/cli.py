@@ -44,16 +44,23 @@ def settings_from(namespace: argparse.Namespace, environ: dict[str, str]) -> Set
 
 
 def serve(settings: Settings) -> None:
-    import uvicorn
-
     from server.api.app import build_app
+    from server.api.auth import announce, load_api_keys
+    from server.draining_server import serve_app
     from server.runtime import build_engine
+    from server.sequence import ServerDrainingError
 
+    keys = load_api_keys(settings.api_keys)  # a bad key file stops the start before the model loads
+    announce(keys)
     engine = build_engine(settings)
     engine.start()
     try:
-        app = build_app(engine, max_adapter_bytes=settings.max_adapter_bytes)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+        app = build_app(engine, settings, keys)
+        cut_error = ServerDrainingError(
+            f"The server shut down before this request finished (it had {settings.drain_timeout:g} s, "
+            "--drain-timeout); retry it."
+        )
+        serve_app(app, settings, cut=lambda: engine.abort_all(cut_error))
     finally:
         engine.shutdown()
 
@@ -89,7 +96,12 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as exc:
         parser.exit(2, f"lorahive: invalid settings:\n{exc}\n")
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve(settings)
+    from server.api.auth import KeyFileError  # the server's modules load for `serve` only
+
+    try:
+        serve(settings)
+    except KeyFileError as exc:
+        parser.exit(2, f"lorahive: invalid --api-keys file: {exc}\n")
 
 
 if __name__ == "__main__":

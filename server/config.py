@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 
 class Settings(BaseModel):
@@ -52,6 +52,44 @@ class Settings(BaseModel):
         "count as adapter=\"other\""
     )
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    # Authentication and tenants (server/api/auth.py)
+    api_keys: Path | None = Field(
+        None, description='JSON key file {"keys": [{"key" or "sha256", "tenant", "role": "tenant"|"admin"}]}; none '
+        "runs the server open, without authentication"
+    )
+    metrics_api_key: SecretStr | None = Field(
+        None, description="Bearer key that GET /metrics asks for (prefer the environment variable); none leaves it open"
+    )
+    # Limits: each refusal names its flag (server/api/request_limits.py, tenant_quotas.py, tenant_concurrency.py)
+    max_request_bytes: int = Field(32 * 2**20, gt=0, description="largest JSON request body, in bytes")
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="most prompt tokens in one request (all prompts of a batch together); none: the "
+        "context length is the limit"
+    )
+    max_tokens_limit: int | None = Field(
+        None, gt=0, description="largest max_tokens a request may ask for (a request that leaves it out gets at most "
+        "this many); none: the context length is the limit"
+    )
+    max_n: int = Field(16, ge=1, le=128, description="most choices (n) per request; the API's own cap is 128")
+    # 16: the API's own cap (MAX_STOP_STRINGS in server/api/protocol.py, which this module must not import)
+    max_stop_strings: int = Field(16, ge=0, le=16, description="most stop strings per request; the API's own cap is 16")
+    max_adapters_per_tenant: int | None = Field(None, ge=0, description="adapters one tenant may own; none: no limit")
+    max_store_bytes_per_tenant: int | None = Field(
+        None, gt=0, description="bytes of adapter files one tenant may keep in the store; none: no limit"
+    )
+    max_concurrent_requests_per_tenant: int | None = Field(
+        None, gt=0, description="requests of one tenant in flight at once (a stream counts until it ends); more are "
+        "refused with 429; none: no limit"
+    )
+    # Backpressure and lifecycle (server/waiting_quota.py, server/draining_server.py)
+    max_waiting_requests: int = Field(
+        1024, gt=0, description="prompts waiting for admission at most; past it a tenant holding its fair share of "
+        "the queue gets 429 with Retry-After"
+    )
+    drain_timeout: float = Field(
+        30.0, ge=0, description="seconds SIGTERM lets running requests finish (new ones get 503) before cutting them "
+        "and exiting 0"
+    )
 
     @field_validator("pin", mode="before")
     @classmethod

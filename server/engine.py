@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import secrets
 import threading
 import time
@@ -27,21 +28,27 @@ from server.model import KVCache, Transformer
 from server.sampling import SamplerState, sample
 from server.scheduler import Scheduler, Sequence
 from server.sequence import (
+    AdapterBrokenError,
     AdapterNotFoundError,
     ChoiceDelta,
+    EngineStepError,
     FinishReason,
     GenerationRequest,
+    QueueFullError,
     RequestError,
 )
 from server.step_builder import build_step
 from server.tokenizer import IncrementalDetokenizer, Tokenizer
+from server.waiting_quota import WaitingQuota
 
 log = logging.getLogger("lorahive.engine")
 _SEED_MIX = 0x9E3779B97F4A7C15  # odd, so seed -> seed * _SEED_MIX is a bijection mod 2**63
-
-
-class EngineStepError(RuntimeError):
-    """The forward pass failed for the batch this request was in."""
+# A waiting request is admitted as soon as a running one finishes, within a step or so; a second is a fair
+# guess of when a refused one would get in, and clients back off further on repeated refusals anyway.
+QUEUE_FULL_RETRY_AFTER_S = 1
+# One loop iteration (inbox, schedule, a forward pass) taking longer than this means the engine is stuck;
+# a chunked prefill of a large model on a CPU takes seconds, not a minute.
+STALLED_STEP_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +61,7 @@ class EngineConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_gpu_adapter_bytes: int | None = None  # None: every slot can hold a max-rank adapter
+    max_waiting_requests: int = 1024  # requests accepted but not yet admitted (server/waiting_quota.py)
 
 
 class RequestStream:
@@ -140,7 +148,9 @@ class Engine:
         self._stopping = False
         self._seq_ids = itertools.count()
         self._thread = threading.Thread(target=self._run, name="lorahive-engine", daemon=True)
+        self._busy_since: float | None = None  # start of the loop iteration under way; None while waiting for work
         self.steps = 0
+        self.waiting_quota = WaitingQuota(config.max_waiting_requests)
 
     # ---- event-loop side -------------------------------------------------------------------------
 
@@ -151,9 +161,23 @@ class Engine:
         return self.registry.exists(adapter_id)
 
     def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue `request` for the engine thread; a refusal (invalid, unknown adapter, queue full for its tenant)
+        raises here and queues nothing."""
         self._validate(request)
-        adapter = self._bind_adapter(request.adapter_id, request.n)
         request_id = request.request_id or uuid.uuid4().hex
+        if not self.waiting_quota.enter(request_id, request.tenant):
+            self.metrics.request_rejected("queue_full")
+            raise QueueFullError(
+                f"The server is busy: {len(self.waiting_quota)} requests are waiting, "
+                f"{self.waiting_quota.held(request.tenant)} of them yours (--max-waiting-requests "
+                f"{self.waiting_quota.capacity}); retry after {QUEUE_FULL_RETRY_AFTER_S} s.",
+                QUEUE_FULL_RETRY_AFTER_S,
+            )
+        try:
+            adapter = self._bind_adapter(request.adapter_id, request.n)
+        except RequestError:
+            self.waiting_quota.leave(request_id)
+            raise
         stream = RequestStream(request_id, len(request.prompt_token_ids), request.n, self)
         seqs = [self._new_sequence(request, request_id, i, adapter) for i in range(request.n)]
         self.metrics.request_submitted(request.adapter_id, len(request.prompt_token_ids))
@@ -162,6 +186,29 @@ class Engine:
 
     def abort(self, request_id: str) -> None:
         self._post("abort", request_id)
+
+    def abort_all(self, error: RequestError) -> None:
+        """End every request the engine holds now with `error` (a drain ran out of time); it keeps serving."""
+        self._post("abort_all", error)
+
+    def readiness_problems(self) -> list[str]:
+        """Why the engine cannot serve, one phrase each; empty when it can. Cheap enough for a probe.
+
+        The model needs no check: an engine exists only once its weights are loaded.
+        """
+        problems = []
+        busy_since = self._busy_since
+        if not self._thread.is_alive():
+            problems.append("the engine thread is not running")
+        elif busy_since is not None and time.monotonic() - busy_since > STALLED_STEP_S:
+            problems.append(f"the engine has been inside one step for {time.monotonic() - busy_since:.0f} s")
+        root = self.registry.store.root
+        try:
+            with os.scandir(root) as entries:
+                next(entries, None)
+        except OSError as exc:
+            problems.append(f"the adapter store {root} cannot be read ({exc.strerror or exc})")
+        return problems
 
     def _bind_adapter(self, adapter_id: str | None, n: int) -> AdapterVersion | None:
         """The adapter version the request's `n` sequences will use until they finish."""
@@ -217,6 +264,7 @@ class Engine:
             adapter=adapter,
             sampler=SamplerState(params, generator),
             detokenizer=detokenizer,
+            tenant=request.tenant,
         )
 
     def _post(self, kind: str, payload: object) -> None:
@@ -244,18 +292,24 @@ class Engine:
         # adapter loader threads of the GIL. The timeout is a safety net, not the mechanism.
         while True:
             with self._wake:
+                self._busy_since = None  # waiting for work is healthy, however long it lasts
                 while not self._inbox and (stalled or not self.scheduler.has_work()) and not self._stopping:
                     if not self._wake.wait(timeout=0.1 if stalled else None):
                         break
                 if self._stopping:
                     return
                 inbox, self._inbox = self._inbox, []
+            self._busy_since = time.monotonic()
             for kind, payload in inbox:
                 self._handle(kind, payload)
             plan = self.scheduler.schedule()
             for seq, error in self.scheduler.take_failed():
-                adapter_id = seq.adapter.adapter_id if seq.adapter else None
-                self._fail(seq.request_id, EngineStepError(f"The adapter '{adapter_id}' could not be loaded: {error}"))
+                adapter = seq.adapter
+                if adapter is not None and adapter.broken:  # its stored files are at fault: a 503 naming the cure
+                    self._fail(seq.request_id, AdapterBrokenError(adapter.adapter_id, adapter.load_error or ""))
+                    continue
+                adapter_id = adapter.adapter_id if adapter else None
+                self._fail(seq.request_id, _logged_error(f"The adapter '{adapter_id}' could not be loaded: {error}"))
             stalled = not plan
             if plan:
                 self._admitted(plan)
@@ -269,11 +323,15 @@ class Engine:
             for seq in seqs:
                 self.scheduler.add(seq)
         elif kind == "abort":
+            self.waiting_quota.leave(payload)
             for seq in self._sequences.pop(payload, []):
                 if not seq.finished:
                     self.metrics.sequence_finished("abort")
                 self.scheduler.finish(seq)
             self._streams.pop(payload, None)
+        elif kind == "abort_all":
+            for request_id in list(self._sequences):
+                self._fail(request_id, payload, reason="abort")
         elif kind == "retire":  # a deleted or replaced version nobody uses any more: free its slot now
             self.pool.discard(payload)
         # "loaded": an adapter reached host memory; nothing to do but schedule again
@@ -284,6 +342,7 @@ class Engine:
             if chunk.seq.admitted_time is None:
                 chunk.seq.admitted_time = now
                 self.metrics.admitted(now - chunk.seq.arrival_time)
+                self.waiting_quota.leave(chunk.seq.request_id)  # its first choice in: the request waits no more
 
     def _step(self, plan) -> None:
         start = time.perf_counter()
@@ -298,7 +357,7 @@ class Engine:
             error_id = uuid.uuid4().hex[:12]
             log.exception("engine step failed (error id %s); failing %d sequence(s)", error_id, len(plan))
             for request_id in {c.seq.request_id for c in plan}:
-                self._fail(request_id, EngineStepError(f"The engine failed on this request (error id {error_id})."))
+                self._fail(request_id, EngineStepError("The engine failed on this request", error_id))
             return
         finally:
             self.model.lora.batch = None
@@ -345,11 +404,20 @@ class Engine:
             self._sequences.pop(request_id, None)
             self._streams.pop(request_id, None)
 
-    def _fail(self, request_id: str, error: BaseException) -> None:
+    def _fail(self, request_id: str, error: BaseException, reason: str = "error") -> None:
+        """End the request with `error`; its unfinished choices count as finished for `reason`."""
+        self.waiting_quota.leave(request_id)
         for seq in self._sequences.pop(request_id, []):
             if not seq.finished:
-                self.metrics.sequence_finished("error")
+                self.metrics.sequence_finished(reason)
             self.scheduler.finish(seq)
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream._put(error)
+
+
+def _logged_error(message: str) -> EngineStepError:
+    """`message` as a request's error, logged under a fresh error id that the client gets too."""
+    error_id = uuid.uuid4().hex[:12]
+    log.error("%s (error id %s)", message, error_id)
+    return EngineStepError(message, error_id)

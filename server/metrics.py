@@ -31,6 +31,7 @@ OTHER_ADAPTERS = "other"
 TIERS = ("gpu", "host", "disk")
 TRANSITIONS = ("disk_to_host", "host_to_gpu")
 FINISH_REASONS = ("stop", "length", "abort", "error")
+REJECT_REASONS = ("queue_full", "draining")  # 429 past --max-waiting-requests; 503 while draining after SIGTERM
 
 # LLM latencies: from a millisecond to a minute for the first token and the whole request.
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -188,9 +189,16 @@ class Metrics:
             "lorahive_adapter_delete_failures", "Adapter deletions refused or failed (any 4xx/5xx).", registry=r)
         self.finished = Counter(
             "lorahive_requests_finished", "Sequences (request choices) finished, by finish reason "
-            "(stop, length, abort: client gone, error: engine or adapter failure).", ["finish_reason"], registry=r)
+            "(stop, length, abort: client gone or cut at the end of a drain, error: engine or adapter failure).",
+            ["finish_reason"], registry=r)
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
+        self.rejected = Counter(
+            "lorahive_requests_rejected", "Requests refused before any work, by reason (queue_full: the waiting "
+            "queue is full and the tenant holds its share, 429; draining: the server is shutting down, 503).",
+            ["reason"], registry=r)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
         self.prompt_tokens = Counter("lorahive_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
         self.generation_tokens = Counter("lorahive_generation_tokens", "Tokens generated.", registry=r)
         self.queue_time = Histogram(
@@ -231,6 +239,10 @@ class Metrics:
             buckets=LOAD_BUCKETS, registry=r)
         for transition in TRANSITIONS:
             self.load_time.labels(transition)
+        self.broken_loads = Counter(
+            "lorahive_adapter_broken_loads", "Adapter versions found broken when read from the store (a file missing "
+            "or failing its checksum, or weights that no longer parse); each is read once, then refused until "
+            "replaced.", registry=r)
         self._finish_counters = {reason: self.finished.labels(reason) for reason in FINISH_REASONS}
         self.registry.register(_StateCollector(self))
 
@@ -253,6 +265,9 @@ class Metrics:
                 (self.adapter_delete_failures if failed else self.adapter_deletes).inc()
 
     # ---- engine ------------------------------------------------------------------------------------
+
+    def request_rejected(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
 
     def request_submitted(self, adapter_id: str | None, prompt_tokens: int) -> None:
         self.prompt_tokens.inc(prompt_tokens)
@@ -297,6 +312,9 @@ class Metrics:
 
     def disk_read(self, ok: bool) -> None:
         (self.cache_hits if ok else self.cache_misses).labels("disk").inc()
+
+    def adapter_broken(self) -> None:
+        self.broken_loads.inc()
 
     def adapter_loaded(self, transition: str, duration_s: float) -> None:
         self.load_time.labels(transition).observe(duration_s)

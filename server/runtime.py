@@ -135,6 +135,7 @@ def build_engine(settings: Settings) -> Engine:
         max_gpu_adapter_bytes=settings.max_gpu_adapter_bytes,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_waiting_requests=settings.max_waiting_requests,
     )
     log.info("serving %s on %s (%s), KV cache %d blocks of %d tokens, LoRA backend %s", name, device, dtype,
              config.num_kv_blocks, config.block_size, model.lora.backend)

@@ -1,17 +1,20 @@
 """Which sequences run in the next step, and how many of their tokens.
 
 Continuous batching: running sequences go first (one decode token each, or the next chunk of a prefill),
-then waiting sequences are admitted in arrival order while the step's token budget, the sequence cap,
-the KV-cache blocks and the adapter slots allow. A long prompt is prefilled in chunks across steps, so
-decodes of other sequences keep flowing. When a running sequence needs a KV block and none is free, the
-most recently admitted sequence is preempted: its blocks are freed and it is recomputed later (its
-output so far is kept, so nothing a client has seen changes).
+then waiting sequences are admitted while the step's token budget, the sequence cap, the KV-cache blocks
+and the adapter slots allow, tenants taking turns (the tenant with the fewest sequences running goes
+next; within a tenant, arrival order), so one tenant's flood cannot hold back another tenant's first
+token. A long prompt is prefilled in chunks across steps, so decodes of other sequences keep flowing.
+When a running sequence needs a KV block and none is free, the newest sequence of the tenant holding the
+most blocks is preempted: its blocks are freed and it is recomputed later (its output so far is kept, so
+nothing a client has seen changes).
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from server.adapter_pool import AdapterSlotPool
@@ -34,6 +37,7 @@ class Sequence:
     adapter: AdapterVersion | None
     sampler: SamplerState
     detokenizer: IncrementalDetokenizer
+    tenant: str | None = None  # the fair-share key (None: the server runs without API keys)
     arrival_time: float = field(default_factory=time.monotonic)
     num_computed: int = 0  # leading tokens whose K/V sit in the cache
     blocks: list[int] = field(default_factory=list)
@@ -107,9 +111,13 @@ class Scheduler:
                 continue
             num_tokens = min(seq.num_pending, budget)
             while not self._reserve_blocks(seq, seq.num_computed + num_tokens):
-                victim = self.running[-1]  # newest first; it is not in the plan yet unless it is `seq`
+                victim = self._victim()
                 self._preempt(victim)
                 preempted = True
+                planned = next((chunk for chunk in plan if chunk.seq is victim), None)
+                if planned is not None:  # it ran earlier in this loop: take its chunk back out of the step
+                    plan.remove(planned)
+                    budget += planned.num_tokens
                 if victim is seq:
                     break
             else:
@@ -120,8 +128,16 @@ class Scheduler:
         self._prefetch()
         return plan
 
+    def _victim(self) -> Sequence:
+        """Whom to preempt for blocks: the newest sequence of the tenant holding the most KV blocks, so a
+        tenant that fills the cache gives back its own work first (with one tenant: the newest sequence)."""
+        blocks: Counter[str | None] = Counter()
+        for seq in self.running:
+            blocks[seq.tenant] += len(seq.blocks)
+        return max(reversed(self.running), key=lambda seq: blocks[seq.tenant])  # max keeps the first, the newest
+
     def _admit(self, plan: list[ScheduledChunk], budget: int) -> int:
-        """Admit waiting sequences in arrival order while budget, sequence cap, blocks and slots allow.
+        """Admit waiting sequences in fair order (`_FairOrder`) while budget, sequence cap, blocks and slots allow.
 
         A sequence whose adapter needs a slot while every slot is pinned lets later sequences of resident
         adapters overtake it, which keeps the device busy, but only for `max_adapter_wait_rounds` rounds:
@@ -130,13 +146,14 @@ class Scheduler:
         steps. Loads stay at most one per admitted request: no slot is ever evicted while pinned.
         """
         slots_closed = False
-        for seq in list(self.waiting):
+        order = _FairOrder(self.waiting, self.running)
+        for seq in order:
             if len(self.running) >= self.max_num_seqs or budget == 0:
                 break
             num_tokens = min(seq.num_pending, budget)
             needed = self.allocator.blocks_for(seq.num_computed + num_tokens) - len(seq.blocks)
             if needed > self.allocator.num_free:
-                break  # memory is admitted in arrival order: nobody overtakes a sequence waiting for blocks
+                break  # memory is admitted in fair order: nobody overtakes a sequence waiting for blocks
             if seq.adapter is not None:
                 if slots_closed:
                     continue
@@ -151,6 +168,7 @@ class Scheduler:
             self.running.append(seq)
             plan.append(ScheduledChunk(seq, num_tokens))
             budget -= num_tokens
+            order.admitted(seq)
         return budget
 
     def _acquire_slot(self, seq: Sequence) -> int | None:
@@ -233,3 +251,32 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+
+
+class _FairOrder:
+    """The waiting sequences in the order admission considers them: each next one comes from the tenant with
+    the fewest sequences running (those admitted this round included), ties going to the tenant whose
+    next sequence has waited longest; within a tenant, queue order. With one tenant this is queue order.
+
+    So a tenant that floods the queue gets one seat per turn like everyone else: another tenant's sequence
+    is admitted as soon as a seat frees, no matter how many of the flood's sequences arrived before it.
+    """
+
+    def __init__(self, waiting: Iterable[Sequence], running: Iterable[Sequence]):
+        self._queues: dict[str | None, deque[tuple[int, Sequence]]] = {}  # tenant -> (queue position, seq)
+        for position, seq in enumerate(waiting):
+            self._queues.setdefault(seq.tenant, deque()).append((position, seq))
+        self._running: Counter[str | None] = Counter(seq.tenant for seq in running)
+
+    def admitted(self, seq: Sequence) -> None:
+        """`seq` (the one just yielded) got a seat: its tenant's next turn comes later."""
+        self._running[seq.tenant] += 1
+
+    def __iter__(self) -> Iterator[Sequence]:
+        while self._queues:
+            tenant = min(self._queues, key=lambda t: (self._running[t], self._queues[t][0][0]))
+            queue = self._queues[tenant]
+            _, seq = queue.popleft()
+            if not queue:
+                del self._queues[tenant]
+            yield seq

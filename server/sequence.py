@@ -45,6 +45,7 @@ class GenerationRequest:
     n: int = 1
     adapter_id: str | None = None  # None: the base model alone
     request_id: str = ""
+    tenant: str | None = None  # who sent it (None when the server runs without keys): the fair-share key
 
 
 @dataclass(frozen=True)
@@ -85,3 +86,42 @@ class AdapterNotFoundError(RequestError):
     def __init__(self, adapter_id: str, param: str = "adapter_id"):
         super().__init__(f"The adapter '{adapter_id}' does not exist.", param=param, code="model_not_found")
         self.adapter_id = adapter_id
+
+
+class AdapterBrokenError(RequestError):
+    """The adapter's stored files failed at load (maps to HTTP 503 `adapter_broken`); a replace cures it."""
+
+    def __init__(self, adapter_id: str, reason: str):
+        super().__init__(
+            f"The adapter '{adapter_id}' is broken and cannot be served ({reason}); upload its files again with "
+            f"PUT /v1/adapters/{adapter_id}.",
+            code="adapter_broken",
+        )
+        self.adapter_id = adapter_id
+        self.reason = reason
+
+
+class QueueFullError(RequestError):
+    """Too many requests wait already and the tenant holds its share of them (maps to HTTP 429
+    `rate_limit_exceeded` with `Retry-After: retry_after_s`). Nothing was queued."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message, code="rate_limit_exceeded")
+        self.retry_after_s = retry_after_s
+
+
+class ServerDrainingError(RequestError):
+    """The server is shutting down: it takes no new request, or it cut this one at the end of its drain
+    (maps to HTTP 503 `server_draining`)."""
+
+    def __init__(self, message: str):
+        super().__init__(message, code="server_draining")
+
+
+class EngineStepError(RuntimeError):
+    """The engine failed on this request (a forward pass, or its adapter could not be loaded); the request
+    ends with this error and the engine goes on. `error_id` names the server log line holding the cause."""
+
+    def __init__(self, message: str, error_id: str):
+        super().__init__(f"{message} (error id {error_id})")
+        self.error_id = error_id

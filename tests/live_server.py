@@ -48,7 +48,7 @@ def serving_engine(settings: Settings) -> Iterator[tuple[str, Engine]]:
     engine = build_engine(settings)
     engine.start()
     try:
-        with running_server(build_app(engine, max_adapter_bytes=settings.max_adapter_bytes)) as url:
+        with running_server(build_app(engine, settings)) as url:
             yield url, engine
     finally:
         engine.shutdown()

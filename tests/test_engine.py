@@ -9,6 +9,8 @@ block and every adapter-slot pin.
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,14 +18,17 @@ from typing import Any
 
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 from adapters_store import TARGET_MODULES, LoraAdapter, LoraWeight
+from server.api import build_app
 from server.checkpoint import save_checkpoint
 from server.config import Settings
 from server.engine import Engine, EngineStepError, RequestStream
 from server.model import ModelArgs
 from server.runtime import build_engine
 from server.sequence import (
+    AdapterBrokenError,
     AdapterNotFoundError,
     FinishReason,
     GenerationRequest,
@@ -31,6 +36,7 @@ from server.sequence import (
     SamplingParams,
     TokenLogprob,
 )
+from tests.openai_schema import assert_valid
 
 # Generous: a healthy engine finishes each scenario in well under a second or two. The timeout only turns
 # a dead engine thread (a stream that will never end) into a failure instead of a hung suite.
@@ -571,6 +577,45 @@ def test_failed_step_fails_only_its_batch(
     assert_idle(engine)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_failed_step_is_a_500_carrying_the_logged_error_id(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, stream: bool
+) -> None:
+    """Over HTTP: the failed batch's request gets OpenAI's 500 body (in-band when streamed) naming the id under
+    which the engine logged the cause with its traceback; the next request is served."""
+    forward = engine.model.forward
+    calls = 0
+
+    def fail_first_call(*args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("injected failure")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "forward", fail_first_call)
+    body = {"model": engine.model_name, "prompt": "hello", "max_tokens": 3, "stream": stream}
+    with TestClient(build_app(engine), raise_server_exceptions=False) as client:
+        failed = client.post("/v1/completions", json=body)
+        if stream:
+            assert failed.status_code == 200  # the headers went out before the step
+            events = [line[len("data: "):] for line in failed.text.splitlines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])
+        else:
+            assert failed.status_code == 500
+            error = failed.json()
+        assert_valid(error, "ErrorResponse")
+        assert error["error"]["type"] == "server_error" and "injected" not in error["error"]["message"]
+        error_id = re.search(r"error id (\w+)", error["error"]["message"]).group(1)  # type: ignore[union-attr]
+        [logged] = [r for r in caplog.records if error_id in r.getMessage()]
+        assert logged.name == "lorahive.engine" and logged.exc_info is not None
+        assert "injected failure" in str(logged.exc_info[1])
+        served = client.post("/v1/completions", json=body | {"stream": False})
+        assert served.status_code == 200 and served.json()["choices"][0]["finish_reason"] == "length"
+    assert_idle(engine)
+
+
 def test_adapter_that_cannot_be_loaded_fails_its_request_not_the_engine(
     make_engine: Callable[..., Engine], adapters: dict[str, LoraAdapter], tmp_path: Path
 ) -> None:
@@ -584,7 +629,7 @@ def test_adapter_that_cannot_be_loaded_fails_its_request_not_the_engine(
     ok_request = greedy(prompt(90, 5), 4, "a3")
 
     async def scenario() -> list[Choice]:
-        with pytest.raises(EngineStepError, match="a1"):
+        with pytest.raises(AdapterBrokenError, match="a1"):
             await asyncio.wait_for(collect(engine.submit(greedy(prompt(90, 5), 4, "a1"))), TIMEOUT_S)
         return await asyncio.wait_for(collect(engine.submit(ok_request)), TIMEOUT_S)
 

@@ -1,18 +1,23 @@
-"""Adapter lifecycle over REST: upload, replace, list, inspect, delete.
+"""Adapter lifecycle over REST: upload, replace, list, inspect, mark public, delete.
 
 Uploads are multipart forms carrying the PEFT files themselves (never a server-side path or a URL):
 either `adapter_config` + `adapter_model`, or one `archive` (.tar.gz / .zip of a PEFT directory). Every
 upload is parsed and checked against the served base model before anything is stored, and the store
 writes atomically, so a refused or interrupted upload leaves nothing behind.
+
+An adapter belongs to the tenant that uploaded it; who sees and changes what is `adapter_access`'s rule
+(another tenant's private adapter is a 404, exactly like a missing one). Adapter ids are one namespace
+for the whole server, so an upload under an id another tenant holds is a 409 like any taken id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict
 
 from adapters_store import (
     AdapterExistsError,
@@ -23,10 +28,12 @@ from adapters_store import (
     validate_adapter_id,
 )
 from server.adapter_registry import AdapterRegistry, AdapterVersion
+from server.api.adapter_access import AccessDep, AdapterAccess
 from server.api.errors import APIError, ErrorResponse
+from server.api.tenant_quotas import TenantQuotasDep
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 409, 413, 507)}
+_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 507)}
 
 
 class StoredFileInfo(BaseModel):
@@ -44,7 +51,11 @@ class AdapterInfo(BaseModel):
     lora_alpha: float
     target_modules: list[str]
     bytes: int
-    location: Literal["gpu", "host", "disk"]  # the warmest tier holding it now
+    owner: str | None  # the tenant that uploaded it (None: uploaded while the server ran without keys)
+    public: bool  # every tenant may use it (set by an admin)
+    location: Literal["gpu", "host", "disk"]  # the warmest tier holding it now (a broken one is only on disk)
+    status: Literal["ready", "broken"]  # broken: its stored files failed at load; a PUT of good files cures it
+    error: str | None  # what is wrong with the stored files, when broken
     requests_served: int
     last_used_at: int | None
     files: dict[str, StoredFileInfo]
@@ -56,6 +67,12 @@ class AdapterList(BaseModel):
     has_more: bool
     first_id: str | None
     last_id: str | None
+
+
+class AdapterPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    public: bool
 
 
 class AdapterDeleted(BaseModel):
@@ -85,7 +102,11 @@ def _info(request: Request, version: AdapterVersion) -> AdapterInfo:
         lora_alpha=m.lora_alpha,
         target_modules=list(m.target_modules),
         bytes=m.num_bytes,
+        owner=m.owner,
+        public=m.public,
         location=_location(request, version),
+        status="broken" if version.broken else "ready",
+        error=version.load_error if version.broken else None,
         requests_served=version.requests_served,
         last_used_at=None if version.last_used is None else int(version.last_used),
         files={name: StoredFileInfo(sha256=f.sha256, bytes=f.size) for name, f in m.files.items()},
@@ -119,11 +140,16 @@ async def _adapter_files(
     return await adapter_config.read(), await adapter_model.read()
 
 
-async def _store(registry: RegistryDep, adapter_id: str, files: tuple[bytes, bytes], replace: bool) -> AdapterVersion:
-    """Validate and store in a worker thread (parsing and fsync are blocking); map store errors to HTTP."""
-    operation = registry.replace if replace else registry.create
+async def _store(
+    registry: AdapterRegistry, adapter_id: str, files: tuple[bytes, bytes], replace: bool, owner: str | None = None
+) -> AdapterVersion:
+    """Validate and store in a worker thread (parsing and fsync are blocking); map store errors to HTTP.
+
+    `owner`: the tenant a created adapter belongs to (a replace keeps the adapter's owner)."""
     try:
-        return await asyncio.to_thread(operation, adapter_id, *files)
+        if replace:
+            return await asyncio.to_thread(registry.replace, adapter_id, *files)
+        return await asyncio.to_thread(registry.create, adapter_id, *files, owner=owner)
     except AdapterFormatError as exc:
         raise APIError(400, f"Invalid adapter: {exc.message}", param=exc.field, code="invalid_adapter") from exc
     except AdapterExistsError as exc:
@@ -143,10 +169,16 @@ def _checked_id(adapter_id: str) -> str:
         raise APIError(400, exc.message, param="id", code="invalid_adapter_id") from exc
 
 
+def _size(files: tuple[bytes, bytes]) -> int:
+    return sum(len(data) for data in files)
+
+
 @router.post("", status_code=201, response_model=AdapterInfo, responses=_ERRORS)
 async def upload_adapter(
     request: Request,
     registry: RegistryDep,
+    access: AccessDep,
+    quotas: TenantQuotasDep,
     id: Annotated[str, Form()],  # noqa: A002 - the form field's public name
     adapter_config: OptionalFile = None,
     adapter_model: OptionalFile = None,
@@ -156,7 +188,10 @@ async def upload_adapter(
     if registry.exists(adapter_id):  # cheap early answer; the store's atomic create still decides races
         raise APIError(409, f"The adapter '{adapter_id}' already exists.", param="id", code="adapter_exists")
     files = await _adapter_files(registry, adapter_config, adapter_model, archive)
-    return _info(request, await _store(registry, adapter_id, files, replace=False))
+    owner = access.principal.tenant
+    async with quotas.admitting(registry, owner, _size(files)):
+        version = await _store(registry, adapter_id, files, replace=False, owner=owner)
+    return _info(request, version)
 
 
 @router.put("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS)
@@ -164,47 +199,81 @@ async def replace_adapter(
     request: Request,
     adapter_id: str,
     registry: RegistryDep,
+    access: AccessDep,
+    quotas: TenantQuotasDep,
     adapter_config: OptionalFile = None,
     adapter_model: OptionalFile = None,
     archive: OptionalFile = None,
 ) -> AdapterInfo:
+    current = _modifiable(access, registry, _checked_id(adapter_id))
     files = await _adapter_files(registry, adapter_config, adapter_model, archive)
-    return _info(request, await _store(registry, _checked_id(adapter_id), files, replace=True))
+    async with quotas.admitting(registry, current.manifest.owner, _size(files), replaced_id=adapter_id):
+        version = await _store(registry, adapter_id, files, replace=True)
+    return _info(request, version)
 
 
 @router.get("", response_model=AdapterList)
 async def list_adapters(
     request: Request,
     registry: RegistryDep,
+    access: AccessDep,
     after: Annotated[str | None, Query(description="list ids after this one")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AdapterList:
-    ids = registry.ids(after=after, limit=limit + 1)
-    versions = [v for v in (registry.version(i) for i in ids[:limit]) if v is not None]
-    data = [_info(request, v) for v in versions]
+    """The adapters the caller may see, in id order; `has_more` and `last_id` page through those alone."""
+    versions = (registry.version(i) for i in registry.ids(after=after))
+    visible = (v for v in versions if v is not None and access.sees(v.manifest))
+    page = list(itertools.islice(visible, limit + 1))  # one past the page says whether there is more
+    data = [_info(request, v) for v in page[:limit]]
     return AdapterList(
         data=data,
-        has_more=len(ids) > limit,
+        has_more=len(page) > limit,
         first_id=data[0].id if data else None,
         last_id=data[-1].id if data else None,
     )
 
 
-def _existing(registry: AdapterRegistry, adapter_id: str) -> AdapterVersion:
+def _visible(access: AdapterAccess, registry: AdapterRegistry, adapter_id: str) -> AdapterVersion:
+    """The adapter, if it exists and the caller may see it; otherwise the same 404 either way."""
     version = registry.version(adapter_id)
-    if version is None:
+    if version is None or not access.sees(version.manifest):
         raise APIError(404, f"The adapter '{adapter_id}' does not exist.", param="adapter_id", code="model_not_found")
     return version
 
 
+def _modifiable(access: AdapterAccess, registry: AdapterRegistry, adapter_id: str) -> AdapterVersion:
+    version = _visible(access, registry, adapter_id)
+    if not access.may_modify(version.manifest):  # visible without being ours: someone else's public adapter
+        raise APIError(403, f"The adapter '{adapter_id}' belongs to another tenant; only its owner or an admin may "
+                       "change it.", param="adapter_id", code="permission_denied")
+    return version
+
+
 @router.get("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS)
-async def get_adapter(request: Request, adapter_id: str, registry: RegistryDep) -> AdapterInfo:
-    return _info(request, _existing(registry, adapter_id))
+async def get_adapter(request: Request, adapter_id: str, registry: RegistryDep, access: AccessDep) -> AdapterInfo:
+    return _info(request, _visible(access, registry, adapter_id))
+
+
+@router.patch("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS)
+async def patch_adapter(
+    request: Request, adapter_id: str, body: AdapterPatch, registry: RegistryDep, access: AccessDep
+) -> AdapterInfo:
+    """`{"public": true}` lets every tenant see and use the adapter; admins only."""
+    _visible(access, registry, adapter_id)
+    if not access.principal.is_admin:
+        raise APIError(403, "Only an admin may make an adapter public or private.", param="public",
+                       code="permission_denied")
+    try:
+        version = await asyncio.to_thread(registry.set_public, adapter_id, body.public)
+    except AdapterMissingError as exc:  # deleted by a concurrent request
+        raise APIError(404, f"The adapter '{adapter_id}' does not exist.", param="adapter_id",
+                       code="model_not_found") from exc
+    return _info(request, version)
 
 
 @router.delete("/{adapter_id}", response_model=AdapterDeleted, responses=_ERRORS)
-async def delete_adapter(adapter_id: str, registry: RegistryDep) -> AdapterDeleted:
-    _existing(registry, adapter_id)
+async def delete_adapter(adapter_id: str, registry: RegistryDep, access: AccessDep) -> AdapterDeleted:
+    _modifiable(access, registry, adapter_id)
     try:
         await asyncio.to_thread(registry.delete, adapter_id)
     except AdapterMissingError as exc:  # deleted by a concurrent request

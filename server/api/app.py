@@ -1,36 +1,59 @@
-"""`build_app(engine)`: the FastAPI application around one engine."""
+"""`build_app(engine, settings)`: the FastAPI application around one engine."""
 
 from __future__ import annotations
 
 from fastapi import FastAPI
 
 from server.api.adapter_routes import router as adapter_router
-from server.api.body_limit import BodySizeLimit
+from server.api.auth import Authentication, KeyRing, load_api_keys
+from server.api.body_limit import BodyLimit, BodySizeLimit
 from server.api.errors import install_error_handlers
+from server.api.lifecycle_routes import DrainGate, Lifecycle
+from server.api.lifecycle_routes import router as lifecycle_router
 from server.api.metrics_routes import HTTPMetrics
 from server.api.metrics_routes import router as metrics_router
 from server.api.openai_routes import EngineAPI, router
+from server.api.request_limits import RequestLimits, flag
+from server.api.tenant_concurrency import TenantConcurrencyLimit
+from server.api.tenant_quotas import TenantQuotas
+from server.config import Settings
 from server.metrics import Metrics
 
-MAX_JSON_BODY_BYTES = 32 * 2**20  # generous for prompts; uploads have their own limit
 MULTIPART_OVERHEAD_BYTES = 2**20  # form boundaries, headers and the config file beside the weights
 
 
-def build_app(engine: EngineAPI, max_adapter_bytes: int = 512 * 2**20) -> FastAPI:
+def build_app(engine: EngineAPI, settings: Settings | None = None, keys: KeyRing | None = None) -> FastAPI:
     """The HTTP face of `engine`. The engine lives on `app.state` and reaches routes through the
-    `get_engine` dependency, so one process can host several apps (tests do) without globals."""
+    `get_engine` dependency, so one process can host several apps (tests do) without globals.
+
+    `settings` gives the limits (default: `Settings()`'s); `keys` the accepted API keys, read from
+    `settings.api_keys` when not given (no key file: the server runs open)."""
+    settings = settings or Settings()
+    keys = keys if keys is not None else load_api_keys(settings.api_keys)
     app = FastAPI(title="lorahive", summary="Multi-tenant LoRA inference server (OpenAI-compatible API)")
     app.state.engine = engine
+    app.state.lifecycle = Lifecycle()  # draining after SIGTERM: server/draining_server.py flips it
+    app.state.request_limits = RequestLimits.from_settings(settings)
+    app.state.tenant_quotas = TenantQuotas.from_settings(settings)
     # The engine's metrics (request timing, adapter tiers); an engine without any (a test double) gets HTTP ones.
     app.state.metrics = getattr(engine, "metrics", None) or Metrics()
     install_error_handlers(app)
+    app.include_router(lifecycle_router)
     app.include_router(router)
     app.include_router(adapter_router)
     app.include_router(metrics_router)
-    upload_limit = max_adapter_bytes + MULTIPART_OVERHEAD_BYTES
+    # Middleware added last runs first: metrics, the drain gate, authentication, then the per-tenant and size
+    # limits.
+    upload_limit = BodyLimit(settings.max_adapter_bytes + MULTIPART_OVERHEAD_BYTES, flag("max_adapter_bytes"))
+    json_limit = BodyLimit(settings.max_request_bytes, flag("max_request_bytes"))
     app.add_middleware(
-        BodySizeLimit,
-        limit_for=lambda path: upload_limit if path.startswith("/v1/adapters") else MAX_JSON_BODY_BYTES,
+        BodySizeLimit, limit_for=lambda path: upload_limit if path.startswith("/v1/adapters") else json_limit
     )
+    if settings.max_concurrent_requests_per_tenant is not None:
+        app.add_middleware(TenantConcurrencyLimit, limit=settings.max_concurrent_requests_per_tenant)
+    metrics_key = settings.metrics_api_key.get_secret_value() if settings.metrics_api_key is not None else None
+    app.add_middleware(Authentication, keys=keys, metrics_key=metrics_key)
+    # While draining, new requests get 503 before anything else runs; in flight ones are counted till they end.
+    app.add_middleware(DrainGate, lifecycle=app.state.lifecycle, metrics=app.state.metrics)
     app.add_middleware(HTTPMetrics, metrics=app.state.metrics)  # outermost: sees every status
     return app

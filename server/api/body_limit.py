@@ -8,6 +8,7 @@ would come after a 10 GB upload had already been written to a temporary file. Th
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -15,14 +16,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from server.api.errors import error_response
 
 
-def _too_large(limit: int) -> str:
-    return f"The request body is larger than this server accepts on this route ({limit} bytes)."
+class BodyLimit(NamedTuple):
+    max_bytes: int
+    setting: str  # the flag that sets it, named in the refusal
+
+
+def _too_large(limit: BodyLimit) -> str:
+    return (f"The request body is larger than this server accepts on this route: {limit.max_bytes} bytes, "
+            f"set by {limit.setting}.")
 
 
 class BodySizeLimit:
-    """`limit_for(path)` gives the largest body accepted on that path, in bytes."""
+    """`limit_for(path)` gives the largest body accepted on that path."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int]) -> None:
+    def __init__(self, app: ASGIApp, limit_for: Callable[[str], BodyLimit]) -> None:
         self.app = app
         self.limit_for = limit_for
 
@@ -32,7 +39,7 @@ class BodySizeLimit:
             return
         limit = self.limit_for(scope["path"])
         declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and declared.isdigit() and int(declared) > limit.max_bytes:
             await error_response(413, _too_large(limit), code="request_too_large")(scope, receive, send)
             return
         received = 0
@@ -41,7 +48,7 @@ class BodySizeLimit:
             nonlocal received
             message = await receive()
             received += len(message.get("body", b""))
-            if received > limit:
+            if received > limit.max_bytes:
                 # An HTTPException, not our own type: FastAPI turns any other error raised while it reads a
                 # body into a 400, but lets this one through to the OpenAI-shaped 413 handler.
                 raise HTTPException(413, _too_large(limit))

@@ -22,7 +22,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.protocol import CUSTOM_ERROR_CODES
-from server.sequence import AdapterNotFoundError, RequestError
+from server.sequence import (
+    AdapterBrokenError,
+    AdapterNotFoundError,
+    EngineStepError,
+    QueueFullError,
+    RequestError,
+    ServerDrainingError,
+)
 
 log = logging.getLogger("lorahive.api")
 
@@ -66,17 +73,30 @@ def internal_error_body(error_id: str) -> dict[str, Any]:
 class APIError(Exception):
     """An error a route raises with its own status (409, 413, 507, ...), answered in OpenAI's shape."""
 
-    def __init__(self, status_code: int, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,  # default: from the status, as for any HTTP error
+    ):
         super().__init__(message)
         self.status_code = status_code
         self.message = message
         self.param = param
         self.code = code
+        self.error_type = error_type
+
+
+def _type_for(status: int) -> str:
+    return _TYPE_BY_STATUS.get(status, SERVER_ERROR if status >= 500 else INVALID_REQUEST)
 
 
 def _api_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, APIError)
-    kind = SERVER_ERROR if exc.status_code >= 500 else INVALID_REQUEST
+    kind = exc.error_type or _type_for(exc.status_code)
     return error_response(exc.status_code, exc.message, error_type=kind, param=exc.param, code=exc.code)
 
 
@@ -117,8 +137,30 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
 
 def _request_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestError)
+    return request_error_response(exc)
+
+
+def request_error_response(exc: RequestError) -> JSONResponse:
+    """The answer to an engine refusal (also sent in-band when a stream ends with one)."""
+    if isinstance(exc, AdapterBrokenError):  # the server's stored copy is at fault, not the request
+        return error_response(503, exc.message, error_type=SERVER_ERROR, param=exc.param, code=exc.code)
+    if isinstance(exc, QueueFullError):
+        return error_response(429, exc.message, error_type=_type_for(429), code=exc.code,
+                              headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, ServerDrainingError):
+        return error_response(503, exc.message, error_type=SERVER_ERROR, code=exc.code)
     status = 404 if isinstance(exc, AdapterNotFoundError) else 400
     return error_response(status, exc.message, param=exc.param, code=exc.code)
+
+
+def engine_error_response(exc: EngineStepError) -> JSONResponse:
+    """A 500 carrying the id under which the engine logged the cause (no second log line needed)."""
+    return JSONResponse(internal_error_body(exc.error_id), status_code=500)
+
+
+def _engine_error(_: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, EngineStepError)
+    return engine_error_response(exc)
 
 
 def _http_error(request: Request, exc: Exception) -> JSONResponse:
@@ -130,8 +172,7 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
             message = f"Unknown request URL: {request.method} {request.url.path}."
         elif status == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}."
-    kind = _TYPE_BY_STATUS.get(status, SERVER_ERROR if status >= 500 else INVALID_REQUEST)
-    return error_response(status, message, error_type=kind, headers=exc.headers)
+    return error_response(status, message, error_type=_type_for(status), headers=exc.headers)
 
 
 class _UnhandledErrorMiddleware:
@@ -167,7 +208,8 @@ class _UnhandledErrorMiddleware:
 
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(RequestError, _request_error)  # AdapterNotFoundError is a subclass: 404
+    app.add_exception_handler(RequestError, _request_error)  # AdapterNotFoundError: 404, AdapterBrokenError: 503
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(APIError, _api_error)
+    app.add_exception_handler(EngineStepError, _engine_error)
     app.add_middleware(_UnhandledErrorMiddleware)

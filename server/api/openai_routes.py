@@ -1,4 +1,4 @@
-"""OpenAI-compatible routes: `/health`, `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
+"""OpenAI-compatible routes: `/v1/models`, `/v1/completions`, `/v1/chat/completions`.
 
 The two generation routes differ only in how they turn a request into prompt tokens and in the JSON
 shapes of their answers. Everything else is shared: adapter resolution, the context-length check,
@@ -26,7 +26,8 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
-from server.api.errors import ErrorResponse, internal_error_body
+from server.api.adapter_access import AccessDep, AdapterAccess
+from server.api.errors import ErrorResponse, engine_error_response, internal_error_body, request_error_response
 from server.api.protocol import (
     BaseGenerationRequest,
     ChatChoice,
@@ -47,9 +48,11 @@ from server.api.protocol import (
     ModelList,
     UsageInfo,
 )
+from server.api.request_limits import RequestLimitsDep
 from server.sequence import (
     AdapterNotFoundError,
     ChoiceDelta,
+    EngineStepError,
     FinishReason,
     GenerationRequest,
     RequestError,
@@ -115,8 +118,11 @@ EngineDep = Annotated[EngineAPI, Depends(get_engine)]
 router = APIRouter()
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse},
+    401: {"model": ErrorResponse},  # no valid API key (server/api/auth.py)
     404: {"model": ErrorResponse},
+    429: {"model": ErrorResponse},  # the waiting queue is full (server/waiting_quota.py)
     500: {"model": ErrorResponse},
+    503: {"model": ErrorResponse},  # the adapter named is broken on disk, or the server is draining
 }
 
 
@@ -124,51 +130,59 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 # Routes
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
-    return {"status": "ok"}
-
-
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(engine: EngineDep) -> ModelList:
-    return ModelList(data=_model_cards(engine))
+async def list_models(engine: EngineDep, access: AccessDep) -> ModelList:
+    return ModelList(data=_model_cards(engine, access))
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
-async def retrieve_model(model_id: str, engine: EngineDep) -> ModelCard:
-    for card in _model_cards(engine):
+async def retrieve_model(model_id: str, engine: EngineDep, access: AccessDep) -> ModelCard:
+    for card in _model_cards(engine, access):
         if card.id == model_id:
             return card
     raise _model_not_found(engine, model_id, "model")
 
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
-async def create_completion(body: CompletionRequest, request: Request, engine: EngineDep) -> Response:
-    adapter = _resolve_adapter(engine, body)
+async def create_completion(
+    body: CompletionRequest, request: Request, engine: EngineDep, access: AccessDep, limits: RequestLimitsDep
+) -> Response:
+    limits.check_shape(body)
+    limits.check_max_tokens(body.max_tokens, "max_tokens")
+    adapter = _resolve_adapter(engine, access, body)
     prompts = await asyncio.to_thread(_completion_prompts, engine.tokenizer, body)
+    limits.check_prompt_tokens(sum(len(p.token_ids) for p in prompts), "prompt")
     max_tokens = _fit_context(
-        engine.max_model_len, prompts, body.resolved_max_tokens(), "prompt", "max_tokens"
+        engine.max_model_len, prompts, limits.cap_max_tokens(body.resolved_max_tokens()), "prompt", "max_tokens"
     )
     params = body.sampling_params(max_tokens)
-    return await _generate(request, engine, body, adapter, prompts, params, _CompletionRenderer)
+    return await _generate(request, engine, access, body, adapter, prompts, params, _CompletionRenderer)
 
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, engine: EngineDep
+    body: ChatCompletionRequest, request: Request, engine: EngineDep, access: AccessDep, limits: RequestLimitsDep
 ) -> Response:
-    adapter = _resolve_adapter(engine, body)
+    limits.check_shape(body)
+    limit = body.requested_max_tokens()  # None: whatever room the context leaves, within the server's limit
+    limits.check_max_tokens(limit, body.max_tokens_field)
+    adapter = _resolve_adapter(engine, access, body)
     prompts = [await asyncio.to_thread(_chat_prompt, engine.tokenizer, body)]
-    limit = body.requested_max_tokens()  # None: whatever room the context leaves
+    limits.check_prompt_tokens(len(prompts[0].token_ids), "messages")
     max_tokens = _fit_context(engine.max_model_len, prompts, limit, "messages", body.max_tokens_field)
-    params = body.sampling_params(max_tokens)
-    return await _generate(request, engine, body, adapter, prompts, params, _ChatRenderer)
+    params = body.sampling_params(limits.cap_max_tokens(max_tokens))
+    return await _generate(request, engine, access, body, adapter, prompts, params, _ChatRenderer)
 
 
-def _model_cards(engine: EngineAPI) -> list[ModelCard]:
+def _model_cards(engine: EngineAPI, access: AdapterAccess) -> list[ModelCard]:
+    """The base model and the adapters the caller may see."""
     base = engine.model_name
     cards = [ModelCard(id=base, created=engine.created, root=base, description=engine.model_description)]
-    cards += [ModelCard(id=a, created=engine.created, root=base, parent=base) for a in engine.adapter_ids()]
+    cards += [
+        ModelCard(id=a, created=engine.created, root=base, parent=base)
+        for a in engine.adapter_ids()
+        if access.visible(a)
+    ]
     return cards
 
 
@@ -270,15 +284,16 @@ class _Adapter:
     param: str  # the request field that chose it, named in errors
 
 
-def _resolve_adapter(engine: EngineAPI, body: BaseGenerationRequest) -> _Adapter:
+def _resolve_adapter(engine: EngineAPI, access: AdapterAccess, body: BaseGenerationRequest) -> _Adapter:
+    """The adapter the request names; one the caller may not see is "not found", like one that is not there."""
     if body.adapter_id is not None:
-        if not engine.has_adapter(body.adapter_id):
+        if not access.visible(body.adapter_id):
             raise _model_not_found(engine, body.adapter_id, "adapter_id")
         return _Adapter(body.adapter_id, "adapter_id")
     # The base model's name wins over an adapter of the same name: the base must always be reachable.
     if body.model is None or body.model == engine.model_name:
         return _Adapter(None, "model")
-    if engine.has_adapter(body.model):
+    if access.visible(body.model):
         return _Adapter(body.model, "model")
     raise _model_not_found(engine, body.model, "model")
 
@@ -330,6 +345,7 @@ class _Job:
 
 def _submit(
     engine: EngineAPI,
+    tenant: str | None,
     body: BaseGenerationRequest,
     adapter: _Adapter,
     prompts: list[_Prompt],
@@ -344,7 +360,9 @@ def _submit(
     streams: list[RequestStreamAPI] = []
     try:
         for i, prompt in enumerate(prompts):
-            request = GenerationRequest(tuple(prompt.token_ids), params, n, adapter.id, f"{job_id}-{i}")
+            request = GenerationRequest(
+                tuple(prompt.token_ids), params, n, adapter.id, f"{job_id}-{i}", tenant=tenant
+            )
             streams.append(engine.submit(request))
     except BaseException as exc:
         for stream in streams:  # all prompts or none
@@ -500,8 +518,12 @@ class _Renderer(ABC):
                         yield self.sse(chunk)
             if job.include_usage:
                 yield self.sse(self.usage_chunk())
+        # The 200 and its headers are gone already; report in-band, as OpenAI's SDKs expect.
+        except RequestError as exc:  # ended by the server's state (a drain ran out of time, a broken adapter)
+            yield f"data: {request_error_response(exc).body.decode()}\n\n"
+        except EngineStepError as exc:  # the engine logged the cause under the id this body carries
+            yield f"data: {engine_error_response(exc).body.decode()}\n\n"
         except Exception:
-            # The 200 and its headers are gone already; report in-band, as OpenAI's SDKs expect.
             error_id = uuid.uuid4().hex[:12]
             log.exception("stream %s failed (error id %s)", job.id, error_id)
             yield f"data: {json.dumps(internal_error_body(error_id))}\n\n"
@@ -658,13 +680,14 @@ class _ChatRenderer(_Renderer):
 async def _generate(
     request: Request,
     engine: EngineAPI,
+    access: AdapterAccess,
     body: BaseGenerationRequest,
     adapter: _Adapter,
     prompts: list[_Prompt],
     params: SamplingParams,
     renderer_class: type[_Renderer],
 ) -> Response:
-    job = _submit(engine, body, adapter, prompts, params, renderer_class.ID_PREFIX)
+    job = _submit(engine, access.principal.tenant, body, adapter, prompts, params, renderer_class.ID_PREFIX)
     renderer = renderer_class(job, engine.tokenizer)
     if body.stream:
         return _EventStream(renderer.events())
