@@ -17,7 +17,7 @@ On CUDA the weights are copied on a side stream from pinned host memory: a copy 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Collection, Hashable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -56,8 +56,14 @@ class AdapterSlotPool:
         self._pins = [0] * num_slots
         self._lru: OrderedDict[Hashable, int] = OrderedDict()  # key -> slot, least recently used first
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.loads = 0
+        self.loads = 0  # every load, prefetches included
+        self.prefetches = 0
         self.evictions = 0
+
+    @property
+    def copies_overlap_compute(self) -> bool:
+        """Whether weights go up on a side stream, so a `prefetch` during a step is worth doing."""
+        return self._copy_stream is not None
 
     @property
     def capacity_bytes(self) -> int:
@@ -93,17 +99,18 @@ class AdapterSlotPool:
         self._pins[slot] += 1
         return slot
 
-    def prefetch(self, key: Hashable, adapter: LoraAdapter) -> bool:
-        """Load `key` ahead of need into free space only (evicting nothing); True if it is resident now.
+    def prefetch(self, key: Hashable, adapter: LoraAdapter, keep: Collection[Hashable]) -> bool:
+        """Load `key` ahead of need, evicting only unpinned adapters not in `keep`; True if it is resident now.
 
-        Called while a step runs, so on CUDA the copy overlaps that step. Not pinned, not counted as used."""
+        Called while a step runs, so on CUDA the copy overlaps that step. Not pinned."""
         if key in self._lru:
             return True
         rank = self._rank_of(adapter)
-        if None not in self._keys or len(self._free_pages) < pages_for_rank(rank):
+        slot = self._make_room(pages_for_rank(rank), keep)
+        if slot is None:
             return False
-        self._load(self._keys.index(None), key, adapter, rank)
-        self._lru.move_to_end(key, last=False)  # not used yet: first to go if space is needed
+        self._load(slot, key, adapter, rank)
+        self.prefetches += 1
         return True
 
     def discard(self, key: Hashable) -> None:
@@ -129,16 +136,16 @@ class AdapterSlotPool:
                              f"{self.max_rank}")
         return rank
 
-    def _make_room(self, pages_needed: int) -> int | None:
-        """A free slot with `pages_needed` free pages, evicting least recently used unpinned adapters; None
-        (evicting nothing) when even evicting every unpinned one would not make enough room."""
+    def _make_room(self, pages_needed: int, keep: Collection[Hashable] = ()) -> int | None:
+        """A free slot with `pages_needed` free pages, evicting least recently used unpinned adapters not in
+        `keep`; None (evicting nothing) when even evicting every one of them would not make enough room."""
         free_pages = len(self._free_pages)
         has_slot = None in self._keys
         victims: list[Hashable] = []
         for key, slot in self._lru.items():  # least recently used first
             if free_pages >= pages_needed and has_slot:
                 break
-            if self._pins[slot] == 0:
+            if self._pins[slot] == 0 and key not in keep:
                 victims.append(key)
                 free_pages += len(self._slot_pages[slot])
                 has_slot = True

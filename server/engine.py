@@ -352,6 +352,8 @@ class Engine:
             )
             self.model.lora.batch = lora_batch
             logits = self.model(step, self.cache)
+            if self.pool.copies_overlap_compute:  # the forward is queued on the GPU: copy the next adapters now
+                self.scheduler.prefetch_to_device()
             tokens, logprobs = sample(logits, [c.seq.sampler for c in sampled])
         except Exception:  # one bad step fails its batch, never the engine
             error_id = uuid.uuid4().hex[:12]

@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from adapters_store import TARGET_MODULES
+from server.adapter_pool import AdapterSlotPool
 from server.config import Settings
 from server.engine import Engine
 from server.runtime import build_engine
-from tests.test_engine import ENGINE_SETTINGS, assert_idle, generate, greedy, make_adapter, prompt
+from server.sequence import GenerationRequest
+from tests.test_engine import (
+    ENGINE_SETTINGS,
+    TIMEOUT_S,
+    assert_idle,
+    collect,
+    generate,
+    greedy,
+    make_adapter,
+    prompt,
+)
+from tests.test_fairness import StepClock
 
 NUM_ADAPTERS = 8
 SLOTS = 2  # 4x oversubscribed
@@ -107,3 +121,69 @@ def test_device_byte_budget_with_mixed_ranks_gives_the_alone_outputs(tmp_path: P
         assert_idle(tight)
     finally:
         tight.shutdown()
+
+
+def test_prefetch_during_steps_gives_the_alone_outputs(engines, monkeypatch):
+    """On CUDA the engine copies the adapters of waiting sequences into the device tier while a step runs.
+    Here the sequence cap (2) holds requests back while slots (4) are left: their adapters go up early. The CPU
+    has no side stream, so the switch is forced: outputs stay the ones alone, loads stay bounded."""
+    requests = _requests()
+    roomy = engines(max_gpu_adapters=NUM_ADAPTERS)
+    alone = [generate(roomy, [r])[0] for r in requests]
+
+    monkeypatch.setattr(AdapterSlotPool, "copies_overlap_compute", property(lambda pool: True))
+    tight = engines(max_gpu_adapters=4, max_num_seqs=2)
+    assert generate(tight, requests) == alone
+    assert tight.pool.prefetches > 0
+    assert tight.pool.loads <= sum(r.adapter_id is not None for r in requests)
+    assert_idle(tight)
+
+
+STEADY_CLIENTS = 6  # each sends its next request (for t0 or t1) as soon as its previous one ends
+STEADY_REQUESTS = 12  # per client
+
+
+def rotation_waits(engine: Engine, clock, max_tokens: int) -> list[int]:
+    """Steps from arrival to first token of one request each for t2..t7, sent while steady clients keep
+    t0 and t1 (resident in the two slots) busy the whole time."""
+
+    def request(seed: int, adapter: str, request_id: str, tokens: int = max_tokens) -> GenerationRequest:
+        return replace(greedy(prompt(seed, 6), tokens, adapter, ignore_eos=True), request_id=request_id)
+
+    async def steady(client: int) -> None:
+        # Lengths differ per client so that the two clients of one adapter never finish in the same step:
+        # its slot stays pinned from one request to the next.
+        for k in range(STEADY_REQUESTS):
+            adapter, tokens = f"t{client % 2}", max_tokens + client
+            await collect(engine.submit(request(1000 * client + k, adapter, f"steady-{client}-{k}", tokens)))
+
+    async def scenario() -> None:
+        clients = [asyncio.ensure_future(steady(c)) for c in range(STEADY_CLIENTS)]
+        while len(clock.first) < STEADY_CLIENTS:  # t0 and t1 hold both slots
+            await asyncio.sleep(0.001)
+        waiting = [engine.submit(request(i, f"t{i}", f"rotating-{i}")) for i in range(2, NUM_ADAPTERS)]
+        await asyncio.wait_for(asyncio.gather(*clients, *(collect(s) for s in waiting)), TIMEOUT_S)
+
+    asyncio.run(scenario())
+    return sorted(clock.ttft(f"rotating-{i}") for i in range(2, NUM_ADAPTERS))
+
+
+def test_every_waiting_request_gets_its_first_token_within_a_bounded_number_of_steps(engines, monkeypatch):
+    """4x oversubscribed slots, and a steady stream for the two resident adapters that never lets their
+    slots go idle: the six other adapters still get their turn, in a bounded number of engine steps.
+
+    Bound, from arrival to first token: the anti-starvation gate stops resident adapters overtaking after
+    `max_adapter_wait_rounds` rounds (one round per step while the engine is busy); then the running
+    requests finish (max_tokens steps), and the waiting adapters go in, SLOTS at a time, each pair holding
+    the slots for a prefill and max_tokens decode steps. With the gate switched off the same run puts the
+    last first token past 80 steps (measured), so this bound fails without it.
+    """
+    max_tokens = 6
+    engine = engines(max_gpu_adapters=SLOTS)
+    clock = StepClock(engine, monkeypatch)
+    waits = rotation_waits(engine, clock, max_tokens)
+    pairs = -(-(NUM_ADAPTERS - 2) // SLOTS)
+    bound = engine.scheduler.max_adapter_wait_rounds + max_tokens + pairs * (max_tokens + 1)
+    print(f"first tokens of the rotating adapters after {waits} steps; bound {bound}")
+    assert waits[-1] <= bound
+    assert_idle(engine)

@@ -93,15 +93,19 @@ def test_freed_pages_are_reused_and_the_table_points_past_the_rank_at_the_zero_p
     assert sorted(pool.table.pages[slot].tolist()[:3]) == [1, 2, 3]
 
 
-def test_prefetch_uses_free_space_only(model):
+def test_prefetch_evicts_only_what_is_neither_pinned_nor_wanted(model):
     pool = pool_of(model, num_slots=4, pages=4)
-    pool.release(pool.acquire("a", adapter(model, "a", 32, seed=1)))
-    assert pool.prefetch("b", adapter(model, "b", 32, seed=2))  # fits the two free pages
-    assert not pool.prefetch("c", adapter(model, "c", 16, seed=3))  # would need an eviction: refused
-    assert pool.evictions == 0 and pool.slot_of("c") is None
-    # A prefetched adapter has not been used yet, so it is the first to leave.
-    pool.release(pool.acquire("d", adapter(model, "d", 16, seed=4)))
-    assert pool.slot_of("b") is None and pool.slot_of("a") is not None
+    pinned = pool.acquire("pinned", adapter(model, "pinned", 16, seed=1))
+    pool.release(pool.acquire("wanted", adapter(model, "wanted", 16, seed=2)))
+    pool.release(pool.acquire("stale", adapter(model, "stale", 16, seed=3)))
+    keep = {"wanted", "b", "c"}
+    assert pool.prefetch("b", adapter(model, "b", 16, seed=4), keep)  # the one free page
+    assert pool.prefetch("c", adapter(model, "c", 16, seed=5), keep)  # evicts "stale"
+    assert pool.slot_of("stale") is None and pool.evictions == 1
+    assert not pool.prefetch("d", adapter(model, "d", 16, seed=6), keep | {"d"})  # only wanted or pinned left
+    assert pool.evictions == 1 and pool.prefetches == 2
+    assert all(pool.slot_of(key) is not None for key in ("pinned", "wanted", "b", "c"))
+    pool.release(pinned)
 
 
 def test_a_budget_below_one_max_rank_adapter_is_refused_naming_the_flag(model):
