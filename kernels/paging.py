@@ -13,7 +13,7 @@ B is rank-major so that a low-rank adapter reads whole memory sectors: with B st
 held only r useful elements, which for r < 16 in a half type is less than one 32-byte sector.
 
 Page `ZERO_PAGE` (0) is all zeros and never handed out. A slot's page-table entries past its rank point
-there, so code that ignores ranks (the torch reference) reads zeros past an adapter's rank.
+there, so code that reads a whole page-table row reads zeros past an adapter's rank.
 """
 
 from __future__ import annotations
@@ -37,17 +37,23 @@ def pages_for_rank(rank: int) -> int:
 @dataclass(frozen=True)
 class PageTable:
     """Each slot's adapter rank and pages, on the model's device; updated in place by the slot pool, so a
-    captured step sees the current values."""
+    captured step sees the current values. `host_ranks` mirrors `ranks` in host memory, for the torch
+    reference, which slices by rank without a device round trip."""
 
     ranks: torch.Tensor  # [num_slots] int32; 0 for an empty slot
     pages: torch.Tensor  # [num_slots, max_pages] int32; ZERO_PAGE past the slot's rank
+    host_ranks: list[int]
 
     @classmethod
     def empty(cls, num_slots: int, max_rank: int, device: torch.device | str = "cpu") -> PageTable:
         return cls(
             ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
             pages=torch.full((num_slots, pages_for_rank(max_rank)), ZERO_PAGE, dtype=torch.int32, device=device),
+            host_ranks=[0] * num_slots,
         )
+
+    def to(self, device: torch.device | str) -> PageTable:
+        return PageTable(self.ranks.to(device), self.pages.to(device), list(self.host_ranks))
 
     @property
     def max_rank(self) -> int:
@@ -59,6 +65,7 @@ class PageTable:
         if pages:
             self.pages[slot, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.ranks[slot] = rank
+        self.host_ranks[slot] = rank
 
     def clear(self, slot: int) -> None:
         self.assign(slot, 0, [])

@@ -99,7 +99,7 @@ def make_case(
         y=rounded(t, sum(widths)).to(device, dtype),
         lora_a=lora_a.to(device, dtype),
         lora_b=lora_b.to(device, dtype),
-        table=PageTable(table.ranks.to(device), table.pages.to(device)),
+        table=table.to(device),
         token_slots=list(token_slots),
         widths=tuple(widths),
         a=a,
