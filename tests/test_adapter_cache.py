@@ -123,16 +123,20 @@ def test_device_byte_budget_with_mixed_ranks_gives_the_alone_outputs(tmp_path: P
         tight.shutdown()
 
 
-def test_prefetch_during_steps_gives_the_alone_outputs(engines, monkeypatch):
-    """On CUDA the engine copies the adapters of waiting sequences into the device tier while a step runs.
-    Here the sequence cap (2) holds requests back while slots (4) are left: their adapters go up early. The CPU
-    has no side stream, so the switch is forced: outputs stay the ones alone, loads stay bounded."""
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_prefetch_during_steps_gives_the_alone_outputs(engines, monkeypatch, device: str):
+    """On CUDA the engine copies the adapters of waiting sequences into the device tier on a side stream while
+    a step runs. Here the sequence cap (2) holds requests back while slots (4) are left: their adapters go up
+    early. The CPU has no side stream, so there the switch is forced; on CUDA it is the real path. Outputs
+    stay the ones alone (float32 on both devices), loads stay bounded."""
     requests = _requests()
-    roomy = engines(max_gpu_adapters=NUM_ADAPTERS)
+    roomy = engines(max_gpu_adapters=NUM_ADAPTERS, device=device)
     alone = [generate(roomy, [r])[0] for r in requests]
 
-    monkeypatch.setattr(AdapterSlotPool, "copies_overlap_compute", property(lambda pool: True))
-    tight = engines(max_gpu_adapters=4, max_num_seqs=2)
+    if device == "cpu":
+        monkeypatch.setattr(AdapterSlotPool, "copies_overlap_compute", property(lambda pool: True))
+    tight = engines(max_gpu_adapters=4, max_num_seqs=2, device=device)
+    assert tight.pool.copies_overlap_compute
     assert generate(tight, requests) == alone
     assert tight.pool.prefetches > 0
     assert tight.pool.loads <= sum(r.adapter_id is not None for r in requests)
