@@ -178,25 +178,34 @@ class AdapterRegistry:
                 raise StoreError(f"version {version.manifest.version} was replaced while it loaded")
             adapter = self._parse(version.adapter_id, config, weights)
             with self._lock:
-                self._keep_in_host(version, adapter)
+                # A retire may have given it a copy meanwhile, or retired it with nobody left to use it.
+                if version.weights is None and not (version.retired and version.users == 0):
+                    self._keep_in_host(version, adapter)
                 self.stats.loads_from_disk += 1
             if self.metrics is not None:
                 self.metrics.disk_read(ok=True)
                 self.metrics.adapter_loaded("disk_to_host", time.perf_counter() - start)
         except Exception as exc:  # reported to the requests waiting for it; the others keep serving
-            log.warning("adapter %s v%d failed to load: %s", version.adapter_id, version.manifest.version, exc)
-            reason = _broken_reason(version.adapter_id, exc)
-            with self._lock:
-                version.load_error = str(exc) if reason is None else reason
-                version.broken = reason is not None
-            if self.metrics is not None:
-                self.metrics.disk_read(ok=False)
-                if reason is not None:
-                    self.metrics.adapter_broken()
+            self._load_failed(version, exc)
         finally:
             with self._lock:
                 version.loading = False
             self.on_loaded(version)
+
+    def _load_failed(self, version: AdapterVersion, exc: Exception) -> None:
+        # A replace or delete may have removed the files under this read. It holds `_writing` until it has
+        # retired the version and given the requests still bound to it a copy of the weights: no failure then.
+        with self._writing, self._lock:
+            if version.weights is not None:
+                return
+            log.warning("adapter %s v%d failed to load: %s", version.adapter_id, version.manifest.version, exc)
+            reason = _broken_reason(version.adapter_id, exc)
+            version.load_error = str(exc) if reason is None else reason
+            version.broken = reason is not None
+        if self.metrics is not None:
+            self.metrics.disk_read(ok=False)
+            if reason is not None:
+                self.metrics.adapter_broken()
 
     def _parse(self, adapter_id: str, config: bytes, weights: bytes) -> LoraAdapter:
         adapter = parse_peft_adapter(config, weights, adapter_id, base=self.shape, max_rank=self.max_rank)
@@ -260,11 +269,12 @@ class AdapterRegistry:
     def replace(self, adapter_id: str, config: bytes, weights: bytes) -> AdapterVersion:
         adapter = self.validate(adapter_id, config, weights)
         with self._writing:
+            old_weights = self._weights_before_change(adapter_id)
             manifest = self.store.replace(
                 adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
                 target_modules=adapter.target_modules,
             )
-            return self._install(manifest, adapter)
+            return self._install(manifest, adapter, old_weights)
 
     def add(self, adapter: LoraAdapter, owner: str | None = None) -> AdapterVersion:
         """Store an adapter built in code (tests, benchmarks), through the same path as an upload."""
@@ -288,13 +298,38 @@ class AdapterRegistry:
         return version
 
     def delete(self, adapter_id: str) -> None:
-        self.store.delete(adapter_id)
-        with self._lock:
-            old = self._current.pop(adapter_id, None)
-        if old is not None:
-            self._retire(old)
+        with self._writing:
+            old_weights = self._weights_before_change(adapter_id)
+            self.store.delete(adapter_id)
+            with self._lock:
+                old = self._current.pop(adapter_id, None)
+            if old is not None:
+                self._retire(old, old_weights)
 
-    def _install(self, manifest: Manifest, adapter: LoraAdapter) -> AdapterVersion:
+    def _weights_before_change(self, adapter_id: str) -> Callable[[], LoraAdapter] | None:
+        """`_writing` held. The current version's weights, taken before a replace or delete removes its files.
+
+        Requests bound to that version (already, or in the instant before the change shows) must still be
+        served with it, and its host copy may be missing: never loaded, or evicted. So hold on to the host copy,
+        or read the files while they are there (parsed only if a bound request turns out to need them)."""
+        version = self._version(adapter_id)  # now in `_current`: every bind until the change gets this object
+        if version is None or version.broken:
+            return None
+        with self._lock:
+            host_copy = version.weights
+        if host_copy is not None:
+            return lambda: host_copy
+        try:
+            manifest, config, weights = self.store.read(adapter_id)
+        except StoreError:  # nothing servable to keep: a request bound to it fails as its load would have
+            return None
+        if manifest.version != version.manifest.version:
+            return None
+        return lambda: self._parse(adapter_id, config, weights)
+
+    def _install(
+        self, manifest: Manifest, adapter: LoraAdapter, old_weights: Callable[[], LoraAdapter] | None = None
+    ) -> AdapterVersion:
         """Make a freshly stored version current (warm in host memory) and retire the previous one."""
         version = AdapterVersion(manifest)
         with self._lock:
@@ -302,17 +337,36 @@ class AdapterRegistry:
             self._current[manifest.id] = version
             self._keep_in_host(version, adapter)
         if old is not None:
-            self._retire(old)
+            self._retire(old, old_weights)
         return version
 
-    def _retire(self, version: AdapterVersion) -> None:
+    def _retire(self, version: AdapterVersion, weights: Callable[[], LoraAdapter] | None) -> None:
+        """No new request binds to `version`; its slot and host copy go once its last user finishes, and until
+        then its users get `weights` if no host copy is left (its files are gone)."""
         with self._lock:
             version.retired = True
             gone = version.users == 0
             if gone:
                 self._drop_host_copy(version)
+            stranded = not gone and version.weights is None
         if gone:
             self.on_retired(version)
+        elif stranded and weights is not None:
+            self._keep_for_users(version, weights)
+
+    def _keep_for_users(self, version: AdapterVersion, weights: Callable[[], LoraAdapter]) -> None:
+        try:
+            adapter = weights()
+        except AdapterFormatError as exc:  # its users fail with the reason, as a load from disk would have
+            log.warning("adapter %s v%d cannot be kept for its requests: %s", version.adapter_id,
+                        version.manifest.version, exc)
+            return
+        with self._lock:
+            if version.users == 0 or version.weights is not None:  # its last user finished meanwhile
+                return
+            self._keep_in_host(version, adapter)  # retired and in use: never evicted
+            version.load_error = None
+        self.on_loaded(version)  # requests waiting for it can be admitted now
 
     def import_directory(self, directory: Path) -> None:
         """Bring every PEFT sub-directory of `directory` into the store (new or changed ones only)."""

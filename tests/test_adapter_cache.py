@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from adapters_store import TARGET_MODULES
+from adapters_store.peft_export import to_peft_files
 from server.adapter_pool import AdapterSlotPool
 from server.config import Settings
 from server.engine import Engine
@@ -191,3 +194,125 @@ def test_every_waiting_request_gets_its_first_token_within_a_bounded_number_of_s
     print(f"first tokens of the rotating adapters after {waits} steps; bound {bound}")
     assert waits[-1] <= bound
     assert_idle(engine)
+
+
+def _store_cold(engine: Engine, adapter) -> None:
+    """Store `adapter` behind the registry's back: it has never loaded it, its only copy is on disk."""
+    engine.registry.store.create(adapter.adapter_id, *to_peft_files(adapter), rank=adapter.rank,
+                                 lora_alpha=adapter.lora_alpha, target_modules=adapter.target_modules)
+
+
+@pytest.mark.parametrize("change", ["replace", "delete"])
+def test_a_request_on_an_adapter_only_on_disk_survives_a_replace_or_delete_before_its_load(tmp_path, change):
+    """A request binds to the version current when it arrives. If that version's weights were only on disk
+    (never loaded, or evicted from host memory) and a replace or delete removes its files before the engine
+    loaded them, the request is still served with them. (It used to fail with a 500: its load found the
+    files gone. The soak, tests/test_soak.py, found it.)"""
+    engine = build_engine(Settings(**(ENGINE_SETTINGS | {"store": tmp_path})))
+    old = make_adapter("cold", engine.model.args, 8, 16.0, TARGET_MODULES, seed=1)
+    _store_cold(engine, old)
+    engine.registry.add(replace(old, adapter_id="reference"))
+    request = greedy(prompt(3, 9), 8)
+
+    async def scenario():
+        bound = engine.submit(replace(request, adapter_id="cold"))  # the engine has not started yet
+        if change == "replace":
+            new = make_adapter("cold", engine.model.args, 8, 16.0, TARGET_MODULES, seed=2)
+            engine.registry.replace("cold", *to_peft_files(new))
+        else:
+            engine.registry.delete("cold")
+        engine.start()
+        served = await asyncio.wait_for(collect(bound), TIMEOUT_S)
+        reference = await asyncio.wait_for(collect(engine.submit(replace(request, adapter_id="reference"))),
+                                           TIMEOUT_S)
+        return served, reference
+
+    try:
+        served, reference = asyncio.run(scenario())
+        assert served == reference  # the old weights
+        # Its last user gone, the retired version left host memory and (one engine round later) its slot.
+        generate(engine, [greedy(prompt(4, 3), 1)])
+        assert all(key is None or key.adapter_id != "cold" or not key.retired for key in engine.pool._keys)
+        assert all(v.adapter_id != "cold" or not v.retired for v in engine.registry._host_lru)
+        assert_idle(engine)
+    finally:
+        engine.shutdown()
+
+
+def test_a_load_whose_files_a_replace_removes_does_not_fail_the_bound_requests(tmp_path, monkeypatch):
+    """The same race from the loader's side: a load already under way when a replace removes the files fails
+    its read. Until the replace has given the requests bound to the old version a copy of its weights, that
+    failure must not be reported (the engine would fail those requests); after it, there is none to report."""
+    engine = build_engine(Settings(**(ENGINE_SETTINGS | {"store": tmp_path})))  # never started: no engine thread
+    registry, store = engine.registry, engine.registry.store
+    old = make_adapter("cold", engine.model.args, 8, 16.0, TARGET_MODULES, seed=1)
+    _store_cold(engine, old)
+    version = registry.bind("cold")
+    assert version.weights is None
+    files_replaced, read_done, load_reported = threading.Event(), threading.Event(), threading.Event()
+    errors_seen: list[str | None] = []  # the version's load error each time the loader reported
+    read, store_replace = store.read, store.replace
+
+    def loader_read(adapter_id):
+        if not threading.current_thread().name.startswith("lorahive-adapter-load"):
+            return read(adapter_id)
+        files_replaced.wait(TIMEOUT_S)
+        try:
+            return read(adapter_id)  # version 2's files: the load of version 1 fails
+        finally:
+            read_done.set()
+
+    def replace_then_let_the_load_fail(*args, **kwargs):
+        manifest = store_replace(*args, **kwargs)
+        files_replaced.set()
+        read_done.wait(TIMEOUT_S)
+        # The load has failed; it may not report that while this replace is still retiring version 1.
+        assert not load_reported.wait(0.5)
+        return manifest
+
+    def on_loaded(loaded) -> None:
+        if loaded is version and not version.loading:  # the loader's own report, not the replace's
+            errors_seen.append(version.load_error)
+            load_reported.set()
+
+    registry.on_loaded = on_loaded
+    monkeypatch.setattr(store, "read", loader_read)
+    monkeypatch.setattr(store, "replace", replace_then_let_the_load_fail)
+    try:
+        registry.request_load(version)
+        registry.replace("cold", *to_peft_files(make_adapter("cold", engine.model.args, 8, 16.0, TARGET_MODULES,
+                                                             seed=2)))
+        assert load_reported.wait(TIMEOUT_S)
+        assert errors_seen == [None] and not version.broken
+        assert version.retired and torch.equal(version.weights.weights[(0, "q_proj")].a, old.weights[(0, "q_proj")].a)
+        registry.unbind(version)
+        assert version.weights is None  # its last user gone: dropped from host memory
+    finally:
+        engine.shutdown()
+        registry.close()
+
+
+def test_a_delete_racing_a_replace_leaves_no_adapter_behind(tmp_path, monkeypatch):
+    """A delete that ran between a replace's store write and the registry showing the new version used to be
+    undone by it: the registry served a version whose files were gone. Now the delete waits for the replace."""
+    engine = build_engine(Settings(**(ENGINE_SETTINGS | {"store": tmp_path})))  # never started: no engine thread
+    registry, store = engine.registry, engine.registry.store
+    registry.add(make_adapter("raced", engine.model.args, 4, 8.0, TARGET_MODULES, seed=1))
+    deleter = threading.Thread(target=registry.delete, args=("raced",))
+    store_replace = store.replace
+
+    def replace_then_delete(*args, **kwargs):
+        manifest = store_replace(*args, **kwargs)
+        deleter.start()
+        deleter.join(0.5)  # time for the delete to finish in between, if nothing holds it back
+        return manifest
+
+    monkeypatch.setattr(store, "replace", replace_then_delete)
+    try:
+        registry.replace("raced", *to_peft_files(make_adapter("raced", engine.model.args, 4, 8.0, TARGET_MODULES,
+                                                              seed=2)))
+        deleter.join(TIMEOUT_S)
+        assert "raced" not in store.ids() and not registry.exists("raced")
+    finally:
+        engine.shutdown()
+        registry.close()

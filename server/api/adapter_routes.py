@@ -16,10 +16,11 @@ import asyncio
 import itertools
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Path, Query, Request, UploadFile
 from pydantic import BaseModel, ConfigDict
 
 from adapters_store import (
+    ADAPTER_ID_PATTERN,
     AdapterExistsError,
     AdapterFormatError,
     AdapterMissingError,
@@ -29,11 +30,17 @@ from adapters_store import (
 )
 from server.adapter_registry import AdapterRegistry, AdapterVersion
 from server.api.adapter_access import AccessDep, AdapterAccess
-from server.api.errors import APIError, ErrorResponse
+from server.api.errors import APIError, error_responses
 from server.api.tenant_quotas import TenantQuotasDep
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-_ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 409, 413, 507)}
+_INVALID_UPLOAD = "The id or the files are invalid (the message names the field), or not for the served model."
+_NOT_FOUND = "No adapter of that id that the caller may see."
+_NOT_YOURS = "The adapter is another tenant's public one: only its owner or an admin may change it."
+_OVER_QUOTA = "The adapter's owner would go past --max-adapters-per-tenant or --max-store-bytes-per-tenant."
+_STORE_FULL = "The adapter store is out of space; nothing was stored."
+# The ids the store accepts, documented on every field that names one (validate_adapter_id enforces it).
+_ID_SCHEMA = {"pattern": ADAPTER_ID_PATTERN.pattern, "maxLength": 128}
 
 
 class StoredFileInfo(BaseModel):
@@ -115,6 +122,7 @@ def _info(request: Request, version: AdapterVersion) -> AdapterInfo:
 
 RegistryDep = Annotated[AdapterRegistry, Depends(get_registry)]
 OptionalFile = Annotated[UploadFile | None, File()]
+AdapterId = Annotated[str, Path(json_schema_extra=_ID_SCHEMA)]
 
 
 async def _adapter_files(
@@ -173,13 +181,16 @@ def _size(files: tuple[bytes, bytes]) -> int:
     return sum(len(data) for data in files)
 
 
-@router.post("", status_code=201, response_model=AdapterInfo, responses=_ERRORS)
+@router.post("", status_code=201, response_model=AdapterInfo, responses=error_responses({
+    400: _INVALID_UPLOAD, 403: _OVER_QUOTA, 409: "An adapter of that id exists already (whoever holds it).",
+    507: _STORE_FULL,
+}))
 async def upload_adapter(
     request: Request,
     registry: RegistryDep,
     access: AccessDep,
     quotas: TenantQuotasDep,
-    id: Annotated[str, Form()],  # noqa: A002 - the form field's public name
+    id: Annotated[str, Form(json_schema_extra=_ID_SCHEMA)],  # noqa: A002 - the form field's public name
     adapter_config: OptionalFile = None,
     adapter_model: OptionalFile = None,
     archive: OptionalFile = None,
@@ -194,10 +205,12 @@ async def upload_adapter(
     return _info(request, version)
 
 
-@router.put("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS)
+@router.put("/{adapter_id}", response_model=AdapterInfo, responses=error_responses({
+    400: _INVALID_UPLOAD, 403: f"{_NOT_YOURS} Or: {_OVER_QUOTA}", 404: _NOT_FOUND, 507: _STORE_FULL,
+}))
 async def replace_adapter(
     request: Request,
-    adapter_id: str,
+    adapter_id: AdapterId,
     registry: RegistryDep,
     access: AccessDep,
     quotas: TenantQuotasDep,
@@ -249,14 +262,16 @@ def _modifiable(access: AdapterAccess, registry: AdapterRegistry, adapter_id: st
     return version
 
 
-@router.get("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS)
-async def get_adapter(request: Request, adapter_id: str, registry: RegistryDep, access: AccessDep) -> AdapterInfo:
+@router.get("/{adapter_id}", response_model=AdapterInfo, responses=error_responses({404: _NOT_FOUND}))
+async def get_adapter(request: Request, adapter_id: AdapterId, registry: RegistryDep, access: AccessDep) -> AdapterInfo:
     return _info(request, _visible(access, registry, adapter_id))
 
 
-@router.patch("/{adapter_id}", response_model=AdapterInfo, responses=_ERRORS)
+@router.patch("/{adapter_id}", response_model=AdapterInfo, responses=error_responses({
+    403: "Only an admin may make an adapter public or private.", 404: _NOT_FOUND,
+}))
 async def patch_adapter(
-    request: Request, adapter_id: str, body: AdapterPatch, registry: RegistryDep, access: AccessDep
+    request: Request, adapter_id: AdapterId, body: AdapterPatch, registry: RegistryDep, access: AccessDep
 ) -> AdapterInfo:
     """`{"public": true}` lets every tenant see and use the adapter; admins only."""
     _visible(access, registry, adapter_id)
@@ -271,8 +286,10 @@ async def patch_adapter(
     return _info(request, version)
 
 
-@router.delete("/{adapter_id}", response_model=AdapterDeleted, responses=_ERRORS)
-async def delete_adapter(adapter_id: str, registry: RegistryDep, access: AccessDep) -> AdapterDeleted:
+@router.delete("/{adapter_id}", response_model=AdapterDeleted, responses=error_responses({
+    403: _NOT_YOURS, 404: _NOT_FOUND,
+}))
+async def delete_adapter(adapter_id: AdapterId, registry: RegistryDep, access: AccessDep) -> AdapterDeleted:
     _modifiable(access, registry, adapter_id)
     try:
         await asyncio.to_thread(registry.delete, adapter_id)

@@ -12,7 +12,8 @@ from server.api.lifecycle_routes import DrainGate, Lifecycle
 from server.api.lifecycle_routes import router as lifecycle_router
 from server.api.metrics_routes import HTTPMetrics
 from server.api.metrics_routes import router as metrics_router
-from server.api.openai_routes import EngineAPI, router
+from server.api.openai_routes import EVENT_STREAMS, EngineAPI, router
+from server.api.openapi import Guards, install_openapi
 from server.api.request_limits import RequestLimits, flag
 from server.api.tenant_concurrency import TenantConcurrencyLimit
 from server.api.tenant_quotas import TenantQuotas
@@ -56,4 +57,7 @@ def build_app(engine: EngineAPI, settings: Settings | None = None, keys: KeyRing
     # While draining, new requests get 503 before anything else runs; in flight ones are counted till they end.
     app.add_middleware(DrainGate, lifecycle=app.state.lifecycle, metrics=app.state.metrics)
     app.add_middleware(HTTPMetrics, metrics=app.state.metrics)  # outermost: sees every status
+    guards = Guards(keys_required=not keys.is_open, concurrency_limited=settings.max_concurrent_requests_per_tenant
+                    is not None)
+    install_openapi(app, guards, EVENT_STREAMS)
     return app

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -19,6 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.protocol import CUSTOM_ERROR_CODES
@@ -49,6 +50,11 @@ class ErrorInfo(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorInfo
+
+
+def error_responses(descriptions: Mapping[int, str]) -> dict[int | str, dict[str, Any]]:
+    """A route's `responses=`: each status it may answer with, in OpenAI's error shape, and why."""
+    return {status: {"model": ErrorResponse, "description": text} for status, text in descriptions.items()}
 
 
 def error_response(
@@ -167,12 +173,34 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
     status = exc.status_code
     message = str(exc.detail)
+    headers = exc.headers
     if message == HTTPStatus(status).phrase:  # Starlette's bare "Not Found" / "Method Not Allowed"
         if status == 404:
             message = f"Unknown request URL: {request.method} {request.url.path}."
         elif status == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}."
-    return error_response(status, message, error_type=_type_for(status), headers=exc.headers)
+            headers = {**(headers or {}), "Allow": ", ".join(sorted(_allowed_methods(request)))}
+    return error_response(status, message, error_type=_type_for(status), headers=headers)
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    """Every method some route serves at this path. Starlette's 405 names only the first route that matched the
+    path, and FastAPI makes one route per method, so `GET` and `POST` on one path would each hide the other."""
+    methods: set[str] = set()
+    for route in _flat_routes(request.app.routes):
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return methods
+
+
+def _flat_routes(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
+    for route in routes:
+        included = getattr(route, "original_router", None)  # recent FastAPI keeps an included router whole
+        if included is not None:
+            yield from _flat_routes(included.routes)
+        else:
+            yield route
 
 
 class _UnhandledErrorMiddleware:

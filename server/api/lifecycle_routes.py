@@ -4,10 +4,11 @@ that turns new requests away with 503 while the server drains after SIGTERM (ser
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Literal, Protocol
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import request_error_response
@@ -35,13 +36,23 @@ class ReadinessProbe(Protocol):
     def readiness_problems(self) -> list[str]: ...
 
 
-@router.get("/health")
-async def health() -> dict[str, str]:
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not_ready"]
+    reasons: list[str] | None = None  # what stops the server from serving; only when not ready
+
+
+@router.get("/health", response_model=Health)
+async def health() -> Health:
     """The process is alive and answers HTTP; nothing more (a liveness probe must not fail on load)."""
-    return {"status": "ok"}
+    return Health()
 
 
-@router.get("/ready", responses={503: {"description": "Not ready; `reasons` says why"}})
+@router.get("/ready", response_model=Readiness,
+            responses={503: {"model": Readiness, "description": "Not ready; `reasons` says why."}})
 async def ready(request: Request) -> JSONResponse:
     """200 when the server can take requests: not draining, the engine thread alive and stepping, the
     adapter store readable (the model is loaded before the app exists). Otherwise 503 with the reasons."""
@@ -52,8 +63,8 @@ async def ready(request: Request) -> JSONResponse:
         reasons.append("the server is draining (SIGTERM): it finishes running requests and takes no new ones")
     reasons += engine.readiness_problems()
     if reasons:
-        return JSONResponse({"status": "not_ready", "reasons": reasons}, status_code=503)
-    return JSONResponse({"status": "ready"})
+        return JSONResponse(Readiness(status="not_ready", reasons=reasons).model_dump(), status_code=503)
+    return JSONResponse(Readiness(status="ready").model_dump(exclude_none=True))
 
 
 class DrainGate:

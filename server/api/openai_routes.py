@@ -27,7 +27,7 @@ from pydantic import BaseModel
 from starlette.types import Receive, Scope, Send
 
 from server.api.adapter_access import AccessDep, AdapterAccess
-from server.api.errors import ErrorResponse, engine_error_response, internal_error_body, request_error_response
+from server.api.errors import engine_error_response, error_responses, internal_error_body, request_error_response
 from server.api.protocol import (
     BaseGenerationRequest,
     ChatChoice,
@@ -116,13 +116,19 @@ def get_engine(request: Request) -> EngineAPI:
 
 EngineDep = Annotated[EngineAPI, Depends(get_engine)]
 router = APIRouter()
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse},
-    401: {"model": ErrorResponse},  # no valid API key (server/api/auth.py)
-    404: {"model": ErrorResponse},
-    429: {"model": ErrorResponse},  # the waiting queue is full (server/waiting_quota.py)
-    500: {"model": ErrorResponse},
-    503: {"model": ErrorResponse},  # the adapter named is broken on disk, or the server is draining
+_NOT_FOUND = "No model or adapter of that id that the caller may see."
+# Answers of both generation routes beyond the ones the middleware adds (server/api/openapi.py).
+_GENERATION_ERRORS = error_responses({
+    400: "The request is invalid, over one of this server's limits, or does not fit the context length.",
+    404: _NOT_FOUND,
+    429: "The waiting queue is full and this tenant holds its fair share of it (--max-waiting-requests).",
+    500: "The engine step running this request failed; the message carries the error id of its log entry.",
+    503: "The adapter's stored files are broken (code adapter_broken), or the server is draining.",
+})
+# What `stream: true` sends, one chunk per server-sent event (the OpenAPI document describes it).
+EVENT_STREAMS: dict[str, type[BaseModel]] = {
+    "/v1/completions": CompletionResponse,
+    "/v1/chat/completions": ChatCompletionChunk,
 }
 
 
@@ -135,7 +141,7 @@ async def list_models(engine: EngineDep, access: AccessDep) -> ModelList:
     return ModelList(data=_model_cards(engine, access))
 
 
-@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=_ERRORS)
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard, responses=error_responses({404: _NOT_FOUND}))
 async def retrieve_model(model_id: str, engine: EngineDep, access: AccessDep) -> ModelCard:
     for card in _model_cards(engine, access):
         if card.id == model_id:
@@ -143,7 +149,7 @@ async def retrieve_model(model_id: str, engine: EngineDep, access: AccessDep) ->
     raise _model_not_found(engine, model_id, "model")
 
 
-@router.post("/v1/completions", response_model=CompletionResponse, responses=_ERRORS)
+@router.post("/v1/completions", response_model=CompletionResponse, responses=_GENERATION_ERRORS)
 async def create_completion(
     body: CompletionRequest, request: Request, engine: EngineDep, access: AccessDep, limits: RequestLimitsDep
 ) -> Response:
@@ -159,7 +165,7 @@ async def create_completion(
     return await _generate(request, engine, access, body, adapter, prompts, params, _CompletionRenderer)
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_ERRORS)
+@router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_GENERATION_ERRORS)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, engine: EngineDep, access: AccessDep, limits: RequestLimitsDep
 ) -> Response:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from annotated_types import MaxLen
+from annotated_types import MaxLen, MinLen
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -22,6 +22,7 @@ from pydantic import (
     Field,
     PlainValidator,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_serializer,
     model_validator,
@@ -90,11 +91,28 @@ def _content_as_parts(value: object) -> object:
     return value
 
 
+# What the validators accept, for the JSON schema: it tells clients (and schema-driven fuzzers) the same rules.
+_Text = Annotated[str, MinLen(1)]
+_TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], MinLen(1)]
+_PromptInput = _Text | Annotated[list[_Text], MinLen(1)] | _TokenIds | Annotated[list[_TokenIds], MinLen(1)]
 Prompt = Annotated[
-    str | list[str] | list[int] | list[list[int]],
-    PlainValidator(_check_prompt, json_schema_input_type=str | list[str] | list[int] | list[list[int]]),
+    str | list[str] | list[int] | list[list[int]], PlainValidator(_check_prompt, json_schema_input_type=_PromptInput)
 ]
-StopStrings = Annotated[Annotated[list[str], MaxLen(MAX_STOP_STRINGS)] | None, BeforeValidator(_stop_as_list)]
+StopStrings = Annotated[
+    Annotated[list[str], MaxLen(MAX_STOP_STRINGS)] | None,
+    BeforeValidator(
+        _stop_as_list, json_schema_input_type=_Text | Annotated[list[_Text], MaxLen(MAX_STOP_STRINGS)] | None
+    ),
+]
+# Token ids written as strings, each with a bias in [-100, 100] (checked by `_logit_bias_keys`).
+LogitBias = Annotated[
+    dict[str, float],
+    WithJsonSchema({
+        "type": "object",
+        "propertyNames": {"pattern": "^[0-9]+$"},
+        "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+    }),
+]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -128,7 +146,7 @@ class BaseGenerationRequest(BaseModel):
     ignore_eos: bool | None = None  # extension (vLLM)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: LogitBias | None = None
     user: str | None = None  # accepted for compatibility, not used
 
     @field_validator("stop")
@@ -185,12 +203,24 @@ class BaseGenerationRequest(BaseModel):
 class CompletionRequest(BaseGenerationRequest):
     """`POST /v1/completions` (OpenAI's CreateCompletionRequest)."""
 
+    model_config = _REQUEST_CONFIG | ConfigDict(json_schema_extra={
+        "anyOf": [  # `_not_with_echo`, for the schema
+            {"properties": {"logprobs": {"type": "null"}}},
+            {"properties": {"echo": {"enum": [False, None]}}},
+        ],
+        "examples": [  # a short max_tokens: within the low --max-tokens-limit a test server may set
+            {"prompt": "Once upon a time", "max_tokens": 2},
+            {"prompt": "Once upon a time", "max_tokens": 2, "logprobs": 2, "stream": True,
+             "stream_options": {"include_usage": True}},
+        ],
+    })
+
     prompt: Prompt
     max_tokens: int | None = Field(None, ge=1)  # None: DEFAULT_COMPLETION_MAX_TOKENS
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=20)
-    suffix: str | None = None
+    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})  # insertion is not supported
 
     @field_validator("best_of")
     @classmethod
@@ -224,8 +254,15 @@ class CompletionRequest(BaseGenerationRequest):
         return DEFAULT_COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
 
+def _text_part_schema(schema: dict[str, Any]) -> None:
+    # The validator below refuses other types with its own message; the schema says what it accepts.
+    schema["properties"]["type"] = {"const": "text"}
+    schema["properties"]["text"] = {"type": "string"}
+    schema["required"] = ["type", "text"]
+
+
 class TextContentPart(BaseModel):
-    model_config = _REQUEST_CONFIG
+    model_config = _REQUEST_CONFIG | ConfigDict(json_schema_extra=_text_part_schema)
 
     type: str
     text: str | None = None
@@ -243,19 +280,28 @@ class TextContentPart(BaseModel):
         return self
 
 
+# Only an assistant message may leave out its content (`_content_required`).
+_CONTENT_RULE = {"anyOf": [{"properties": {"role": {"const": "assistant"}}},
+                           {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}}]}
+
+
 class ChatMessage(BaseModel):
-    model_config = _REQUEST_CONFIG
+    model_config = _REQUEST_CONFIG | ConfigDict(json_schema_extra=_CONTENT_RULE)
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Annotated[list[TextContentPart] | None, BeforeValidator(_content_as_parts)] = None
+    content: Annotated[
+        list[TextContentPart] | None,
+        BeforeValidator(_content_as_parts, json_schema_input_type=str | list[TextContentPart] | None),
+    ] = None
     name: str | None = None
-    tool_calls: list[Any] | None = None
-    function_call: Any = None
+    # Tool calls are not supported: an empty list, or no function call, is all a message may carry.
+    tool_calls: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    function_call: Any = Field(None, json_schema_extra={"type": "null"})
 
     @field_validator("tool_calls", "function_call")
     @classmethod
     def _no_tool_calls(cls, value: Any, info: ValidationInfo) -> Any:
-        if value:
+        if value or (info.field_name == "function_call" and value is not None):
             raise PydanticCustomError(
                 UNSUPPORTED_PARAMETER,
                 "Messages with '{field}' are not supported.",
@@ -278,16 +324,31 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(BaseGenerationRequest):
     """`POST /v1/chat/completions` (OpenAI's CreateChatCompletionRequest)."""
 
+    model_config = _REQUEST_CONFIG | ConfigDict(json_schema_extra={
+        "anyOf": [  # `_top_needs_logprobs`, for the schema
+            {"properties": {"top_logprobs": {"type": "null"}}},
+            {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+        ],
+        "examples": [
+            {"messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 2},
+            {"messages": [{"role": "user", "content": "Hello"}], "max_completion_tokens": 2, "logprobs": True,
+             "top_logprobs": 2, "stream": True, "stream_options": {"include_usage": True}},
+        ],
+    })
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
+    # Only text output and no tool calling: the schema says which values the validators below let through.
+    response_format: dict[str, Any] | None = Field(
+        None, json_schema_extra={"properties": {"type": {"const": "text"}}, "required": ["type"]}
+    )
+    tools: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    tool_choice: Any = Field(None, json_schema_extra={"enum": ["none", None]})
+    functions: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
+    function_call: Any = Field(None, json_schema_extra={"enum": ["none", None]})
 
     @field_validator("top_logprobs")
     @classmethod
