@@ -120,6 +120,7 @@ class Engine:
         self.config = config
         self.model_name = model_name
         self.model_description = model_description
+        self.base_config = model.args.to_hf_config()  # published on the base model's card
         self.max_model_len = config.max_model_len
         self.created = int(time.time())
         self.registry = registry

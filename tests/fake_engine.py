@@ -160,6 +160,7 @@ class FakeEngine:
     fail_after: int | None = None  # the stream raises after this many steps
     submit_error: Exception | None = None  # raised by submit
     model_description: str = "fake engine for API tests (deterministic text, not a model)"
+    base_config: dict[str, Any] | None = None  # not a model: its card publishes no dims
     created: int = 1_700_000_000
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
     requests: list[GenerationRequest] = field(default_factory=list)

@@ -105,6 +105,8 @@ def test_models_lists_base_then_adapters(client: TestClient, engine: FakeEngine)
     assert base["root"] == BASE and base["description"] == engine.model_description
     assert [a["id"] for a in adapters] == ["alpha", "beta"]
     assert all(a["parent"] == BASE and a["root"] == BASE and "description" not in a for a in adapters)
+    assert all(card["max_model_len"] == engine.max_model_len for card in body["data"])
+    assert "dims" not in base  # the fake engine is no model; a real one's dims: tests/test_loadtest_lorahive.py
     for card in body["data"]:
         assert_valid(card, "Model")
 

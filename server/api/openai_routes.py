@@ -16,7 +16,7 @@ import math
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, ClassVar, Protocol, TypeVar
@@ -45,6 +45,7 @@ from server.api.protocol import (
     CompletionRequest,
     CompletionResponse,
     ModelCard,
+    ModelDims,
     ModelList,
     UsageInfo,
 )
@@ -102,6 +103,8 @@ class EngineAPI(Protocol):
     def tokenizer(self) -> TokenizerAPI: ...
     @property
     def model_description(self) -> str: ...
+    @property
+    def base_config(self) -> Mapping[str, Any] | None: ...  # the base model's config.json, if it is a model
     @property
     def created(self) -> int: ...
     def adapter_ids(self) -> list[str]: ...
@@ -183,9 +186,11 @@ async def create_chat_completion(
 def _model_cards(engine: EngineAPI, access: AdapterAccess) -> list[ModelCard]:
     """The base model and the adapters the caller may see."""
     base = engine.model_name
-    cards = [ModelCard(id=base, created=engine.created, root=base, description=engine.model_description)]
+    dims = None if engine.base_config is None else ModelDims.model_validate(engine.base_config)
+    cards = [ModelCard(id=base, created=engine.created, root=base, max_model_len=engine.max_model_len,
+                       description=engine.model_description, dims=dims)]
     cards += [
-        ModelCard(id=a, created=engine.created, root=base, parent=base)
+        ModelCard(id=a, created=engine.created, root=base, parent=base, max_model_len=engine.max_model_len)
         for a in engine.adapter_ids()
         if access.visible(a)
     ]

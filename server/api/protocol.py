@@ -498,8 +498,25 @@ class ChatCompletionChunk(BaseModel):
     usage: UsageInfo | None = None
 
 
+class ModelDims(BaseModel):
+    """The base model's shape, in its Hugging Face `config.json` names: what an adapter built for it must match
+    (the load-test harness shapes its synthetic adapters from it)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    architectures: list[str]
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+
+
 class ModelCard(BaseModel):
-    """OpenAI's Model object plus vLLM-style `root`/`parent`, and a `description` of the base model."""
+    """OpenAI's Model object plus vLLM-style `root`/`parent`/`max_model_len`; the base model's card also carries
+    a `description` and its `dims`."""
 
     id: str
     object: Literal["model"] = "model"
@@ -507,13 +524,16 @@ class ModelCard(BaseModel):
     owned_by: str = "lorahive"
     root: str
     parent: str | None = None
+    max_model_len: int | None = None
     description: str | None = None
+    dims: ModelDims | None = None
 
     @model_serializer(mode="wrap")
-    def _omit_missing_description(self, handler: Any) -> dict[str, Any]:
+    def _omit_missing_extensions(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
-        if data.get("description") is None:
-            data.pop("description", None)
+        for name in ("max_model_len", "description", "dims"):
+            if data.get(name) is None:
+                data.pop(name, None)
         return data
 
 
