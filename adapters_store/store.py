@@ -50,6 +50,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -78,6 +79,7 @@ _LOCK_FILE = ".lock"
 # errno values that mean "the disk (or the quota) is full": reported distinctly (HTTP 507 upstream).
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 _SHA256_HEX = frozenset("0123456789abcdef")
+_VERSION_DIR = re.compile(r"v[1-9][0-9]*")  # what _version_dir names
 
 
 # ------------------------------------------------------------------------------------------ manifest
@@ -298,7 +300,10 @@ class AdapterStore:
         """Store new files for an existing adapter: version + 1; created_at, owner and public are kept."""
         files = _describe(config, weights)
         with self._mutating():
-            old = self._read_manifest(adapter_id)
+            try:
+                old = self._read_manifest(adapter_id)
+            except StoreCorruptionError:  # a replace is how an adapter whose manifest broke is restored
+                old = self.unreadable_manifest(adapter_id)
             new = dataclasses.replace(
                 old,
                 version=old.version + 1,
@@ -342,6 +347,21 @@ class AdapterStore:
     def manifest(self, adapter_id: str) -> Manifest:
         """The adapter's manifest (one small file read). AdapterMissingError, StoreCorruptionError."""
         return self._read_manifest(adapter_id)
+
+    def unreadable_manifest(self, adapter_id: str) -> Manifest:
+        """What is known of a stored adapter whose manifest cannot be read (``manifest`` raised
+        StoreCorruptionError): its id, the newest version directory present and the directory's time. The
+        rest is lost with the manifest: no files, rank 0, and no owner, so that only admins see it."""
+        path = self._path(adapter_id)
+        try:
+            changed = os.lstat(path).st_mtime
+            with os.scandir(path) as entries:
+                versions = [int(e.name[1:]) for e in entries
+                            if _VERSION_DIR.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            raise AdapterMissingError(f"adapter {adapter_id!r} does not exist", adapter_id) from None
+        return Manifest(id=adapter_id, version=max(versions, default=0), created_at=changed, updated_at=changed,
+                        rank=0, lora_alpha=0.0, target_modules=(), files={})
 
     def read(self, adapter_id: str) -> tuple[Manifest, bytes, bytes]:
         """(manifest, adapter_config.json bytes, adapter_model.safetensors bytes), checksums verified."""

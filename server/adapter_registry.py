@@ -155,10 +155,21 @@ class AdapterRegistry:
             return version
         try:
             manifest = self.store.manifest(adapter_id)
+        except StoreCorruptionError as exc:
+            return self._unreadable(adapter_id, exc)
         except (AdapterMissingError, StoreError, ValueError):
             return None
         with self._lock:  # another thread may have filled it meanwhile: keep the first
             return self._current.setdefault(adapter_id, AdapterVersion(manifest))
+
+    def _unreadable(self, adapter_id: str, error: StoreCorruptionError) -> AdapterVersion | None:
+        """A stored adapter whose manifest is damaged: broken, with what the store still knows of it. Not kept
+        in `_current`, so a PUT or DELETE (or a repair by hand) shows at the next lookup."""
+        try:
+            manifest = self.store.unreadable_manifest(adapter_id)
+        except AdapterMissingError:  # deleted meanwhile
+            return None
+        return AdapterVersion(manifest, broken=True, load_error=_broken_reason(adapter_id, error))
 
     # ---- the host tier ---------------------------------------------------------------------------
 

@@ -246,12 +246,27 @@ def test_bad_manifest(store: AdapterStore, manifest: bytes | None):
     for call in (store.manifest, store.read):
         with pytest.raises(StoreCorruptionError):
             call("a")
-    with pytest.raises(StoreCorruptionError):
-        store.replace("a", *NEW, **META)  # the owner is unknown: no blind overwrite
     assert "a" in store and store.ids() == ["a"]
     AdapterStore(store.root)  # opening does not trip over it
-    store.delete("a")  # the way out
+    stand_in = store.unreadable_manifest("a")  # what is left to show of it
+    assert (stand_in.id, stand_in.version, stand_in.owner, stand_in.public, dict(stand_in.files)) == ("a", 1, None,
+                                                                                                     False, {})
+    # Replacing restores it, past every version directory present; the owner went with the manifest.
+    restored = store.replace("a", *NEW, **NEW_META)
+    assert (restored.version, restored.owner) == (2, None)
+    assert store.read("a") == (restored, *NEW)
+    assert_clean(store.root)
+    store.delete("a")
     assert store.ids() == []
+    with pytest.raises(AdapterMissingError):
+        store.unreadable_manifest("a")
+
+
+def test_delete_of_an_adapter_whose_manifest_is_damaged(store: AdapterStore):
+    make(store, "a", owner="acme")
+    (store.root / "a" / "manifest.json").write_bytes(b"{")
+    store.delete("a")
+    assert store.ids() == [] and "a" not in store
 
 
 def test_manifest_json_round_trip_and_validation():

@@ -235,6 +235,69 @@ def test_a_load_failure_that_is_not_the_files_fault_is_retried(client, server, r
     assert failures == ["flaky"] and reads.count("flaky") == 2
 
 
+# ----------------------------------------------------------------------------------- damaged manifest
+
+
+def _halve(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+# fault -> what damages the adapter's manifest.json
+MANIFEST_FAULTS: dict[str, Callable[[Path], None]] = {
+    "deleted": Path.unlink,
+    "truncated": _halve,
+    "not-an-object": lambda path: path.write_text("[]"),
+}
+
+
+def break_manifest(engine: Engine, adapter_id: str, fault: str, seed: int) -> None:
+    store_cold(engine, adapter_id, peft_files(engine, seed))
+    MANIFEST_FAULTS[fault](engine.registry.store.root / adapter_id / "manifest.json")
+
+
+@pytest.mark.parametrize("fault", MANIFEST_FAULTS)
+def test_an_adapter_whose_manifest_is_damaged_is_shown_broken_until_a_put_restores_it(client, server, fault):
+    url, engine = server
+    victim, healthy, reference = f"manifest-{fault}", f"beside-manifest-{fault}", f"reference-manifest-{fault}"
+    store_cold(engine, healthy, peft_files(engine, seed=2))
+    expected_healthy = text(client.post("/v1/completions", json=body(healthy)))
+    expected_base = text(client.post("/v1/completions", json=body(None)))
+    break_manifest(engine, victim, fault, seed=1)
+
+    victim_answer, *others = asyncio.run(post_all(url, [body(victim), body(healthy), body(None)]))
+    assert_broken_answer(victim_answer, victim, "manifest.json")
+    assert [text(r) for r in others] == [expected_healthy, expected_base]
+    info = client.get(f"/v1/adapters/{victim}").json()
+    # All that was known of it lived in the manifest: the owner too, so that only admins see it now.
+    assert info["status"] == "broken" and "manifest.json" in info["error"]
+    assert (info["version"], info["owner"], info["files"]) == (1, None, {})
+    listed = {a["id"]: a for a in client.get("/v1/adapters", params={"limit": 1000}).json()["data"]}
+    assert listed[victim]["status"] == "broken" and listed[healthy]["status"] == "ready"
+    assert victim in [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert upload(client, victim, peft_files(engine, seed=3)).status_code == 409  # its id is still taken
+    patched = client.patch(f"/v1/adapters/{victim}", json={"public": True})
+    assert patched.status_code == 409 and patched.json()["error"]["code"] == "adapter_broken"
+
+    files = peft_files(engine, seed=3)
+    restored = client.put(f"/v1/adapters/{victim}", files=multipart(*files))
+    assert restored.status_code == 200, restored.text
+    assert (restored.json()["status"], restored.json()["version"]) == ("ready", 2)
+    assert upload(client, reference, files).status_code == 201
+    assert text(client.post("/v1/completions", json=body(victim))) == text(
+        client.post("/v1/completions", json=body(reference)))
+
+
+def test_delete_of_an_adapter_whose_manifest_is_damaged_frees_its_id(client, server):
+    engine = server[1]
+    break_manifest(engine, "manifestless", "deleted", seed=4)
+    assert client.get("/v1/adapters/manifestless").json()["status"] == "broken"
+    deleted = client.delete("/v1/adapters/manifestless")
+    assert deleted.status_code == 200 and deleted.json()["deleted"] is True
+    assert client.get("/v1/adapters/manifestless").status_code == 404
+    assert upload(client, "manifestless", peft_files(engine, seed=4)).status_code == 201
+    assert client.get("/v1/adapters/manifestless").json()["status"] == "ready"
+
+
 # ------------------------------------------------------------------------------------------ full disk
 
 

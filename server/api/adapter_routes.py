@@ -24,6 +24,7 @@ from adapters_store import (
     AdapterExistsError,
     AdapterFormatError,
     AdapterMissingError,
+    StoreCorruptionError,
     StoreFullError,
     unpack_adapter_archive,
     validate_adapter_id,
@@ -269,12 +270,13 @@ async def get_adapter(request: Request, adapter_id: AdapterId, registry: Registr
 
 @router.patch("/{adapter_id}", response_model=AdapterInfo, responses=error_responses({
     403: "Only an admin may make an adapter public or private.", 404: _NOT_FOUND,
+    409: "The adapter's manifest is damaged (code adapter_broken): PUT its files to restore it first.",
 }))
 async def patch_adapter(
     request: Request, adapter_id: AdapterId, body: AdapterPatch, registry: RegistryDep, access: AccessDep
 ) -> AdapterInfo:
     """`{"public": true}` lets every tenant see and use the adapter; admins only."""
-    _visible(access, registry, adapter_id)
+    current = _visible(access, registry, adapter_id)
     if not access.principal.is_admin:
         raise APIError(403, "Only an admin may make an adapter public or private.", param="public",
                        code="permission_denied")
@@ -283,6 +285,10 @@ async def patch_adapter(
     except AdapterMissingError as exc:  # deleted by a concurrent request
         raise APIError(404, f"The adapter '{adapter_id}' does not exist.", param="adapter_id",
                        code="model_not_found") from exc
+    except StoreCorruptionError as exc:  # the flag lives in the manifest, which is damaged
+        reason = current.load_error or exc.message
+        raise APIError(409, f"The adapter '{adapter_id}' is broken ({reason}); restore it with PUT /v1/adapters/"
+                       f"{adapter_id} first.", param="adapter_id", code="adapter_broken") from exc
     return _info(request, version)
 
 
