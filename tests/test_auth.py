@@ -33,6 +33,7 @@ from tests.fake_engine import FakeEngine
 from tests.live_server import serving_engine
 from tests.openai_schema import assert_valid
 from tests.test_engine import make_adapter
+from tests.test_metrics import value
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 KEY_A = "acme-key-0123456789"
@@ -313,6 +314,22 @@ def test_unknown_paths_need_a_key_too(fake_client: tuple[TestClient, FakeEngine]
     assert client.get("/v1/nothing-here").status_code == 401  # routes are not revealed to strangers
     assert client.get("/v1/nothing-here", headers=bearer(KEY_A)).status_code == 404
     assert client.get("/openapi.json").status_code == 401
+
+
+def test_refusals_count_under_the_route_they_were_meant_for(fake_client: tuple[TestClient, FakeEngine]) -> None:
+    """A 401 is answered before routing; the HTTP metrics still name the route, and only the unknown path is
+    `unmatched`."""
+    client, _ = fake_client
+
+    def count(endpoint: str, method: str) -> float:
+        return value(client.get("/metrics").text, "lorahive_http_requests_total", endpoint=endpoint, method=method,
+                     status_code="401")
+
+    before = {(e, m): count(e, m) for e, m in [("/v1/adapters/{adapter_id}", "DELETE"), ("unmatched", "GET")]}
+    assert client.delete("/v1/adapters/someone-elses").status_code == 401
+    assert client.get("/v1/nothing-here").status_code == 401
+    assert {k: count(*k) - v for k, v in before.items()} == {("/v1/adapters/{adapter_id}", "DELETE"): 1,
+                                                              ("unmatched", "GET"): 1}
 
 
 def test_metrics_key() -> None:

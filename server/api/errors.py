@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from http import HTTPStatus
 from typing import Any
 
@@ -19,10 +19,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.protocol import CUSTOM_ERROR_CODES
+from server.api.route_matching import routes_matching_path
 from server.sequence import (
     AdapterBrokenError,
     AdapterNotFoundError,
@@ -187,20 +187,9 @@ def _allowed_methods(request: Request) -> set[str]:
     """Every method some route serves at this path. Starlette's 405 names only the first route that matched the
     path, and FastAPI makes one route per method, so `GET` and `POST` on one path would each hide the other."""
     methods: set[str] = set()
-    for route in _flat_routes(request.app.routes):
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
+    for route in routes_matching_path(request.scope):
+        methods |= getattr(route, "methods", None) or set()
     return methods
-
-
-def _flat_routes(routes: Sequence[BaseRoute]) -> Iterator[BaseRoute]:
-    for route in routes:
-        included = getattr(route, "original_router", None)  # recent FastAPI keeps an included router whole
-        if included is not None:
-            yield from _flat_routes(included.routes)
-        else:
-            yield route
 
 
 class _UnhandledErrorMiddleware:

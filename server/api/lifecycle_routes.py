@@ -69,9 +69,8 @@ async def ready(request: Request) -> JSONResponse:
 
 class DrainGate:
     """Counts the requests in flight and, once the server drains, answers every new one with 503
-    `server_draining` (and `Connection: close`), except the `UNGATED_PATHS`. A refusal happens before
-    routing, so the HTTP metrics count it as `unmatched`; `lorahive_requests_rejected_total{reason="draining"}`
-    counts it by name."""
+    `server_draining` (and `Connection: close`), except the `UNGATED_PATHS`; a refusal also counts in
+    `lorahive_requests_rejected_total{reason="draining"}`."""
 
     def __init__(self, app: ASGIApp, lifecycle: Lifecycle, metrics: Metrics) -> None:
         self.app = app

@@ -1,7 +1,8 @@
 """`GET /metrics` (Prometheus text format) and the middleware counting HTTP requests per route.
 
 The endpoint label is the matched route's template (`/v1/adapters/{adapter_id}`), never the raw path,
-so its values are bounded by the routes; a path no route matches counts as `unmatched`. Streamed
+so its values are bounded by the routes (requests refused before routing too); a path no route matches counts
+as `unmatched`. Streamed
 responses are counted when they end, with the status their first message sent.
 """
 
@@ -12,6 +13,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.api.route_matching import routes_matching_path
 from server.metrics import Metrics
 
 router = APIRouter()
@@ -31,8 +33,10 @@ class HTTPMetrics:
 
     @staticmethod
     def _endpoint(scope: Scope) -> str:
-        """The route the router matched (it records it in the shared scope), by its path template."""
-        path = getattr(scope.get("route"), "path", None)
+        """The route's path template: the one the router matched (it records it in the shared scope), or, for a
+        request answered before routing (a 401, a 503 while draining), the first route whose path matches."""
+        route = scope.get("route") or next(routes_matching_path(scope), None)
+        path = getattr(route, "path", None)
         return path if isinstance(path, str) else "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
