@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +28,10 @@ class LoRABatch:
     entry than `segment_slots` and ends with the token count. `active_slots` lists the distinct slots
     >= 0 that occur, so a step with only base-model tokens does no LoRA work at all.
 
+    `by_slot` and `slot_runs` serve the torch reference: the indices of the tokens that have a slot, grouped
+    by slot (in token order within a group), and one `(slot, start, end)` per group, positions into `by_slot`.
+    Gathering the tokens once per layer makes each adapter's rows one contiguous block.
+
     `tiles` is the kernels' work list: every segment with a slot cut into runs of at most `tile_rows`
     tokens, one row `(first token, end token, slot)` per run (int32). Segments of slot -1 get no tile.
     With `fixed_shape` the list is padded with `(0, 0, -1)` rows to one row per token (a segment has at
@@ -40,6 +45,8 @@ class LoRABatch:
     active_slots: tuple[int, ...]
     tiles: torch.Tensor  # [W, 3] int32
     tile_rows: int
+    by_slot: torch.Tensor  # [T'] int64, T' the tokens with a slot
+    slot_runs: tuple[tuple[int, int, int], ...]
 
     @property
     def has_lora(self) -> bool:
@@ -65,12 +72,21 @@ class LoRABatch:
         ]
         if fixed_shape:
             tiles += [(0, 0, -1)] * (len(token_slots) - len(tiles))
+        active_slots = sorted({s for s in slots if s >= 0})
+        tokens_of = {slot: [] for slot in active_slots}
+        for t, slot in enumerate(token_slots):
+            if slot >= 0:
+                tokens_of[slot].append(t)
+        by_slot = [t for slot in active_slots for t in tokens_of[slot]]
+        ends = list(itertools.accumulate(len(tokens_of[slot]) for slot in active_slots))
         as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
         return cls(
             token_slots=as_tensor(token_slots),
             segment_starts=as_tensor(starts),
             segment_slots=as_tensor(slots),
-            active_slots=tuple(sorted({s for s in slots if s >= 0})),
+            active_slots=tuple(active_slots),
             tiles=torch.tensor(tiles, dtype=torch.int32, device=device).reshape(-1, 3),
             tile_rows=tile_rows,
+            by_slot=as_tensor(by_slot),
+            slot_runs=tuple(zip(active_slots, [0, *ends], ends, strict=False)),
         )

@@ -11,8 +11,9 @@ described in `kernels.paging`):
 shrink: v[t, k*R : (k+1)*R] = x[t] @ A_k[slot[t]]^T
 expand: y[t, off_k : off_k + d_k] += v[t, k*R : (k+1)*R] @ B_k[slot[t]]^T
 
-Tokens are processed per distinct slot (gather the slot's own pages, two rank-r matmuls, scatter back), so
-the work is one pair of GEMMs per adapter present in the batch, not a [T, R, d_in] gather of weights.
+The tokens with a slot are gathered once per call, grouped by slot (`LoRABatch.by_slot`), so each adapter's
+rows are one contiguous block: the work is one pair of GEMMs per adapter present in the batch on its own
+pages, with one gather and one scatter for the whole batch, not a [T, R, d_in] gather of weights.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from kernels.metadata import LoRABatch
-from kernels.paging import PAGE_RANK, PageTable, pages_for_rank
+from kernels.paging import PAGE_RANK, PageTable
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -28,9 +29,13 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _slot_pages(table: PageTable, slot: int) -> torch.Tensor:
-    """The pages that hold the slot's adapter (those past its rank would only add zeros)."""
-    return table.pages[slot, : pages_for_rank(table.host_ranks[slot])].long()
+def _slot_pages(table: PageTable, slot: int) -> slice | list[int]:
+    """An index of the pages that hold the slot's adapter (those past its rank would only add zeros): a slice
+    when they are consecutive, as one page always is, so that indexing the buffers copies nothing."""
+    pages = table.host_pages[slot]
+    if pages and list(pages) == list(range(pages[0], pages[0] + len(pages))):
+        return slice(pages[0], pages[0] + len(pages))
+    return list(pages)
 
 
 def slot_a(lora_a: torch.Tensor, table: PageTable, slot: int) -> torch.Tensor:
@@ -53,14 +58,16 @@ def shrink(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, table: PageT
     acc = accumulation_dtype(x.dtype)
     num_slices = lora_a.shape[1] // PAGE_RANK
     v = torch.zeros(x.shape[0], num_slices * table.max_rank, dtype=acc, device=x.device)
-    by_slice = v.view(x.shape[0], num_slices, table.max_rank)
-    for slot in batch.active_slots:
-        rows = batch.token_slots == slot
+    if not batch.has_lora:
+        return v
+    grouped_x = x[batch.by_slot].to(acc)
+    grouped_v = torch.zeros(len(batch.by_slot), num_slices, table.max_rank, dtype=acc, device=x.device)
+    for slot, start, end in batch.slot_runs:
         a = slot_a(lora_a, table, slot).to(acc)  # [K, r', d_in], r' the slot's rank rounded up to pages
         used = a.shape[1]
-        if not used:  # an adapter without weights (rank 0): nothing to add
-            continue
-        by_slice[rows, :, :used] = (x[rows].to(acc) @ a.flatten(0, 1).T).view(-1, num_slices, used)
+        if used:  # an adapter without weights (rank 0) adds nothing
+            grouped_v[start:end, :, :used] = (grouped_x[start:end] @ a.flatten(0, 1).T).view(-1, num_slices, used)
+    v[batch.by_slot] = grouped_v.flatten(1)
     return v
 
 
@@ -73,15 +80,17 @@ def expand(
     table: PageTable,
 ) -> None:
     """y[:, slice k] += v[:, rank block k] @ B_k[slot]^T, in place; slot -1 rows untouched."""
+    if not batch.has_lora:
+        return
     rank = table.max_rank
-    for slot in batch.active_slots:
-        rows = batch.token_slots == slot
-        v_rows = v[rows]
+    grouped_v = v[batch.by_slot]
+    delta = torch.zeros(len(batch.by_slot), y.shape[1], dtype=v.dtype, device=y.device)
+    for slot, start, end in batch.slot_runs:
         b = slot_b(lora_b, table, slot).to(v.dtype)  # [r', D]
         used = b.shape[0]
-        delta = torch.empty(v_rows.shape[0], b.shape[1], dtype=v.dtype, device=y.device)
         offset = 0
         for k, width in enumerate(slice_widths):
-            delta[:, offset : offset + width] = v_rows[:, k * rank : k * rank + used] @ b[:, offset : offset + width]
+            torch.matmul(grouped_v[start:end, k * rank : k * rank + used], b[:, offset : offset + width],
+                         out=delta[start:end, offset : offset + width])
             offset += width
-        y[rows] += delta.to(y.dtype)
+    y.index_add_(0, batch.by_slot, delta.to(y.dtype))

@@ -9,6 +9,7 @@ with spare pages left free, and lower ranks leave zeros in a page.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -173,6 +174,24 @@ def test_mix_of_slots_and_no_adapter(torch_gen: torch.Generator, device: str) ->
     slots = [-1, 0, 0, 0, 2, -1, -1, 1, 1, 2, 0, -1]
     case = make_case(torch_gen, slots, num_slots=4, max_rank=8, d_in=40, widths=(32, 8, 8), device=device)
     assert_matches_naive(case, run_add_lora(case))
+
+
+def test_consecutive_pages_are_read_as_views_and_give_the_same_delta(torch_gen: torch.Generator) -> None:
+    """The reference slices an adapter's pages when they are consecutive (no copy) and gathers them otherwise."""
+    slots = [0, 1, 1, -1, 2, 0, 2, 2]
+    scattered = make_case(torch_gen, slots, num_slots=3, max_rank=48, d_in=24, widths=(16, 8, 8))
+    assert_matches_naive(scattered, run_add_lora(scattered))
+    lora_a, lora_b = torch.zeros_like(scattered.lora_a), torch.zeros_like(scattered.lora_b)
+    table = PageTable.empty(3, 48)
+    for slot in range(3):
+        old = scattered.pages_of(slot)
+        new = list(range(1 + 3 * slot, 1 + 3 * slot + len(old)))
+        lora_a[new], lora_b[new] = scattered.lora_a[old], scattered.lora_b[old]
+        table.assign(slot, scattered.table.host_ranks[slot], new)
+    consecutive = dataclasses.replace(scattered, lora_a=lora_a, lora_b=lora_b, table=table)
+    assert all(isinstance(reference._slot_pages(table, slot), slice) for slot in range(3))
+    assert any(isinstance(reference._slot_pages(scattered.table, slot), list) for slot in range(3))
+    torch.testing.assert_close(run_add_lora(consecutive), run_add_lora(scattered), rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -343,6 +362,8 @@ def test_lora_batch_segments_and_active_slots() -> None:
     assert batch.segment_starts.dtype == batch.segment_slots.dtype == torch.int64
     assert batch.active_slots == (0, 3)
     assert batch.has_lora
+    assert batch.by_slot.tolist() == [4, 0, 1, 5, 6, 7]  # slot 0's token, then slot 3's in token order
+    assert batch.slot_runs == ((0, 0, 1), (3, 1, 6))
 
 
 def test_lora_batch_of_base_model_tokens_only() -> None:
@@ -381,3 +402,10 @@ def test_lora_batch_segments_cover_the_tokens(token_slots: list[int]) -> None:
             assert slots[i - 1] != slot  # maximal segments
     assert batch.active_slots == tuple(sorted({s for s in token_slots if s >= 0}))
     assert batch.has_lora == any(s >= 0 for s in token_slots)
+    # The reference's grouping: every token with a slot once, each run holding exactly that slot's tokens.
+    by_slot = batch.by_slot.tolist()
+    assert sorted(by_slot) == [t for t, s in enumerate(token_slots) if s >= 0]
+    assert [slot for slot, _, _ in batch.slot_runs] == list(batch.active_slots)
+    for slot, start, end in batch.slot_runs:
+        assert by_slot[start:end] == [t for t, s in enumerate(token_slots) if s == slot]
+    assert batch.slot_runs[-1][2] == len(by_slot) if batch.slot_runs else by_slot == []
