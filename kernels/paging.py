@@ -37,12 +37,11 @@ def pages_for_rank(rank: int) -> int:
 @dataclass(frozen=True)
 class PageTable:
     """Each slot's adapter rank and pages, on the model's device; updated in place by the slot pool, so a
-    captured step sees the current values. `host_ranks` and `host_pages` mirror them in host memory, for the
-    torch reference, which slices by rank and pages without a device round trip."""
+    captured step sees the current values. `host_pages` mirrors each slot's pages in host memory, for the
+    torch reference, which reads them without a device round trip."""
 
     ranks: torch.Tensor  # [num_slots] int32; 0 for an empty slot
     pages: torch.Tensor  # [num_slots, max_pages] int32; ZERO_PAGE past the slot's rank
-    host_ranks: list[int]
     host_pages: list[tuple[int, ...]]  # each slot's own pages, none past its rank
 
     @classmethod
@@ -50,12 +49,11 @@ class PageTable:
         return cls(
             ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
             pages=torch.full((num_slots, pages_for_rank(max_rank)), ZERO_PAGE, dtype=torch.int32, device=device),
-            host_ranks=[0] * num_slots,
             host_pages=[()] * num_slots,
         )
 
     def to(self, device: torch.device | str) -> PageTable:
-        return PageTable(self.ranks.to(device), self.pages.to(device), list(self.host_ranks), list(self.host_pages))
+        return PageTable(self.ranks.to(device), self.pages.to(device), list(self.host_pages))
 
     @property
     def max_rank(self) -> int:
@@ -67,7 +65,6 @@ class PageTable:
         if pages:
             self.pages[slot, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.ranks[slot] = rank
-        self.host_ranks[slot] = rank
         self.host_pages[slot] = tuple(pages[: pages_for_rank(rank)])
 
     def clear(self, slot: int) -> None:

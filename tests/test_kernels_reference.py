@@ -187,7 +187,7 @@ def test_consecutive_pages_are_read_as_views_and_give_the_same_delta(torch_gen: 
         old = scattered.pages_of(slot)
         new = list(range(1 + 3 * slot, 1 + 3 * slot + len(old)))
         lora_a[new], lora_b[new] = scattered.lora_a[old], scattered.lora_b[old]
-        table.assign(slot, scattered.table.host_ranks[slot], new)
+        table.assign(slot, int(scattered.table.ranks[slot]), new)
     consecutive = dataclasses.replace(scattered, lora_a=lora_a, lora_b=lora_b, table=table)
     assert all(isinstance(reference._slot_pages(table, slot), slice) for slot in range(3))
     assert any(isinstance(reference._slot_pages(scattered.table, slot), list) for slot in range(3))

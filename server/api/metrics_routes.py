@@ -1,9 +1,9 @@
 """`GET /metrics` (Prometheus text format) and the middleware counting HTTP requests per route.
 
 The endpoint label is the matched route's template (`/v1/adapters/{adapter_id}`), never the raw path,
-so its values are bounded by the routes (requests refused before routing too); a path no route matches counts
-as `unmatched`. Streamed
-responses are counted when they end, with the status their first message sent.
+so its values are bounded by the routes (requests refused before routing too); a path no route matches
+counts as `unmatched`. Streamed responses are counted when they end, with the status their first message
+sent.
 """
 
 from __future__ import annotations
