@@ -100,7 +100,7 @@ def _shrink_kernel(
         if UPCAST:  # exact: products of two halves fit fp32's mantissa
             xt = xt.to(ACC)
             at = at.to(ACC)
-        acc = tl.dot(xt, tl.trans(at), acc, input_precision=PRECISION)
+        acc = tl.dot(xt, tl.trans(at), acc, input_precision=PRECISION, out_dtype=ACC)
         x_at += BLOCK_K * stride_xd
         a_at += BLOCK_K * stride_ad
     v_at = v_ptr + tl.program_id(2) * stride_vs + rows[:, None] * stride_vt + (k * max_rank + ranks)[None, :]
@@ -150,7 +150,7 @@ def _expand_kernel(
             vt += tl.load(v_at + s * stride_vs, mask=row_ok & rank_ok[None, :], other=0.0)
         page = tl.load(page_at).to(tl.int64)
         bt = tl.load(b_ptr + page * stride_bp + b_in_page, mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(vt.to(ACC), bt.to(ACC), acc, input_precision=PRECISION)
+        acc = tl.dot(vt.to(ACC), bt.to(ACC), acc, input_precision=PRECISION, out_dtype=ACC)
         v_at += BLOCK_R
         page_at += 1
     y_at = y_ptr + rows[:, None] * stride_yt + cols[None, :] * stride_yn
