@@ -253,3 +253,30 @@ def test_a_version_that_went_away_before_it_loaded_is_gone_and_the_next_lookup_r
     assert old.gone and old.retired and not old.broken and old.weights is None
     assert b.version("x").manifest.version == 2  # at once: the failed load showed the store had moved on
     b.unbind(old)
+
+
+@pytest.mark.parametrize("write", ["revoke", "delete"])
+def test_a_read_that_a_write_of_ours_overtook_never_undoes_it(registries, demo_args, write: str, monkeypatch):
+    """A revalidation reads the store without a lock: if this server revokes or deletes the adapter while that
+    read is under way, the older state it read must not come back."""
+    registry, _, clock = registries
+    registry.create("x", *adapter_files(demo_args, 1), owner="acme", public=True)
+    manifest = registry.store.manifest
+
+    def read_then_write(adapter_id: str):
+        monkeypatch.setattr(registry.store, "manifest", manifest)  # once
+        before = manifest(adapter_id)
+        if write == "revoke":
+            registry.set_public("x", False)
+        else:
+            registry.delete("x")
+        return before  # what the store held when this read began
+
+    clock.now = 1.0  # the cached manifest is due for a read
+    monkeypatch.setattr(registry.store, "manifest", read_then_write)
+    version = registry.version("x")
+    clock.now = 1.5  # within the bound of the write: what the registry shows now is what it keeps showing
+    if write == "revoke":
+        assert version.manifest.public is False and registry.version("x").manifest.public is False
+    else:
+        assert version is None and not registry.exists("x")
