@@ -6,6 +6,15 @@ pinned on CUDA, within a byte budget, least recently used dropped first) and the
 submitted and keeps it until it finishes, so a replace or delete never changes the weights under a
 request already in flight; a version nobody uses any more is freed from every tier at once.
 
+Several processes may share one store (`AdapterStore` locks its writes). Each registry caches the manifest
+of every adapter it has looked up, and a lookup older than `revalidate_s` reads the manifest again (one
+small file), so what another process did reaches this one within that bound: a delete makes the adapter
+missing, a change of owner or visibility applies to the next access check, and a replace makes a new
+`AdapterVersion` current (the old one is retired as after a replace of our own). A request bound to a
+version whose files another process has since replaced or deleted is served from the host copy if there
+is one; otherwise its load finds the files gone, and the version is *gone*: its requests fail with a
+retryable error and the next lookup reads the store again. Writes of this process show at once.
+
 A version whose stored files fail at load (a checksum mismatch, a missing file, weights that no longer
 parse) is *broken*: the requests waiting for it fail, new ones are refused at `bind`, and its files are
 not read again; it never reaches host memory or a slot. Only a replace (a new version) or a delete ends
@@ -19,7 +28,9 @@ a small thread pool reads and parses from disk. One lock guards the bookkeeping;
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -59,8 +70,13 @@ class AdapterVersion:
     loading: bool = False
     load_error: str | None = None  # why the last load failed; the requests waiting for it fail with it
     broken: bool = False  # load_error lies in the stored files: this version can never be served
+    gone: bool = False  # its files left the store (replaced or deleted, maybe by another process) before it loaded
     requests_served: int = 0
     last_used: float | None = None
+    # When the manifest was last read from (or written to) the store: `checked` orders what the registry
+    # learned (a ticket), `checked_at` is the registry clock's time of it, which bounds the cache's staleness.
+    checked: int = -1
+    checked_at: float = -math.inf
 
     @property
     def adapter_id(self) -> str:
@@ -85,6 +101,8 @@ class AdapterRegistry:
         pin_memory: bool = False,
         pinned_ids: frozenset[str] = frozenset(),
         max_adapter_bytes: int = 512 * 2**20,
+        revalidate_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.store = store
         self.shape = shape
@@ -93,12 +111,18 @@ class AdapterRegistry:
         self.pin_memory = pin_memory
         self.pinned_ids = pinned_ids
         self.max_adapter_bytes = max_adapter_bytes
+        self.revalidate_s = revalidate_s  # a cached manifest older than this is read again (0: at every lookup)
+        self._clock = clock
         self._lock = threading.Lock()
         # Held from a store write until the registry shows it, so the cached manifest of the current version
         # (its owner and public flag) is always the newest one written. Parsing runs outside it.
         self._writing = threading.Lock()
         self._current: dict[str, AdapterVersion] = {}  # id -> current version, filled lazily from the store
         self._host_lru: OrderedDict[AdapterVersion, None] = OrderedDict()  # versions with weights, LRU first
+        # Tickets order store reads against this registry's own writes: a read may apply only if nothing newer
+        # about the adapter was learned since it started (see `_version`).
+        self._tickets = itertools.count()
+        self._last_delete = -1  # ticket of this registry's latest delete (a deleted id leaves no version to compare)
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorahive-adapter-load")
         self.stats = HostTierStats()
         # Called (from any thread) when a version leaves service for good, so the engine frees its slot.
@@ -149,18 +173,52 @@ class AdapterRegistry:
             self.on_retired(version)
 
     def _version(self, adapter_id: str) -> AdapterVersion | None:
-        with self._lock:
-            version = self._current.get(adapter_id)
-        if version is not None:
+        """The current version of `adapter_id`, as the store had it at most `revalidate_s` ago; None if none."""
+        while True:
+            with self._lock:
+                cached = self._current.get(adapter_id)
+                if cached is not None and self._clock() - cached.checked_at < self.revalidate_s:
+                    return cached
+                ticket = next(self._tickets)
+            found = self._read_manifest(adapter_id)  # no lock held: another process may write meanwhile
+            with self._lock:
+                current = self._current.get(adapter_id)
+                if current is not None and current.checked > ticket:
+                    return current  # a write of ours or a later read overtook this one: theirs is newer
+                if current is None and ticket < self._last_delete:
+                    continue  # this read may predate a delete of ours: read again
+                version, replaced = self._adopt(adapter_id, found, ticket)
+            if replaced is not None:
+                self._retire(replaced, None)  # its files were changed by another process: only a host copy serves
+            if isinstance(found, StoreCorruptionError):
+                return self._unreadable(adapter_id, found)
             return version
+
+    def _read_manifest(self, adapter_id: str) -> Manifest | StoreCorruptionError | None:
         try:
-            manifest = self.store.manifest(adapter_id)
+            return self.store.manifest(adapter_id)
         except StoreCorruptionError as exc:
-            return self._unreadable(adapter_id, exc)
+            return exc
         except (AdapterMissingError, StoreError, ValueError):
             return None
-        with self._lock:  # another thread may have filled it meanwhile: keep the first
-            return self._current.setdefault(adapter_id, AdapterVersion(manifest))
+
+    def _adopt(
+        self, adapter_id: str, found: Manifest | StoreCorruptionError | None, ticket: int
+    ) -> tuple[AdapterVersion | None, AdapterVersion | None]:
+        """Lock held. Make what the store holds (read under `ticket`) current: (the current version, the version
+        it replaced, to retire). The same version keeps its object (and its weights), with the newer manifest."""
+        current = self._current.get(adapter_id)
+        now = self._clock()
+        if isinstance(found, Manifest) and current is not None and _same_version(current.manifest, found):
+            current.manifest = found  # its owner or visibility may have changed
+            current.checked, current.checked_at = ticket, now
+            return current, None
+        if not isinstance(found, Manifest):  # deleted, or its manifest is damaged (never cached)
+            self._current.pop(adapter_id, None)
+            return None, current
+        version = AdapterVersion(found, checked=ticket, checked_at=now)
+        self._current[adapter_id] = version
+        return version, current
 
     def _unreadable(self, adapter_id: str, error: StoreCorruptionError) -> AdapterVersion | None:
         """A stored adapter whose manifest is damaged: broken, with what the store still knows of it. Not kept
@@ -185,8 +243,8 @@ class AdapterRegistry:
         start = time.perf_counter()
         try:
             manifest, config, weights = self.store.read(version.adapter_id)
-            if manifest.version != version.manifest.version:
-                raise StoreError(f"version {version.manifest.version} was replaced while it loaded")
+            if not _same_version(manifest, version.manifest):
+                raise _VersionGone(f"version {version.manifest.version} was replaced", version.adapter_id)
             adapter = self._parse(version.adapter_id, config, weights)
             with self._lock:
                 # A retire may have given it a copy meanwhile, or retired it with nobody left to use it.
@@ -204,15 +262,28 @@ class AdapterRegistry:
             self.on_loaded(version)
 
     def _load_failed(self, version: AdapterVersion, exc: Exception) -> None:
-        # A replace or delete may have removed the files under this read. It holds `_writing` until it has
-        # retired the version and given the requests still bound to it a copy of the weights: no failure then.
+        # A replace or delete may have removed the files under this read. One of ours holds `_writing` until it
+        # has retired the version and given the requests still bound to it a copy of the weights: no failure then.
+        # One by another process leaves them nothing to serve: they fail with a retryable error.
+        gone = isinstance(exc, AdapterMissingError | _VersionGone)
         with self._writing, self._lock:
             if version.weights is not None:
                 return
-            log.warning("adapter %s v%d failed to load: %s", version.adapter_id, version.manifest.version, exc)
-            reason = _broken_reason(version.adapter_id, exc)
-            version.load_error = str(exc) if reason is None else reason
+            reason = None if gone else _broken_reason(version.adapter_id, exc)
+            if gone:
+                log.info("adapter %s v%d was replaced or deleted before it loaded", version.adapter_id,
+                         version.manifest.version)
+                version.load_error = f"version {version.manifest.version} was replaced or deleted before it loaded"
+            else:
+                log.warning("adapter %s v%d failed to load: %s", version.adapter_id, version.manifest.version, exc)
+                version.load_error = str(exc) if reason is None else reason
+            version.gone = gone
             version.broken = reason is not None
+            if gone and self._current.get(version.adapter_id) is version:
+                del self._current[version.adapter_id]  # the next lookup reads what the store holds now
+            retire = gone and not version.retired
+        if retire:
+            self._retire(version, None)
         if self.metrics is not None:
             self.metrics.disk_read(ok=False)
             if reason is not None:
@@ -306,6 +377,7 @@ class AdapterRegistry:
                 raise AdapterMissingError(f"adapter {adapter_id!r} does not exist", adapter_id)
             with self._lock:
                 version.manifest = manifest
+                version.checked, version.checked_at = next(self._tickets), self._clock()
         return version
 
     def delete(self, adapter_id: str) -> None:
@@ -314,6 +386,7 @@ class AdapterRegistry:
             self.store.delete(adapter_id)
             with self._lock:
                 old = self._current.pop(adapter_id, None)
+                self._last_delete = next(self._tickets)
             if old is not None:
                 self._retire(old, old_weights)
 
@@ -334,7 +407,7 @@ class AdapterRegistry:
             manifest, config, weights = self.store.read(adapter_id)
         except StoreError:  # nothing servable to keep: a request bound to it fails as its load would have
             return None
-        if manifest.version != version.manifest.version:
+        if not _same_version(manifest, version.manifest):
             return None
         return lambda: self._parse(adapter_id, config, weights)
 
@@ -342,8 +415,8 @@ class AdapterRegistry:
         self, manifest: Manifest, adapter: LoraAdapter, old_weights: Callable[[], LoraAdapter] | None = None
     ) -> AdapterVersion:
         """Make a freshly stored version current (warm in host memory) and retire the previous one."""
-        version = AdapterVersion(manifest)
         with self._lock:
+            version = AdapterVersion(manifest, checked=next(self._tickets), checked_at=self._clock())
             old = self._current.get(manifest.id)
             self._current[manifest.id] = version
             self._keep_in_host(version, adapter)
@@ -403,6 +476,17 @@ class AdapterRegistry:
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+class _VersionGone(StoreError):
+    """The store holds another version than the one being loaded: its files were replaced (or deleted and
+    uploaded again), maybe by another process."""
+
+
+def _same_version(a: Manifest, b: Manifest) -> bool:
+    """Whether two manifests describe the same stored files. A delete and a new upload start again at version 1:
+    the creation time and the checksums tell them apart. Owner and visibility may differ."""
+    return a.version == b.version and a.created_at == b.created_at and a.files == b.files
 
 
 def _broken_reason(adapter_id: str, error: Exception) -> str | None:

@@ -30,6 +30,11 @@ class Settings(BaseModel):
     store: Path | None = Field(
         None, description="adapter store directory; none keeps uploads in a temporary directory for this run"
     )
+    store_revalidate_seconds: float = Field(
+        1.0, ge=0, description="how stale this server's view of the store may get: a cached adapter manifest older "
+        "than this is read again, so a delete, replace or visibility change made by another server sharing --store "
+        "shows here within it; 0 reads it at every lookup"
+    )
     max_host_adapter_bytes: int = Field(
         4 * 2**30, gt=0, description="host-memory budget for adapter weights (least recently used leave first)"
     )

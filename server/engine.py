@@ -29,6 +29,7 @@ from server.sampling import SamplerState, sample
 from server.scheduler import Scheduler, Sequence
 from server.sequence import (
     AdapterBrokenError,
+    AdapterChangedError,
     AdapterNotFoundError,
     ChoiceDelta,
     EngineStepError,
@@ -308,6 +309,9 @@ class Engine:
                 adapter = seq.adapter
                 if adapter is not None and adapter.broken:  # its stored files are at fault: a 503 naming the cure
                     self._fail(seq.request_id, AdapterBrokenError(adapter.adapter_id, adapter.load_error or ""))
+                    continue
+                if adapter is not None and adapter.gone:  # another server replaced or deleted it: a retry will do
+                    self._fail(seq.request_id, AdapterChangedError(adapter.adapter_id))
                     continue
                 adapter_id = adapter.adapter_id if adapter else None
                 self._fail(seq.request_id, _logged_error(f"The adapter '{adapter_id}' could not be loaded: {error}"))

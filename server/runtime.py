@@ -123,6 +123,7 @@ def build_engine(settings: Settings) -> Engine:
         pin_memory=device.type == "cuda",
         pinned_ids=frozenset(settings.pin),
         max_adapter_bytes=settings.max_adapter_bytes,
+        revalidate_s=settings.store_revalidate_seconds,
     )
     if settings.adapters is not None:
         registry.import_directory(settings.adapters)

@@ -101,6 +101,23 @@ class AdapterBrokenError(RequestError):
         self.reason = reason
 
 
+class AdapterChangedError(RequestError):
+    """The adapter version the request was bound to was replaced or deleted (by another server sharing the store)
+    before its weights loaded (maps to HTTP 503 `adapter_changed` with `Retry-After`): a retry binds to what the
+    store holds now."""
+
+    retry_after_s = 1
+
+    def __init__(self, adapter_id: str):
+        super().__init__(
+            f"The adapter '{adapter_id}' was replaced or deleted while this request waited for its weights; retry "
+            "the request to use its current version.",
+            param="adapter_id",
+            code="adapter_changed",
+        )
+        self.adapter_id = adapter_id
+
+
 class QueueFullError(RequestError):
     """Too many requests wait already and the tenant holds its share of them (maps to HTTP 429
     `rate_limit_exceeded` with `Retry-After: retry_after_s`). Nothing was queued."""

@@ -25,6 +25,7 @@ from server.api.protocol import CUSTOM_ERROR_CODES
 from server.api.route_matching import routes_matching_path
 from server.sequence import (
     AdapterBrokenError,
+    AdapterChangedError,
     AdapterNotFoundError,
     EngineStepError,
     QueueFullError,
@@ -152,6 +153,9 @@ def request_error_response(exc: RequestError) -> JSONResponse:
         return error_response(503, exc.message, error_type=SERVER_ERROR, param=exc.param, code=exc.code)
     if isinstance(exc, QueueFullError):
         return error_response(429, exc.message, error_type=_type_for(429), code=exc.code,
+                              headers={"Retry-After": str(exc.retry_after_s)})
+    if isinstance(exc, AdapterChangedError):  # a transient state of the store: the same request will succeed
+        return error_response(503, exc.message, error_type=SERVER_ERROR, param=exc.param, code=exc.code,
                               headers={"Retry-After": str(exc.retry_after_s)})
     if isinstance(exc, ServerDrainingError):
         return error_response(503, exc.message, error_type=SERVER_ERROR, code=exc.code)

@@ -126,7 +126,8 @@ _GENERATION_ERRORS = error_responses({
     404: _NOT_FOUND,
     429: "The waiting queue is full and this tenant holds its fair share of it (--max-waiting-requests).",
     500: "The engine step running this request failed; the message carries the error id of its log entry.",
-    503: "The adapter's stored files are broken (code adapter_broken), or the server is draining.",
+    503: "The adapter's stored files are broken (code adapter_broken), another server sharing the store replaced or "
+         "deleted it while the request waited (code adapter_changed: retry), or the server is draining.",
 })
 # What `stream: true` sends, one chunk per server-sent event (the OpenAPI document describes it).
 EVENT_STREAMS: dict[str, type[BaseModel]] = {
