@@ -7,7 +7,6 @@ Flags are generated from `Settings`, so every field is both `--some-flag` and `L
 from __future__ import annotations
 
 import argparse
-import contextlib
 import errno
 import logging
 import os
@@ -87,33 +86,27 @@ def describe_invalid_settings(error: ValidationError, namespace: argparse.Namesp
     return lines
 
 
-def bind_listeners(settings: Settings) -> list[socket.socket]:
-    """Bind the server's sockets now, before the model loads, so a port in use stops the start at once (and
-    nothing can take the port while the model loads). uvicorn listens on them once the engine is up."""
+def check_port(settings: Settings) -> None:
+    """Bind the host and port as uvicorn will, and let go: a port in use stops the start now, naming --port,
+    rather than after the model has loaded and the app has logged its start-up."""
     try:
         addresses = socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM,
                                        flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise StartupError(f"--host {settings.host}: cannot resolve it ({exc.strerror})") from None
-    listeners: list[socket.socket] = []
     for family, kind, protocol, _, address in dict.fromkeys(addresses):
-        listener = socket.socket(family, kind, protocol)
-        listeners.append(listener)
-        # As asyncio binds for uvicorn: a port left in TIME_WAIT is free, one that a process listens on is not.
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        try:
-            listener.bind(address)
-        except OSError as exc:
-            for opened in listeners:
-                opened.close()
-            hint = ("another process holds that port: stop it or choose another --port"
-                    if exc.errno == errno.EADDRINUSE else "check --host and --port")
-            raise StartupError(
-                f"--port {settings.port}: cannot listen on {settings.host}:{settings.port} ({exc.strerror}); {hint}"
-            ) from None
-    return listeners
+        with socket.socket(family, kind, protocol) as probe:
+            # As asyncio binds for uvicorn: a port left in TIME_WAIT is free, one a process listens on is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                hint = ("another process holds that port: stop it or choose another --port"
+                        if exc.errno == errno.EADDRINUSE else "check --host and --port")
+                raise StartupError(f"--port {settings.port}: cannot listen on {settings.host}:{settings.port} "
+                                   f"({exc.strerror}); {hint}") from None
 
 
 def serve(settings: Settings) -> None:
@@ -125,19 +118,18 @@ def serve(settings: Settings) -> None:
 
     keys = load_api_keys(settings.api_keys)  # a bad key file stops the start before the model loads
     announce(keys)
-    with contextlib.ExitStack() as closing:
-        listeners = [closing.enter_context(listener) for listener in bind_listeners(settings)]
-        engine = build_engine(settings)
-        engine.start()
-        try:
-            app = build_app(engine, settings, keys)
-            cut_error = ServerDrainingError(
-                f"The server shut down before this request finished (it had {settings.drain_timeout:g} s, "
-                "--drain-timeout); retry it."
-            )
-            serve_app(app, settings, cut=lambda: engine.abort_all(cut_error), sockets=listeners)
-        finally:
-            engine.shutdown()
+    check_port(settings)
+    engine = build_engine(settings)
+    engine.start()
+    try:
+        app = build_app(engine, settings, keys)
+        cut_error = ServerDrainingError(
+            f"The server shut down before this request finished (it had {settings.drain_timeout:g} s, "
+            "--drain-timeout); retry it."
+        )
+        serve_app(app, settings, cut=lambda: engine.abort_all(cut_error))
+    finally:
+        engine.shutdown()
 
 
 def export_demo(directory: Path, seed: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import socket
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -22,17 +21,15 @@ log = logging.getLogger("lorahive.server")
 CUT_GRACE_S = 5.0
 
 
-def serve_app(app: FastAPI, settings: Settings, cut: Callable[[], None],
-              sockets: list[socket.socket] | None = None) -> None:
+def serve_app(app: FastAPI, settings: Settings, cut: Callable[[], None]) -> None:
     """Serve `app` (from `build_app`) on the settings' host and port until SIGTERM has drained it, or SIGINT
-    stopped it. `cut` ends every request still running when the drain times out. `sockets`: bound already
-    (for that host and port); uvicorn listens on them instead of binding its own."""
+    stopped it. `cut` ends every request still running when the drain times out."""
     # uvicorn's own wait for connections after the drain is bounded too: past it, it cancels what is left.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=CUT_GRACE_S)
     server = DrainingServer(config, app.state.lifecycle, settings.drain_timeout, cut)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises SIGINT once it has stopped: a normal end
-        server.run(sockets=sockets)
+        server.run()
 
 
 class DrainingServer(uvicorn.Server):
