@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         serve(settings)
     except KeyFileError as exc:
-        parser.exit(2, f"error: --api-keys {settings.api_keys}: {exc}\n")
+        parser.exit(2, f"error: invalid --api-keys file: {exc}\n")
     except StartupError as exc:
         parser.exit(2, f"error: {exc}\n")
 

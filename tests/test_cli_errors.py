@@ -139,25 +139,25 @@ def closed_url() -> str:
 
 def test_no_server_at_the_url(capsys: pytest.CaptureFixture[str]) -> None:
     url = closed_url()
-    message = adapters_error(["list", "--url", url])
+    message = adapters_error(["--url", url, "list"])
     assert f"cannot connect to a server at {url}" in message and "--url" in message
     assert capsys.readouterr().out == ""  # not even the table's header
 
 
 def test_upload_of_a_path_that_does_not_exist(tmp_path: Path) -> None:
-    message = adapters_error(["upload", "x", str(tmp_path / "nope"), "--url", closed_url()])
+    message = adapters_error(["--url", closed_url(), "upload", "x", str(tmp_path / "nope")])
     assert message.startswith(f"error: {tmp_path / 'nope'} does not exist")
 
 
 def test_upload_of_a_directory_without_adapter_config(tmp_path: Path) -> None:
-    message = adapters_error(["upload", "x", str(tmp_path), "--url", closed_url()])
+    message = adapters_error(["--url", closed_url(), "upload", "x", str(tmp_path)])
     assert message == f"error: {tmp_path}: no adapter_config.json: not a PEFT adapter directory"
 
 
 def test_upload_of_a_pickle_adapter_says_save_with_safetensors(tmp_path: Path) -> None:
     (tmp_path / "adapter_config.json").write_text("{}")
     (tmp_path / "adapter_model.bin").write_bytes(b"\x80\x02")
-    message = adapters_error(["upload", "x", str(tmp_path), "--url", closed_url()])
+    message = adapters_error(["--url", closed_url(), "upload", "x", str(tmp_path)])
     assert "pickle .bin files are not supported; save with safe_serialization=True" in message
 
 
@@ -211,7 +211,7 @@ def test_url_and_api_key_from_the_environment(recording_server, monkeypatch: pyt
 def test_output_into_a_closed_pipe_ends_quietly(recording_server) -> None:
     """`lorahive adapters list | head -0`: the reader is gone before the first line."""
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    process = subprocess.Popen([sys.executable, "-m", "server.cli", "adapters", "list", "--url", recording_server[0]],
+    process = subprocess.Popen([sys.executable, "-m", "server.cli", "adapters", "--url", recording_server[0], "list"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
     process.stdout.close()
     err = process.stderr.read().decode()
