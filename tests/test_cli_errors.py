@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -90,7 +91,7 @@ def test_a_bad_value_from_the_environment_names_the_variable(monkeypatch: pytest
 
 
 def test_byte_sizes_take_units() -> None:
-    namespace = cli.argparse.Namespace(max_host_adapter_bytes="4GiB", max_adapter_bytes="512MiB",
+    namespace = argparse.Namespace(max_host_adapter_bytes="4GiB", max_adapter_bytes="512MiB",
                                        max_request_bytes="1048576")
     settings = cli.settings_from(namespace, {"LORAHIVE_MAX_STORE_BYTES_PER_TENANT": "2 GiB"})
     assert settings.max_host_adapter_bytes == 4 * 2**30 and settings.max_adapter_bytes == 512 * 2**20
