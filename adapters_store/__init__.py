@@ -13,6 +13,7 @@ from adapters_store.peft_format import (
     LoraWeight,
     load_peft_adapter,
     parse_peft_adapter,
+    read_peft_directory,
     validate_adapter_id,
 )
 from adapters_store.store import (
@@ -43,6 +44,7 @@ __all__ = [
     "StoredFile",
     "load_peft_adapter",
     "parse_peft_adapter",
+    "read_peft_directory",
     "unpack_adapter_archive",
     "validate_adapter_id",
 ]

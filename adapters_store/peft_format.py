@@ -163,13 +163,7 @@ def load_peft_adapter(
         raise AdapterFormatError(f"adapter path {str(directory)!r} is not a directory", field="path")
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
-        if (directory / PICKLE_FILE).exists():
-            raise AdapterFormatError(
-                f"found only {PICKLE_FILE}: pickle .bin files are not supported; "
-                "save with safe_serialization=True to get adapter_model.safetensors",
-                field=PICKLE_FILE,
-            )
-        raise AdapterFormatError(f"{WEIGHTS_FILE} is missing", field=WEIGHTS_FILE)
+        raise _missing_weights(directory)
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
         raise AdapterFormatError(f"{CONFIG_FILE} is missing", field=CONFIG_FILE)
@@ -184,6 +178,25 @@ def load_peft_adapter(
         max_rank=max_rank,
         max_header_bytes=max_header_bytes,
     )
+
+
+def read_peft_directory(directory: Path) -> tuple[bytes, bytes]:
+    """The config and weights bytes of a PEFT directory, unparsed; AdapterFormatError names a missing file."""
+    if not (directory / CONFIG_FILE).is_file():
+        raise AdapterFormatError(f"no {CONFIG_FILE}: not a PEFT adapter directory", field=CONFIG_FILE)
+    if not (directory / WEIGHTS_FILE).is_file():
+        raise _missing_weights(directory)
+    return (directory / CONFIG_FILE).read_bytes(), (directory / WEIGHTS_FILE).read_bytes()
+
+
+def _missing_weights(directory: Path) -> AdapterFormatError:
+    if (directory / PICKLE_FILE).exists():
+        return AdapterFormatError(
+            f"found only {PICKLE_FILE}: pickle .bin files are not supported; "
+            "save with safe_serialization=True to get adapter_model.safetensors",
+            field=PICKLE_FILE,
+        )
+    return AdapterFormatError(f"{WEIGHTS_FILE} is missing", field=WEIGHTS_FILE)
 
 
 def parse_peft_adapter(

@@ -27,7 +27,6 @@ a small thread pool reads and parses from disk. One lock guards the bookkeeping;
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import math
@@ -37,7 +36,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 from adapters_store import (
     AdapterExistsError,
@@ -451,28 +449,6 @@ class AdapterRegistry:
             self._keep_in_host(version, adapter)  # retired and in use: never evicted
             version.load_error = None
         self.on_loaded(version)  # requests waiting for it can be admitted now
-
-    def import_directory(self, directory: Path) -> None:
-        """Bring every PEFT sub-directory of `directory` into the store (new or changed ones only)."""
-        for path in sorted(p for p in directory.iterdir() if p.is_dir()):
-            try:
-                config = (path / "adapter_config.json").read_bytes()
-                weights = (path / "adapter_model.safetensors").read_bytes()
-                if path.name in self.store and self._same_files(path.name, config, weights):
-                    continue
-                if path.name in self.store:
-                    self.replace(path.name, config, weights)
-                else:
-                    self.create(path.name, config, weights, public=True)  # the operator's: for every tenant
-            except (OSError, ValueError, StoreError) as exc:
-                log.warning("skipping adapter directory %s: %s", path, exc)
-
-    def _same_files(self, adapter_id: str, config: bytes, weights: bytes) -> bool:
-        files = self.store.manifest(adapter_id).files
-        return all(
-            files[name].sha256 == hashlib.sha256(data).hexdigest()
-            for name, data in (("adapter_config.json", config), ("adapter_model.safetensors", weights))
-        )
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)

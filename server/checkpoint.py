@@ -34,7 +34,17 @@ def read_config(model_dir: Path) -> ModelArgs:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ValueError(f"{model_dir} has no config.json; --model must be a Hugging Face checkpoint directory")
-    return ModelArgs.from_hf_config(json.loads(config_path.read_text()))
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        position = f"line {exc.lineno} column {exc.colno}"
+        raise ValueError(f"{config_path} is not valid JSON: {exc.msg} at {position}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} holds no JSON object")
+    try:
+        return ModelArgs.from_hf_config(config)
+    except KeyError as exc:
+        raise ValueError(f"{config_path} lacks {exc.args[0]!r}, which the model needs") from None
 
 
 def _safetensors_files(model_dir: Path) -> list[Path]:

@@ -5,11 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, ByteSize, Field, SecretStr, field_validator
+
+
+class StartupError(Exception):
+    """A setting `lorahive serve` cannot start with; the message names the flag and says what to do."""
 
 
 class Settings(BaseModel):
-    """Every knob of `lorahive serve`. Flag `--max-gpu-adapters` <-> env `LORAHIVE_MAX_GPU_ADAPTERS`."""
+    """Every knob of `lorahive serve`. Flag `--max-gpu-adapters` <-> env `LORAHIVE_MAX_GPU_ADAPTERS`.
+
+    Sizes in bytes are `ByteSize`: a plain number of bytes, or one with a unit (`512MiB`, `4GiB`, `1.5GB`).
+    """
 
     model: Path | None = Field(None, description="Hugging Face checkpoint directory; none serves the demo model")
     adapters: Path | None = Field(None, description="directory of PEFT adapters to serve, one sub-directory each")
@@ -23,7 +30,7 @@ class Settings(BaseModel):
     max_model_len: int | None = Field(None, gt=0, description="longest prompt + output in tokens")
     max_gpu_adapters: int = Field(8, gt=0, description="adapter slots on the device")
     max_lora_rank: int = Field(64, gt=0, description="largest adapter rank served")
-    max_gpu_adapter_bytes: int | None = Field(
+    max_gpu_adapter_bytes: ByteSize | None = Field(
         None, gt=0, description="device memory for adapter weights, spent by rank in pages of 16 ranks; default "
         "fits --max-gpu-adapters adapters of --max-lora-rank"
     )
@@ -35,10 +42,10 @@ class Settings(BaseModel):
         "than this is read again, so a delete, replace or visibility change made by another server sharing --store "
         "shows here within it; 0 reads it at every lookup"
     )
-    max_host_adapter_bytes: int = Field(
+    max_host_adapter_bytes: ByteSize = Field(
         4 * 2**30, gt=0, description="host-memory budget for adapter weights (least recently used leave first)"
     )
-    max_adapter_bytes: int = Field(512 * 2**20, gt=0, description="largest adapter upload accepted, in bytes")
+    max_adapter_bytes: ByteSize = Field(512 * 2**20, gt=0, description="largest adapter upload accepted")
     pin: list[str] = Field(
         default_factory=list, description="adapter ids kept resident in host memory (comma-separated)"
     )
@@ -66,7 +73,7 @@ class Settings(BaseModel):
         None, description="Bearer key that GET /metrics asks for (prefer the environment variable); none leaves it open"
     )
     # Limits: each refusal names its flag (server/api/request_limits.py, tenant_quotas.py, tenant_concurrency.py)
-    max_request_bytes: int = Field(32 * 2**20, gt=0, description="largest JSON request body, in bytes")
+    max_request_bytes: ByteSize = Field(32 * 2**20, gt=0, description="largest JSON request body")
     max_prompt_tokens: int | None = Field(
         None, gt=0, description="most prompt tokens in one request (all prompts of a batch together); none: the "
         "context length is the limit"
@@ -79,8 +86,8 @@ class Settings(BaseModel):
     # 16: the API's own cap (MAX_STOP_STRINGS in server/api/protocol.py, which this module must not import)
     max_stop_strings: int = Field(16, ge=0, le=16, description="most stop strings per request; the API's own cap is 16")
     max_adapters_per_tenant: int | None = Field(None, ge=0, description="adapters one tenant may own; none: no limit")
-    max_store_bytes_per_tenant: int | None = Field(
-        None, gt=0, description="bytes of adapter files one tenant may keep in the store; none: no limit"
+    max_store_bytes_per_tenant: ByteSize | None = Field(
+        None, gt=0, description="adapter files one tenant may keep in the store; none: no limit"
     )
     max_concurrent_requests_per_tenant: int | None = Field(
         None, gt=0, description="requests of one tenant in flight at once (a stream counts until it ends); more are "

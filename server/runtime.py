@@ -16,11 +16,12 @@ from kernels import resolve_backend
 from kernels.paging import PAGE_RANK, pages_for_rank
 from server.adapter_registry import AdapterRegistry
 from server.checkpoint import load_weights, read_config
-from server.config import Settings
+from server.config import Settings, StartupError
 from server.demo import DEMO_DESCRIPTION, DEMO_MODEL_NAME, build_demo_model
 from server.engine import Engine, EngineConfig
 from server.metrics import Metrics
 from server.model import ModelArgs, Transformer
+from server.startup_import import import_adapters
 from server.tokenizer import Tokenizer
 
 log = logging.getLogger("lorahive.runtime")
@@ -31,9 +32,22 @@ ACTIVATION_HEADROOM_BYTES = 2 * 2**30  # kept free on CUDA for activations and t
 
 
 def pick_device(setting: str) -> torch.device:
+    """The torch device `--device` names, checked usable; StartupError otherwise."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    try:
+        device = torch.device(setting)
+    except RuntimeError:
+        raise StartupError(f"--device {setting}: not a torch device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StartupError(f"--device {setting}: this torch ({torch.__version__}) cannot use CUDA (a build without "
+                           "it, or no GPU visible); use --device cpu, or install torch with CUDA")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as exc:  # torch asserts for backends it was built without
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StartupError(f"--device {setting}: torch cannot use it ({reason}); use auto, cpu or cuda") from None
+    return device
 
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
@@ -60,11 +74,14 @@ def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> 
         model, tokenizer = build_demo_model(settings.seed)
         return model.to(device, dtype), tokenizer, settings.served_model_name or DEMO_MODEL_NAME, DEMO_DESCRIPTION
     model_dir = Path(settings.model)
-    args = read_config(model_dir)
-    tokenizer = Tokenizer.from_dir(model_dir)
-    with _building_on(device, dtype):
-        model = Transformer(args, max_seq_len=max_model_len(settings, args))
-    load_weights(model, model_dir)
+    try:
+        args = read_config(model_dir)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        with _building_on(device, dtype):
+            model = Transformer(args, max_seq_len=max_model_len(settings, args))
+        load_weights(model, model_dir)
+    except ValueError as exc:  # what the checkpoint's files get wrong; each message names the file
+        raise StartupError(f"--model {model_dir}: {exc}") from None
     name = settings.served_model_name or model_dir.resolve().name
     return model.eval(), tokenizer, name, f"{args.architecture} checkpoint at {model_dir}"
 
@@ -100,9 +117,34 @@ def kv_cache_blocks(settings: Settings, args: ModelArgs, device: torch.device, d
     return blocks
 
 
+def check_paths(settings: Settings) -> None:
+    """Refuse a --model, --adapters or --store that cannot be what it must, before anything loads."""
+    if settings.model is not None:
+        _check_directory("--model", settings.model, "a local Hugging Face checkpoint directory (config.json, "
+                         "*.safetensors, tokenizer.json); hub ids are not downloaded: fetch the checkpoint first "
+                         "(huggingface-cli download ORG/NAME --local-dir DIR) and pass DIR")
+    if settings.adapters is not None:
+        _check_directory("--adapters", settings.adapters, "a directory of PEFT adapter directories, or one "
+                         "adapter's directory")
+    if settings.store is not None and settings.store.exists() and not settings.store.is_dir():
+        raise StartupError(f"--store {settings.store} is a file; --store takes a directory (created if missing) "
+                           "for the adapter store")
+
+
+def _check_directory(flag: str, path: Path, wanted: str) -> None:
+    if not path.exists():
+        raise StartupError(f"{flag} {path}: no such directory; {flag} takes {wanted}")
+    if not path.is_dir():
+        raise StartupError(f"{flag} {path} is a file, not a directory (its directory is {path.parent}); {flag} "
+                           f"takes {wanted}")
+
+
 def open_store(settings: Settings) -> AdapterStore:
     if settings.store is not None:
-        return AdapterStore(settings.store)
+        try:
+            return AdapterStore(settings.store)
+        except OSError as exc:
+            raise StartupError(f"--store {settings.store}: cannot use it for the adapter store ({exc})") from None
     directory = tempfile.mkdtemp(prefix="lorahive-store-")
     atexit.register(shutil.rmtree, directory, ignore_errors=True)
     log.warning("no --store given: uploaded adapters live in %s and will not survive a restart", directory)
@@ -110,6 +152,8 @@ def open_store(settings: Settings) -> AdapterStore:
 
 
 def build_engine(settings: Settings) -> Engine:
+    """The engine `settings` describe; StartupError names the flag of a setting it cannot start with."""
+    check_paths(settings)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     model, tokenizer, name, description = load_model(settings, device, dtype)
@@ -126,7 +170,7 @@ def build_engine(settings: Settings) -> Engine:
         revalidate_s=settings.store_revalidate_seconds,
     )
     if settings.adapters is not None:
-        registry.import_directory(settings.adapters)
+        import_adapters(registry, settings.adapters)
     config = EngineConfig(
         max_model_len=max_model_len(settings, args),
         num_kv_blocks=kv_cache_blocks(settings, args, device, dtype),
