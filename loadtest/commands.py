@@ -165,6 +165,11 @@ def build_workload(args: argparse.Namespace, adapters: list[str]) -> Workload:
 
 
 def build_limits(args: argparse.Namespace, workload: Workload) -> RunLimits:
+    if args.warmup and workload.arrivals is not None and workload.arrivals.kind == "all-at-once" \
+            and args.concurrency is None:
+        # Every request is due at t=0, so seconds of warm-up would send without end.
+        raise UsageError("--warmup SECONDS needs paced traffic: give --rate or --concurrency "
+                         "(or warm up with --warmup-requests N)")
     num = args.num_requests
     if num is None and args.duration is None:
         num = max(len(workload.trace) - args.warmup_requests, 1) if workload.trace else DEFAULT_NUM_REQUESTS
