@@ -84,9 +84,11 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     size = parser.add_argument_group("run size")
     size.add_argument("--num-requests", type=positive_int, help="measured requests (default 100, or the whole trace)")
     size.add_argument("--duration", type=float, help="measured seconds during which requests are sent")
-    size.add_argument("--warmup", type=float, default=0.0, help="seconds of traffic first, excluded from results")
+    size.add_argument("--warmup", type=float, default=0.0,
+                      help="seconds of traffic first, on top of the measured part and excluded from results "
+                           "(needs --rate or --concurrency)")
     size.add_argument("--warmup-requests", type=non_negative_int, default=0,
-                      help="requests sent first and excluded from results")
+                      help="requests sent first, on top of the measured part and excluded from results")
     size.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
 
     tenants = parser.add_argument_group("adapters and popularity")
