@@ -6,7 +6,8 @@ can point at lorahive, vLLM or anything else that speaks the OpenAI streaming AP
 Modules, one job each: `arrivals` (when requests are sent), `workload` (what each request asks for),
 `client` (one streamed request, timed), `runner` (drives a whole run), `progress` (the live bar),
 `metrics` (summaries), `report` and `plots` (files), `synthetic_adapters` + `provision` (adapters over
-REST), `presets` (published workloads), `sweep` (one knob, many runs), `cli` (the command line).
+REST), `presets` (published workloads), `flag_values` (the flags' value types and a sweep's knobs), `cli`
+(the command line), `commands` (what each command does).
 """
 
 __version__ = "0.1.0"

@@ -20,48 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from loadtest.flag_values import SWEEP_KNOBS, non_negative_int, positive_int, rate, share
 from loadtest.presets import PRESETS, describe
 from loadtest.synthetic_adapters import TARGET_MODULES
 
 COMMANDS = ("run", "sweep", "compare", "write-adapters", "presets")
-SWEEP_KNOBS = {  # knob name on the command line -> the run flag's dest
-    "rate": "rate",
-    "adapters": "adapters",
-    "popularity": "popularity",
-    "concurrency": "concurrency",
-    "cv": "cv",
-    "base-share": "base_share",
-    "input-len": "input_len",
-    "output-len": "output_len",
-}
-
-
-def _rate(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"the rate must be positive (or inf), got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {text}")
-    return value
-
-
-def _share(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -77,18 +40,18 @@ def _json_object(text: str) -> dict[str, Any]:
 def add_dims_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "base model dimensions (for synthetic adapters; default: the server's model card `dims`)")
-    group.add_argument("--hidden-size", type=_positive_int)
-    group.add_argument("--intermediate-size", type=_positive_int)
-    group.add_argument("--num-layers", type=_positive_int)
-    group.add_argument("--num-heads", type=_positive_int)
-    group.add_argument("--num-kv-heads", type=_positive_int)
-    group.add_argument("--head-dim", type=_positive_int)
+    group.add_argument("--hidden-size", type=positive_int)
+    group.add_argument("--intermediate-size", type=positive_int)
+    group.add_argument("--num-layers", type=positive_int)
+    group.add_argument("--num-heads", type=positive_int)
+    group.add_argument("--num-kv-heads", type=positive_int)
+    group.add_argument("--head-dim", type=positive_int)
     group.add_argument("--model-config", type=Path, help="a Hugging Face config.json to read the dimensions from")
 
 
 def add_adapter_spec_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("synthetic adapters")
-    group.add_argument("--rank", type=_positive_int, default=8, help="LoRA rank (default 8)")
+    group.add_argument("--rank", type=positive_int, default=8, help="LoRA rank (default 8)")
     group.add_argument("--lora-alpha", type=float, default=None, help="lora_alpha (default 2 x rank)")
     group.add_argument("--target-modules", default=",".join(TARGET_MODULES),
                        help="comma-separated projections to adapt (default all seven)")
@@ -110,28 +73,30 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
 
     arrivals = parser.add_argument_group(
         "arrivals (open loop: --rate [--cv]; closed loop: --concurrency; replay: --trace)")
-    arrivals.add_argument("--rate", type=_rate, help="requests/s, Poisson unless --cv; inf sends all at once (default)")
+    arrivals.add_argument("--rate", type=rate, help="requests/s, Poisson unless --cv; inf sends all at once (default)")
     arrivals.add_argument("--cv", type=float, default=1.0,
                           help="coefficient of variation of the gaps: 1 Poisson, >1 bursty Gamma (default 1)")
-    arrivals.add_argument("--concurrency", type=_positive_int,
+    arrivals.add_argument("--concurrency", type=positive_int,
                           help="requests in flight at most; alone, a closed loop of this many users")
     arrivals.add_argument("--trace", type=Path, help="JSONL of {timestamp, adapter?, input_len?, output_len?, prompt?}")
     arrivals.add_argument("--trace-speed", type=float, default=1.0, help="replay the trace this many times faster")
 
     size = parser.add_argument_group("run size")
-    size.add_argument("--num-requests", type=_positive_int, help="measured requests (default 100, or the whole trace)")
+    size.add_argument("--num-requests", type=positive_int, help="measured requests (default 100, or the whole trace)")
     size.add_argument("--duration", type=float, help="measured seconds during which requests are sent")
-    size.add_argument("--warmup", type=float, default=0.0, help="seconds of traffic first, excluded from results")
-    size.add_argument("--warmup-requests", type=_non_negative_int, default=0,
-                      help="requests sent first and excluded from results")
+    size.add_argument("--warmup", type=float, default=0.0,
+                      help="seconds of traffic first, on top of the measured part and excluded from results "
+                           "(needs --rate or --concurrency)")
+    size.add_argument("--warmup-requests", type=non_negative_int, default=0,
+                      help="requests sent first, on top of the measured part and excluded from results")
     size.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
 
     tenants = parser.add_argument_group("adapters and popularity")
-    tenants.add_argument("--adapters", type=_non_negative_int,
+    tenants.add_argument("--adapters", type=non_negative_int,
                          help="adapters requests draw from (0: base model only; default: all served or provisioned)")
     tenants.add_argument("--adapter-ids", help="comma-separated adapter ids to use instead of the served ones")
     tenants.add_argument("--popularity", default="uniform", help="distinct | uniform | zipf:ALPHA | identical")
-    tenants.add_argument("--base-share", type=_share, default=0.0, help="share of requests sent to the base model")
+    tenants.add_argument("--base-share", type=share, default=0.0, help="share of requests sent to the base model")
 
     lengths = parser.add_argument_group("prompts and outputs")
     lengths.add_argument("--input-len", default="32", help="prompt tokens: N or LOW:HIGH (default 32)")
@@ -145,10 +110,10 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     lengths.add_argument("--extra-body", type=_json_object, default={}, help="JSON merged into every request body")
 
     prov = parser.add_argument_group("provisioning (through POST /v1/adapters)")
-    prov.add_argument("--provision", type=_non_negative_int, default=0,
+    prov.add_argument("--provision", type=non_negative_int, default=0,
                       help="upload N synthetic adapters before the run (ids PREFIX00...); existing ids are reused")
     prov.add_argument("--cleanup", action="store_true", help="delete the adapters this run uploaded when it ends")
-    prov.add_argument("--provision-parallel", type=_positive_int, default=4, help="uploads at a time (default 4)")
+    prov.add_argument("--provision-parallel", type=positive_int, default=4, help="uploads at a time (default 4)")
     add_adapter_spec_flags(parser)
     add_dims_flags(parser)
 
@@ -176,12 +141,12 @@ def _parser(command: str) -> argparse.ArgumentParser:
         group.add_argument("--vary", required=True, choices=sorted(SWEEP_KNOBS), help="the knob to vary")
         group.add_argument("--values", required=True, help="comma-separated values of the knob, e.g. 1,8,64,256,1000")
         group.add_argument("--cooldown", type=float, default=1.0, help="seconds of quiet between runs (default 1)")
-        group.add_argument("--repeats", type=_positive_int, default=1,
+        group.add_argument("--repeats", type=positive_int, default=1,
                            help="rounds over all values, interleaved; each row is the median of its rounds "
                                 "(steadies a shared or noisy machine)")
     elif command == "write-adapters":
         parser.add_argument("directory", type=Path)
-        parser.add_argument("--count", type=_positive_int, required=True)
+        parser.add_argument("--count", type=positive_int, required=True)
         parser.add_argument("--seed", type=int, default=0)
         parser.add_argument("--base-model", help="recorded as base_model_name_or_path")
         parser.add_argument("--demo", action="store_true", help="shape them for lorahive's embedded demo model")

@@ -9,6 +9,7 @@ import copy
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import httpx
 
 from loadtest.arrivals import ArrivalProcess
 from loadtest.client import ClientConfig, make_http_client
+from loadtest.flag_values import SWEEP_KNOBS
 from loadtest.metrics import SLO
+from loadtest.plots import plot_compare_cdfs, plot_sweep, write_run_plots
 from loadtest.progress import Progress
 from loadtest.provision import (
     ProvisioningError,
@@ -34,6 +37,8 @@ from loadtest.synthetic_adapters import DEMO_DIMS, AdapterSpec, adapter_ids, wri
 from loadtest.workload import LengthSpec, Popularity, Workload, load_prompts, load_trace
 
 DEFAULT_NUM_REQUESTS = 100
+# The same words as the README's, so the two name one way to get the plots.
+PLOTS_HINT = "PNG plots need matplotlib: pip install -e '.[loadtest]'"
 RESULTS_JSON = "results.json"
 SUMMARY_MD = "summary.md"
 
@@ -165,6 +170,11 @@ def build_workload(args: argparse.Namespace, adapters: list[str]) -> Workload:
 
 
 def build_limits(args: argparse.Namespace, workload: Workload) -> RunLimits:
+    if args.warmup and workload.arrivals is not None and workload.arrivals.kind == "all-at-once" \
+            and args.concurrency is None:
+        # Every request is due at t=0, so seconds of warm-up would send without end.
+        raise UsageError("--warmup SECONDS needs paced traffic: give --rate or --concurrency "
+                         "(or warm up with --warmup-requests N)")
     num = args.num_requests
     if num is None and args.duration is None:
         num = max(len(workload.trace) - args.warmup_requests, 1) if workload.trace else DEFAULT_NUM_REQUESTS
@@ -241,24 +251,29 @@ async def execute_run(args: argparse.Namespace, http: httpx.AsyncClient, target:
     out.mkdir(parents=True, exist_ok=True)
     write_json(report, out / RESULTS_JSON)
     (out / SUMMARY_MD).write_text(markdown_summary(report), encoding="utf-8")
+    written = [out / RESULTS_JSON, out / SUMMARY_MD]
     if not args.no_plots:
-        write_plots(outcome.results, out)
+        written += draw_plots(lambda: write_run_plots(outcome.results, out))
+    _say_written(written)
     return report
 
 
-def write_plots(results: list[Any], out: Path) -> None:
+def draw_plots(draw: Callable[[], list[Path]]) -> list[Path]:
+    """The PNGs `draw` writes; without matplotlib none, and a line that says how to get it."""
     try:
-        from loadtest.plots import write_run_plots
-
-        write_run_plots(results, out)
+        return draw()
     except ImportError as exc:
-        _say(f"no PNGs: {exc} (install matplotlib: pip install 'lorahive[loadtest]')")
+        _say(f"no PNGs written ({exc}); {PLOTS_HINT}")
+        return []
+
+
+def _say_written(paths: list[Path]) -> None:
+    _say("wrote " + ", ".join(map(str, paths)))
 
 
 def run_command(args: argparse.Namespace) -> int:
     report = asyncio.run(_run(args))
     print(markdown_summary(report), end="")
-    _say(f"wrote {args.out / RESULTS_JSON}, {args.out / SUMMARY_MD}" + ("" if args.no_plots else " and PNGs"))
     return 0 if report["completed"] or not report["num_prompts"] else 1
 
 
@@ -298,17 +313,14 @@ RATIOS = ("output_throughput", "request_throughput", "p50_ttft_ms", "p50_tpot_ms
 
 
 def sweep_values(args: argparse.Namespace) -> tuple[str, list[Any]]:
-    from loadtest.cli import SWEEP_KNOBS
-
-    dest = SWEEP_KNOBS[args.vary]
-    action = next(a for a in args.parser._actions if a.dest == dest)
-    convert = action.type or str
+    knob = SWEEP_KNOBS[args.vary]
+    dest = knob.dest
     values = []
     for raw in (v.strip() for v in args.values.split(",")):
         if not raw:
             continue
         try:
-            value = convert(raw)
+            value = knob.convert(raw)
             if dest == "popularity":
                 Popularity.parse(value)
             elif dest in ("input_len", "output_len"):
@@ -370,16 +382,12 @@ async def _sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append(sweep_row(value, median_report([r[i] for r in rounds]), rows[0] if rows else None))
     args.out.mkdir(parents=True, exist_ok=True)
     per_round = [[sweep_row(v, r, None) for v, r in zip(values, reports, strict=True)] for reports in rounds]
-    write_json({"knob": args.vary, "repeats": args.repeats, "rows": rows, "rounds": per_round},
-               args.out / "sweep.json")
-    (args.out / "sweep.md").write_text(sweep_markdown(args.vary, rows), encoding="utf-8")
+    written = [args.out / "sweep.json", args.out / "sweep.md"]
+    write_json({"knob": args.vary, "repeats": args.repeats, "rows": rows, "rounds": per_round}, written[0])
+    written[1].write_text(sweep_markdown(args.vary, rows), encoding="utf-8")
     if not args.no_plots:
-        try:
-            from loadtest.plots import plot_sweep
-
-            plot_sweep(rows, args.vary, args.out / "sweep.png")
-        except ImportError as exc:
-            _say(f"no PNGs: {exc}")
+        written += draw_plots(lambda: [plot_sweep(rows, args.vary, args.out / "sweep.png")])
+    _say_written(written)
     return rows
 
 
@@ -456,13 +464,9 @@ def compare_command(args: argparse.Namespace) -> int:
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "compare.md").write_text(markdown, encoding="utf-8")
-        try:
-            from loadtest.plots import plot_compare_cdfs
-
-            plot_compare_cdfs({label: load_results(r) for label, r in zip(labels, reports, strict=True)},
-                              args.out / "compare_cdf.png")
-        except ImportError as exc:
-            _say(f"no PNGs: {exc}")
+        runs = {label: load_results(r) for label, r in zip(labels, reports, strict=True)}
+        _say_written([args.out / "compare.md",
+                      *draw_plots(lambda: [plot_compare_cdfs(runs, args.out / "compare_cdf.png")])])
     return 0
 
 

@@ -3,9 +3,9 @@
 A preset only sets defaults: any flag given on the command line wins. The numbers are the shape of
 the papers' synthetic workloads, not a copy of their testbeds:
 
-- S-LoRA (Sheng et al., 2023): Gamma-process arrivals at a total rate (CV 1 is Poisson; raise `--cv`
-  for burstier traffic), adapter popularity following a power law (α = 1), input and output lengths
-  uniform over ranges (8 to 512 tokens at GPU size), many adapters.
+- S-LoRA (Sheng et al., 2023): Gamma-process arrivals at a total rate with the paper's default CV of 1,
+  which is a Poisson process (raise `--cv` for burstier traffic), adapter popularity following a power
+  law (α = 1), input and output lengths uniform over ranges (8 to 512 tokens at GPU size), many adapters.
 - Punica (Chen et al., 2023): a closed loop of concurrent requests under four popularity patterns:
   Distinct (every request its own adapter), Uniform (all adapters equally popular), Skewed
   (Zipf, α = 1.5) and Identical (one adapter for everything).
@@ -47,7 +47,8 @@ for _name, _popularity in _PUNICA_POPULARITY.items():
     }
 
 DESCRIPTIONS = {
-    "slora": "S-LoRA: Gamma arrivals, power-law (zipf:1) popularity over many adapters, uniform lengths",
+    "slora": "S-LoRA: Poisson arrivals (its Gamma process at CV 1; --cv 2 for bursts), power-law (zipf:1) "
+             "popularity over many adapters, uniform lengths",
     "punica-distinct": "Punica Distinct: closed loop, every request its own adapter",
     "punica-uniform": "Punica Uniform: closed loop, adapters equally popular",
     "punica-skewed": "Punica Skewed: closed loop, Zipf(1.5) popularity",

@@ -2,8 +2,11 @@
 stops at the request count or the duration, and marks warm-up requests.
 
 Warm-up comes first and on top of the measured part: `--num-requests 100 --warmup-requests 10` sends
-110 requests and measures the last 100; `--duration 60 --warmup 10` runs for 70 s and measures the
-requests that started after the first 10. A run stopped by the duration lets the requests already in
+110 requests and measures the last 100; `--num-requests 100 --warmup 10` sends for 10 s and then 100
+more requests, and measures those 100; `--duration 60 --warmup 10` runs for 70 s and measures the
+requests sent after the first 10. The second a request belongs to is its scheduled arrival in an open
+loop or a trace (so the split does not depend on how late the client got to it), and the moment it is
+sent where a concurrency limit decides that. A run stopped by the duration lets the requests already in
 flight finish (they are measured), and sends no new ones.
 """
 
@@ -46,7 +49,14 @@ class RunLimits:
 
     @property
     def max_sent(self) -> int | None:
-        return None if self.num_requests is None else self.num_requests + self.warmup_requests
+        """Requests sent in all, when known before the run (a warm-up in seconds sends as many as it takes)."""
+        if self.num_requests is None or self.warmup_s > 0:
+            return None
+        return self.num_requests + self.warmup_requests
+
+    def is_warmup(self, index: int, sent_at: float) -> bool:
+        """Whether the `index`-th request, sent (or scheduled) `sent_at` seconds after the start, is warm-up."""
+        return index < self.warmup_requests or sent_at < self.warmup_s
 
     @property
     def deadline_s(self) -> float | None:
@@ -83,19 +93,20 @@ async def run_load(
     ticker = asyncio.create_task(_tick(progress, stop))
     t0 = time.perf_counter()
 
-    async def one(spec: RequestSpec) -> None:
+    async def one(spec: RequestSpec, warmup: bool) -> None:
         try:
             result = await send_request(http, client, spec, t0)
-            result.warmup = spec.index < limits.warmup_requests or result.start < limits.warmup_s
+            result.warmup = warmup
             results.append(result)
             progress.finished(result.success, result.output_tokens)
         finally:
             if slots is not None:
                 slots.release()
 
+    measured_sent = 0
     try:
         for spec in requests:
-            if limits.max_sent is not None and spec.index >= limits.max_sent:
+            if limits.num_requests is not None and measured_sent >= limits.num_requests:
                 break
             deadline = limits.deadline_s
             if spec.arrival is not None:
@@ -109,8 +120,11 @@ async def run_load(
                 if slots is not None:
                     slots.release()
                 break
+            sent_at = spec.arrival if spec.arrival is not None and slots is None else time.perf_counter() - t0
+            warmup = limits.is_warmup(spec.index, sent_at)
+            measured_sent += not warmup
             progress.started()
-            task = asyncio.create_task(one(spec))
+            task = asyncio.create_task(one(spec, warmup))
             in_flight.add(task)
             task.add_done_callback(in_flight.discard)
         # Let the requests in flight finish (or abandon them on Ctrl-C).

