@@ -262,9 +262,10 @@ def _tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> BinaryIO:
 class _GuardedTarInfo(tarfile.TarInfo):
     """tarfile's header parser with its costly paths closed before they run.
 
-    ``_proc_member`` is tarfile's documented hook for subclasses ("can be overridden in a subclass"): it
-    sees each header before its extension data is read. Sparse members are refused there too, since
-    reading a GNU 1.0 sparse map grows a buffer a block at a time until a newline (quadratic copying).
+    ``_proc_member`` is the hook tarfile's source offers subclasses ("can be overridden in a subclass"): it
+    sees each header before its extension data is read. Sparse members are refused before their maps are
+    read, since reading a GNU 1.0 sparse map grows a buffer a block at a time until a newline (quadratic
+    copying). tests/test_upload_hardening.py checks that tarfile still calls these methods by these names.
     """
 
     _EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
@@ -275,10 +276,12 @@ class _GuardedTarInfo(tarfile.TarInfo):
             archive.extended_header_bytes += self.size
             if self.size > _MAX_EXTENDED_HEADER:
                 _refuse(f"the archive has an extended header (pax record or long name) of {self.size} bytes; "
-                        f"at most {_MAX_EXTENDED_HEADER} are accepted")
+                        f"at most {_MAX_EXTENDED_HEADER} are accepted: archive the adapter's directory without "
+                        "extended attributes (plain `tar czf adapter.tgz DIR`)")
             if archive.extended_header_bytes > _MAX_EXTENDED_HEADERS_TOTAL:
                 _refuse(f"the archive's extended headers (pax records, long names) add up to more than "
-                        f"{_MAX_EXTENDED_HEADERS_TOTAL} bytes")
+                        f"{_MAX_EXTENDED_HEADERS_TOTAL} bytes: archive only the adapter's files, without extended "
+                        "attributes")
         return super()._proc_member(archive)
 
     def _proc_sparse(self, archive: _GuardedTarFile) -> tarfile.TarInfo:
