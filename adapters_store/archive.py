@@ -1,21 +1,29 @@
-"""Take the two PEFT files out of an uploaded archive (.tar.gz, .tgz, .tar or .zip), in memory only.
+"""Take the two PEFT files out of an uploaded archive (.tar.gz, .tgz, .tar or .zip).
 
-An archive is hostile until proven otherwise, so nothing is ever extracted to disk and anything that
-could mean something different to another unpacker is refused rather than skipped: absolute paths,
-``..`` components, backslashes and drive letters, links and device members, duplicate names, encrypted
-zip entries. Size is bounded twice: by the members' declared sizes before anything is read, and by
-counting the bytes that actually come out (for gzip, of the whole decompressed tar stream, since tar
-headers such as pax records are read into memory by ``tarfile`` itself), so a lying header or a
-decompression bomb is stopped after at most ``max_total_bytes`` plus a small allowance for headers.
+An archive is hostile until proven otherwise, so nothing is ever extracted under its own names and
+anything that could mean something different to another unpacker is refused rather than skipped:
+absolute paths, ``..`` components, backslashes and drive letters, links, device and sparse members,
+duplicate names, encrypted zip entries. Size is bounded twice: by the members' declared sizes before
+anything is read, and by counting the bytes that actually come out (for gzip, of the whole decompressed
+tar stream, since tar headers such as pax records are read into memory by ``tarfile`` itself), so a lying
+header or a decompression bomb is stopped after at most ``max_total_bytes`` plus a small allowance for
+headers. The two files are copied a chunk at a time into temporary files as they are decompressed, so
+unpacking holds at most a chunk in memory until the files are known good and read back once.
+
+Extended tar headers (pax records, GNU long names) are bounded before ``tarfile`` reads them: CPython
+before 3.11.10 parses a pax record with a regular expression that takes time quadratic in its length
+while holding the GIL (CVE-2024-6232), so a few hundred KB of digits would stop the whole server.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import re
 import stat
 import tarfile
+import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -34,29 +42,40 @@ _MAX_MEMBERS = 4096
 # member, pax and GNU long-name records, end-of-archive blocks and record padding.
 _STREAM_OVERHEAD = 8 * 2**20
 _CHUNK = 2**20
+# One pax record set or GNU long name: room for a PATH_MAX path with its attributes. Bounded because
+# tarfile's pax parser is quadratic in it (up to ~70 ms at this size), and all of them together because
+# each costs that again.
+_MAX_EXTENDED_HEADER = 8 * 2**10
+_MAX_EXTENDED_HEADERS_TOTAL = 64 * 2**10
+# Member contents stay in memory up to this size, then move to a temporary file.
+_IN_MEMORY_MEMBER = 64 * 2**10
 _WANTED = (CONFIG_FILE, WEIGHTS_FILE)
 _DRIVE = re.compile(r"[A-Za-z]:")
 
 
-def unpack_adapter_archive(data: bytes, *, max_total_bytes: int) -> tuple[bytes, bytes]:
-    """(adapter_config.json, adapter_model.safetensors) bytes from an archive given as bytes.
+def unpack_adapter_archive(data: bytes | BinaryIO, *, max_total_bytes: int) -> tuple[bytes, bytes]:
+    """(adapter_config.json, adapter_model.safetensors) bytes from an archive given as bytes or as a
+    seekable binary file (read from its start; an upload's spooled file is never read whole into memory).
 
     The format is told by magic bytes, not by a file name. The two files sit at the top level or inside
     one top-level directory (``tar czf x.tgz mydir``); other files are ignored. Anything else is an
     :class:`AdapterFormatError` with ``field="archive"`` that says what is wrong.
     """
-    collector = _Collector(max_total_bytes)
-    head = bytes(data[:_TAR_MAGIC_OFFSET + len(_TAR_MAGIC)])
-    if head.startswith(_ZIP_MAGICS):
-        _read_zip(data, collector)
-    elif head.startswith(_GZIP_MAGIC):
-        stream = _BoundedReader(gzip.GzipFile(fileobj=io.BytesIO(data)), max_total_bytes + _STREAM_OVERHEAD)
-        _read_tar(stream, collector, compressed=True)
-    elif head[_TAR_MAGIC_OFFSET:] == _TAR_MAGIC:
-        _read_tar(_BoundedReader(io.BytesIO(data), max_total_bytes + _STREAM_OVERHEAD), collector, compressed=False)
-    else:
-        _refuse("the upload is not a supported archive: expected .tar.gz, .tgz, .tar or .zip")
-    return collector.result()
+    source = io.BytesIO(data) if isinstance(data, bytes | bytearray | memoryview) else data
+    source.seek(0)
+    head = source.read(_TAR_MAGIC_OFFSET + len(_TAR_MAGIC))
+    source.seek(0)
+    with _Collector(max_total_bytes) as collector:
+        if head.startswith(_ZIP_MAGICS):
+            _read_zip(source, collector)
+        elif head.startswith(_GZIP_MAGIC):
+            stream = _BoundedReader(gzip.GzipFile(fileobj=source, mode="rb"), max_total_bytes + _STREAM_OVERHEAD)
+            _read_tar(stream, collector, compressed=True)
+        elif head[_TAR_MAGIC_OFFSET:] == _TAR_MAGIC:
+            _read_tar(_BoundedReader(source, max_total_bytes + _STREAM_OVERHEAD), collector, compressed=False)
+        else:
+            _refuse("the upload is not a supported archive: expected .tar.gz, .tgz, .tar or .zip")
+        return collector.result()
 
 
 def _refuse(message: str) -> None:
@@ -107,9 +126,16 @@ class _Collector:
         self.members = 0
         self.paths: set[tuple[str, ...]] = set()
         # directory (() for the top level, (name,) for a top-level directory) -> file name -> contents
-        self.found: dict[tuple[str, ...], dict[str, bytes]] = {}
+        self.found: dict[tuple[str, ...], dict[str, BinaryIO]] = {}
         self.pickles: list[str] = []
         self.deeper: list[str] = []  # adapter files nested too deep to count, for the error message
+        self.sinks = contextlib.ExitStack()  # the kept files' temporary copies, deleted when closed
+
+    def __enter__(self) -> _Collector:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.sinks.close()
 
     def check_path(self, name: str) -> tuple[str, ...]:
         """Refuse names that could escape a directory on some unpacker; return the path's parts."""
@@ -128,7 +154,9 @@ class _Collector:
             _refuse(f"archive member {shown} has a '..' component (it would escape the archive's directory)")
         return parts
 
-    def add_file(self, name: str, parts: tuple[str, ...], declared_size: int, read: Callable[[], bytes]) -> None:
+    def add_file(
+        self, name: str, parts: tuple[str, ...], declared_size: int, copy_to: Callable[[BinaryIO], int]
+    ) -> None:
         if parts in self.paths:
             _refuse(f"archive member {'/'.join(parts)!r} appears more than once")
         self.paths.add(parts)
@@ -145,10 +173,11 @@ class _Collector:
             self.pickles.append("/".join(parts))
             self.found.setdefault(directory, {})
             return
-        content = read()
-        if len(content) != declared_size:
-            _refuse(f"archive member {name[:200]!r} holds {len(content)} bytes but its header says {declared_size}")
-        self.found.setdefault(directory, {})[parts[-1]] = content
+        sink = self.sinks.enter_context(tempfile.SpooledTemporaryFile(max_size=_IN_MEMORY_MEMBER))  # noqa: SIM115
+        self.found.setdefault(directory, {})[parts[-1]] = sink
+        copied = copy_to(sink)
+        if copied != declared_size:
+            _refuse(f"archive member {name[:200]!r} holds {copied} bytes but its header says {declared_size}")
 
     def count(self, n: int) -> None:
         """Count bytes as they are decompressed: the declared sizes may lie."""
@@ -178,7 +207,22 @@ class _Collector:
                     else ""
                 )
                 _refuse(f"the archive has no {name}{hint}")
-        return files[CONFIG_FILE], files[WEIGHTS_FILE]
+        return _contents(files[CONFIG_FILE]), _contents(files[WEIGHTS_FILE])
+
+
+def _contents(sink: BinaryIO) -> bytes:
+    sink.seek(0)
+    return sink.read()  # one allocation of the file's size, handed back whole when it is freed
+
+
+def _copy_counted(source: BinaryIO, sink: BinaryIO, collector: _Collector) -> int:
+    """Copy a member a chunk at a time, counting the bytes against the limit before they are kept."""
+    copied = 0
+    while chunk := source.read(_CHUNK):
+        collector.count(len(chunk))
+        sink.write(chunk)
+        copied += len(chunk)
+    return copied
 
 
 # ------------------------------------------------------------------------------------------------ tar
@@ -191,7 +235,7 @@ def _read_tar(stream: _BoundedReader, collector: _Collector, *, compressed: bool
         if compressed and first[_TAR_MAGIC_OFFSET : _TAR_MAGIC_OFFSET + len(_TAR_MAGIC)] != _TAR_MAGIC and any(first):
             _refuse("the gzip data does not hold a tar archive (upload a .tar.gz of the adapter's directory)")
         # Stream mode ("r|"): members are visited in order and nothing is seeked, so each byte is counted once.
-        with tarfile.open(fileobj=stream, mode="r|") as archive:
+        with _GuardedTarFile.open(fileobj=stream, mode="r|") as archive:
             for member in archive:
                 parts = collector.check_path(member.name)
                 if member.isdir():
@@ -200,7 +244,8 @@ def _read_tar(stream: _BoundedReader, collector: _Collector, *, compressed: bool
                     kind = _tar_kind(member)
                     _refuse(f"archive member {member.name[:200]!r} is a {kind}; only regular files are allowed")
                 collector.add_file(
-                    member.name, parts, member.size, lambda m=member: _read_tar_member(archive, m, collector)
+                    member.name, parts, member.size,
+                    lambda sink, m=member: _copy_counted(_tar_member(archive, m), sink, collector),
                 )
     except _TooLarge:
         collector.too_large()
@@ -208,14 +253,49 @@ def _read_tar(stream: _BoundedReader, collector: _Collector, *, compressed: bool
         _refuse(f"the archive is corrupt or truncated: {exc}")
 
 
-def _read_tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo, collector: _Collector) -> bytes:
+def _tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo) -> BinaryIO:
     source = archive.extractfile(member)
     assert source is not None  # a regular file always has contents
-    chunks = []
-    while chunk := source.read(_CHUNK):
-        collector.count(len(chunk))
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return source
+
+
+class _GuardedTarInfo(tarfile.TarInfo):
+    """tarfile's header parser with its costly paths closed before they run.
+
+    ``_proc_member`` is the hook tarfile's source offers subclasses ("can be overridden in a subclass"): it
+    sees each header before its extension data is read. Sparse members are refused before their maps are
+    read, since reading a GNU 1.0 sparse map grows a buffer a block at a time until a newline (quadratic
+    copying). tests/test_upload_hardening.py checks that tarfile still calls these methods by these names.
+    """
+
+    _EXTENDED = (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME,
+                 tarfile.GNUTYPE_LONGLINK)
+
+    def _proc_member(self, archive: _GuardedTarFile) -> tarfile.TarInfo:
+        if self.type in self._EXTENDED:
+            archive.extended_header_bytes += self.size
+            if self.size > _MAX_EXTENDED_HEADER:
+                _refuse(f"the archive has an extended header (pax record or long name) of {self.size} bytes; "
+                        f"at most {_MAX_EXTENDED_HEADER} are accepted: archive the adapter's directory without "
+                        "extended attributes (plain `tar czf adapter.tgz DIR`)")
+            if archive.extended_header_bytes > _MAX_EXTENDED_HEADERS_TOTAL:
+                _refuse(f"the archive's extended headers (pax records, long names) add up to more than "
+                        f"{_MAX_EXTENDED_HEADERS_TOTAL} bytes: archive only the adapter's files, without extended "
+                        "attributes")
+        return super()._proc_member(archive)
+
+    def _proc_sparse(self, archive: _GuardedTarFile) -> tarfile.TarInfo:
+        _refuse(f"archive member {self.name[:200]!r} is a sparse file; only regular files are allowed")
+
+    def _proc_gnusparse_00(self, member: tarfile.TarInfo, *args: object) -> None:
+        _refuse(f"archive member {member.name[:200]!r} is a sparse file; only regular files are allowed")
+
+    _proc_gnusparse_01 = _proc_gnusparse_10 = _proc_gnusparse_00
+
+
+class _GuardedTarFile(tarfile.TarFile):
+    tarinfo = _GuardedTarInfo
+    extended_header_bytes = 0  # of this archive so far: an instance attribute once counted
 
 
 def _tar_kind(member: tarfile.TarInfo) -> str:
@@ -235,9 +315,9 @@ def _tar_kind(member: tarfile.TarInfo) -> str:
 # ------------------------------------------------------------------------------------------------ zip
 
 
-def _read_zip(data: bytes, collector: _Collector) -> None:
+def _read_zip(source: BinaryIO, collector: _Collector) -> None:
     try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        with zipfile.ZipFile(source) as archive:
             for info in archive.infolist():
                 parts = collector.check_path(info.filename)
                 kind = stat.S_IFMT(info.external_attr >> 16)  # Unix mode bits; 0 when made on DOS/Windows
@@ -250,7 +330,8 @@ def _read_zip(data: bytes, collector: _Collector) -> None:
                 if info.is_dir():
                     continue
                 collector.add_file(
-                    info.filename, parts, info.file_size, lambda i=info: _read_zip_member(archive, i, collector)
+                    info.filename, parts, info.file_size,
+                    lambda sink, i=info: _copy_zip_member(archive, i, sink, collector),
                 )
     except AdapterFormatError:
         raise
@@ -259,10 +340,6 @@ def _read_zip(data: bytes, collector: _Collector) -> None:
         _refuse(f"the zip archive is corrupt or unsupported: {exc}")
 
 
-def _read_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, collector: _Collector) -> bytes:
-    chunks = []
+def _copy_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, sink: BinaryIO, collector: _Collector) -> int:
     with archive.open(info) as source:
-        while chunk := source.read(_CHUNK):
-            collector.count(len(chunk))
-            chunks.append(chunk)
-    return b"".join(chunks)
+        return _copy_counted(source, sink, collector)

@@ -3,7 +3,8 @@ synthetic adapters through lorahive's adapter REST API.
 
 The upload contract: `POST /v1/adapters`, a multipart form with field `id` and files `adapter_config`
 (adapter_config.json) and `adapter_model` (adapter_model.safetensors) -> 201 with the adapter's
-metadata, 409 if the id exists; `DELETE /v1/adapters/{id}` -> 200 or 204; `GET /v1/adapters` lists.
+metadata, 409 if the id exists, 429 with `Retry-After` while the server takes no more uploads at once (the
+upload is sent again then); `DELETE /v1/adapters/{id}` -> 200 or 204; `GET /v1/adapters` lists.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import httpx
 
 from loadtest.synthetic_adapters import AdapterSpec, BaseDims, adapter_files, adapter_seed
 
+BUSY_RETRIES = 100  # 429s in a row before an upload gives up (lorahive says Retry-After: 1)
 DIMS_FLAGS = "--hidden-size, --intermediate-size, --num-layers, --num-heads, --num-kv-heads and --head-dim"
 
 
@@ -97,15 +99,19 @@ async def upload_adapter(
     headers: dict[str, str] | None = None,
 ) -> bool:
     """Uploads one adapter; True if created, False if the id already existed (409)."""
-    response = await http.post(
-        f"{url}/v1/adapters",
-        data={"id": adapter_id},
-        files={
-            "adapter_config": ("adapter_config.json", config, "application/json"),
-            "adapter_model": ("adapter_model.safetensors", weights, "application/octet-stream"),
-        },
-        headers=headers,
-    )
+    for _ in range(BUSY_RETRIES):
+        response = await http.post(
+            f"{url}/v1/adapters",
+            data={"id": adapter_id},
+            files={
+                "adapter_config": ("adapter_config.json", config, "application/json"),
+                "adapter_model": ("adapter_model.safetensors", weights, "application/octet-stream"),
+            },
+            headers=headers,
+        )
+        if response.status_code != 429:  # the server's upload caps: come back when it says
+            break
+        await asyncio.sleep(_retry_after(response))
     if response.status_code in (200, 201):
         return True
     if response.status_code == 409:
@@ -117,6 +123,13 @@ async def upload_adapter(
             "`lorahive serve --adapters DIR`."
         )
     raise ProvisioningError(f"uploading adapter '{adapter_id}' failed: {response.status_code} {_message(response)}")
+
+
+def _retry_after(response: httpx.Response) -> float:
+    try:
+        return max(float(response.headers.get("Retry-After", "1")), 0.0)
+    except ValueError:  # an HTTP date: not worth parsing for a one-second wait
+        return 1.0
 
 
 async def delete_adapter(http: httpx.AsyncClient, url: str, adapter_id: str, headers: dict[str, str] | None = None

@@ -93,6 +93,13 @@ class Settings(BaseModel):
         None, gt=0, description="requests of one tenant in flight at once (a stream counts until it ends); more are "
         "refused with 429; none: no limit"
     )
+    max_concurrent_uploads: int = Field(
+        4, gt=0, description="adapter uploads (multipart POST /v1/adapters, PUT /v1/adapters/ID) in flight at once, "
+        "all tenants together; more are refused with 429 (each holds up to --max-adapter-bytes in memory)"
+    )
+    max_concurrent_uploads_per_tenant: int = Field(
+        2, gt=0, description="adapter uploads of one tenant in flight at once; more are refused with 429"
+    )
     # Backpressure and lifecycle (server/waiting_quota.py, server/draining_server.py)
     max_waiting_requests: int = Field(
         1024, gt=0, description="prompts waiting for admission at most; past it a tenant holding its fair share of "

@@ -212,7 +212,7 @@ def test_zip_bomb_with_lying_declared_sizes():
 
 
 def test_tar_whose_headers_expand_without_bound():
-    """A pax record is read into memory by tarfile itself: the decompressed stream as a whole is capped."""
+    """A pax record is read into memory by tarfile itself: its size is capped before tarfile reads it."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz", format=tarfile.PAX_FORMAT) as tf:
         info = tarfile.TarInfo("README.md")
@@ -222,7 +222,7 @@ def test_tar_whose_headers_expand_without_bound():
             member = tarfile.TarInfo(name)
             member.size = len(data)
             tf.addfile(member, io.BytesIO(data))
-    refused(buf.getvalue(), "expands to more than")
+    refused(buf.getvalue(), "extended header .* of 10485778 bytes; at most 8192")
 
 
 def test_too_many_members():

@@ -137,9 +137,11 @@ async def _adapter_files(
         if adapter_config is not None or adapter_model is not None:
             raise APIError(400, "Send either 'archive' or 'adapter_config' + 'adapter_model', not both.",
                            param="archive")
-        data = await archive.read()
-        try:  # the unpacked size is bounded too: a small archive may expand enormously
-            return await asyncio.to_thread(unpack_adapter_archive, data, max_total_bytes=registry.max_adapter_bytes)
+        # Unpacked from the spooled upload, never read whole into memory; the unpacked size is bounded too: a
+        # small archive may expand enormously.
+        try:
+            return await asyncio.to_thread(unpack_adapter_archive, archive.file,
+                                           max_total_bytes=registry.max_adapter_bytes)
         except AdapterFormatError as exc:
             raise APIError(400, f"Invalid archive: {exc.message}", param="archive", code="invalid_adapter") from exc
     missing = [name for name, f in (("adapter_config", adapter_config), ("adapter_model", adapter_model)) if f is None]

@@ -6,7 +6,7 @@ from fastapi import FastAPI
 
 from server.api.adapter_routes import router as adapter_router
 from server.api.auth import Authentication, KeyRing, load_api_keys
-from server.api.body_limit import BodyLimit, BodySizeLimit
+from server.api.body_limit import BodyLimit, BodySizeLimit, is_adapter_upload
 from server.api.errors import install_error_handlers
 from server.api.lifecycle_routes import DrainGate, Lifecycle
 from server.api.lifecycle_routes import router as lifecycle_router
@@ -15,7 +15,7 @@ from server.api.metrics_routes import router as metrics_router
 from server.api.openai_routes import EVENT_STREAMS, EngineAPI, router
 from server.api.openapi import Guards, install_openapi
 from server.api.request_limits import RequestLimits, flag
-from server.api.tenant_concurrency import TenantConcurrencyLimit
+from server.api.tenant_concurrency import TenantConcurrencyLimit, UploadConcurrencyLimit
 from server.api.tenant_quotas import TenantQuotas
 from server.config import Settings
 from server.metrics import Metrics
@@ -47,9 +47,9 @@ def build_app(engine: EngineAPI, settings: Settings | None = None, keys: KeyRing
     # limits.
     upload_limit = BodyLimit(settings.max_adapter_bytes + MULTIPART_OVERHEAD_BYTES, flag("max_adapter_bytes"))
     json_limit = BodyLimit(settings.max_request_bytes, flag("max_request_bytes"))
-    app.add_middleware(
-        BodySizeLimit, limit_for=lambda path: upload_limit if path.startswith("/v1/adapters") else json_limit
-    )
+    app.add_middleware(BodySizeLimit, limit_for=lambda scope: upload_limit if is_adapter_upload(scope) else json_limit)
+    app.add_middleware(UploadConcurrencyLimit, per_tenant=settings.max_concurrent_uploads_per_tenant,
+                       in_all=settings.max_concurrent_uploads, is_upload=is_adapter_upload)
     if settings.max_concurrent_requests_per_tenant is not None:
         app.add_middleware(TenantConcurrencyLimit, limit=settings.max_concurrent_requests_per_tenant)
     metrics_key = settings.metrics_api_key.get_secret_value() if settings.metrics_api_key is not None else None

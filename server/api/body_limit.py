@@ -3,6 +3,10 @@
 FastAPI reads and parses a multipart form before any route code runs, so a limit checked in the route
 would come after a 10 GB upload had already been written to a temporary file. This middleware checks
 `Content-Length` up front and counts the bytes of bodies that do not declare one (or lie about it).
+
+Only adapter uploads, multipart forms sent to the two upload routes, get the upload limit: any other body
+on those paths (a JSON PATCH, a JSON body sent where a form belongs) is parsed in memory and gets the JSON
+one.
 """
 
 from __future__ import annotations
@@ -14,6 +18,16 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.errors import error_response
+
+_ADAPTERS = "/v1/adapters"
+
+
+def is_adapter_upload(scope: Scope) -> bool:
+    """A multipart form to `POST /v1/adapters` or `PUT /v1/adapters/{id}`."""
+    path, method = scope["path"], scope.get("method")
+    content_type = dict(scope["headers"]).get(b"content-type", b"")
+    upload_route = (method == "POST" and path == _ADAPTERS) or (method == "PUT" and path.startswith(_ADAPTERS + "/"))
+    return upload_route and content_type.split(b";")[0].strip().lower() == b"multipart/form-data"
 
 
 class BodyLimit(NamedTuple):
@@ -27,9 +41,9 @@ def _too_large(limit: BodyLimit) -> str:
 
 
 class BodySizeLimit:
-    """`limit_for(path)` gives the largest body accepted on that path."""
+    """`limit_for(scope)` gives the largest body accepted for that request."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], BodyLimit]) -> None:
+    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], BodyLimit]) -> None:
         self.app = app
         self.limit_for = limit_for
 
@@ -37,7 +51,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope["path"])
+        limit = self.limit_for(scope)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit.max_bytes:
             await error_response(413, _too_large(limit), code="request_too_large")(scope, receive, send)

@@ -5,7 +5,8 @@ here, so that a client generated from the document, or a fuzzer checking the ser
 
 * A request that fails validation gets a 400 in OpenAI's error shape (server/api/errors.py), not FastAPI's 422.
 * The middleware answers for the routes it guards: 401 without a valid key (only when the server has keys), 429
-  past the per-tenant concurrency limit (only when one is set), 413 for a body over its limit, 503 while draining,
+  past the per-tenant concurrency limit (only when one is set) and, on the upload routes, past the upload caps,
+  413 for a body over its limit, 503 while draining,
   500 for an unexpected failure. Each goes to exactly the operations its middleware guards, chosen by the same path
   sets the middleware reads, so a new route cannot be left out.
 * A multipart form cannot carry null: FastAPI writes `T | None` for an optional file part, which reads "send null"
@@ -77,6 +78,8 @@ def amend(document: dict[str, Any], guards: Guards, event_streams: Mapping[str, 
         body = operation.get("requestBody", {}).get("content", {})
         if "multipart/form-data" in body:
             _no_null_parts(schemas, body["multipart/form-data"]["schema"])
+            _declare(responses, 429, "Too many adapter uploads are in flight (--max-concurrent-uploads-per-tenant, "
+                                     "--max-concurrent-uploads).")
         if body:
             _declare(responses, 413, "The body is over this server's limit (--max-request-bytes, uploads "
                                      "--max-adapter-bytes).")

@@ -1,14 +1,20 @@
-"""`--max-concurrent-requests-per-tenant`: a tenant's requests in flight at once, counted at the HTTP layer.
+"""`--max-concurrent-requests-per-tenant`: a tenant's requests in flight at once, counted at the HTTP layer;
+`--max-concurrent-uploads-per-tenant` and `--max-concurrent-uploads`: adapter uploads in flight.
 
 A request counts from the moment it is authenticated until its response has ended: for a stream that is
 its last event, or the client going away (Starlette returns from the response when it sees the
 disconnect, and the generation routes abort the engine work then). One more is refused with a 429 and
 `Retry-After`. The server's anonymous callers (no key file) are one tenant here.
+
+Uploads are counted before their body is read: each may hold up to `--max-adapter-bytes` in memory and a
+worker thread while it is checked, so the caps bound both, and one tenant's uploads leave room for others'.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -17,6 +23,22 @@ from server.api.errors import error_response
 from server.api.request_limits import flag
 
 RETRY_AFTER_SECONDS = 1
+
+
+def _too_many(message: str) -> ASGIApp:
+    return error_response(429, message, error_type="rate_limit_error", code="rate_limit_exceeded",
+                          headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+@contextmanager
+def _counted(in_flight: Counter[str | None], tenant: str | None) -> Iterator[None]:
+    in_flight[tenant] += 1
+    try:
+        yield
+    finally:
+        in_flight[tenant] -= 1
+        if not in_flight[tenant]:
+            del in_flight[tenant]
 
 
 class TenantConcurrencyLimit:
@@ -37,14 +59,37 @@ class TenantConcurrencyLimit:
         if self.in_flight[tenant] >= self.limit:
             message = (f"Too many requests in flight for this tenant: this server's "
                        f"{flag('max_concurrent_requests_per_tenant')} is {self.limit}. Retry when one has finished.")
-            response = error_response(429, message, error_type="rate_limit_error", code="rate_limit_exceeded",
-                                      headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
-            await response(scope, receive, send)
+            await _too_many(message)(scope, receive, send)
             return
-        self.in_flight[tenant] += 1
-        try:
+        with _counted(self.in_flight, tenant):
             await self.app(scope, receive, send)
-        finally:
-            self.in_flight[tenant] -= 1
-            if not self.in_flight[tenant]:
-                del self.in_flight[tenant]
+
+
+class UploadConcurrencyLimit:
+    """Runs inside `Authentication`; `is_upload(scope)` tells an upload from any other request."""
+
+    def __init__(self, app: ASGIApp, per_tenant: int, in_all: int, is_upload: Callable[[Scope], bool]) -> None:
+        self.app = app
+        self.per_tenant = per_tenant
+        self.in_all = in_all
+        self.is_upload = is_upload
+        self.in_flight: Counter[str | None] = Counter()  # one event loop: no lock, as above
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        principal: Principal | None = scope.get("state", {}).get("principal")
+        if principal is None or not self.is_upload(scope):
+            await self.app(scope, receive, send)
+            return
+        tenant = principal.tenant
+        if self.in_flight[tenant] >= self.per_tenant:
+            message = (f"Too many adapter uploads in flight for this tenant: this server's "
+                       f"{flag('max_concurrent_uploads_per_tenant')} is {self.per_tenant}. Retry when one has "
+                       "finished.")
+        elif self.in_flight.total() >= self.in_all:
+            message = (f"Too many adapter uploads in flight on this server: its {flag('max_concurrent_uploads')} "
+                       f"is {self.in_all}. Retry in a moment.")
+        else:
+            with _counted(self.in_flight, tenant):
+                await self.app(scope, receive, send)
+            return
+        await _too_many(message)(scope, receive, send)
