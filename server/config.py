@@ -100,6 +100,15 @@ class Settings(BaseModel):
     max_concurrent_uploads_per_tenant: int = Field(
         2, gt=0, description="adapter uploads of one tenant in flight at once; more are refused with 429"
     )
+    # Tokenization (server/api/tokenization_pool.py)
+    tokenizer_workers: int = Field(
+        4, gt=0, description="threads that tokenize long prompts (over 64 KiB); short prompts have threads of "
+        "their own, so they never wait behind long ones"
+    )
+    max_concurrent_tokenizations_per_tenant: int = Field(
+        2, gt=0, description="long prompts of one tenant tokenized at once; its further long prompts wait their "
+        "turn, leaving the other --tokenizer-workers to other tenants"
+    )
     # Backpressure and lifecycle (server/waiting_quota.py, server/draining_server.py)
     max_waiting_requests: int = Field(
         1024, gt=0, description="prompts waiting for admission at most; past it a tenant holding its fair share of "

@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import os
 import secrets
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,7 +27,7 @@ from server.kv_blocks import BlockAllocator
 from server.metrics import Metrics
 from server.model import KVCache, Transformer
 from server.sampling import SamplerState, sample
-from server.scheduler import Scheduler, Sequence
+from server.scheduler import ScheduledChunk, Scheduler, Sequence
 from server.sequence import (
     AdapterBrokenError,
     AdapterChangedError,
@@ -37,6 +38,7 @@ from server.sequence import (
     GenerationRequest,
     QueueFullError,
     RequestError,
+    SamplingParams,
 )
 from server.step_builder import build_step
 from server.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -231,6 +233,9 @@ class Engine:
         return version
 
     def _validate(self, request: GenerationRequest) -> None:
+        if request.n < 1:
+            raise RequestError(f"n must be at least 1, got {request.n}.", param="n")
+        _check_sampling_params(request.params, self.tokenizer.vocab_size)
         prompt_len = len(request.prompt_token_ids)
         if prompt_len == 0:
             raise RequestError("The prompt is empty.", param="prompt")
@@ -253,6 +258,8 @@ class Engine:
 
     def _new_sequence(self, request: GenerationRequest, request_id: str, index: int, adapter) -> Sequence:
         params = request.params
+        if params.top_k >= self.tokenizer.vocab_size:  # keeps every token, as no cut does; and fits a tensor
+            params = replace(params, top_k=0)
         # Choice i of a seeded request gets its own stream, unrelated to the streams of nearby seeds.
         seed = secrets.randbits(63) if params.seed is None else (params.seed * _SEED_MIX + index) % 2**63
         generator = torch.Generator().manual_seed(seed)
@@ -349,8 +356,33 @@ class Engine:
                 self.metrics.admitted(now - chunk.seq.arrival_time)
                 self.waiting_quota.leave(chunk.seq.request_id)  # its first choice in: the request waits no more
 
-    def _step(self, plan) -> None:
+    def _step(self, plan: list[ScheduledChunk]) -> None:
+        """Run `plan`; when it raises, run its halves on their own, down to single sequences, so a sequence
+        that cannot be stepped (its sampling parameters, its adapter, a bug its input trips) fails alone and
+        every other sequence of the batch gets the token it would have got without it."""
+        plan = [chunk for chunk in plan if not chunk.seq.finished]  # a culprit's sibling choices failed with it
+        if not plan:
+            return
+        try:
+            self._try_step(plan)
+        except Exception as exc:
+            if len(plan) == 1:
+                self._fail_culprit(plan[0].seq, exc)
+                return
+            log.warning("engine step of %d sequences failed (%s: %s); retrying them in halves to find the cause",
+                        len(plan), type(exc).__name__, exc)
+            middle = len(plan) // 2
+            self._step(plan[:middle])
+            self._step(plan[middle:])
+
+    def _try_step(self, plan: list[ScheduledChunk]) -> None:
+        """One forward pass and sampling over `plan`, then its tokens. Raises, having changed nothing a retry
+        depends on, if the pass or the sampling fails: the sequences' computed counts only move on success
+        (so a retry writes the same KV-cache slots again, never appends twice) and the seeded generators
+        are put back to where they were (so a retry draws the same numbers)."""
         start = time.perf_counter()
+        generators = [c.seq.sampler.generator for c in plan if not c.seq.sampler.params.greedy]
+        generator_states = [g.get_state() for g in generators]
         try:
             step, lora_batch, sampled = build_step(
                 plan, self.allocator.block_size, self.model.args.sliding_window, self.device
@@ -360,12 +392,10 @@ class Engine:
             if self.pool.copies_overlap_compute:  # the forward is queued on the GPU: copy the next adapters now
                 self.scheduler.prefetch_to_device()
             tokens, logprobs = sample(logits, [c.seq.sampler for c in sampled])
-        except Exception:  # one bad step fails its batch, never the engine
-            error_id = uuid.uuid4().hex[:12]
-            log.exception("engine step failed (error id %s); failing %d sequence(s)", error_id, len(plan))
-            for request_id in {c.seq.request_id for c in plan}:
-                self._fail(request_id, EngineStepError("The engine failed on this request", error_id))
-            return
+        except Exception:
+            for generator, state in zip(generators, generator_states, strict=True):
+                generator.set_state(state)
+            raise
         finally:
             self.model.lora.batch = None
         self.steps += 1
@@ -373,7 +403,18 @@ class Engine:
         for chunk in plan:
             chunk.seq.num_computed += chunk.num_tokens
         for chunk, token, logprob in zip(sampled, tokens, logprobs, strict=True):
-            self._append_token(chunk.seq, token, logprob)
+            if chunk.seq.finished:  # a sibling choice failed just now, and its request with it
+                continue
+            try:
+                self._append_token(chunk.seq, token, logprob)
+            except Exception as exc:  # detokenizing or stop checks of one sequence: it fails, the step stands
+                self._fail_culprit(chunk.seq, exc)
+
+    def _fail_culprit(self, seq: Sequence, exc: Exception) -> None:
+        """End the request of `seq`, which failed a step on its own, with an error naming the logged cause."""
+        error_id = uuid.uuid4().hex[:12]
+        log.error("engine step failed on request %s (error id %s)", seq.request_id, error_id, exc_info=exc)
+        self._fail(seq.request_id, EngineStepError("The engine failed on this request", error_id))
 
     def _append_token(self, seq: Sequence, token: int, logprob) -> None:
         seq.token_ids.append(token)
@@ -421,6 +462,32 @@ class Engine:
         stream = self._streams.pop(request_id, None)
         if stream is not None:
             stream._put(error)
+
+
+def _check_sampling_params(params: SamplingParams, vocab_size: int) -> None:
+    """Refuse, at submit, values the sampler cannot take: the HTTP layer checks its own fields, but whoever
+    builds a `GenerationRequest` in process must not be able to hand the engine a step-failing value."""
+    def refuse(param: str, requirement: str, value: object) -> RequestError:
+        return RequestError(f"'{param}' must be {requirement}, got {value!r}.", param=param)
+
+    if params.max_tokens < 1:
+        raise refuse("max_tokens", "at least 1", params.max_tokens)
+    if not (math.isfinite(params.temperature) and params.temperature >= 0):
+        raise refuse("temperature", "a finite number >= 0", params.temperature)
+    if not 0 < params.top_p <= 1:  # also refuses NaN
+        raise refuse("top_p", "in (0, 1]", params.top_p)
+    if params.top_k < 0:
+        raise refuse("top_k", ">= 0 (0: no top-k cut)", params.top_k)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not math.isfinite(getattr(params, name)):
+            raise refuse(name, "a finite number", getattr(params, name))
+    for token_id, bias in params.logit_bias:
+        if not 0 <= token_id < vocab_size:
+            raise refuse("logit_bias", f"keyed by token ids in [0, {vocab_size})", token_id)
+        if not math.isfinite(bias):
+            raise refuse("logit_bias", "finite", bias)
+    if params.logprobs is not None and not 0 <= params.logprobs <= vocab_size:
+        raise refuse("logprobs", f"in [0, {vocab_size}]", params.logprobs)
 
 
 def _logged_error(message: str) -> EngineStepError:

@@ -10,9 +10,10 @@ tests/test_tokenizer.py holds it to transformers' output.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,13 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    @cached_property
+    def max_input_bytes_per_token(self) -> int | None:
+        """The most UTF-8 bytes of input text that one token can stand for; None when the pipeline can drop
+        input without bound (see `_max_input_bytes_per_token`). A text of more than `n` times this many bytes
+        encodes to more than `n` tokens, which lets a server refuse a prompt by its size before tokenizing it."""
+        return _max_input_bytes_per_token(json.loads(self._backend.to_str()))
+
     def token_to_id(self, token: str) -> int | None:
         """The id of a vocabulary entry (e.g. a special token's text), or None."""
         return self._backend.token_to_id(token)
@@ -302,6 +310,107 @@ class Tokenizer:
             # A template is a program shipped with the checkpoint; whatever it trips over while formatting the
             # client's messages (missing keys, content of an unexpected type) is reported as a bad request.
             raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------------
+# How many input bytes one token can stand for, read off tokenizer.json
+
+# Unicode normal forms and lowercasing shrink a text's UTF-8 size by less than this factor: the worst cases
+# known shrink it threefold (three Hangul jamo, 9 bytes, compose to one 3-byte syllable; the 3-byte Kelvin
+# sign lowercases to "k"). The margin only makes the size bound a little looser.
+_CHARACTER_MAPPING_SHRINK = 4
+_CHARACTER_MAPPINGS = frozenset({"NFC", "NFD", "NFKC", "NFKD", "Lowercase"})
+# Pre-tokenizers that split the text or rewrite its bytes but never drop any of it (unless told to, below).
+_KEEPING_PRE_TOKENIZERS = frozenset(
+    {"ByteLevel", "Metaspace", "Digits", "Punctuation", "Split", "UnicodeScripts", "FixedLength"}
+)
+_MAX_UTF8_CHAR_BYTES = 4
+_BYTE_PIECES = frozenset(f"<0x{b:02X}>" for b in range(256))  # sentencepiece's byte-fallback tokens
+
+
+def _normalizer_shrink(spec: Mapping[str, Any] | None) -> float | None:
+    """By what factor the normalizer can shrink a text's UTF-8 size at most; None: without bound (it strips
+    characters: Strip, StripAccents, BertNormalizer's control-character cleaning, a sentencepiece charsmap)."""
+    if spec is None:
+        return 1.0
+    kind = spec.get("type")
+    if kind == "Sequence":
+        factor: float | None = 1.0
+        for part in spec.get("normalizers", []):
+            part_factor = _normalizer_shrink(part)
+            factor = None if factor is None or part_factor is None else factor * part_factor
+        return factor
+    if kind in _CHARACTER_MAPPINGS:
+        return _CHARACTER_MAPPING_SHRINK
+    if kind == "Prepend":
+        return 1.0
+    if kind == "Replace":  # a literal replaced by a non-empty one shrinks by their ratio; a regex, unknowably
+        pattern, content = (spec.get("pattern") or {}).get("String"), spec.get("content")
+        if not pattern or not content:
+            return None
+        return max(1.0, len(pattern.encode("utf-8")) / len(content.encode("utf-8")))
+    return None
+
+
+def _keeps_input(spec: Mapping[str, Any] | None) -> bool:
+    """Whether the pre-tokenizer hands on every character (Whitespace and BertPreTokenizer drop spaces)."""
+    if spec is None:
+        return True
+    if spec.get("type") == "Sequence":
+        return all(_keeps_input(part) for part in spec.get("pretokenizers", []))
+    return spec.get("type") in _KEEPING_PRE_TOKENIZERS and spec.get("behavior") != "Removed"
+
+
+def _model_piece_bytes(model: Mapping[str, Any], byte_level: bool) -> int | None:
+    """The most bytes of normalized text one of the model's tokens covers; None where one unknown token can
+    cover a whole word or run of characters (WordPiece, WordLevel, a fused unknown without byte fallback)."""
+    kind = model.get("type")
+    if kind == "BPE":
+        pieces: list[str] = list(model.get("vocab", {}))
+        fuses_unknowns = model.get("unk_token") is not None and model.get("fuse_unk")
+    elif kind == "Unigram":  # sentencepiece merges consecutive unknown characters into one unknown piece
+        pieces = [piece for piece, _score in model.get("vocab", [])]
+        fuses_unknowns = model.get("unk_id") is not None
+    else:
+        return None
+    # Byte fallback spells an unknown character in byte tokens, but a byte without its token is unknown again.
+    spells_every_byte = model.get("byte_fallback") and _BYTE_PIECES.issubset(pieces)
+    if fuses_unknowns and not spells_every_byte:
+        return None
+    # A byte-level piece spells one input byte per character; otherwise a piece is at least as long in UTF-8 as
+    # what it covers ("▁" for a space, "<0x0A>" for a byte fallback are longer).
+    measure = len if byte_level else (lambda piece: len(piece.encode("utf-8")))
+    return max((measure(piece) for piece in pieces), default=0)
+
+
+def _uses_byte_level(spec: Mapping[str, Any] | None) -> bool:
+    if spec is None:
+        return False
+    if spec.get("type") == "Sequence":
+        return any(_uses_byte_level(part) for part in spec.get("pretokenizers", []))
+    return spec.get("type") == "ByteLevel"
+
+
+def _max_input_bytes_per_token(spec: Mapping[str, Any]) -> int | None:
+    """From a parsed tokenizer.json: the most UTF-8 input bytes one token stands for, or None when no bound holds.
+
+    Every token covers one piece of the normalized text, so a text's normalized size is at most the sum of its
+    tokens' piece sizes, and its input size at most the normalizer's shrink factor times that. Added tokens are
+    matched in the raw text (a special token written out counts as one token); one that strips the spaces
+    around it covers any number of them.
+    """
+    shrink = _normalizer_shrink(spec.get("normalizer"))
+    pre_tokenizer = spec.get("pre_tokenizer")
+    piece_bytes = _model_piece_bytes(spec.get("model") or {}, _uses_byte_level(pre_tokenizer))
+    added = spec.get("added_tokens") or []
+    if shrink is None or piece_bytes is None or not _keeps_input(pre_tokenizer):
+        return None
+    if any(token.get("lstrip") or token.get("rstrip") for token in added):
+        return None
+    added_bytes = max((len(token["content"].encode("utf-8")) for token in added), default=0)
+    # An unknown character becomes one token (or its bytes with byte fallback): at most a character's bytes.
+    longest = max(piece_bytes, added_bytes, _MAX_UTF8_CHAR_BYTES)
+    return math.ceil(longest * shrink)
 
 
 # --------------------------------------------------------------------------------------------------

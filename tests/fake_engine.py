@@ -34,6 +34,7 @@ class FakeTokenizer:
     BOS = 0x110000
     EOS = 0x110001
     vocab_size = 0x110002
+    max_input_bytes_per_token = 4  # one character per token
     eos_token_ids = (EOS,)
     _SPECIAL = {BOS: "<s>", EOS: "</s>"}
 

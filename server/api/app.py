@@ -17,6 +17,7 @@ from server.api.openapi import Guards, install_openapi
 from server.api.request_limits import RequestLimits, flag
 from server.api.tenant_concurrency import TenantConcurrencyLimit, UploadConcurrencyLimit
 from server.api.tenant_quotas import TenantQuotas
+from server.api.tokenization_pool import TokenizationPool
 from server.config import Settings
 from server.metrics import Metrics
 
@@ -34,7 +35,10 @@ def build_app(engine: EngineAPI, settings: Settings | None = None, keys: KeyRing
     app = FastAPI(title="lorahive", summary="Multi-tenant LoRA inference server (OpenAI-compatible API)")
     app.state.engine = engine
     app.state.lifecycle = Lifecycle()  # draining after SIGTERM: server/draining_server.py flips it
-    app.state.request_limits = RequestLimits.from_settings(settings)
+    app.state.request_limits = RequestLimits.from_settings(
+        settings, engine.tokenizer.max_input_bytes_per_token, engine.max_model_len
+    )
+    app.state.tokenization_pool = TokenizationPool.from_settings(settings)
     app.state.tenant_quotas = TenantQuotas.from_settings(settings)
     # The engine's metrics (request timing, adapter tiers); an engine without any (a test double) gets HTTP ones.
     app.state.metrics = getattr(engine, "metrics", None) or Metrics()

@@ -49,7 +49,8 @@ from server.api.protocol import (
     ModelList,
     UsageInfo,
 )
-from server.api.request_limits import RequestLimitsDep
+from server.api.request_limits import RequestLimitsDep, utf8_size
+from server.api.tokenization_pool import TokenizationPoolDep
 from server.sequence import (
     AdapterNotFoundError,
     ChoiceDelta,
@@ -76,6 +77,8 @@ _MIN_LOGPROB = -9999.0
 class TokenizerAPI(Protocol):
     @property
     def vocab_size(self) -> int: ...
+    @property
+    def max_input_bytes_per_token(self) -> int | None: ...  # None: a prompt's size bounds its tokens not at all
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def token_text(self, token_id: int) -> str: ...
@@ -155,12 +158,17 @@ async def retrieve_model(model_id: str, engine: EngineDep, access: AccessDep) ->
 
 @router.post("/v1/completions", response_model=CompletionResponse, responses=_GENERATION_ERRORS)
 async def create_completion(
-    body: CompletionRequest, request: Request, engine: EngineDep, access: AccessDep, limits: RequestLimitsDep
+    body: CompletionRequest, request: Request, engine: EngineDep, access: AccessDep, limits: RequestLimitsDep,
+    tokenization: TokenizationPoolDep,
 ) -> Response:
     limits.check_shape(body)
     limits.check_max_tokens(body.max_tokens, "max_tokens")
     adapter = _resolve_adapter(engine, access, body)
-    prompts = await asyncio.to_thread(_completion_prompts, engine.tokenizer, body)
+    batch = _prompt_batch(body)
+    text_sizes = [utf8_size(item) for item in batch if isinstance(item, str)]
+    limits.check_prompt_bytes(text_sizes, "prompt")
+    size = sum(text_sizes) + sum(len(item) for item in batch if not isinstance(item, str))
+    prompts = await tokenization.run(access.principal.tenant, size, _completion_prompts, engine.tokenizer, body)
     limits.check_prompt_tokens(sum(len(p.token_ids) for p in prompts), "prompt")
     max_tokens = _fit_context(
         engine.max_model_len, prompts, limits.cap_max_tokens(body.resolved_max_tokens()), "prompt", "max_tokens"
@@ -171,13 +179,17 @@ async def create_completion(
 
 @router.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses=_GENERATION_ERRORS)
 async def create_chat_completion(
-    body: ChatCompletionRequest, request: Request, engine: EngineDep, access: AccessDep, limits: RequestLimitsDep
+    body: ChatCompletionRequest, request: Request, engine: EngineDep, access: AccessDep, limits: RequestLimitsDep,
+    tokenization: TokenizationPoolDep,
 ) -> Response:
     limits.check_shape(body)
     limit = body.requested_max_tokens()  # None: whatever room the context leaves, within the server's limit
     limits.check_max_tokens(limit, body.max_tokens_field)
     adapter = _resolve_adapter(engine, access, body)
-    prompts = [await asyncio.to_thread(_chat_prompt, engine.tokenizer, body)]
+    # The chat template writes every message's text into the prompt, so their sizes together bound its size.
+    size = sum(utf8_size(m.text()) + utf8_size(m.name or "") for m in body.messages)
+    limits.check_prompt_bytes([size], "messages")
+    prompts = [await tokenization.run(access.principal.tenant, size, _chat_prompt, engine.tokenizer, body)]
     limits.check_prompt_tokens(len(prompts[0].token_ids), "messages")
     max_tokens = _fit_context(engine.max_model_len, prompts, limit, "messages", body.max_tokens_field)
     params = body.sampling_params(limits.cap_max_tokens(max_tokens))
@@ -199,7 +211,7 @@ def _model_cards(engine: EngineAPI, access: AdapterAccess) -> list[ModelCard]:
 
 
 # --------------------------------------------------------------------------------------------------
-# From request to prompt tokens (run in a worker thread: tokenizing a long prompt must not stall the loop)
+# From request to prompt tokens (run on the tokenization pool: tokenizing a long prompt must not stall the loop)
 
 
 @dataclass(frozen=True)
@@ -208,18 +220,19 @@ class _Prompt:
     echo: str = ""  # text shown ahead of the completion when the client asked for `echo`
 
 
-def _completion_prompts(tokenizer: TokenizerAPI, body: CompletionRequest) -> list[_Prompt]:
+def _prompt_batch(body: CompletionRequest) -> list[str] | list[list[int]]:
     raw = body.prompt
     # One prompt (a string or one token list) or a batch of them; the validator has checked the shapes.
-    batch: list[str] | list[list[int]]
     if isinstance(raw, str):
-        batch = [raw]
-    elif isinstance(raw[0], int):
-        batch = [raw]  # type: ignore[list-item]
-    else:
-        batch = raw  # type: ignore[assignment]
+        return [raw]
+    if isinstance(raw[0], int):
+        return [raw]  # type: ignore[list-item]
+    return raw  # type: ignore[return-value]
+
+
+def _completion_prompts(tokenizer: TokenizerAPI, body: CompletionRequest) -> list[_Prompt]:
     prompts = []
-    for item in batch:
+    for item in _prompt_batch(body):
         if isinstance(item, str):
             prompts.append(_Prompt(tokenizer.encode(item), item if body.echo else ""))
         else:

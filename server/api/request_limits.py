@@ -29,16 +29,28 @@ def _refuse(what: str, value: int, setting: str, limit: int, param: str) -> Requ
     )
 
 
+def utf8_size(text: str) -> int:
+    """`text`'s size in UTF-8, without copying an ASCII text (a lone surrogate counts its three bytes)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     max_prompt_tokens: int | None
     max_tokens_limit: int | None
     max_n: int
     max_stop_strings: int
+    # Of the served model: the most input bytes one token stands for (None: no bound, see
+    # Tokenizer.max_input_bytes_per_token) and the context length, for refusing prompts by size.
+    bytes_per_token: int | None = None
+    max_model_len: int | None = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RequestLimits:
-        return cls(settings.max_prompt_tokens, settings.max_tokens_limit, settings.max_n, settings.max_stop_strings)
+    def from_settings(
+        cls, settings: Settings, bytes_per_token: int | None = None, max_model_len: int | None = None
+    ) -> RequestLimits:
+        return cls(settings.max_prompt_tokens, settings.max_tokens_limit, settings.max_n, settings.max_stop_strings,
+                   bytes_per_token, max_model_len)
 
     def check_shape(self, body: BaseGenerationRequest) -> None:
         """The limits the request body alone decides (checked before any tokenizing)."""
@@ -47,6 +59,30 @@ class RequestLimits:
         stops = len(body.stop or ())
         if stops > self.max_stop_strings:
             raise _refuse("The number of 'stop' strings", stops, "max_stop_strings", self.max_stop_strings, "stop")
+
+    def check_prompt_bytes(self, sizes: list[int], param: str) -> None:
+        """Refuse, before tokenizing, prompts whose UTF-8 sizes (`sizes`, one per text prompt) alone prove them
+        too long: a prompt of more than n * bytes_per_token bytes has more than n tokens. Tokenizing a 20 MB
+        prompt only to count its tokens would hold a thread for seconds and gigabytes of memory."""
+        if self.bytes_per_token is None or not sizes:
+            return
+        total, longest = sum(sizes), max(sizes)
+        if self.max_prompt_tokens is not None and total > self.max_prompt_tokens * self.bytes_per_token:
+            raise RequestError(
+                f"The prompt is {total} bytes, more than {self.max_prompt_tokens} tokens of this model can hold (no "
+                f"token stands for more than {self.bytes_per_token} bytes), so it exceeds this server's "
+                f"{flag('max_prompt_tokens')} of {self.max_prompt_tokens}; shorten it.",
+                param=param,
+                code=LIMIT_EXCEEDED,
+            )
+        if self.max_model_len is not None and longest > (self.max_model_len - 1) * self.bytes_per_token:
+            raise RequestError(
+                f"The prompt is {longest} bytes, more than {self.max_model_len - 1} tokens of this model can hold (no "
+                f"token stands for more than {self.bytes_per_token} bytes), so it does not fit this model's maximum "
+                f"context length of {self.max_model_len} tokens with room for the completion; shorten it.",
+                param=param,
+                code="context_length_exceeded",
+            )
 
     def check_prompt_tokens(self, tokens: int, param: str) -> None:
         """`tokens`: the request's prompt tokens, all prompts of a batch together."""
