@@ -10,8 +10,11 @@ evicted then.
 Slots are keyed by an opaque, identity-hashed key (the engine uses the adapter *version*), so a replaced
 adapter never aliases the slot of its previous version, and a retired version can be discarded at once.
 
-On CUDA the weights are copied on a side stream from pinned host memory: a copy issued while a step runs
-(`prefetch`) overlaps that step, and the compute stream waits for the copies before the next step reads them.
+On CUDA every write to the pool (weights and page-table rows, loads and clears alike) goes on one side stream,
+so a clear and the load that reuses its slot or pages can never land out of order. Weights come from pinned host
+memory, so a copy issued while a step runs (`prefetch`) overlaps that step; before overwriting a slot or its
+pages the side stream waits for an event recorded on the compute stream when the slot was last released (its
+last use), and the compute stream waits for the side stream before the next step reads what it wrote.
 """
 
 from __future__ import annotations
@@ -56,6 +59,8 @@ class AdapterSlotPool:
         self._pins = [0] * num_slots
         self._lru: OrderedDict[Hashable, int] = OrderedDict()  # key -> slot, least recently used first
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Per slot, an event on the compute stream after the last step that read the slot (CUDA only).
+        self._last_use: list[torch.cuda.Event | None] = [None] * num_slots
         self.loads = 0  # every load, prefetches included
         self.prefetches = 0
         self.evictions = 0
@@ -124,6 +129,10 @@ class AdapterSlotPool:
     def release(self, slot: int) -> None:
         assert self._pins[slot] > 0, f"slot {slot} released more often than acquired"
         self._pins[slot] -= 1
+        if self._copy_stream is not None:
+            event = torch.cuda.Event()
+            event.record(torch.cuda.current_stream(self.device))
+            self._last_use[slot] = event
 
     def pinned(self, slot: int) -> int:
         return self._pins[slot]
@@ -157,10 +166,15 @@ class AdapterSlotPool:
         return self._keys.index(None)
 
     def _clear(self, slot: int) -> None:
+        with self._copying():
+            last_use = self._last_use[slot]
+            if last_use is not None:  # nothing may overwrite the slot's row or pages before its last reader ran
+                self._copy_stream.wait_event(last_use)
+                self._last_use[slot] = None
+            self.table.clear(slot)
         self._free_pages.extend(reversed(self._slot_pages[slot]))
         self._slot_pages[slot] = []
         self._keys[slot] = None
-        self.table.clear(slot)
 
     def _load(self, slot: int, key: Hashable, adapter: LoraAdapter, rank: int) -> None:
         pages = [self._free_pages.pop() for _ in range(pages_for_rank(rank))]
@@ -184,11 +198,11 @@ class AdapterSlotPool:
 
     @contextmanager
     def _copying(self) -> Iterator[None]:
-        """Device copies on the side stream (CUDA), ordered before everything the compute stream does next.
+        """Device writes on the side stream (CUDA), ordered before everything the compute stream does next.
 
-        The copies need not wait for queued compute: a page is free only once its adapter is unpinned, which
-        happens after the step that used it finished on the device (the engine reads each step's sampled
-        tokens back before it plans the next), and a step in flight pins every adapter it reads."""
+        They wait for no queued compute except a freed slot's last reader (`_clear` waits on that event): a step
+        in flight pins every adapter it reads, so what a load overwrites is either free or was freed by a
+        `_clear` earlier on this same stream."""
         if self._copy_stream is None:
             yield
             return

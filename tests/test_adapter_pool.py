@@ -111,3 +111,23 @@ def test_prefetch_evicts_only_what_is_neither_pinned_nor_wanted(model):
 def test_a_budget_below_one_max_rank_adapter_is_refused_naming_the_flag(model):
     with pytest.raises(ValueError, match="--max-gpu-adapter-bytes"):
         pool_of(model, num_slots=4, pages=3)
+
+
+@pytest.mark.gpu
+def test_a_slot_freed_behind_queued_compute_keeps_the_adapter_loaded_into_it():
+    """The clear of an evicted slot and the load that reuses it are ordered, however long the compute queue.
+
+    The slot's last reader is still queued on the compute stream (a long sleep stands in for a step) when a
+    prefetch evicts its adapter and loads another into the same slot. Were the clear left on the compute
+    stream while the load goes on the copy stream, the clear would land last and the new adapter's row would
+    read as empty: silently no LoRA."""
+    model = build_demo_model()[0].to("cuda", torch.bfloat16)
+    pool = AdapterSlotPool(model, 1, MAX_RANK)
+    slot = pool.acquire("old", adapter(model, "old", 16, seed=1))
+    torch.cuda._sleep(200_000_000)  # ~0.1 s of queued work on the compute stream
+    pool.release(slot)
+    assert pool.prefetch("new", adapter(model, "new", 32, seed=2), keep=())
+    torch.cuda.synchronize()
+    assert pool.slot_of("new") == slot
+    assert pool.table.ranks[slot].item() == 32
+    assert (pool.table.pages[slot, :2] != ZERO_PAGE).all()
