@@ -40,6 +40,7 @@ when triton itself is first imported, possibly by another library before the int
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -181,6 +182,11 @@ def _check_device(x: torch.Tensor) -> None:
         )
 
 
+def _on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Launch on the tensor's own GPU: Triton launches on the current device, which is cuda:0 unless set."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _precision(dtype: torch.dtype, expand: bool) -> str:
     # Shrink of half inputs: native half dot with fp32 accumulation (exact products). Expand of half inputs:
     # fp32 v times B (exact in TF32). fp32 and fp64 inputs: IEEE, as accurate as the reference.
@@ -225,15 +231,16 @@ def _launch_shrink(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, tabl
     rank_blocks = table.pages.shape[1]
     split_columns = triton.cdiv(triton.cdiv(d_in, splits), BLOCK_K) * BLOCK_K
     grid = (num_slices * rank_blocks, batch.tiles.shape[0], splits)
-    _shrink_kernel[grid](
-        x, lora_a, v, batch.tiles, table.ranks, table.pages,
-        d_in, table.max_rank, split_columns,
-        x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), table.pages.stride(0),
-        v.stride(0), v.stride(1),
-        RANK_BLOCKS=rank_blocks, ACC=_ACC[x.dtype], PRECISION=_precision(x.dtype, False),
-        UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
-        BLOCK_M=batch.tile_rows, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
-    )
+    with _on_device(x):
+        _shrink_kernel[grid](
+            x, lora_a, v, batch.tiles, table.ranks, table.pages,
+            d_in, table.max_rank, split_columns,
+            x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), table.pages.stride(0),
+            v.stride(0), v.stride(1),
+            RANK_BLOCKS=rank_blocks, ACC=_ACC[x.dtype], PRECISION=_precision(x.dtype, False),
+            UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
+            BLOCK_M=batch.tile_rows, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+        )
 
 
 def _launch_expand(
@@ -248,14 +255,15 @@ def _launch_expand(
     slices = _slice_table(tuple(slice_widths), BLOCK_N, y.device)
     column_blocks = sum(triton.cdiv(w, BLOCK_N) for w in slice_widths)
     grid = (column_blocks, batch.tiles.shape[0])
-    _expand_kernel[grid](
-        v, lora_b, y, batch.tiles, table.ranks, table.pages, slices,
-        table.max_rank,
-        v.stride(0), v.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), table.pages.stride(0),
-        y.stride(0), y.stride(1),
-        NUM_SLICES=len(slice_widths), SPLITS=v.shape[0], ACC=_ACC[y.dtype],
-        PRECISION=_precision(y.dtype, True), BLOCK_M=batch.tile_rows, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
-    )
+    with _on_device(y):
+        _expand_kernel[grid](
+            v, lora_b, y, batch.tiles, table.ranks, table.pages, slices,
+            table.max_rank,
+            v.stride(0), v.stride(1), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), table.pages.stride(0),
+            y.stride(0), y.stride(1),
+            NUM_SLICES=len(slice_widths), SPLITS=v.shape[0], ACC=_ACC[y.dtype],
+            PRECISION=_precision(y.dtype, True), BLOCK_M=batch.tile_rows, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+        )
 
 
 def _check(x: torch.Tensor, lora_a: torch.Tensor) -> None:

@@ -421,3 +421,13 @@ def test_kernel_benchmark_smoke(tmp_path: Path) -> None:
     }
     assert all(r["kernel_s"] > 0 and r["min_bytes"] > 0 for r in result["rows"])
     assert len(result["rank_aware"]) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU")
+def test_kernels_launch_on_the_tensors_own_gpu(torch_gen: torch.Generator) -> None:
+    """`--device cuda:1`: the launches go to cuda:1 although the current device stays cuda:0."""
+    case = make_case(torch_gen, [0, 1, 1, -1], num_slots=2, max_rank=16, d_in=64, widths=(32, 16),
+                     dtype=torch.bfloat16, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+    assert_matches(case, run_triton(case))
