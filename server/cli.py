@@ -25,8 +25,11 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         choices = get_args(field.annotation) if "Literal" in str(field.annotation) else None
         env = "LORAHIVE_" + name.upper()
         default_text = "" if field.default is None else f" (default {field.default})"
+        # A yes/no setting given as a bare flag means yes (`--metrics-public`); it also takes a value (`false`).
+        bare = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
         parser.add_argument(
-            flag, dest=name, default=None, choices=choices, help=f"{field.description}{default_text}; env {env}"
+            flag, dest=name, default=None, choices=choices, help=f"{field.description}{default_text}; env {env}",
+            **bare,
         )
 
 

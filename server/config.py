@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
 
 class Settings(BaseModel):
@@ -58,7 +58,11 @@ class Settings(BaseModel):
         "runs the server open, without authentication"
     )
     metrics_api_key: SecretStr | None = Field(
-        None, description="Bearer key that GET /metrics asks for (prefer the environment variable); none leaves it open"
+        None, description="Bearer key that GET /metrics accepts besides admin keys (prefer the environment variable)"
+    )
+    metrics_public: bool = Field(
+        False, description="serve GET /metrics to anyone although --api-keys is set (its labels name every tenant's "
+        "adapters); without it a server with keys serves it to admin keys and --metrics-api-key only"
     )
     # Limits: each refusal names its flag (server/api/request_limits.py, tenant_quotas.py, tenant_concurrency.py)
     max_request_bytes: int = Field(32 * 2**20, gt=0, description="largest JSON request body, in bytes")
@@ -98,3 +102,10 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _metrics_access_is_one_choice(self) -> Settings:
+        if self.metrics_public and self.metrics_api_key is not None:
+            raise ValueError("--metrics-public opens GET /metrics to anyone, --metrics-api-key puts it behind a key: "
+                             "give one of them")
+        return self

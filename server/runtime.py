@@ -66,7 +66,8 @@ def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> 
         model = Transformer(args, max_seq_len=max_model_len(settings, args))
     load_weights(model, model_dir)
     name = settings.served_model_name or model_dir.resolve().name
-    return model.eval(), tokenizer, name, f"{args.architecture} checkpoint at {model_dir}"
+    # The description reaches every tenant through /v1/models: no server path in it.
+    return model.eval(), tokenizer, name, f"{args.architecture} checkpoint"
 
 
 def max_model_len(settings: Settings, args: ModelArgs) -> int:

@@ -53,7 +53,7 @@ def build_app(engine: EngineAPI, settings: Settings | None = None, keys: KeyRing
     if settings.max_concurrent_requests_per_tenant is not None:
         app.add_middleware(TenantConcurrencyLimit, limit=settings.max_concurrent_requests_per_tenant)
     metrics_key = settings.metrics_api_key.get_secret_value() if settings.metrics_api_key is not None else None
-    app.add_middleware(Authentication, keys=keys, metrics_key=metrics_key)
+    app.add_middleware(Authentication, keys=keys, metrics_key=metrics_key, metrics_public=settings.metrics_public)
     # While draining, new requests get 503 before anything else runs; in flight ones are counted till they end.
     app.add_middleware(DrainGate, lifecycle=app.state.lifecycle, metrics=app.state.metrics)
     app.add_middleware(HTTPMetrics, metrics=app.state.metrics)  # outermost: sees every status
