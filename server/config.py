@@ -94,6 +94,22 @@ class Settings(BaseModel):
         30.0, ge=0, description="seconds SIGTERM lets running requests finish (new ones get 503) before cutting them "
         "and exiting 0"
     )
+    # Slow and idle clients (server/connection_guard.py, server/api/body_timeout.py)
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a connection has to send a request's headers, from connecting or from the "
+        "end of its previous response; past it the connection closes (with a 408 if part of them came)"
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="seconds a request's body may take, plus 1 s per --body-min-rate bytes received; "
+        "past it 408 and the connection closes"
+    )
+    body_min_rate: int = Field(
+        65536, gt=0, description="bytes per second of a request body that extend --body-timeout by a second"
+    )
+    max_connections: int = Field(
+        2048, gt=0, description="HTTP connections open at once; a new one past it displaces the connection idle the "
+        "longest, or gets 503 when every one has a request running"
+    )
 
     @field_validator("pin", mode="before")
     @classmethod
