@@ -122,7 +122,9 @@ def test_slow_headers_and_bodies_are_cut_off_while_others_are_served(start_serve
     heads = SlowClients(server, 40, SLOW_HEAD, b"X-Slow: 1\r\n")
     bodies = SlowClients(server, 10, SLOW_BODY, b"x")
     silent = SlowClients(server, 10)
-    attack += [heads, bodies, silent]
+    # Keep-alive: one request answered, then the next one's headers trickle.
+    kept = SlowClients(server, 5, b"GET /health HTTP/1.1\r\nHost: lorahive\r\n\r\n" + SLOW_HEAD, b"X-Slow: 1\r\n")
+    attack += [heads, bodies, silent, kept]
     # Another tenant, and the probes, are answered while the attack runs.
     assert completion(server.url).status_code == 200
     assert httpx.get(f"{server.url}/health", timeout=TIMEOUT_S).status_code == 200
@@ -134,6 +136,10 @@ def test_slow_headers_and_bodies_are_cut_off_while_others_are_served(start_serve
             assert status == 408 and error["code"] == "request_timeout", reply
     flags = {error_reply(next(iter(c.replies.values())))[1]["message"] for c in (heads, bodies)}
     assert any("--header-timeout" in message for message in flags) and any("--body-timeout" in m for m in flags)
+    for reply in kept.replies.values():
+        answered, timed_out = reply.split(b"HTTP/1.1 408 ")
+        assert answered.startswith(b"HTTP/1.1 200 ")
+        assert error_reply(b"HTTP/1.1 408 " + timed_out)[1]["code"] == "request_timeout"
     assert set(silent.replies.values()) == {b""}  # an idle connection is closed without an answer it never asked for
     assert completion(server.url).status_code == 200
 
