@@ -49,9 +49,11 @@ def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
         choices = get_args(field.annotation) if "Literal" in str(field.annotation) else None
         env = "LORAHIVE_" + name.upper()
         unit_text = "; bytes, or a size with a unit such as 512MiB or 4GiB" if _is_byte_size(field) else ""
+        # A yes/no setting given as a bare flag means yes (`--metrics-public`); it also takes a value (`false`).
+        bare = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
         parser.add_argument(
             flag, dest=name, default=None, choices=choices, metavar="SIZE" if unit_text else None,
-            help=f"{field.description}{_default_text(field)}{unit_text}; env {env}",
+            help=f"{field.description}{_default_text(field)}{unit_text}; env {env}", **bare,
         )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ByteSize, Field, SecretStr, field_validator
+from pydantic import BaseModel, ByteSize, Field, SecretStr, field_validator, model_validator
 
 
 class StartupError(Exception):
@@ -70,7 +70,11 @@ class Settings(BaseModel):
         "runs the server open, without authentication"
     )
     metrics_api_key: SecretStr | None = Field(
-        None, description="Bearer key that GET /metrics asks for (prefer the environment variable); none leaves it open"
+        None, description="Bearer key that GET /metrics accepts besides admin keys (prefer the environment variable)"
+    )
+    metrics_public: bool = Field(
+        False, description="serve GET /metrics to anyone although --api-keys is set (its labels name every tenant's "
+        "adapters); without it a server with keys serves it to admin keys and --metrics-api-key only"
     )
     # Limits: each refusal names its flag (server/api/request_limits.py, tenant_quotas.py, tenant_concurrency.py)
     max_request_bytes: ByteSize = Field(32 * 2**20, gt=0, description="largest JSON request body")
@@ -118,6 +122,22 @@ class Settings(BaseModel):
         30.0, ge=0, description="seconds SIGTERM lets running requests finish (new ones get 503) before cutting them "
         "and exiting 0"
     )
+    # Slow and idle clients (server/connection_guard.py, server/api/body_timeout.py)
+    header_timeout: float = Field(
+        10.0, gt=0, description="seconds a connection has to send a request's headers, from connecting or from the "
+        "end of its previous response; past it the connection closes (with a 408 if part of them came)"
+    )
+    body_timeout: float = Field(
+        30.0, gt=0, description="seconds a request's body may take, plus 1 s per --body-min-rate bytes received; "
+        "past it 408 and the connection closes"
+    )
+    body_min_rate: int = Field(
+        65536, gt=0, description="bytes per second of a request body that extend --body-timeout by a second"
+    )
+    max_connections: int = Field(
+        2048, gt=0, description="HTTP connections open at once; a new one past it displaces the connection idle the "
+        "longest, or gets 503 when every one has a request running"
+    )
 
     @field_validator("pin", mode="before")
     @classmethod
@@ -126,3 +146,10 @@ class Settings(BaseModel):
         if isinstance(value, str):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _metrics_access_is_one_choice(self) -> Settings:
+        if self.metrics_public and self.metrics_api_key is not None:
+            raise ValueError("--metrics-public opens GET /metrics to anyone, --metrics-api-key puts it behind a key: "
+                             "give one of them")
+        return self

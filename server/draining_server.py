@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import signal
+import socket
 import time
 from collections.abc import Callable
 from types import FrameType
@@ -14,19 +17,29 @@ from fastapi import FastAPI
 
 from server.api.lifecycle_routes import Lifecycle
 from server.config import Settings
+from server.connection_guard import ConnectionLimits, GuardedH11Protocol
 
 log = logging.getLogger("lorahive.server")
 
 # After the drain timeout cut the last requests, how long their clients get to receive the final error.
-CUT_GRACE_S = 5.0
+CUT_GRACE_S = 2.0
+# Once uvicorn has asked every connection to close, how long before the ones still open are dropped: their
+# clients neither finish sending nor read what they are sent.
+CLOSE_GRACE_S = 1.0
+# uvicorn cancels the requests still running this long after its shutdown began (logging a traceback for each):
+# by then the dropped connections' requests have seen their client leave and ended.
+CANCEL_AFTER_S = CLOSE_GRACE_S + 2.0
 
 
 def serve_app(app: FastAPI, settings: Settings, cut: Callable[[], None]) -> None:
     """Serve `app` (from `build_app`) on the settings' host and port until SIGTERM has drained it, or SIGINT
     stopped it. `cut` ends every request still running when the drain times out."""
-    # uvicorn's own wait for connections after the drain is bounded too: past it, it cancels what is left.
+    limits = ConnectionLimits(header_timeout=settings.header_timeout, max_connections=settings.max_connections)
+    # h11 whatever is installed: the guard extends uvicorn's h11 protocol. uvicorn's own wait for connections after
+    # the drain is bounded too: past it, it cancels what is left.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=CUT_GRACE_S)
+                            http=functools.partial(GuardedH11Protocol, limits=limits),  # type: ignore[arg-type]
+                            timeout_graceful_shutdown=CANCEL_AFTER_S)
     server = DrainingServer(config, app.state.lifecycle, settings.drain_timeout, cut)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises SIGINT once it has stopped: a normal end
         server.run()
@@ -39,9 +52,10 @@ class DrainingServer(uvicorn.Server):
     balancer stops sending traffic here) while the requests already in flight go on. The server stops once
     none is left, or once `drain_timeout` seconds have passed: then `cut` ends whatever still runs (its clients
     get a final error, not a hang) and the server stops when those answers are out, or `CUT_GRACE_S` later.
-    uvicorn's shutdown follows (listeners closed, idle connections dropped). uvicorn re-raises the signals it
-    handled once it is done, which would end the process by SIGTERM; a drained SIGTERM is not re-raised, so the
-    process exits 0. SIGINT, and a second SIGTERM, keep uvicorn's meaning: stop now.
+    uvicorn's shutdown follows (listeners closed, idle connections closed); connections still open `CLOSE_GRACE_S`
+    later are dropped, so slow clients cannot stretch the exit past `drain_timeout + CUT_GRACE_S + CLOSE_GRACE_S`.
+    uvicorn re-raises the signals it handled once it is done, which would end the process by SIGTERM; a drained
+    SIGTERM is not re-raised, so the process exits 0. SIGINT, and a second SIGTERM, keep uvicorn's meaning: stop now.
     """
 
     def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout: float,
@@ -84,3 +98,19 @@ class DrainingServer(uvicorn.Server):
                         self.lifecycle.in_flight, CUT_GRACE_S)
             return True
         return False
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        dropping = asyncio.get_running_loop().call_later(CLOSE_GRACE_S, self._drop_connections)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            dropping.cancel()
+
+    def _drop_connections(self) -> None:
+        """Abort every connection still open: a request on one sees its client leave and ends."""
+        connections = list(self.server_state.connections)
+        if connections:
+            log.warning("dropping %d connection(s) still open %.0f s after shutdown began (clients that neither "
+                        "send nor read)", len(connections), CLOSE_GRACE_S)
+        for connection in connections:
+            connection.transport.abort()

@@ -83,7 +83,8 @@ def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> 
     except ValueError as exc:  # what the checkpoint's files get wrong; each message names the file
         raise StartupError(f"--model {model_dir}: {exc}") from None
     name = settings.served_model_name or model_dir.resolve().name
-    return model.eval(), tokenizer, name, f"{args.architecture} checkpoint at {model_dir}"
+    # The description reaches every tenant through /v1/models: no server path in it.
+    return model.eval(), tokenizer, name, f"{args.architecture} checkpoint"
 
 
 def max_model_len(settings: Settings, args: ModelArgs) -> int:

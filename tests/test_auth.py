@@ -322,24 +322,14 @@ def test_refusals_count_under_the_route_they_were_meant_for(fake_client: tuple[T
     client, _ = fake_client
 
     def count(endpoint: str, method: str) -> float:
-        return value(client.get("/metrics").text, "lorahive_http_requests_total", endpoint=endpoint, method=method,
-                     status_code="401")
+        return value(client.get("/metrics", headers=bearer(KEY_ADMIN)).text, "lorahive_http_requests_total",
+                     endpoint=endpoint, method=method, status_code="401")
 
     before = {(e, m): count(e, m) for e, m in [("/v1/adapters/{adapter_id}", "DELETE"), ("unmatched", "GET")]}
     assert client.delete("/v1/adapters/someone-elses").status_code == 401
     assert client.get("/v1/nothing-here").status_code == 401
     assert {k: count(*k) - v for k, v in before.items()} == {("/v1/adapters/{adapter_id}", "DELETE"): 1,
                                                               ("unmatched", "GET"): 1}
-
-
-def test_metrics_key() -> None:
-    settings = Settings(metrics_api_key="metrics-secret")
-    with TestClient(build_app(FakeEngine(), settings, KeyRing.parse(KEY_FILE, "test keys"))) as client:
-        assert client.get("/metrics").status_code == 401
-        assert client.get("/metrics", headers=bearer(KEY_ADMIN)).json()["error"]["code"] == "invalid_api_key"
-        assert client.get("/metrics", headers=bearer("metrics-secret")).status_code == 200
-        assert client.get("/v1/models", headers=bearer("metrics-secret")).status_code == 401  # not an API key
-        assert client.get("/health").status_code == 200
 
 
 # --------------------------------------------------------------------------------------------------

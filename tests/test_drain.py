@@ -133,10 +133,12 @@ class Server:
 def start_server(tmp_path: Path) -> Iterator:
     started: list[subprocess.Popen] = []
 
-    def start(drain_timeout: float) -> Server:
+    def start(drain_timeout: float, **settings: object) -> Server:
+        """`lorahive serve` with these settings (`header_timeout=1` is LORAHIVE_HEADER_TIMEOUT=1), once ready."""
         port = free_port()
         env = os.environ | {"LORAHIVE_PORT": str(port), "LORAHIVE_DRAIN_TIMEOUT": str(drain_timeout),
                             "LORAHIVE_LOG_LEVEL": "info", "LORAHIVE_DEVICE": "cpu"}
+        env |= {f"LORAHIVE_{name.upper()}": str(value) for name, value in settings.items()}
         log = tmp_path / f"server-{port}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, stderr=sink,

@@ -154,6 +154,7 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Soak]:
         max_host_adapter_bytes=HOST_BUDGET_BYTES, kv_cache_tokens=KV_CACHE_TOKENS, max_num_seqs=8,
         max_waiting_requests=8,  # 8 generators of up to 2 prompts each: now and then a 429
         max_adapter_bytes=8 * 2**20, log_level="warning",
+        metrics_public=True,  # the checks read /metrics without a key
     )
     uploads = _peft_variants(seed=1000)
     with serving_engine(settings) as (url, engine):

@@ -7,6 +7,7 @@ from fastapi import FastAPI
 from server.api.adapter_routes import router as adapter_router
 from server.api.auth import Authentication, KeyRing, load_api_keys
 from server.api.body_limit import BodyLimit, BodySizeLimit, is_adapter_upload
+from server.api.body_timeout import BodyTimeout
 from server.api.errors import install_error_handlers
 from server.api.lifecycle_routes import DrainGate, Lifecycle
 from server.api.lifecycle_routes import router as lifecycle_router
@@ -47,8 +48,8 @@ def build_app(engine: EngineAPI, settings: Settings | None = None, keys: KeyRing
     app.include_router(router)
     app.include_router(adapter_router)
     app.include_router(metrics_router)
-    # Middleware added last runs first: metrics, the drain gate, authentication, then the per-tenant and size
-    # limits.
+    # Middleware added last runs first: metrics, the drain gate, the body deadline, authentication, then the
+    # per-tenant and size limits.
     upload_limit = BodyLimit(settings.max_adapter_bytes + MULTIPART_OVERHEAD_BYTES, flag("max_adapter_bytes"))
     json_limit = BodyLimit(settings.max_request_bytes, flag("max_request_bytes"))
     app.add_middleware(BodySizeLimit, limit_for=lambda scope: upload_limit if is_adapter_upload(scope) else json_limit)
@@ -57,7 +58,8 @@ def build_app(engine: EngineAPI, settings: Settings | None = None, keys: KeyRing
     if settings.max_concurrent_requests_per_tenant is not None:
         app.add_middleware(TenantConcurrencyLimit, limit=settings.max_concurrent_requests_per_tenant)
     metrics_key = settings.metrics_api_key.get_secret_value() if settings.metrics_api_key is not None else None
-    app.add_middleware(Authentication, keys=keys, metrics_key=metrics_key)
+    app.add_middleware(Authentication, keys=keys, metrics_key=metrics_key, metrics_public=settings.metrics_public)
+    app.add_middleware(BodyTimeout, timeout_s=settings.body_timeout, min_rate=settings.body_min_rate)
     # While draining, new requests get 503 before anything else runs; in flight ones are counted till they end.
     app.add_middleware(DrainGate, lifecycle=app.state.lifecycle, metrics=app.state.metrics)
     app.add_middleware(HTTPMetrics, metrics=app.state.metrics)  # outermost: sees every status

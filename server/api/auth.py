@@ -43,7 +43,9 @@ TENANT_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 KEY_PATTERN = re.compile(r"[\x21-\x7e]+")
 SHA256_HEX_PATTERN = re.compile(r"[0-9a-fA-F]{64}")
 OPEN_PATHS = frozenset({"/health", "/ready"})  # probes: never behind a key
-METRICS_PATH = "/metrics"  # behind its own key, when --metrics-api-key is set
+METRICS_PATH = "/metrics"  # behind an admin key or --metrics-api-key, unless --metrics-public
+METRICS_KEY_NEEDED = ("GET /metrics needs an admin key or this server's metrics key (--metrics-api-key) as "
+                      "'Authorization: Bearer <key>'.")
 _ENTRY_FIELDS = frozenset({"key", "sha256", "tenant", "role"})
 
 
@@ -200,13 +202,16 @@ def _unauthorized(message: str, code: str) -> JSONResponse:
 class Authentication:
     """Resolves the caller of every request but the probes and `/metrics`; 401 without a valid key.
 
-    The principal is left in the request's state for `get_principal`. `/metrics` asks for
-    `metrics_key` when one is set and is open otherwise."""
+    The principal is left in the request's state for `get_principal`. `/metrics` names every tenant's adapters in
+    its labels, so a server with keys (or with `metrics_key`) serves it only to an admin key or `metrics_key`,
+    unless `metrics_public` opens it; a server with neither keys nor `metrics_key` serves it to anyone."""
 
-    def __init__(self, app: ASGIApp, keys: KeyRing, metrics_key: str | None = None) -> None:
+    def __init__(self, app: ASGIApp, keys: KeyRing, metrics_key: str | None = None,
+                 metrics_public: bool = False) -> None:
         self.app = app
         self.keys = keys
         self.metrics_digest = None if metrics_key is None else _sha256(metrics_key.encode())
+        self.metrics_open = metrics_key is None and (keys.is_open or metrics_public)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
@@ -214,14 +219,8 @@ class Authentication:
             return
         token = _bearer_token(scope)
         if scope["path"] == METRICS_PATH:
-            if self.metrics_digest is not None and (token is None or not digest_matches(token, self.metrics_digest)):
-                await _unauthorized(
-                    "GET /metrics needs this server's metrics key (--metrics-api-key) as 'Authorization: Bearer "
-                    "<key>'.",
-                    "missing_api_key" if token is None else "invalid_api_key",
-                )(scope, receive, send)
-                return
-            await self.app(scope, receive, send)
+            refusal = None if self.metrics_open else self._metrics_refusal(token)
+            await (refusal or self.app)(scope, receive, send)
             return
         if self.keys.is_open:
             principal: Principal | None = ANONYMOUS
@@ -236,6 +235,20 @@ class Authentication:
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)
+
+    def _metrics_refusal(self, token: bytes | None) -> JSONResponse | None:
+        """The answer to a `/metrics` caller that may not read it, or None for an admin or the metrics key."""
+        if token is None:
+            return _unauthorized(METRICS_KEY_NEEDED, "missing_api_key")
+        if self.metrics_digest is not None and digest_matches(token, self.metrics_digest):
+            return None
+        principal = self.keys.resolve(token)
+        if principal is None:
+            return _unauthorized(METRICS_KEY_NEEDED, "invalid_api_key")
+        if principal.is_admin:
+            return None
+        return error_response(403, f"A tenant's key may not read /metrics: {METRICS_KEY_NEEDED}",
+                              error_type="permission_error", code="permission_denied")
 
 
 def get_principal(request: Request) -> Principal:
