@@ -75,6 +75,9 @@ def describe_invalid_settings(error: ValidationError, namespace: argparse.Namesp
     """One line per bad value, naming the flag (or variable) the user set, the value and the rule it breaks."""
     lines = []
     for problem in error.errors():
+        if not problem["loc"]:  # a rule across several settings: its message names the flags
+            lines.append(str(problem["msg"]).removeprefix("Value error, "))
+            continue
         name = str(problem["loc"][0])
         flag_value = getattr(namespace, name, None)
         given = (
