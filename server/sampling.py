@@ -33,8 +33,10 @@ def _adjust_logits(logits: torch.Tensor, states: list[SamplerState]) -> torch.Te
             continue
         if adjusted is logits:
             adjusted = logits.clone()
-        for token_id, bias in p.logit_bias:
-            adjusted[row, token_id] += bias
+        if p.logit_bias:  # one indexed add, not a Python loop per entry on the engine thread
+            token_ids, biases = zip(*p.logit_bias, strict=True)
+            index = torch.tensor(token_ids, device=logits.device)
+            adjusted[row].index_add_(0, index, torch.tensor(biases, dtype=logits.dtype, device=logits.device))
         if state.output_ids and (p.presence_penalty or p.frequency_penalty):
             ids = torch.tensor(state.output_ids, device=logits.device)
             counts = torch.bincount(ids, minlength=logits.shape[1]).to(logits.dtype)
@@ -51,10 +53,11 @@ def _sample_rows(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tens
     sorted_logits, sorted_ids = (logits / temperature[:, None]).sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[1], device=device)
     probs = sorted_logits.softmax(dim=-1)
-    # Keep a token when it is within top-k and the mass strictly before it is below top-p (so the
-    # most likely token always survives).
+    # Keep a token when it is within top-k and the mass strictly before it is below top-p; the most likely token
+    # always survives, also when a tiny top_p rounds to 0 in float32.
     mass_before = probs.cumsum(dim=-1) - probs
     keep = (ranks[None, :] < top_k[:, None]) & (mass_before < top_p[:, None])
+    keep[:, 0] = True
     probs = torch.where(keep, probs, torch.zeros_like(probs))
     cdf = probs.cumsum(dim=-1)
     uniforms = torch.stack([torch.rand((), generator=s.generator) for s in states]).to(device)
