@@ -145,10 +145,16 @@ LogitBias = Annotated[
 ]
 
 
+def _quoted(value: object, limit: int = 24) -> str:
+    """Client input for an error message: shortened, and escaped, since a lone surrogate in a message's context
+    makes pydantic fail to render the error at all."""
+    text = str(value)
+    return text[:limit].encode("ascii", "backslashreplace").decode() + ("..." if len(text) > limit else "")
+
+
 def _logit_bias_token(key: str) -> str:
     """A `logit_bias` key as the token id it writes, without leading zeros; refused unless it is one."""
-    # Quoted in the message: shortened, and escaped so that a lone surrogate in it cannot break the error body.
-    shown = key[:24].encode("ascii", "backslashreplace").decode() + ("..." if len(key) > 24 else "")
+    shown = _quoted(key)
     if not (key.isascii() and key.isdigit()):
         raise PydanticCustomError(
             INVALID_VALUE, "'logit_bias' keys must be token ids written as strings, got '{key}'.", {"key": shown}
@@ -338,7 +344,7 @@ class TextContentPart(BaseModel):
             raise PydanticCustomError(
                 UNSUPPORTED_VALUE,
                 "Content parts of type '{type}' are not supported; only 'text' parts are.",
-                {"type": data["type"]},
+                {"type": _quoted(data["type"])},
             )
         return data
 
