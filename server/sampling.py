@@ -22,6 +22,15 @@ class SamplerState:
     params: SamplingParams
     generator: torch.Generator
     output_ids: list[int] = field(default_factory=list)
+    _logit_bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def logit_bias_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`params.logit_bias` as (token ids, biases), built at the sequence's first step and kept: building
+        tensors from a few hundred Python numbers costs more than the add itself."""
+        if self._logit_bias is None:
+            token_ids, biases = zip(*self.params.logit_bias, strict=True)
+            self._logit_bias = (torch.tensor(token_ids, device=device), torch.tensor(biases, device=device))
+        return self._logit_bias
 
 
 def _adjust_logits(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
@@ -34,9 +43,8 @@ def _adjust_logits(logits: torch.Tensor, states: list[SamplerState]) -> torch.Te
         if adjusted is logits:
             adjusted = logits.clone()
         if p.logit_bias:  # one indexed add, not a Python loop per entry on the engine thread
-            token_ids, biases = zip(*p.logit_bias, strict=True)
-            index = torch.tensor(token_ids, device=logits.device)
-            adjusted[row].index_add_(0, index, torch.tensor(biases, dtype=logits.dtype, device=logits.device))
+            token_ids, biases = state.logit_bias_tensors(logits.device)
+            adjusted[row].index_add_(0, token_ids, biases.to(logits.dtype))
         if state.output_ids and (p.presence_penalty or p.frequency_penalty):
             ids = torch.tensor(state.output_ids, device=logits.device)
             counts = torch.bincount(ids, minlength=logits.shape[1]).to(logits.dtype)

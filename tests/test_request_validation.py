@@ -282,7 +282,8 @@ def test_batched_logit_bias_equals_the_per_entry_definition(torch_gen: torch.Gen
                                 presence_penalty=0.5 * (row % 2), frequency_penalty=0.25)
         states.append(SamplerState(params, torch.Generator(), output_ids=[1, 2, 2, row]))
     before = logits.clone()
-    assert torch.equal(_adjust_logits(logits, states), _per_entry_reference(logits, states))
+    for _ in range(2):  # the first step builds each sequence's bias tensors, the next reuses them
+        assert torch.equal(_adjust_logits(logits, states), _per_entry_reference(logits, states))
     assert torch.equal(logits, before)  # the model's logits stay as they were (logprobs are read from them)
 
 
