@@ -22,6 +22,15 @@ class SamplerState:
     params: SamplingParams
     generator: torch.Generator
     output_ids: list[int] = field(default_factory=list)
+    _logit_bias: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def logit_bias_tensors(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """`params.logit_bias` as (token ids, biases), built at the sequence's first step and kept: building
+        tensors from a few hundred Python numbers costs more than the add itself."""
+        if self._logit_bias is None:
+            token_ids, biases = zip(*self.params.logit_bias, strict=True)
+            self._logit_bias = (torch.tensor(token_ids, device=device), torch.tensor(biases, device=device))
+        return self._logit_bias
 
 
 def _adjust_logits(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
@@ -33,8 +42,9 @@ def _adjust_logits(logits: torch.Tensor, states: list[SamplerState]) -> torch.Te
             continue
         if adjusted is logits:
             adjusted = logits.clone()
-        for token_id, bias in p.logit_bias:
-            adjusted[row, token_id] += bias
+        if p.logit_bias:  # one indexed add, not a Python loop per entry on the engine thread
+            token_ids, biases = state.logit_bias_tensors(logits.device)
+            adjusted[row].index_add_(0, token_ids, biases.to(logits.dtype))
         if state.output_ids and (p.presence_penalty or p.frequency_penalty):
             ids = torch.tensor(state.output_ids, device=logits.device)
             counts = torch.bincount(ids, minlength=logits.shape[1]).to(logits.dtype)
@@ -51,10 +61,11 @@ def _sample_rows(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tens
     sorted_logits, sorted_ids = (logits / temperature[:, None]).sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[1], device=device)
     probs = sorted_logits.softmax(dim=-1)
-    # Keep a token when it is within top-k and the mass strictly before it is below top-p (so the
-    # most likely token always survives).
+    # Keep a token when it is within top-k and the mass strictly before it is below top-p; the most likely token
+    # always survives, also when a tiny top_p rounds to 0 in float32.
     mass_before = probs.cumsum(dim=-1) - probs
     keep = (ranks[None, :] < top_k[:, None]) & (mass_before < top_p[:, None])
+    keep[:, 0] = True
     probs = torch.where(keep, probs, torch.zeros_like(probs))
     cdf = probs.cumsum(dim=-1)
     uniforms = torch.stack([torch.rand((), generator=s.generator) for s in states]).to(device)

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 FinishReason = Literal["stop", "length"]
+# Temperatures below this decode greedily, as in vLLM: dividing float32 logits by a tinier one can overflow to inf,
+# which turns the softmax into NaNs and the draw into an arbitrary token.
+MIN_SAMPLING_TEMPERATURE = 1e-5
 
 
 @dataclass(frozen=True)
@@ -18,7 +21,7 @@ class SamplingParams:
     """Per-request decoding controls, already validated by the API layer."""
 
     max_tokens: int = 16
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below MIN_SAMPLING_TEMPERATURE) means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 means no top-k cut
     seed: int | None = None
@@ -33,7 +36,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < MIN_SAMPLING_TEMPERATURE
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ middleware - anything unexpected (500 with an error id that is also in the serve
 
 from __future__ import annotations
 
+import difflib
 import logging
 import uuid
 from collections.abc import Mapping
@@ -40,6 +41,11 @@ SERVER_ERROR = "server_error"
 
 # OpenAI's error `type` by status, for HTTP errors raised by routing or by other routers' dependencies.
 _TYPE_BY_STATUS = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}
+# The `code` of a client error whose raiser named none: clients branch on `code`, so a 4xx never leaves it null.
+# Statuses not listed use their HTTP phrase ("conflict", "unsupported_media_type", ...).
+_CODE_BY_STATUS = {400: "invalid_request", 404: "not_found", 413: "request_too_large", 429: "rate_limit_exceeded"}
+_PHRASES = {status.value: status.phrase for status in HTTPStatus}
+UNKNOWN_PARAMETER = "unknown_parameter"
 
 
 class ErrorInfo(BaseModel):
@@ -67,8 +73,21 @@ def error_response(
     code: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    body = ErrorResponse(error=ErrorInfo(message=message, type=error_type, param=param, code=code))
-    return JSONResponse(body.model_dump(), status_code=status_code, headers=headers)
+    if code is None and 400 <= status_code < 500:
+        code = _default_code(status_code)
+    info = ErrorInfo(message=_encodable(message), type=error_type, param=_encodable(param), code=code)
+    return JSONResponse(ErrorResponse(error=info).model_dump(), status_code=status_code, headers=headers)
+
+
+def _default_code(status: int) -> str:
+    phrase = _PHRASES.get(status, "invalid request")
+    return _CODE_BY_STATUS.get(status) or phrase.lower().replace(" ", "_").replace("-", "_")
+
+
+def _encodable(text: str | None) -> str | None:
+    """`text` that UTF-8 can encode: a message or param may quote client input holding a lone surrogate, and the
+    body of the error about it must not fail in turn."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def internal_error_body(error_id: str) -> dict[str, Any]:
@@ -112,7 +131,7 @@ def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
     return ".".join(str(p) for p in parts) or None
 
 
-def _validation_error(_: Request, exc: Exception) -> JSONResponse:
+def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     first = errors[0] if errors else {"type": "value_error", "loc": ("body",), "msg": "Invalid request."}
@@ -129,17 +148,34 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
         )
     elif kind in CUSTOM_ERROR_CODES:
         message, code = msg, kind  # our own validators already write a whole sentence
+    elif kind == "string_unicode":  # pydantic's verdict on a field name that is not valid Unicode
+        message = ("A field name or key in the request holds a lone UTF-16 surrogate escape (\\ud800-\\udfff "
+                   "without its pair), which is not valid Unicode; send valid UTF-8 text.")
+        code = "invalid_value"
     elif param is None:
         message = "The request body must be a JSON object (sent with Content-Type: application/json)."
         code = "invalid_body"
     elif kind == "missing":
         message, code = f"Missing required parameter: '{param}'.", "missing_required_parameter"
+    elif kind == "extra_forbidden":
+        hint = _did_you_mean(request, loc) or " GET /openapi.json lists the fields this route takes."
+        message, code = f"Unknown parameter: '{param}'.{hint}", UNKNOWN_PARAMETER
     else:
         code = "invalid_type" if kind.endswith(("_type", "_parsing")) else "invalid_value"
         message = f"Invalid value for '{param}': {msg}."
     if len(errors) > 1:
         message += f" ({len(errors) - 1} more problem(s) in the request.)"
     return error_response(400, message, param=param, code=code)
+
+
+def _did_you_mean(request: Request, loc: tuple[int | str, ...]) -> str:
+    """For an unknown top-level body field, the route's closest field name (typos are the usual cause)."""
+    body_field = getattr(request.scope.get("route"), "body_field", None)
+    model = body_field.field_info.annotation if body_field is not None else None
+    if len(loc) != 2 or not (isinstance(model, type) and issubclass(model, BaseModel)):
+        return ""
+    close = difflib.get_close_matches(str(loc[1]), list(model.model_fields), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 def _request_error(_: Request, exc: Exception) -> JSONResponse:
@@ -178,13 +214,14 @@ def _http_error(request: Request, exc: Exception) -> JSONResponse:
     status = exc.status_code
     message = str(exc.detail)
     headers = exc.headers
+    code = None
     if message == HTTPStatus(status).phrase:  # Starlette's bare "Not Found" / "Method Not Allowed"
         if status == 404:
-            message = f"Unknown request URL: {request.method} {request.url.path}."
+            message, code = f"Unknown request URL: {request.method} {request.url.path}.", "unknown_url"
         elif status == 405:
             message = f"Method {request.method} is not allowed on {request.url.path}."
             headers = {**(headers or {}), "Allow": ", ".join(sorted(_allowed_methods(request)))}
-    return error_response(status, message, error_type=_type_for(status), headers=headers)
+    return error_response(status, message, error_type=_type_for(status), code=code, headers=headers)
 
 
 def _allowed_methods(request: Request) -> set[str]:

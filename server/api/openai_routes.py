@@ -260,7 +260,8 @@ def _check_token_ids(ids: Sequence[int], vocab_size: int, param: str) -> None:
     bad = next((t for t in ids if not 0 <= t < vocab_size), None)
     if bad is not None:
         raise RequestError(
-            f"Token id {bad} in '{param}' is outside the vocabulary [0, {vocab_size}).", param=param
+            f"Token id {bad} in '{param}' is outside the vocabulary [0, {vocab_size}).", param=param,
+            code="invalid_value",
         )
 
 
@@ -310,17 +311,30 @@ class _Adapter:
 
 
 def _resolve_adapter(engine: EngineAPI, access: AdapterAccess, body: BaseGenerationRequest) -> _Adapter:
-    """The adapter the request names; one the caller may not see is "not found", like one that is not there."""
-    if body.adapter_id is not None:
-        if not access.visible(body.adapter_id):
-            raise _model_not_found(engine, body.adapter_id, "adapter_id")
-        return _Adapter(body.adapter_id, "adapter_id")
+    """The adapter the request names, in `model` or `adapter_id` (with `model` naming the base model, or naming
+    the same adapter). One the caller may not see is "not found", like one that is not there."""
+    named_by_model = _adapter_named_by_model(engine, access, body.model)
+    if body.adapter_id is None:
+        return _Adapter(named_by_model, "model")
+    if not access.visible(body.adapter_id):
+        raise _model_not_found(engine, body.adapter_id, "adapter_id")
+    if named_by_model is not None and named_by_model != body.adapter_id:
+        raise RequestError(
+            f"'model' names the adapter '{named_by_model}' and 'adapter_id' the adapter '{body.adapter_id}'; "
+            f"name one adapter, or set 'model' to the base model '{engine.model_name}'.",
+            param="adapter_id",
+            code="conflicting_parameters",
+        )
+    return _Adapter(body.adapter_id, "adapter_id")
+
+
+def _adapter_named_by_model(engine: EngineAPI, access: AdapterAccess, model: str | None) -> str | None:
     # The base model's name wins over an adapter of the same name: the base must always be reachable.
-    if body.model is None or body.model == engine.model_name:
-        return _Adapter(None, "model")
-    if access.visible(body.model):
-        return _Adapter(body.model, "model")
-    raise _model_not_found(engine, body.model, "model")
+    if model is None or model == engine.model_name:
+        return None
+    if access.visible(model):
+        return model
+    raise _model_not_found(engine, model, "model")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,7 +365,7 @@ class _Job:
     """One HTTP request's engine work: an engine stream per prompt, each with the same `n` choices."""
 
     id: str
-    model: str  # echoed back: what the client called the model
+    model: str  # what serves the request: the adapter's id, or the base model's name
     n: int
     streams: list[RequestStreamAPI]
     choices: list[_ChoiceState]
@@ -398,7 +412,7 @@ def _submit(
     choices = [_ChoiceState(p * n + i, prompt.echo) for p, prompt in enumerate(prompts) for i in range(n)]
     return _Job(
         id=job_id,
-        model=body.model or engine.model_name,
+        model=adapter.id or engine.model_name,
         n=n,
         streams=streams,
         choices=choices,

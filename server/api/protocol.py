@@ -1,21 +1,27 @@
 """The OpenAI wire contract as pydantic models: what clients may send, and what we answer.
 
-Request models accept unknown fields (`extra="allow"`: OpenAI clients send many we do not use) but are
-strict about the ones we know, so `"max_tokens": "ten"` or `"n": 1.5` is a 400 rather than a guess.
+Request models take exactly the fields OpenAI's request schemas define, plus our documented extensions: any other
+field is a 400 naming it (`extra="forbid"`), so a typo such as `"max_token": 3` is not silently answered with the
+default. They are strict about types, so `"max_tokens": "ten"` or `"n": 1.5` is a 400 rather than a guess, and every
+number is bounded to what the engine can take, so no value reaches torch only to fail the whole batch there.
 Fields whose OpenAI type is a union (`prompt`, `stop`, message `content`) are checked by hand-written
 validators: a pydantic union reports one error per member, each with the member's type name in its
 location, which would make the `param` of the 400 unreadable.
 
-Features we do not implement (`best_of`, `suffix`, tools, structured output, non-text content) are
-refused with a 400 naming the field rather than silently ignored.
+OpenAI fields fall in three groups: those we implement; those that change nothing on this server (`user`,
+`metadata`, `store`, `service_tier`, prompt-cache hints, ...), accepted and ignored; and features we do not
+implement (`best_of`, `suffix`, tools, structured output, audio, reasoning controls, non-text content), refused with
+a 400 naming the field rather than silently ignored.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from annotated_types import MaxLen, MinLen
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -40,9 +46,29 @@ CUSTOM_ERROR_CODES = frozenset({UNSUPPORTED_PARAMETER, UNSUPPORTED_VALUE, INVALI
 
 MAX_STOP_STRINGS = 16  # OpenAI allows 4; vLLM-style clients send more
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 300  # OpenAI's bound; each entry costs the engine work at every step of the request
+MAX_STOP_TOKEN_IDS = 256  # each generated token is looked up among them
+# Above every vocabulary there is, and within the int32 torch indexes with: a larger id or top-k means nothing.
+MAX_TOKEN_ID = 2**31 - 1
 DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 
-_REQUEST_CONFIG = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+_REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _valid_unicode(text: str) -> str:
+    # JSON may escape half of a UTF-16 surrogate pair alone ("\ud800"); Python keeps it in the string, which then
+    # fails wherever the text is encoded (the tokenizer, the response body), far from the field that carried it.
+    if _LONE_SURROGATE.search(text):
+        raise PydanticCustomError(
+            "lone_surrogate",
+            "the text holds a lone UTF-16 surrogate escape (\\ud800-\\udfff without its pair), which is not "
+            "valid Unicode; send valid UTF-8 text",
+        )
+    return text
+
+
+Text = Annotated[str, AfterValidator(_valid_unicode)]  # every string a request carries
 
 
 def _is_token_id(value: object) -> bool:
@@ -68,6 +94,9 @@ def _check_prompt(value: object) -> str | list[str] | list[int] | list[list[int]
         )
     if not value or (isinstance(value, list) and any(isinstance(p, str | list) and not p for p in value)):
         raise PydanticCustomError(INVALID_VALUE, "'prompt' must not be empty.")
+    for text in [value] if isinstance(value, str) else value:
+        if isinstance(text, str):
+            _valid_unicode(text)
     return value  # type: ignore[return-value]
 
 
@@ -99,20 +128,44 @@ Prompt = Annotated[
     str | list[str] | list[int] | list[list[int]], PlainValidator(_check_prompt, json_schema_input_type=_PromptInput)
 ]
 StopStrings = Annotated[
-    Annotated[list[str], MaxLen(MAX_STOP_STRINGS)] | None,
+    Annotated[list[Text], MaxLen(MAX_STOP_STRINGS)] | None,
     BeforeValidator(
         _stop_as_list, json_schema_input_type=_Text | Annotated[list[_Text], MaxLen(MAX_STOP_STRINGS)] | None
     ),
 ]
-# Token ids written as strings, each with a bias in [-100, 100] (checked by `_logit_bias_keys`).
+# Token ids written as strings, each with a bias in [-100, 100] (checked by `_canonical_logit_bias`).
 LogitBias = Annotated[
     dict[str, float],
     WithJsonSchema({
         "type": "object",
+        "maxProperties": MAX_LOGIT_BIAS,
         "propertyNames": {"pattern": "^[0-9]+$"},
         "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
     }),
 ]
+
+
+def _quoted(value: object, limit: int = 24) -> str:
+    """Client input for an error message: shortened, and escaped, since a lone surrogate in a message's context
+    makes pydantic fail to render the error at all."""
+    text = str(value)
+    return text[:limit].encode("ascii", "backslashreplace").decode() + ("..." if len(text) > limit else "")
+
+
+def _logit_bias_token(key: str) -> str:
+    """A `logit_bias` key as the token id it writes, without leading zeros; refused unless it is one."""
+    shown = _quoted(key)
+    if not (key.isascii() and key.isdigit()):
+        raise PydanticCustomError(
+            INVALID_VALUE, "'logit_bias' keys must be token ids written as strings, got '{key}'.", {"key": shown}
+        )
+    token = key.lstrip("0") or "0"
+    # Length first: int() of a string of thousands of digits is slow, and refused past 4,300 digits.
+    if len(token) > len(str(MAX_TOKEN_ID)) or int(token) > MAX_TOKEN_ID:
+        raise PydanticCustomError(
+            INVALID_VALUE, "'logit_bias' key '{key}' is not a token id of this model.", {"key": shown}
+        )
+    return token
 
 
 # --------------------------------------------------------------------------------------------------
@@ -123,31 +176,35 @@ class StreamOptions(BaseModel):
     model_config = _REQUEST_CONFIG
 
     include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # accepted, changes nothing: our chunks carry no padding
 
 
 class BaseGenerationRequest(BaseModel):
     """Fields both generation endpoints share. `None` means "the default" for every optional field, because
-    OpenAI's schema marks them nullable and clients do send explicit nulls."""
+    OpenAI's schema marks them nullable and clients do send explicit nulls.
+
+    `model` may be left out (OpenAI requires it; vLLM does not): it then means the base model, or the adapter
+    `adapter_id` names."""
 
     model_config = _REQUEST_CONFIG
 
-    model: str | None = None
-    adapter_id: str | None = None  # extension: pick a LoRA adapter regardless of `model`
+    model: Text | None = None
+    adapter_id: Text | None = None  # extension: pick a LoRA adapter by id, `model` naming the base model
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(None, ge=1, le=128)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)  # extension (vLLM): 0 or -1 turns it off
+    top_k: int | None = Field(None, ge=-1, le=MAX_TOKEN_ID)  # extension (vLLM): 0 or -1 turns it off
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     stop: StopStrings = None
-    stop_token_ids: list[int] | None = None  # extension (vLLM)
+    stop_token_ids: Annotated[list[int], MaxLen(MAX_STOP_TOKEN_IDS)] | None = None  # extension (vLLM)
     include_stop_str_in_output: bool | None = None  # extension (vLLM)
     ignore_eos: bool | None = None  # extension (vLLM)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logit_bias: LogitBias | None = None
-    user: str | None = None  # accepted for compatibility, not used
+    user: Text | None = None  # accepted, changes nothing
 
     @field_validator("stop")
     @classmethod
@@ -158,17 +215,28 @@ class BaseGenerationRequest(BaseModel):
 
     @field_validator("logit_bias")
     @classmethod
-    def _logit_bias_keys(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
-        for key, value in (bias or {}).items():
-            if not (key.isascii() and key.isdigit()):
+    def _canonical_logit_bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        """The map keyed by token ids without leading zeros: "07" and "7" are one token, so a client cannot
+        multiply the engine's work by spelling one id many ways."""
+        if bias is None:
+            return None
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise PydanticCustomError(
+                INVALID_VALUE,
+                "'logit_bias' holds {count} entries; at most {limit} are allowed.",
+                {"count": len(bias), "limit": MAX_LOGIT_BIAS},
+            )
+        canonical: dict[str, float] = {}
+        for key, value in bias.items():
+            token = _logit_bias_token(key)
+            if token in canonical:
                 raise PydanticCustomError(
-                    INVALID_VALUE,
-                    "'logit_bias' keys must be token ids written as strings, got '{key}'.",
-                    {"key": key},
+                    INVALID_VALUE, "'logit_bias' names token {token} more than once.", {"token": token}
                 )
             if not -100.0 <= value <= 100.0:
                 raise PydanticCustomError(INVALID_VALUE, "'logit_bias' values must lie in [-100, 100].")
-        return bias
+            canonical[token] = value
+        return canonical
 
     @property
     def num_choices(self) -> int:
@@ -220,7 +288,7 @@ class CompletionRequest(BaseGenerationRequest):
     echo: bool | None = False
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     best_of: int | None = Field(None, ge=1, le=20)
-    suffix: str | None = Field(None, json_schema_extra={"maxLength": 0})  # insertion is not supported
+    suffix: Text | None = Field(None, json_schema_extra={"maxLength": 0})  # insertion is not supported
 
     @field_validator("best_of")
     @classmethod
@@ -265,16 +333,23 @@ class TextContentPart(BaseModel):
     model_config = _REQUEST_CONFIG | ConfigDict(json_schema_extra=_text_part_schema)
 
     type: str
-    text: str | None = None
+    text: Text | None = None
+    prompt_cache_breakpoint: dict[str, Any] | None = None  # accepted, changes nothing: a caching hint
 
-    @model_validator(mode="after")
-    def _text_only(self) -> TextContentPart:
-        if self.type != "text":
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        # Before the fields: an image or audio part is refused for its type, not for its fields a text part lacks.
+        if isinstance(data, dict) and "type" in data and data["type"] != "text":
             raise PydanticCustomError(
                 UNSUPPORTED_VALUE,
                 "Content parts of type '{type}' are not supported; only 'text' parts are.",
-                {"type": self.type},
+                {"type": _quoted(data["type"])},
             )
+        return data
+
+    @model_validator(mode="after")
+    def _text_present(self) -> TextContentPart:
         if self.text is None:
             raise PydanticCustomError(INVALID_VALUE, "A 'text' content part needs a 'text' string.")
         return self
@@ -293,15 +368,18 @@ class ChatMessage(BaseModel):
         list[TextContentPart] | None,
         BeforeValidator(_content_as_parts, json_schema_input_type=str | list[TextContentPart] | None),
     ] = None
-    name: str | None = None
-    # Tool calls are not supported: an empty list, or no function call, is all a message may carry.
+    name: Text | None = None
+    refusal: Text | None = None  # an assistant's earlier refusal: its text when it has no content
+    tool_call_id: Text | None = None  # accepted, changes nothing: the chat template sees no tool calls
+    # Tool calls and audio are not supported: an empty list, or no function call or audio, is all a message may carry.
     tool_calls: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
     function_call: Any = Field(None, json_schema_extra={"type": "null"})
+    audio: Any = Field(None, json_schema_extra={"type": "null"})
 
-    @field_validator("tool_calls", "function_call")
+    @field_validator("tool_calls", "function_call", "audio")
     @classmethod
     def _no_tool_calls(cls, value: Any, info: ValidationInfo) -> Any:
-        if value or (info.field_name == "function_call" and value is not None):
+        if value if info.field_name == "tool_calls" else value is not None:
             raise PydanticCustomError(
                 UNSUPPORTED_PARAMETER,
                 "Messages with '{field}' are not supported.",
@@ -318,7 +396,9 @@ class ChatMessage(BaseModel):
         return self
 
     def text(self) -> str:
-        return "".join(part.text or "" for part in self.content or ())
+        if self.content is None:
+            return self.refusal or ""
+        return "".join(part.text or "" for part in self.content)
 
 
 class ChatCompletionRequest(BaseGenerationRequest):
@@ -349,6 +429,23 @@ class ChatCompletionRequest(BaseGenerationRequest):
     tool_choice: Any = Field(None, json_schema_extra={"enum": ["none", None]})
     functions: list[Any] | None = Field(None, json_schema_extra={"maxItems": 0})
     function_call: Any = Field(None, json_schema_extra={"enum": ["none", None]})
+    modalities: list[Text] | None = Field(None, json_schema_extra={"items": {"const": "text"}})
+    # Features of OpenAI's models this server does not have: refused when set.
+    audio: Any = Field(None, json_schema_extra={"type": "null"})
+    moderation: Any = Field(None, json_schema_extra={"type": "null"})
+    web_search_options: Any = Field(None, json_schema_extra={"type": "null"})
+    reasoning_effort: Any = Field(None, json_schema_extra={"type": "null"})
+    verbosity: Any = Field(None, json_schema_extra={"type": "null"})
+    # Accepted, and change nothing here: storage, billing, tracking and caching on OpenAI's platform, and hints.
+    metadata: Annotated[dict[Annotated[Text, MaxLen(64)], Annotated[Text, MaxLen(512)]], MaxLen(16)] | None = None
+    store: bool | None = None
+    service_tier: Text | None = None
+    safety_identifier: Annotated[Text, MaxLen(64)] | None = None
+    prompt_cache_key: Text | None = None
+    prompt_cache_retention: Text | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None  # a latency hint: the output is the same without it
+    parallel_tool_calls: bool | None = None  # no tools, so nothing to run in parallel
 
     @field_validator("top_logprobs")
     @classmethod
@@ -377,6 +474,24 @@ class ChatCompletionRequest(BaseGenerationRequest):
                 "'{field}' (tool calling) is not supported yet.",
                 {"field": info.field_name},
             )
+        return value
+
+    @field_validator("audio", "moderation", "web_search_options", "reasoning_effort", "verbosity")
+    @classmethod
+    def _unsupported_when_set(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            raise PydanticCustomError(
+                UNSUPPORTED_PARAMETER,
+                "'{field}' is not supported by this server's models; leave it out.",
+                {"field": info.field_name},
+            )
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_output_only(cls, value: list[str] | None) -> list[str] | None:
+        if value and any(modality != "text" for modality in value):
+            raise PydanticCustomError(UNSUPPORTED_VALUE, "Only the 'text' output modality is supported.")
         return value
 
     @field_validator("response_format")
