@@ -53,11 +53,11 @@ def run(args: argparse.Namespace) -> None:
             print(json.dumps(body, indent=2))
         elif args.adapters_command == "list":
             after = None
-            print(f"{'id':<40} {'version':>7} {'rank':>5} {'bytes':>12} {'where':>5} {'requests':>9}")
+            print(f"{'id':<40} {'version':>7} {'rank':>5} {'bytes':>12} {'where':>6} {'requests':>9}")
             while True:
                 page = _check(client.get("/v1/adapters", params={"limit": 1000} | ({"after": after} if after else {})))
                 for a in page["data"]:
-                    print(f"{a['id']:<40} {a['version']:>7} {a['rank']:>5} {a['bytes']:>12} {a['location']:>5} "
+                    print(f"{a['id']:<40} {a['version']:>7} {a['rank']:>5} {a['bytes']:>12} {a['location']:>6} "
                           f"{a['requests_served']:>9}")
                 if not page["has_more"]:
                     break

@@ -123,6 +123,8 @@ def build_engine(settings: Settings) -> Engine:
         pin_memory=device.type == "cuda",
         pinned_ids=frozenset(settings.pin),
         max_adapter_bytes=settings.max_adapter_bytes,
+        serving_dtype=dtype,
+        reserved_ids=frozenset({name}),
     )
     if settings.adapters is not None:
         registry.import_directory(settings.adapters)

@@ -52,6 +52,7 @@ from server.api.protocol import (
 from server.api.request_limits import RequestLimitsDep
 from server.sequence import (
     AdapterNotFoundError,
+    AdapterStatus,
     ChoiceDelta,
     EngineStepError,
     FinishReason,
@@ -109,6 +110,8 @@ class EngineAPI(Protocol):
     def created(self) -> int: ...
     def adapter_ids(self) -> list[str]: ...
     def has_adapter(self, adapter_id: str) -> bool: ...
+    # Whether the adapter serves, and why not; None if there is no such adapter.
+    def adapter_status(self, adapter_id: str) -> tuple[AdapterStatus, str | None] | None: ...
     def submit(self, request: GenerationRequest) -> RequestStreamAPI: ...
 
 
@@ -189,11 +192,12 @@ def _model_cards(engine: EngineAPI, access: AdapterAccess) -> list[ModelCard]:
     dims = None if engine.base_config is None else ModelDims.model_validate(engine.base_config)
     cards = [ModelCard(id=base, created=engine.created, root=base, max_model_len=engine.max_model_len,
                        description=engine.model_description, dims=dims)]
-    cards += [
-        ModelCard(id=a, created=engine.created, root=base, parent=base, max_model_len=engine.max_model_len)
-        for a in engine.adapter_ids()
-        if access.visible(a)
-    ]
+    for adapter_id in engine.adapter_ids():
+        # An adapter stored under the base model's name is not listed here: that id names the base model.
+        state = engine.adapter_status(adapter_id) if adapter_id != base and access.visible(adapter_id) else None
+        if state is not None:
+            cards.append(ModelCard(id=adapter_id, created=engine.created, root=base, parent=base,
+                                   max_model_len=engine.max_model_len, status=state[0], error=state[1]))
     return cards
 
 
