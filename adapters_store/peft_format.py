@@ -221,8 +221,10 @@ def parse_peft_adapter(
     pairs = _pair_tensors(names, config)
     if base is not None:  # first: it bounds the modules the patterns below are matched against
         _check_layers(base, pairs)
+    # Resolved once per module: each resolution matches every pattern key.
+    settings = {path: _module_rank_alpha(config, path) for path, _, _ in pairs.values()}
     if max_rank is not None:
-        _check_max_rank(config, [path for path, _, _ in pairs.values()], max_rank)
+        _check_max_rank(settings, max_rank)
     tensors = _load_tensors(safetensors_bytes)
 
     weights: dict[tuple[int, str], LoraWeight] = {}
@@ -241,11 +243,10 @@ def parse_peft_adapter(
                 field=b_name,
             )
 
-        rank, alpha, from_pattern = _module_rank_alpha(config, path)
+        rank, alpha, rank_field, alpha_field = settings[path]
         if r != rank:
             raise AdapterFormatError(
-                f"tensor {a_name} has rank {r} but adapter_config.json gives this module rank {rank} "
-                f"({'rank_pattern' if from_pattern else 'r'})",
+                f"tensor {a_name} has rank {r} but adapter_config.json gives this module rank {rank} ({rank_field})",
                 field=a_name,
             )
         if base is not None:
@@ -261,7 +262,7 @@ def parse_peft_adapter(
                 )
 
         scale = alpha / math.sqrt(rank) if config["use_rslora"] else alpha / rank
-        _check_magnitudes(path, a_name, a, b_name, b, float(scale), _alpha_field(config, path), serving_dtype)
+        _check_magnitudes(path, a_name, a, b_name, b, float(scale), alpha_field, serving_dtype)
         weights[(layer, module)] = LoraWeight(a=a, b=b, scale=float(scale))
 
     max_module_rank = max(w.rank for w in weights.values())
@@ -276,16 +277,15 @@ def parse_peft_adapter(
     )
 
 
-def _check_max_rank(config: Mapping[str, Any], module_paths: list[str], max_rank: int) -> None:
-    """Refuse before loading any data: the configured ranks are checked against the tensors later."""
-    for path in module_paths:
-        rank, _, from_pattern = _module_rank_alpha(config, path)
+def _check_max_rank(settings: Mapping[str, tuple[int, float, str, str]], max_rank: int) -> None:
+    """Refuse before loading any data: the configured ranks are checked against the tensors later.
+    `settings`: module path -> what `_module_rank_alpha` resolved for it."""
+    for path, (rank, _, rank_field, _) in settings.items():
         if rank > max_rank:
-            field = "rank_pattern" if from_pattern else "r"
             raise AdapterFormatError(
-                f"{field} gives {path} rank {rank}, above this server's maximum LoRA rank {max_rank} "
+                f"{rank_field} gives {path} rank {rank}, above this server's maximum LoRA rank {max_rank} "
                 f"(--max-lora-rank): train the adapter with a rank of {max_rank} or less, or raise the server's limit",
-                field=field,
+                field=rank_field,
             )
 
 
@@ -489,16 +489,17 @@ def _parse_layers_to_transform(value: Any) -> set[int] | None:
     return set(layers)
 
 
-def _module_rank_alpha(config: Mapping[str, Any], module_path: str) -> tuple[int, float, bool]:
-    """(rank, alpha, rank came from rank_pattern) for a module, resolved exactly as PEFT does."""
+def _module_rank_alpha(config: Mapping[str, Any], module_path: str) -> tuple[int, float, str, str]:
+    """(rank, alpha, the config field that gave the rank, the one that gave alpha) for a module, resolved exactly
+    as PEFT does."""
     rank = _pattern_value(config["rank_pattern"], module_path)
     alpha = _pattern_value(config["alpha_pattern"], module_path)
-    return rank or config["r"], alpha or config["lora_alpha"], rank is not None
-
-
-def _alpha_field(config: Mapping[str, Any], module_path: str) -> str:
-    """The config field that gives a module its alpha."""
-    return "alpha_pattern" if _pattern_value(config["alpha_pattern"], module_path) is not None else "lora_alpha"
+    return (
+        rank or config["r"],
+        alpha or config["lora_alpha"],
+        "r" if rank is None else "rank_pattern",
+        "lora_alpha" if alpha is None else "alpha_pattern",
+    )
 
 
 def _pattern_value(patterns: Mapping[str, tuple[re.Pattern[str], Any]], module_path: str) -> Any | None:

@@ -125,7 +125,8 @@ router = APIRouter()
 _NOT_FOUND = "No model or adapter of that id that the caller may see."
 # Answers of both generation routes beyond the ones the middleware adds (server/api/openapi.py).
 _GENERATION_ERRORS = error_responses({
-    400: "The request is invalid, over one of this server's limits, or does not fit the context length.",
+    400: "The request is invalid, over one of this server's limits, or does not fit the context length; or its "
+         "adapter is one this server's settings cannot serve (code adapter_not_servable).",
     404: _NOT_FOUND,
     429: "The waiting queue is full and this tenant holds its fair share of it (--max-waiting-requests).",
     500: "The engine step running this request failed; the message carries the error id of its log entry.",
