@@ -55,7 +55,7 @@ def test_stored_adapters_these_settings_cannot_serve_are_warned_of_listed_and_re
     store = tmp_path / "store"
     store_directly(store, "wide", demo_peft_files(rank=2 * MAX_RANK), rank=2 * MAX_RANK)
     store_directly(store, DEMO_MODEL_NAME, demo_peft_files(rank=8), rank=8)  # stored under another --served-model-name
-    with caplog.at_level(logging.WARNING, logger="lorahive.adapters"), serving_engine(
+    with caplog.at_level(logging.INFO), serving_engine(
         Settings(store=store, max_lora_rank=MAX_RANK, max_gpu_adapters=2)
     ) as (url, _), httpx.Client(base_url=url, timeout=60) as client:
         warned = [r.getMessage() for r in caplog.records if "cannot be served" in r.getMessage()]
@@ -90,7 +90,7 @@ def test_start_up_import_skips_a_directory_named_as_the_base_model(tmp_path, cap
         config, weights = demo_peft_files(rank=8)
         (adapters / name / "adapter_config.json").write_bytes(config)
         (adapters / name / "adapter_model.safetensors").write_bytes(weights)
-    with caplog.at_level(logging.WARNING, logger="lorahive.adapters"):
+    with caplog.at_level(logging.INFO):
         engine = build_engine(Settings(store=tmp_path / "store", adapters=adapters, max_lora_rank=MAX_RANK))
     try:
         assert engine.adapter_ids() == ["imported"]
