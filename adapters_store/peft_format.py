@@ -14,6 +14,7 @@ import json
 import math
 import re
 import struct
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,17 @@ PICKLE_FILE = "adapter_model.bin"
 DEFAULT_MAX_HEADER_BYTES = 16 * 2**20
 # A real config is a few KB; even a per-layer rank_pattern for an 80-layer model is far below this.
 MAX_CONFIG_BYTES = 2**20
+# rank_pattern / alpha_pattern keys are regexes matched against every adapted module (each module against
+# the keys in order), so their number bounds the work an upload can cause. A per-module pattern (PEFT's EVA
+# writes one) of a 126-layer model has 882 keys.
+MAX_PATTERN_KEYS = 1024
+# Weights are checked against the serving dtype: an adapter must not be able to overflow it for an input of
+# unit RMS (what RMSNorm hands the attention and MLP) even when the real input is this many times larger
+# (outlier features) and the input is aligned with the weights as badly as possible.
+ACTIVATION_HEADROOM = 16.0
+# RMSNorm squares the residual stream in float32: values past sqrt(float32 max) turn into inf there,
+# whatever the serving dtype.
+_FLOAT32_SQUARE_LIMIT = math.sqrt(torch.finfo(torch.float32).max)
 
 # Which Llama block each target module lives in; the tensor name must agree.
 _PARENT_OF = {
@@ -155,8 +167,12 @@ def load_peft_adapter(
     base: BaseModelShape | None = None,
     max_rank: int | None = None,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    serving_dtype: torch.dtype = torch.float32,
 ) -> LoraAdapter:
-    """Load the PEFT adapter saved in directory ``path`` (as written by ``save_pretrained``)."""
+    """Load the PEFT adapter saved in directory ``path`` (as written by ``save_pretrained``).
+
+    ``serving_dtype``: the dtype its weights will be served in; weights and scales that would overflow it
+    (see ``ACTIVATION_HEADROOM``) are refused."""
     validate_adapter_id(adapter_id)
     directory = Path(path)
     if not directory.is_dir():
@@ -177,6 +193,7 @@ def load_peft_adapter(
         base=base,
         max_rank=max_rank,
         max_header_bytes=max_header_bytes,
+        serving_dtype=serving_dtype,
     )
 
 
@@ -206,6 +223,7 @@ def parse_peft_adapter(
     base: BaseModelShape | None = None,
     max_rank: int | None = None,
     max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
+    serving_dtype: torch.dtype = torch.float32,
 ) -> LoraAdapter:
     """Same as :func:`load_peft_adapter`, from the two files' contents held in memory."""
     validate_adapter_id(adapter_id)
@@ -214,8 +232,12 @@ def parse_peft_adapter(
     # Names are checked from the header alone, so a bad file is refused before its data is touched.
     names = _parse_tensor_names(header)
     pairs = _pair_tensors(names, config)
+    if base is not None:  # first: it bounds the modules the patterns below are matched against
+        _check_layers(base, pairs)
+    # Resolved once per module: each resolution matches every pattern key.
+    settings = {path: _module_rank_alpha(config, path) for path, _, _ in pairs.values()}
     if max_rank is not None:
-        _check_max_rank(config, [path for path, _, _ in pairs.values()], max_rank)
+        _check_max_rank(settings, max_rank)
     tensors = _load_tensors(safetensors_bytes)
 
     weights: dict[tuple[int, str], LoraWeight] = {}
@@ -234,15 +256,14 @@ def parse_peft_adapter(
                 field=b_name,
             )
 
-        rank, alpha, from_pattern = _module_rank_alpha(config, path)
+        rank, alpha, rank_field, alpha_field = settings[path]
         if r != rank:
             raise AdapterFormatError(
-                f"tensor {a_name} has rank {r} but adapter_config.json gives this module rank {rank} "
-                f"({'rank_pattern' if from_pattern else 'r'})",
+                f"tensor {a_name} has rank {r} but adapter_config.json gives this module rank {rank} ({rank_field})",
                 field=a_name,
             )
         if base is not None:
-            _check_against_base(base, layer, module, a_name, b_name, r, d_in, d_out)
+            _check_against_base(base, module, a_name, b_name, r, d_in, d_out)
         else:
             # Without a base model we can still insist every layer agrees with the first one.
             first = seen_dims.setdefault(module, (d_in, d_out, a_name))
@@ -254,6 +275,7 @@ def parse_peft_adapter(
                 )
 
         scale = alpha / math.sqrt(rank) if config["use_rslora"] else alpha / rank
+        _check_magnitudes(path, a_name, a, b_name, b, float(scale), alpha_field, serving_dtype)
         weights[(layer, module)] = LoraWeight(a=a, b=b, scale=float(scale))
 
     max_module_rank = max(w.rank for w in weights.values())
@@ -268,16 +290,88 @@ def parse_peft_adapter(
     )
 
 
-def _check_max_rank(config: Mapping[str, Any], module_paths: list[str], max_rank: int) -> None:
-    """Refuse before loading any data: the configured ranks are checked against the tensors later."""
-    for path in module_paths:
-        rank, _, from_pattern = _module_rank_alpha(config, path)
+def _check_max_rank(settings: Mapping[str, tuple[int, float, str, str]], max_rank: int) -> None:
+    """Refuse before loading any data: the configured ranks are checked against the tensors later.
+    `settings`: module path -> what `_module_rank_alpha` resolved for it."""
+    for path, (rank, _, rank_field, _) in settings.items():
         if rank > max_rank:
-            field = "rank_pattern" if from_pattern else "r"
             raise AdapterFormatError(
-                f"{field} gives {path} rank {rank}, above this server's maximum LoRA rank {max_rank}",
-                field=field,
+                f"{rank_field} gives {path} rank {rank}, above this server's maximum LoRA rank {max_rank} "
+                f"(--max-lora-rank): train the adapter with a rank of {max_rank} or less, or raise the server's limit",
+                field=rank_field,
             )
+
+
+def _check_layers(base: BaseModelShape, pairs: Mapping[tuple[int, str], tuple[str, str, str]]) -> None:
+    for (layer, _), (_, a_name, _) in pairs.items():
+        if layer >= base.num_layers:
+            raise AdapterFormatError(
+                f"tensor {a_name} is for layer {layer} but the base model has {base.num_layers} layers",
+                field=a_name,
+            )
+
+
+def _check_magnitudes(
+    path: str, a_name: str, a: torch.Tensor, b_name: str, b: torch.Tensor, scale: float, alpha_field: str,
+    dtype: torch.dtype,
+) -> None:
+    """Refuse weights that would overflow `dtype` once served: the scale is folded into B at load, and the delta
+    x·Aᵀ·(scale·B)ᵀ, for an input x of unit RMS aligned as badly as possible, must stay within the dtype's range
+    divided by ACTIVATION_HEADROOM (and within what RMSNorm can square in float32)."""
+    limit = min(torch.finfo(dtype).max, _FLOAT32_SQUARE_LIMIT) / ACTIVATION_HEADROOM
+    served = f"{str(dtype).removeprefix('torch.')} serving allows"
+    if scale > limit:
+        raise AdapterFormatError(
+            f"{alpha_field} gives {path} the scale {scale:.3g}, beyond the {limit:.3g} "
+            f"{served}: lower it",
+            field=alpha_field,
+        )
+    largest_b = _peak(b) * scale
+    if largest_b > limit:
+        raise AdapterFormatError(
+            f"tensor {b_name} times its scale {scale:.3g} has values up to {largest_b:.3g}, beyond the {limit:.3g} "
+            f"{served}",
+            field=b_name,
+        )
+    # |x·Aᵀ| for ||x|| = sqrt(d_in) (unit RMS) is at most sqrt(d_in)·σ(A), σ the largest singular value;
+    # |x·Aᵀ·Bᵀ| is then at most that times the largest row norm of B.
+    d_in = a.shape[1]
+    shrunk = math.sqrt(d_in) * _largest_singular_value(a)
+    if shrunk > limit:
+        raise AdapterFormatError(
+            f"tensor {a_name} can map an input of unit RMS to values up to {shrunk:.3g}, beyond the {limit:.3g} "
+            f"{served}",
+            field=a_name,
+        )
+    delta = shrunk * scale * _largest_row_norm(b)
+    if delta > limit:
+        raise AdapterFormatError(
+            f"tensors {a_name} and {b_name} (scale {scale:.3g}) can add up to {delta:.3g} to an output for an "
+            f"input of unit RMS, beyond the {limit:.3g} {served}: lower {alpha_field} or the weights",
+            field=b_name,
+        )
+
+
+def _largest_singular_value(a: torch.Tensor) -> float:
+    """σ_max of A [r, d_in] from the small Gram matrix A·Aᵀ [r, r] (cheap for r << d_in), normalized first so
+    that squaring cannot overflow float32."""
+    peak = _peak(a)
+    if peak == 0:
+        return 0.0
+    unit = a / peak
+    return peak * math.sqrt(max(torch.linalg.eigvalsh((unit @ unit.T).double()).max().item(), 0.0))
+
+
+def _largest_row_norm(b: torch.Tensor) -> float:
+    peak = _peak(b)
+    if peak == 0:
+        return 0.0
+    return peak * torch.linalg.vector_norm(b / peak, dim=1).max().item()
+
+
+def _peak(t: torch.Tensor) -> float:
+    """max |t|, 0 for an empty tensor."""
+    return t.abs().max().item() if t.numel() else 0.0
 
 
 def _layer_module_order(item: tuple[tuple[int, str], Any]) -> tuple[int, int]:
@@ -319,8 +413,8 @@ def _parse_config(config_bytes: bytes) -> dict[str, Any]:
     if not _is_int(r) or r <= 0:
         raise AdapterFormatError(f"r must be a positive integer, got {r!r}", field="r")
     alpha = raw.get("lora_alpha")
-    if not _is_number(alpha):
-        raise AdapterFormatError(f"lora_alpha must be a finite number, got {alpha!r}", field="lora_alpha")
+    if not _is_positive_number(alpha):
+        raise AdapterFormatError(f"lora_alpha must be a finite number above 0, got {alpha!r}", field="lora_alpha")
 
     return {
         "raw": raw,
@@ -328,7 +422,7 @@ def _parse_config(config_bytes: bytes) -> dict[str, Any]:
         "lora_alpha": alpha,
         "use_rslora": bool(raw.get("use_rslora")),
         "rank_pattern": _parse_pattern(raw, "rank_pattern", _is_positive_int, "a positive integer"),
-        "alpha_pattern": _parse_pattern(raw, "alpha_pattern", _is_number, "a finite number"),
+        "alpha_pattern": _parse_pattern(raw, "alpha_pattern", _is_positive_number, "a finite number above 0"),
         "target_modules": _parse_target_modules(raw.get("target_modules")),
         "layers_to_transform": _parse_layers_to_transform(raw.get("layers_to_transform")),
     }
@@ -337,12 +431,22 @@ def _parse_config(config_bytes: bytes) -> dict[str, Any]:
 _PATTERN_KEY = re.compile(r"[A-Za-z0-9_.|\\-]{1,256}")
 
 
-def _parse_pattern(raw: dict[str, Any], name: str, valid: Callable[[Any], bool], what: str) -> dict[str, Any]:
+def _parse_pattern(
+    raw: dict[str, Any], name: str, valid: Callable[[Any], bool], what: str
+) -> dict[str, tuple[re.Pattern[str], Any]]:
+    """key -> (the key compiled as PEFT matches it, its value), in the config's order."""
     pattern = raw.get(name)
     if pattern is None:
         return {}
     if not isinstance(pattern, dict):
         raise AdapterFormatError(f"{name} must be an object of module pattern -> value", field=name)
+    if len(pattern) > MAX_PATTERN_KEYS:
+        raise AdapterFormatError(
+            f"{name} has {len(pattern)} keys; at most {MAX_PATTERN_KEYS} are accepted (use one pattern for many "
+            "modules, e.g. 'q_proj' or 'layers\\.1\\.mlp\\.up_proj')",
+            field=name,
+        )
+    compiled = {}
     for key, value in pattern.items():
         if not valid(value):
             raise AdapterFormatError(f"{name}[{key!r}] must be {what}, got {value!r}", field=name)
@@ -354,7 +458,17 @@ def _parse_pattern(raw: dict[str, Any], name: str, valid: Callable[[Any], bool],
                 f"{name} key {key!r} must be a dotted module name (letters, digits, '_', '-', '.', '\\', '|')",
                 field=name,
             )
-    return pattern
+        compiled[key] = (_compile_pattern_key(name, key), value)
+    return compiled
+
+
+def _compile_pattern_key(name: str, key: str) -> re.Pattern[str]:
+    """The key as PEFT's `get_pattern_key` (peft/utils/other.py) matches it: a regex suffix of the module's full
+    name. Compiled once here, so a key that is no regex (a stray backslash, say) is refused naming the field."""
+    try:
+        return re.compile(rf"(.*\.)?({key})$")
+    except re.error as exc:
+        raise AdapterFormatError(f"{name} key {key!r} is not a valid regular expression: {exc}", field=name) from None
 
 
 def _parse_target_modules(value: Any) -> list[str] | None:
@@ -388,22 +502,26 @@ def _parse_layers_to_transform(value: Any) -> set[int] | None:
     return set(layers)
 
 
-def _module_rank_alpha(config: Mapping[str, Any], module_path: str) -> tuple[int, float, bool]:
-    """(rank, alpha, rank came from rank_pattern) for a module, resolved exactly as PEFT does."""
-    r_key = _pattern_key(config["rank_pattern"], module_path)
-    alpha_key = _pattern_key(config["alpha_pattern"], module_path)
-    rank = config["rank_pattern"][r_key] if r_key is not None else config["r"]
-    alpha = config["alpha_pattern"][alpha_key] if alpha_key is not None else config["lora_alpha"]
-    return rank, alpha, r_key is not None
+def _module_rank_alpha(config: Mapping[str, Any], module_path: str) -> tuple[int, float, str, str]:
+    """(rank, alpha, the config field that gave the rank, the one that gave alpha) for a module, resolved exactly
+    as PEFT does."""
+    rank = _pattern_value(config["rank_pattern"], module_path)
+    alpha = _pattern_value(config["alpha_pattern"], module_path)
+    return (
+        rank or config["r"],
+        alpha or config["lora_alpha"],
+        "r" if rank is None else "rank_pattern",
+        "lora_alpha" if alpha is None else "alpha_pattern",
+    )
 
 
-def _pattern_key(pattern: Mapping[str, Any], module_path: str) -> str | None:
-    """PEFT's `get_pattern_key` (peft/utils/other.py): the first key, in the config's order, that matches
-    the module's full name as a regex suffix. `module_path` is the name PEFT saw, e.g.
-    `model.layers.0.self_attn.q_proj` (the tensor name minus `base_model.model.` and `.lora_A...`)."""
-    for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return key
+def _pattern_value(patterns: Mapping[str, tuple[re.Pattern[str], Any]], module_path: str) -> Any | None:
+    """PEFT's `get_pattern_key`: the value of the first key, in the config's order, that matches the module's
+    full name as a regex suffix. `module_path` is the name PEFT saw, e.g. `model.layers.0.self_attn.q_proj`
+    (the tensor name minus `base_model.model.` and `.lora_A...`). Values are never 0, so None is "no key"."""
+    for compiled, value in patterns.values():
+        if compiled.match(module_path):
+            return value
     return None
 
 
@@ -604,13 +722,8 @@ def _pair_tensors(
 
 
 def _check_against_base(
-    base: BaseModelShape, layer: int, module: str, a_name: str, b_name: str, r: int, d_in: int, d_out: int
+    base: BaseModelShape, module: str, a_name: str, b_name: str, r: int, d_in: int, d_out: int
 ) -> None:
-    if layer >= base.num_layers:
-        raise AdapterFormatError(
-            f"tensor {a_name} is for layer {layer} but the base model has {base.num_layers} layers",
-            field=a_name,
-        )
     if module not in base.module_dims:
         raise AdapterFormatError(f"tensor {a_name}: the base model has no {module} module", field=a_name)
     want_in, want_out = base.module_dims[module]
@@ -649,8 +762,11 @@ def _is_positive_int(value: Any) -> bool:
     return _is_int(value) and value > 0
 
 
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, float) and math.isfinite(value)) or _is_int(value)
+def _is_positive_number(value: Any) -> bool:
+    """A JSON number above 0 that a float holds (JSON integers may be arbitrarily large)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return False
+    return 0 < value <= sys.float_info.max
 
 
 def _shape(t: torch.Tensor) -> list[int]:

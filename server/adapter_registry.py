@@ -21,6 +21,10 @@ not read again; it never reaches host memory or a slot. Only a replace (a new ve
 that. Any other load failure (out of memory, say) fails the requests that waited for it and is retried
 by the next request.
 
+An adapter whose files are fine may still be *unservable* by this server's settings: a rank above
+`--max-lora-rank` (stored under a larger one), or an id that is the base model's served name (stored under
+another). It is listed with the reason, warned of at start, and its requests are refused at `bind`.
+
 Thread model: the event loop uploads, deletes and binds; the engine thread unbinds and asks for loads;
 a small thread pool reads and parses from disk. One lock guards the bookkeeping; no I/O runs under it.
 """
@@ -37,6 +41,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
+import torch
+
 from adapters_store import (
     AdapterExistsError,
     AdapterFormatError,
@@ -52,7 +58,7 @@ from adapters_store import (
 )
 from adapters_store.peft_export import to_peft_files
 from server.metrics import Metrics
-from server.sequence import AdapterBrokenError
+from server.sequence import AdapterBrokenError, AdapterStatus, AdapterUnservableError
 
 log = logging.getLogger("lorahive.adapters")
 
@@ -69,8 +75,8 @@ class AdapterVersion:
     load_error: str | None = None  # why the last load failed; the requests waiting for it fail with it
     broken: bool = False  # load_error lies in the stored files: this version can never be served
     gone: bool = False  # its files left the store (replaced or deleted, maybe by another process) before it loaded
-    requests_served: int = 0
-    last_used: float | None = None
+    requests_served: int = 0  # requests for this adapter id since the server started, carried across replaces
+    last_used: float | None = None  # likewise
     # When the manifest was last read from (or written to) the store: `checked` orders what the registry
     # learned (a ticket), `checked_at` is the registry clock's time of it, which bounds the cache's staleness.
     checked: int = -1
@@ -101,10 +107,16 @@ class AdapterRegistry:
         max_adapter_bytes: int = 512 * 2**20,
         revalidate_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        serving_dtype: torch.dtype = torch.float32,
+        reserved_ids: frozenset[str] = frozenset(),
     ):
+        """`serving_dtype`: weights that would overflow it are refused. `reserved_ids`: ids no adapter may take
+        (the base model's served name, which `model` always resolves to the base)."""
         self.store = store
         self.shape = shape
         self.max_rank = max_rank
+        self.serving_dtype = serving_dtype
+        self.reserved_ids = reserved_ids
         self.host_budget_bytes = host_budget_bytes
         self.pin_memory = pin_memory
         self.pinned_ids = pinned_ids
@@ -128,6 +140,7 @@ class AdapterRegistry:
         # Called when an asynchronous load finished (loaded or failed), so the engine re-schedules.
         self.on_loaded: Callable[[AdapterVersion], None] = lambda version: None
         self.metrics: Metrics | None = None  # set by the engine: disk reads and their latency
+        self._warn_unservable()
 
     # ---- lookup and binding (event loop) ---------------------------------------------------------
 
@@ -140,10 +153,39 @@ class AdapterRegistry:
     def version(self, adapter_id: str) -> AdapterVersion | None:
         return self._version(adapter_id)
 
+    def status(self, version: AdapterVersion) -> tuple[AdapterStatus, str | None]:
+        """Whether `version` can be served, and the reason when it cannot."""
+        if version.broken:
+            return "broken", version.load_error or ""
+        reason = self.unservable_reason(version.manifest)
+        return ("ready", None) if reason is None else ("unservable", reason)
+
+    def unservable_reason(self, manifest: Manifest) -> str | None:
+        """Why this server's settings cannot serve an adapter whose files are fine, or None when they can."""
+        if manifest.id in self.reserved_ids:
+            return (f"its id is the base model's served name, which requests always resolve to the base model; "
+                    f"upload it under another id and DELETE /v1/adapters/{manifest.id}")
+        if manifest.rank > self.max_rank:
+            return (f"its rank {manifest.rank} is above this server's --max-lora-rank {self.max_rank}; restart "
+                    f"with --max-lora-rank {manifest.rank} or more, or PUT /v1/adapters/{manifest.id} a version of "
+                    f"rank {self.max_rank} or less")
+        return None
+
+    def _warn_unservable(self) -> None:
+        """At start: name every stored adapter these settings cannot serve (it stays stored and listed)."""
+        for adapter_id in self.store.ids():
+            try:
+                reason = self.unservable_reason(self.store.manifest(adapter_id))
+            except (StoreError, ValueError):  # damaged or just deleted: shown as broken when looked up
+                continue
+            if reason is not None:
+                log.warning("adapter %s cannot be served: %s", adapter_id, reason)
+
     def bind(self, adapter_id: str, users: int = 1) -> AdapterVersion | None:
         """The current version of `adapter_id`, held for `users` sequences (None if there is no such adapter).
 
-        Each of them must be `unbind`-ed once when it finishes. AdapterBrokenError if the version is broken."""
+        Each of them must be `unbind`-ed once when it finishes. AdapterBrokenError if the version is broken,
+        AdapterUnservableError if this server cannot serve it."""
         while True:
             version = self._version(adapter_id)
             if version is None:
@@ -153,6 +195,8 @@ class AdapterRegistry:
                     continue
                 if version.broken:  # known from an earlier load: refuse without reading the files again
                     raise AdapterBrokenError(adapter_id, version.load_error or "")
+                if (reason := self.unservable_reason(version.manifest)) is not None:
+                    raise AdapterUnservableError(adapter_id, reason)
                 if version.load_error is not None:
                     version.load_error = None  # the failure was not in the files: this request tries again
                 version.users += users
@@ -188,6 +232,8 @@ class AdapterRegistry:
                 version, replaced = self._adopt(adapter_id, found, ticket)
             if replaced is not None:
                 self._retire(replaced, None)  # its files were changed by another process: only a host copy serves
+                if version is not None and version.manifest.version > replaced.manifest.version:
+                    self._carry_use(replaced, version)  # a replace, not a delete and a new upload
             if isinstance(found, StoreCorruptionError):
                 return self._unreadable(adapter_id, found)
             return version
@@ -288,7 +334,8 @@ class AdapterRegistry:
                 self.metrics.adapter_broken()
 
     def _parse(self, adapter_id: str, config: bytes, weights: bytes) -> LoraAdapter:
-        adapter = parse_peft_adapter(config, weights, adapter_id, base=self.shape, max_rank=self.max_rank)
+        adapter = parse_peft_adapter(config, weights, adapter_id, base=self.shape, max_rank=self.max_rank,
+                                     serving_dtype=self.serving_dtype)
         if not self.pin_memory:
             return adapter
         # Page-locked host memory lets host -> device copies run asynchronously on CUDA.
@@ -338,6 +385,9 @@ class AdapterRegistry:
     def create(
         self, adapter_id: str, config: bytes, weights: bytes, owner: str | None = None, public: bool = False
     ) -> AdapterVersion:
+        """AdapterIdReservedError if `adapter_id` is reserved, AdapterFormatError if the files are refused."""
+        if adapter_id in self.reserved_ids:
+            raise AdapterIdReservedError(adapter_id)
         adapter = self.validate(adapter_id, config, weights)
         with self._writing:
             manifest = self.store.create(
@@ -420,7 +470,15 @@ class AdapterRegistry:
             self._keep_in_host(version, adapter)
         if old is not None:
             self._retire(old, old_weights)
+            self._carry_use(old, version)
         return version
+
+    def _carry_use(self, old: AdapterVersion, new: AdapterVersion) -> None:
+        """A replace keeps the adapter's use so far (as its metrics do). `old` is retired: its count is final."""
+        with self._lock:
+            new.requests_served += old.requests_served
+            if old.last_used is not None and (new.last_used is None or old.last_used > new.last_used):
+                new.last_used = old.last_used
 
     def _retire(self, version: AdapterVersion, weights: Callable[[], LoraAdapter] | None) -> None:
         """No new request binds to `version`; its slot and host copy go once its last user finishes, and until
@@ -463,6 +521,14 @@ def _same_version(a: Manifest, b: Manifest) -> bool:
     """Whether two manifests describe the same stored files. A delete and a new upload start again at version 1:
     the creation time and the checksums tell them apart. Owner and visibility may differ."""
     return a.version == b.version and a.created_at == b.created_at and a.files == b.files
+
+
+class AdapterIdReservedError(AdapterFormatError):
+    """An adapter may not take this id (the base model's served name)."""
+
+    def __init__(self, adapter_id: str) -> None:
+        super().__init__(f"adapter id {adapter_id!r} is the base model's served name; choose another id", field="id")
+        self.adapter_id = adapter_id
 
 
 def _broken_reason(adapter_id: str, error: Exception) -> str | None:

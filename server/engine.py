@@ -32,6 +32,7 @@ from server.sequence import (
     AdapterBrokenError,
     AdapterChangedError,
     AdapterNotFoundError,
+    AdapterStatus,
     ChoiceDelta,
     EngineStepError,
     FinishReason,
@@ -164,6 +165,11 @@ class Engine:
     def has_adapter(self, adapter_id: str) -> bool:
         return self.registry.exists(adapter_id)
 
+    def adapter_status(self, adapter_id: str) -> tuple[AdapterStatus, str | None] | None:
+        """Whether the adapter serves, and why not; None if there is no such adapter."""
+        version = self.registry.version(adapter_id)
+        return None if version is None else self.registry.status(version)
+
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue `request` for the engine thread; a refusal (invalid, unknown adapter, queue full for its tenant)
         raises here and queues nothing."""
@@ -218,17 +224,8 @@ class Engine:
         """The adapter version the request's `n` sequences will use until they finish."""
         if adapter_id is None:
             return None
-        version = self.registry.version(adapter_id)
+        version = self.registry.bind(adapter_id, n)  # refuses a broken or unservable one
         if version is None:
-            raise AdapterNotFoundError(adapter_id)
-        if version.manifest.rank > self.config.max_lora_rank:
-            raise RequestError(
-                f"The adapter '{adapter_id}' has rank {version.manifest.rank}; this server serves ranks up to "
-                f"{self.config.max_lora_rank} (--max-lora-rank).",
-                param="adapter_id",
-            )
-        version = self.registry.bind(adapter_id, n)
-        if version is None:  # deleted in the instant since we looked
             raise AdapterNotFoundError(adapter_id)
         return version
 

@@ -169,6 +169,8 @@ def build_engine(settings: Settings) -> Engine:
         pinned_ids=frozenset(settings.pin),
         max_adapter_bytes=settings.max_adapter_bytes,
         revalidate_s=settings.store_revalidate_seconds,
+        serving_dtype=dtype,
+        reserved_ids=frozenset({name}),
     )
     if settings.adapters is not None:
         import_adapters(registry, settings.adapters)

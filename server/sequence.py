@@ -121,6 +121,21 @@ class AdapterChangedError(RequestError):
         self.adapter_id = adapter_id
 
 
+# ready: served; broken: its stored files failed at load; unservable: this server's settings cannot serve it.
+AdapterStatus = Literal["ready", "broken", "unservable"]
+
+
+class AdapterUnservableError(RequestError):
+    """The adapter's files are fine but this server's settings cannot serve it (maps to HTTP 400
+    `adapter_not_servable`); `reason` names the setting and the cure."""
+
+    def __init__(self, adapter_id: str, reason: str, param: str = "adapter_id"):
+        super().__init__(f"The adapter '{adapter_id}' cannot be served by this server: {reason}.", param=param,
+                         code="adapter_not_servable")
+        self.adapter_id = adapter_id
+        self.reason = reason
+
+
 class QueueFullError(RequestError):
     """Too many requests wait already and the tenant holds its share of them (maps to HTTP 429
     `rate_limit_exceeded` with `Retry-After: retry_after_s`). Nothing was queued."""

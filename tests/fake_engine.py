@@ -18,6 +18,7 @@ from typing import Any
 
 from server.sequence import (
     AdapterNotFoundError,
+    AdapterStatus,
     ChoiceDelta,
     FinishReason,
     GenerationRequest,
@@ -172,6 +173,9 @@ class FakeEngine:
 
     def has_adapter(self, adapter_id: str) -> bool:
         return adapter_id in self.adapters
+
+    def adapter_status(self, adapter_id: str) -> tuple[AdapterStatus, str | None] | None:
+        return ("ready", None) if adapter_id in self.adapters else None
 
     def submit(self, request: GenerationRequest) -> FakeStream:
         if self.submit_error is not None:

@@ -71,7 +71,7 @@ def test_upload_then_complete_at_once(client, server):
     assert response.status_code == 201, response.text
     info = response.json()
     assert info["id"] == "fresh" and info["version"] == 1 and info["rank"] == 8
-    assert info["location"] in ("host", "gpu")
+    assert info["location"] in ("host", "device")
     assert set(info["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
     assert complete(client, "fresh") != complete(client, None)  # the adapter is applied
     assert client.get("/v1/adapters/fresh").json()["requests_served"] == 1

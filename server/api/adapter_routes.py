@@ -29,10 +29,11 @@ from adapters_store import (
     unpack_adapter_archive,
     validate_adapter_id,
 )
-from server.adapter_registry import AdapterRegistry, AdapterVersion
+from server.adapter_registry import AdapterIdReservedError, AdapterRegistry, AdapterVersion
 from server.api.adapter_access import AccessDep, AdapterAccess
 from server.api.errors import APIError, error_responses
 from server.api.tenant_quotas import TenantQuotasDep
+from server.sequence import AdapterStatus
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 _INVALID_UPLOAD = "The id or the files are invalid (the message names the field), or not for the served model."
@@ -40,6 +41,8 @@ _NOT_FOUND = "No adapter of that id that the caller may see."
 _NOT_YOURS = "The adapter is another tenant's public one: only its owner or an admin may change it."
 _OVER_QUOTA = "The adapter's owner would go past --max-adapters-per-tenant or --max-store-bytes-per-tenant."
 _STORE_FULL = "The adapter store is out of space; nothing was stored."
+_ID_TAKEN = "An adapter of that id exists already (whoever holds it), or the id is the base model's served name."
+_NOT_MULTIPART = "The body is not multipart/form-data."
 # The ids the store accepts, documented on every field that names one (validate_adapter_id enforces it).
 _ID_SCHEMA = {"pattern": ADAPTER_ID_PATTERN.pattern, "maxLength": 128}
 
@@ -61,10 +64,14 @@ class AdapterInfo(BaseModel):
     bytes: int
     owner: str | None  # the tenant that uploaded it (None: uploaded while the server ran without keys)
     public: bool  # every tenant may use it (set by an admin)
-    location: Literal["gpu", "host", "disk"]  # the warmest tier holding it now (a broken one is only on disk)
-    status: Literal["ready", "broken"]  # broken: its stored files failed at load; a PUT of good files cures it
-    error: str | None  # what is wrong with the stored files, when broken
-    requests_served: int
+    # The warmest tier holding it now: the serving device (a GPU, or the CPU on a CPU-only server), host memory,
+    # or only the disk (a broken one stays there).
+    location: Literal["device", "host", "disk"]
+    # broken: its stored files failed at load (a PUT of good files cures it); unservable: this server's settings
+    # cannot serve it (the error names the setting)
+    status: AdapterStatus
+    error: str | None  # why it is not ready
+    requests_served: int  # requests for this id since the server started, across replaces (as the metrics count)
     last_used_at: int | None
     files: dict[str, StoredFileInfo]
 
@@ -93,14 +100,15 @@ def get_registry(request: Request) -> AdapterRegistry:
     return request.app.state.engine.registry
 
 
-def _location(request: Request, version: AdapterVersion) -> Literal["gpu", "host", "disk"]:
+def _location(request: Request, version: AdapterVersion) -> Literal["device", "host", "disk"]:
     if request.app.state.engine.pool.slot_of(version) is not None:
-        return "gpu"
+        return "device"
     return "host" if version.weights is not None else "disk"
 
 
 def _info(request: Request, version: AdapterVersion) -> AdapterInfo:
     m = version.manifest
+    status, error = get_registry(request).status(version)
     return AdapterInfo(
         id=m.id,
         version=m.version,
@@ -113,8 +121,8 @@ def _info(request: Request, version: AdapterVersion) -> AdapterInfo:
         owner=m.owner,
         public=m.public,
         location=_location(request, version),
-        status="broken" if version.broken else "ready",
-        error=version.load_error if version.broken else None,
+        status=status,
+        error=error,
         requests_served=version.requests_served,
         last_used_at=None if version.last_used is None else int(version.last_used),
         files={name: StoredFileInfo(sha256=f.sha256, bytes=f.size) for name, f in m.files.items()},
@@ -161,16 +169,43 @@ async def _store(
         if replace:
             return await asyncio.to_thread(registry.replace, adapter_id, *files)
         return await asyncio.to_thread(registry.create, adapter_id, *files, owner=owner)
+    except AdapterIdReservedError as exc:
+        raise _id_reserved(adapter_id) from exc
     except AdapterFormatError as exc:
         raise APIError(400, f"Invalid adapter: {exc.message}", param=exc.field, code="invalid_adapter") from exc
     except AdapterExistsError as exc:
-        raise APIError(409, f"The adapter '{adapter_id}' already exists; PUT /v1/adapters/{adapter_id} replaces it.",
-                       param="id", code="adapter_exists") from exc
+        raise _id_taken(adapter_id) from exc
     except AdapterMissingError as exc:
-        raise APIError(404, f"The adapter '{adapter_id}' does not exist.", param="id", code="model_not_found") from exc
+        raise _not_found(adapter_id) from exc
     except StoreFullError as exc:
         raise APIError(507, "The adapter store is out of space; nothing was stored.",
                        code="insufficient_storage") from exc
+
+
+def _id_taken(adapter_id: str) -> APIError:
+    return APIError(409, f"The adapter '{adapter_id}' already exists; to upload a new version, PUT /v1/adapters/"
+                    f"{adapter_id} (`lorahive adapters upload {adapter_id} PATH --replace`).", param="id",
+                    code="adapter_exists")
+
+
+def _id_reserved(adapter_id: str) -> APIError:
+    return APIError(409, f"'{adapter_id}' is the base model's served name, which requests always resolve to the base "
+                    "model; choose another adapter id.", param="id", code="id_reserved")
+
+
+def _not_found(adapter_id: str) -> APIError:
+    # `id`: the adapter API's name for it (the path's {id}, the upload's field, the listing's key).
+    return APIError(404, f"The adapter '{adapter_id}' does not exist.", param="id", code="model_not_found")
+
+
+async def _multipart_body(request: Request) -> None:
+    """Uploads are files: answer a JSON (or any other) body with what to send instead of "missing field"."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "multipart/form-data":
+        raise APIError(415, f"{request.method} {request.url.path} takes multipart/form-data (got "
+                       f"{media_type or 'no Content-Type'}): the files adapter_config and adapter_model, or one "
+                       "archive" + (", and the field id" if request.method == "POST" else "") + ".",
+                       code="unsupported_media_type")
 
 
 def _checked_id(adapter_id: str) -> str:
@@ -184,10 +219,10 @@ def _size(files: tuple[bytes, bytes]) -> int:
     return sum(len(data) for data in files)
 
 
-@router.post("", status_code=201, response_model=AdapterInfo, responses=error_responses({
-    400: _INVALID_UPLOAD, 403: _OVER_QUOTA, 409: "An adapter of that id exists already (whoever holds it).",
-    507: _STORE_FULL,
-}))
+@router.post("", status_code=201, response_model=AdapterInfo, dependencies=[Depends(_multipart_body)],
+             responses=error_responses({
+                 400: _INVALID_UPLOAD, 403: _OVER_QUOTA, 409: _ID_TAKEN, 415: _NOT_MULTIPART, 507: _STORE_FULL,
+             }))
 async def upload_adapter(
     request: Request,
     registry: RegistryDep,
@@ -199,8 +234,10 @@ async def upload_adapter(
     archive: OptionalFile = None,
 ) -> AdapterInfo:
     adapter_id = _checked_id(id)
+    if adapter_id in registry.reserved_ids:
+        raise _id_reserved(adapter_id)
     if registry.exists(adapter_id):  # cheap early answer; the store's atomic create still decides races
-        raise APIError(409, f"The adapter '{adapter_id}' already exists.", param="id", code="adapter_exists")
+        raise _id_taken(adapter_id)
     files = await _adapter_files(registry, adapter_config, adapter_model, archive)
     owner = access.principal.tenant
     async with quotas.admitting(registry, owner, _size(files)):
@@ -208,9 +245,11 @@ async def upload_adapter(
     return _info(request, version)
 
 
-@router.put("/{adapter_id}", response_model=AdapterInfo, responses=error_responses({
-    400: _INVALID_UPLOAD, 403: f"{_NOT_YOURS} Or: {_OVER_QUOTA}", 404: _NOT_FOUND, 507: _STORE_FULL,
-}))
+@router.put("/{adapter_id}", response_model=AdapterInfo, dependencies=[Depends(_multipart_body)],
+            responses=error_responses({
+                400: _INVALID_UPLOAD, 403: f"{_NOT_YOURS} Or: {_OVER_QUOTA}", 404: _NOT_FOUND, 415: _NOT_MULTIPART,
+                507: _STORE_FULL,
+            }))
 async def replace_adapter(
     request: Request,
     adapter_id: AdapterId,
@@ -253,7 +292,7 @@ def _visible(access: AdapterAccess, registry: AdapterRegistry, adapter_id: str) 
     """The adapter, if it exists and the caller may see it; otherwise the same 404 either way."""
     version = registry.version(adapter_id)
     if version is None or not access.sees(version.manifest):
-        raise APIError(404, f"The adapter '{adapter_id}' does not exist.", param="adapter_id", code="model_not_found")
+        raise _not_found(adapter_id)
     return version
 
 
@@ -261,7 +300,7 @@ def _modifiable(access: AdapterAccess, registry: AdapterRegistry, adapter_id: st
     version = _visible(access, registry, adapter_id)
     if not access.may_modify(version.manifest):  # visible without being ours: someone else's public adapter
         raise APIError(403, f"The adapter '{adapter_id}' belongs to another tenant; only its owner or an admin may "
-                       "change it.", param="adapter_id", code="permission_denied")
+                       "change it.", param="id", code="permission_denied")
     return version
 
 
@@ -285,12 +324,11 @@ async def patch_adapter(
     try:
         version = await asyncio.to_thread(registry.set_public, adapter_id, body.public)
     except AdapterMissingError as exc:  # deleted by a concurrent request
-        raise APIError(404, f"The adapter '{adapter_id}' does not exist.", param="adapter_id",
-                       code="model_not_found") from exc
+        raise _not_found(adapter_id) from exc
     except StoreCorruptionError as exc:  # the flag lives in the manifest, which is damaged
         reason = current.load_error or exc.message
         raise APIError(409, f"The adapter '{adapter_id}' is broken ({reason}); restore it with PUT /v1/adapters/"
-                       f"{adapter_id} first.", param="adapter_id", code="adapter_broken") from exc
+                       f"{adapter_id} first.", param="id", code="adapter_broken") from exc
     return _info(request, version)
 
 
@@ -302,7 +340,6 @@ async def delete_adapter(adapter_id: AdapterId, registry: RegistryDep, access: A
     try:
         await asyncio.to_thread(registry.delete, adapter_id)
     except AdapterMissingError as exc:  # deleted by a concurrent request
-        raise APIError(404, f"The adapter '{adapter_id}' does not exist.", param="adapter_id",
-                       code="model_not_found") from exc
+        raise _not_found(adapter_id) from exc
     return AdapterDeleted(id=adapter_id)
 

@@ -53,6 +53,7 @@ from server.api.request_limits import RequestLimitsDep, utf8_size
 from server.api.tokenization_pool import TokenizationPoolDep
 from server.sequence import (
     AdapterNotFoundError,
+    AdapterStatus,
     ChoiceDelta,
     EngineStepError,
     FinishReason,
@@ -112,6 +113,8 @@ class EngineAPI(Protocol):
     def created(self) -> int: ...
     def adapter_ids(self) -> list[str]: ...
     def has_adapter(self, adapter_id: str) -> bool: ...
+    # Whether the adapter serves, and why not; None if there is no such adapter.
+    def adapter_status(self, adapter_id: str) -> tuple[AdapterStatus, str | None] | None: ...
     def submit(self, request: GenerationRequest) -> RequestStreamAPI: ...
 
 
@@ -125,7 +128,8 @@ router = APIRouter()
 _NOT_FOUND = "No model or adapter of that id that the caller may see."
 # Answers of both generation routes beyond the ones the middleware adds (server/api/openapi.py).
 _GENERATION_ERRORS = error_responses({
-    400: "The request is invalid, over one of this server's limits, or does not fit the context length.",
+    400: "The request is invalid, over one of this server's limits, or does not fit the context length; or its "
+         "adapter is one this server's settings cannot serve (code adapter_not_servable).",
     404: _NOT_FOUND,
     429: "The waiting queue is full and this tenant holds its fair share of it (--max-waiting-requests).",
     500: "The engine step running this request failed; the message carries the error id of its log entry.",
@@ -202,11 +206,12 @@ def _model_cards(engine: EngineAPI, access: AdapterAccess) -> list[ModelCard]:
     dims = None if engine.base_config is None else ModelDims.model_validate(engine.base_config)
     cards = [ModelCard(id=base, created=engine.created, root=base, max_model_len=engine.max_model_len,
                        description=engine.model_description, dims=dims)]
-    cards += [
-        ModelCard(id=a, created=engine.created, root=base, parent=base, max_model_len=engine.max_model_len)
-        for a in engine.adapter_ids()
-        if access.visible(a)
-    ]
+    for adapter_id in engine.adapter_ids():
+        # An adapter stored under the base model's name is not listed here: that id names the base model.
+        state = engine.adapter_status(adapter_id) if adapter_id != base and access.visible(adapter_id) else None
+        if state is not None:
+            cards.append(ModelCard(id=adapter_id, created=engine.created, root=base, parent=base,
+                                   max_model_len=engine.max_model_len, status=state[0], error=state[1]))
     return cards
 
 

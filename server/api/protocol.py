@@ -35,7 +35,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from server.sequence import FinishReason, SamplingParams
+from server.sequence import AdapterStatus, FinishReason, SamplingParams
 
 # Error types our validators raise; the error handler turns them into OpenAI's `code`.
 UNSUPPORTED_PARAMETER = "unsupported_parameter"
@@ -631,7 +631,7 @@ class ModelDims(BaseModel):
 
 class ModelCard(BaseModel):
     """OpenAI's Model object plus vLLM-style `root`/`parent`/`max_model_len`; the base model's card also carries
-    a `description` and its `dims`."""
+    a `description` and its `dims`, an adapter's its `status` (with the `error` that keeps it from serving)."""
 
     id: str
     object: Literal["model"] = "model"
@@ -642,11 +642,13 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
     description: str | None = None
     dims: ModelDims | None = None
+    status: AdapterStatus | None = None
+    error: str | None = None
 
     @model_serializer(mode="wrap")
     def _omit_missing_extensions(self, handler: Any) -> dict[str, Any]:
         data = handler(self)
-        for name in ("max_model_len", "description", "dims"):
+        for name in ("max_model_len", "description", "dims", "status", "error"):
             if data.get(name) is None:
                 data.pop(name, None)
         return data
