@@ -238,6 +238,7 @@ def test_a_request_bound_before_the_other_replaced_finishes_on_its_host_copy(reg
     clock.now = 1.0
     new = b.bind("x")
     assert new is not old and new.manifest.version == 2
+    assert new.requests_served == 2  # the id's count goes on across a replace made elsewhere, as locally
     assert old.retired and old.weights is not None  # kept for the request still bound to it
     b.unbind(old)
     assert old.weights is None  # freed with its last user
