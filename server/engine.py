@@ -217,7 +217,9 @@ class Engine:
             with os.scandir(root) as entries:
                 next(entries, None)
         except OSError as exc:
-            problems.append(f"the adapter store {root} cannot be read ({exc.strerror or exc})")
+            # /ready answers without a key: the path goes to the log, the probe names the flag only.
+            log.warning("the adapter store %s cannot be read: %s", root, exc)
+            problems.append(f"the adapter store (--store) cannot be read ({exc.strerror or type(exc).__name__})")
         return problems
 
     def _bind_adapter(self, adapter_id: str | None, n: int) -> AdapterVersion | None:
