@@ -431,7 +431,7 @@ def test_start_up_log_says_who_may_call(tmp_path: Path, monkeypatch: pytest.Monk
     path = tmp_path / "keys.json"
     path.write_text(json.dumps(KEY_FILE))
     with caplog.at_level(logging.INFO, logger="lorahive.auth"), pytest.raises(_StopBeforeTheModel):
-        cli.serve(Settings(api_keys=path if with_keys else None))
+        cli.serve(Settings(api_keys=path if with_keys else None, port=0))  # port 0: whatever is free
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     if with_keys:
         assert warnings == [] and "3 key(s) for 3 tenant(s), 1 of them admin" in caplog.text
