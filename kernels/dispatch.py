@@ -9,19 +9,22 @@ same kernels through Triton's interpreter, which is how the CPU tests exercise t
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from types import ModuleType
 from typing import Literal
 
 import torch
 
-from kernels import reference
+from kernels import reference, self_check
 from kernels.metadata import LoRABatch
 from kernels.paging import PageTable
 
 BackendSetting = Literal["auto", "torch", "triton"]
 Backend = Literal["torch", "triton"]
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what "auto" sends to Triton on CUDA
+
+log = logging.getLogger("lorahive.kernels")
 
 
 @functools.cache
@@ -40,9 +43,28 @@ def triton_ops() -> ModuleType | None:
     return module
 
 
-def resolve_backend(setting: BackendSetting, device: torch.device | str) -> Backend:
-    """The backend a model on `device` uses for the whole run."""
+def resolve_backend(
+    setting: BackendSetting, device: torch.device | str, dtype: torch.dtype | None = None
+) -> Backend:
+    """The backend a model on `device` (weights in `dtype`) uses for the whole run.
+
+    Triton is chosen only once its kernels, run on `device` in `dtype` on a small batch, agree with the torch
+    reference (`kernels.self_check`); otherwise the reference serves, and a warning says why.
+    """
     device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    chosen = _preferred_backend(setting, device)
+    if chosen == "triton":
+        problem = self_check.disagreement(triton_ops(), device, dtype)
+        if problem is not None:
+            log.warning("LoRA backend: using the torch reference instead of Triton on %s (%s): %s", device, dtype,
+                        problem)
+            return "torch"
+    return chosen
+
+
+def _preferred_backend(setting: BackendSetting, device: torch.device) -> Backend:
     if setting == "torch":
         return "torch"
     if setting == "triton":

@@ -158,7 +158,7 @@ def build_engine(settings: Settings) -> Engine:
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
     model, tokenizer, name, description = load_model(settings, device, dtype)
-    model.lora.backend = resolve_backend(settings.lora_backend, device)
+    model.lora.backend = resolve_backend(settings.lora_backend, device, dtype)
     args = model.args
     registry = AdapterRegistry(
         open_store(settings),

@@ -361,6 +361,33 @@ def test_resolve_backend() -> None:
         resolve_backend("cuda-magic", "cpu")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_that_disagree_with_the_reference_never_serve(
+    device: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start the kernels compute a test batch on the device; a wrong answer (or a crash) means torch serves."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    assert resolve_backend("triton", device, dtype) == "triton"
+    right = ops.add_lora
+
+    def doubled(y: torch.Tensor, *args: object) -> None:  # a kernel that adds its delta twice
+        before = y.clone()
+        right(y, *args)
+        y += y - before
+
+    monkeypatch.setattr(ops, "add_lora", doubled)
+    with caplog.at_level("WARNING", logger="lorahive.kernels"):
+        assert resolve_backend("triton", device, dtype) == "torch"
+    assert "differs from the reference" in caplog.text
+
+    def crashing(*args: object) -> None:
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(ops, "add_lora", crashing)
+    assert resolve_backend("triton", device, dtype) == "torch"
+    assert "no kernel image" in caplog.text
+
+
 def test_lora_backend_setting_from_flag_and_environment() -> None:
     from argparse import Namespace
 
