@@ -65,8 +65,12 @@ def _shrink_kernel(
     stride_xt, stride_xd, stride_ap, stride_ar, stride_ad, stride_pt, stride_vs, stride_vt,
     RANK_BLOCKS: tl.constexpr, ACC: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    D_ALIGN: tl.constexpr,
 ):
-    """v[split, rows, k*R + ranks] = x[rows, split's d_in] @ (slice k's rows of one A page)[:, split's d_in]^T."""
+    """v[split, rows, k*R + ranks] = x[rows, split's d_in] @ (slice k's rows of one A page)[:, split's d_in]^T.
+
+    D_ALIGN: d_in and the row strides of x and A are multiples of it; with 16 bytes' worth, x and A move in
+    16-byte accesses (the masked tail of d_in is then whole vectors)."""
     tile = tl.program_id(1)
     slot = tl.load(tiles_ptr + tile * 3 + 2).to(tl.int64)
     if slot < 0:  # padding tile
@@ -89,7 +93,7 @@ def _shrink_kernel(
     row_ok = (rows < end)[:, None]
     rank_ok = ranks < rank
     d_start = tl.program_id(2).to(tl.int64) * split_columns
-    d_end = tl.minimum(d_start + split_columns, d_in)
+    d_end = tl.multiple_of(tl.minimum(d_start + split_columns, d_in), D_ALIGN)
     d = tl.arange(0, BLOCK_K)
     x_at = x_ptr + rows[:, None] * stride_xt + (d_start + d)[None, :] * stride_xd
     a_at = a_ptr + page * stride_ap + a_row[:, None] * stride_ar + (d_start + d)[None, :] * stride_ad
@@ -115,8 +119,13 @@ def _expand_kernel(
     stride_vs, stride_vt, stride_bp, stride_br, stride_bn, stride_pt, stride_yt, stride_yn,
     NUM_SLICES: tl.constexpr, SPLITS: tl.constexpr, ACC: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    COL_ALIGN: tl.constexpr,
 ):
-    """y[rows, cols] += v[rows, k*R : k*R + rank] @ (the slot's B pages)[:rank, cols] for one block of slice k."""
+    """y[rows, cols] += v[rows, k*R : k*R + rank] @ (the slot's B pages)[:rank, cols] for one block of slice k.
+
+    COL_ALIGN: every slice offset (so every column block's start and end) is a multiple of it, as are the row
+    strides of y and B; with 16 bytes' worth, B and y move in 16-byte accesses (the offsets are loaded at run
+    time, so without this promise the compiler can only assume scalar ones)."""
     tile = tl.program_id(1)
     slot = tl.load(tiles_ptr + tile * 3 + 2).to(tl.int64)
     if slot < 0:
@@ -131,9 +140,9 @@ def _expand_kernel(
     for j in tl.static_range(1, NUM_SLICES):
         k += (pid_n >= tl.load(slices_ptr + NUM_SLICES + 1 + j)).to(tl.int32)
     first_block = tl.load(slices_ptr + NUM_SLICES + 1 + k)
-    col_start = tl.load(slices_ptr + k).to(tl.int64) + (pid_n - first_block) * BLOCK_N
-    col_end = tl.load(slices_ptr + k + 1)
-    cols = col_start + tl.arange(0, BLOCK_N)
+    col_start = tl.multiple_of(tl.load(slices_ptr + k).to(tl.int64) + (pid_n - first_block) * BLOCK_N, COL_ALIGN)
+    col_end = tl.multiple_of(tl.load(slices_ptr + k + 1), COL_ALIGN)
+    cols = tl.max_contiguous(col_start + tl.arange(0, BLOCK_N), BLOCK_N)
     first = tl.load(tiles_ptr + tile * 3).to(tl.int64)
     end = tl.load(tiles_ptr + tile * 3 + 1)
     rows = first + tl.arange(0, BLOCK_M)
@@ -240,6 +249,7 @@ def _launch_shrink(x: torch.Tensor, lora_a: torch.Tensor, batch: LoRABatch, tabl
             RANK_BLOCKS=rank_blocks, ACC=_ACC[x.dtype], PRECISION=_precision(x.dtype, False),
             UPCAST=INTERPRETED and x.dtype == torch.bfloat16,
             BLOCK_M=batch.tile_rows, BLOCK_R=BLOCK_R, BLOCK_K=BLOCK_K,
+            D_ALIGN=_vector_alignment((x, lora_a), (d_in,)),
         )
 
 
@@ -263,7 +273,19 @@ def _launch_expand(
             y.stride(0), y.stride(1),
             NUM_SLICES=len(slice_widths), SPLITS=v.shape[0], ACC=_ACC[y.dtype],
             PRECISION=_precision(y.dtype, True), BLOCK_M=batch.tile_rows, BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R,
+            COL_ALIGN=_vector_alignment((y, lora_b), slice_widths),
         )
+
+
+def _vector_alignment(tensors: tuple[torch.Tensor, ...], extents: tuple[int, ...]) -> int:
+    """Elements per 16 bytes when the tensors' innermost dimension is contiguous, their other strides and data
+    pointers are 16-byte aligned and every extent along it is whole vectors; else 1 (scalar accesses)."""
+    vector = 16 // tensors[0].element_size()
+    aligned = all(
+        t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(s % vector == 0 for s in t.stride()[:-1])
+        for t in tensors
+    ) and all(extent % vector == 0 for extent in extents)
+    return vector if aligned else 1
 
 
 def _check(x: torch.Tensor, lora_a: torch.Tensor) -> None:
