@@ -58,7 +58,7 @@ from adapters_store import (
 )
 from adapters_store.peft_export import to_peft_files
 from server.metrics import Metrics
-from server.sequence import AdapterBrokenError, AdapterStatus, AdapterUnservableError
+from server.requests import AdapterBrokenError, AdapterStatus, AdapterUnservableError
 
 log = logging.getLogger("lorahive.adapters")
 

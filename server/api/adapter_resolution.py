@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from server.api.adapter_access import AdapterAccess
 from server.api.dependencies import EngineAPI
 from server.api.protocol import BaseGenerationRequest
-from server.sequence import AdapterNotFoundError, RequestError
+from server.requests import AdapterNotFoundError, RequestError
 
 
 def model_not_found(engine: EngineAPI, name: str, param: str) -> AdapterNotFoundError:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol, runtime_checkable
 
 from fastapi import Depends, Request
 
-from server.sequence import AdapterStatus, ChoiceDelta, GenerationRequest
+from server.requests import AdapterStatus, ChoiceDelta, GenerationRequest
 
 if TYPE_CHECKING:
     from server.adapter_pool import AdapterSlotPool

@@ -14,7 +14,7 @@ from server.api.dependencies import EngineAPI, RequestStreamAPI
 from server.api.prompts import Prompt, check_token_ids
 from server.api.protocol import BaseGenerationRequest, UsageInfo
 from server.api.streaming import merge_streams
-from server.sequence import (
+from server.requests import (
     AdapterNotFoundError,
     ChoiceDelta,
     FinishReason,

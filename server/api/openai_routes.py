@@ -34,7 +34,7 @@ from server.api.rendering import ChatRenderer, CompletionRenderer, Renderer
 from server.api.request_limits import RequestLimitsDep, utf8_size
 from server.api.streaming import EventStream, unless_disconnected
 from server.api.tokenization_pool import TokenizationPoolDep
-from server.sequence import SamplingParams
+from server.requests import SamplingParams
 
 router = APIRouter()
 _NOT_FOUND = "No model or adapter of that id that the caller may see."

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from server.api.dependencies import TokenizerAPI
 from server.api.protocol import ChatCompletionRequest, CompletionRequest
-from server.sequence import RequestError
+from server.requests import RequestError
 from server.tokenizer import ChatTemplateError
 
 

@@ -34,7 +34,7 @@ from server.api.protocol import (
     UsageInfo,
 )
 from server.api.streaming import merge_streams
-from server.sequence import ChoiceDelta, EngineStepError, FinishReason, RequestError, TokenLogprob
+from server.requests import ChoiceDelta, EngineStepError, FinishReason, RequestError, TokenLogprob
 
 log = logging.getLogger("lorahive.api")
 

@@ -13,7 +13,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from server.api.dependencies import RequestStreamAPI
-from server.sequence import ChoiceDelta
+from server.requests import ChoiceDelta
 
 T = TypeVar("T")
 

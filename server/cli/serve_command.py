@@ -113,8 +113,8 @@ def serve(settings: Settings) -> None:
     from server.api.app import build_app
     from server.api.auth import announce, load_api_keys
     from server.draining_server import serve_app
+    from server.requests import ServerDrainingError
     from server.runtime import build_engine
-    from server.sequence import ServerDrainingError
 
     keys = load_api_keys(settings.api_keys)  # a bad key file stops the start before the model loads
     announce(keys)
