@@ -2,9 +2,10 @@
 
 Tiers, coldest first: the store on disk (`adapters_store.AdapterStore`), host memory (parsed weights,
 pinned on CUDA, within a byte budget, least recently used dropped first: `AdapterHostCache`, which the
-registry keeps under its lock) and the device slots (`AdapterSlotPool`, owned by the engine thread). A request binds to one `AdapterVersion` when it is
-submitted and keeps it until it finishes, so a replace or delete never changes the weights under a
-request already in flight; a version nobody uses any more is freed from every tier at once.
+registry keeps under its lock) and the device slots (`AdapterSlotPool`, owned by the engine thread). A
+request binds to one `AdapterVersion` when it is submitted and keeps it until it finishes, so a replace or
+delete never changes the weights under a request already in flight; a version nobody uses any more is freed
+from every tier at once.
 
 Several processes may share one store (`AdapterStore` locks its writes). Each registry caches the manifest
 of every adapter it has looked up, and a lookup older than `revalidate_s` reads the manifest again (one
