@@ -30,8 +30,8 @@ from server.checkpoint import save_checkpoint
 from server.config import Settings
 from server.engine import Engine
 from server.model import ModelArgs, Transformer
+from server.requests import GenerationRequest, SamplingParams
 from server.runtime import build_engine
-from server.sequence import GenerationRequest, SamplingParams
 from server.tokenizer import build_byte_tokenizer
 
 RESULTS = Path(__file__).parent / "results"

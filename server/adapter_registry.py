@@ -1,10 +1,11 @@
-"""Which adapters exist, which version a request uses, and the host-memory tier of the cache.
+"""Which adapters exist, which version a request uses, and loading versions from disk into host memory.
 
 Tiers, coldest first: the store on disk (`adapters_store.AdapterStore`), host memory (parsed weights,
-pinned on CUDA, within a byte budget, least recently used dropped first) and the device slots
-(`AdapterSlotPool`, owned by the engine thread). A request binds to one `AdapterVersion` when it is
-submitted and keeps it until it finishes, so a replace or delete never changes the weights under a
-request already in flight; a version nobody uses any more is freed from every tier at once.
+pinned on CUDA, within a byte budget, least recently used dropped first: `AdapterHostCache`, which the
+registry keeps under its lock) and the device slots (`AdapterSlotPool`, owned by the engine thread). A
+request binds to one `AdapterVersion` when it is submitted and keeps it until it finishes, so a replace or
+delete never changes the weights under a request already in flight; a version nobody uses any more is freed
+from every tier at once.
 
 Several processes may share one store (`AdapterStore` locks its writes). Each registry caches the manifest
 of every adapter it has looked up, and a lookup older than `revalidate_s` reads the manifest again (one
@@ -36,7 +37,6 @@ import logging
 import math
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -57,8 +57,9 @@ from adapters_store import (
     parse_peft_adapter,
 )
 from adapters_store.peft_export import to_peft_files
+from server.adapter_host_cache import AdapterHostCache
 from server.metrics import Metrics
-from server.sequence import AdapterBrokenError, AdapterStatus, AdapterUnservableError
+from server.requests import AdapterBrokenError, AdapterStatus, AdapterUnservableError
 
 log = logging.getLogger("lorahive.adapters")
 
@@ -87,14 +88,6 @@ class AdapterVersion:
         return self.manifest.id
 
 
-@dataclass
-class HostTierStats:
-    host: int = 0  # bytes of weights held in host memory
-    host_adapters: int = 0
-    loads_from_disk: int = 0
-    host_evictions: int = 0
-
-
 class AdapterRegistry:
     def __init__(
         self,
@@ -117,9 +110,7 @@ class AdapterRegistry:
         self.max_rank = max_rank
         self.serving_dtype = serving_dtype
         self.reserved_ids = reserved_ids
-        self.host_budget_bytes = host_budget_bytes
         self.pin_memory = pin_memory
-        self.pinned_ids = pinned_ids
         self.max_adapter_bytes = max_adapter_bytes
         self.revalidate_s = revalidate_s  # a cached manifest older than this is read again (0: at every lookup)
         self._clock = clock
@@ -128,19 +119,27 @@ class AdapterRegistry:
         # (its owner and public flag) is always the newest one written. Parsing runs outside it.
         self._writing = threading.Lock()
         self._current: dict[str, AdapterVersion] = {}  # id -> current version, filled lazily from the store
-        self._host_lru: OrderedDict[AdapterVersion, None] = OrderedDict()  # versions with weights, LRU first
+        self._host_lru = AdapterHostCache(host_budget_bytes, pinned_ids)  # versions with weights, LRU first
         # Tickets order store reads against this registry's own writes: a read may apply only if nothing newer
         # about the adapter was learned since it started (see `_version`).
         self._tickets = itertools.count()
         self._last_delete = -1  # ticket of this registry's latest delete (a deleted id leaves no version to compare)
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorahive-adapter-load")
-        self.stats = HostTierStats()
+        self.stats = self._host_lru.stats
         # Called (from any thread) when a version leaves service for good, so the engine frees its slot.
         self.on_retired: Callable[[AdapterVersion], None] = lambda version: None
         # Called when an asynchronous load finished (loaded or failed), so the engine re-schedules.
         self.on_loaded: Callable[[AdapterVersion], None] = lambda version: None
         self.metrics: Metrics | None = None  # set by the engine: disk reads and their latency
         self._warn_unservable()
+
+    @property
+    def host_budget_bytes(self) -> int:
+        return self._host_lru.budget_bytes
+
+    @host_budget_bytes.setter
+    def host_budget_bytes(self, budget: int) -> None:
+        self._host_lru.budget_bytes = budget
 
     # ---- lookup and binding (event loop) ---------------------------------------------------------
 
@@ -210,7 +209,7 @@ class AdapterRegistry:
             version.users -= 1
             gone = version.retired and version.users == 0
             if gone:
-                self._drop_host_copy(version)
+                self._host_lru.drop(version)
         if gone:
             self.on_retired(version)
 
@@ -293,7 +292,7 @@ class AdapterRegistry:
             with self._lock:
                 # A retire may have given it a copy meanwhile, or retired it with nobody left to use it.
                 if version.weights is None and not (version.retired and version.users == 0):
-                    self._keep_in_host(version, adapter)
+                    self._host_lru.keep(version, adapter)
                 self.stats.loads_from_disk += 1
             if self.metrics is not None:
                 self.metrics.disk_read(ok=True)
@@ -342,39 +341,9 @@ class AdapterRegistry:
         pinned = {key: LoraWeight(w.a.pin_memory(), w.b.pin_memory(), w.scale) for key, w in adapter.weights.items()}
         return replace(adapter, weights=pinned)
 
-    def _keep_in_host(self, version: AdapterVersion, adapter: LoraAdapter) -> None:
-        """Lock held. Put weights in the host tier, then drop least recently used copies over budget.
-
-        Copies of idle versions go first; then those of waiting requests, which can be read from disk
-        again. Never dropped: pinned adapters, and retired versions still in use (their files are gone).
-        """
-        version.weights = adapter
-        self._host_lru[version] = None
-        self.stats.host += adapter.num_bytes
-        self.stats.host_adapters += 1
-        for idle_only in (True, False):
-            for victim in list(self._host_lru):
-                if self.stats.host <= self.host_budget_bytes:
-                    return
-                if victim is version or victim.retired or victim.adapter_id in self.pinned_ids:
-                    continue
-                if victim.users == 0 or not idle_only:
-                    self._drop_host_copy(victim)
-                    self.stats.host_evictions += 1
-
-    def _drop_host_copy(self, version: AdapterVersion) -> None:
-        """Lock held."""
-        if version.weights is None:
-            return
-        self.stats.host -= version.weights.num_bytes
-        self.stats.host_adapters -= 1
-        version.weights = None
-        self._host_lru.pop(version, None)
-
     def touch(self, version: AdapterVersion) -> None:
         with self._lock:
-            if version in self._host_lru:
-                self._host_lru.move_to_end(version)
+            self._host_lru.touch(version)
 
     # ---- lifecycle (event loop; parsing runs in a worker thread via the routes) --------------------
 
@@ -467,7 +436,7 @@ class AdapterRegistry:
             version = AdapterVersion(manifest, checked=next(self._tickets), checked_at=self._clock())
             old = self._current.get(manifest.id)
             self._current[manifest.id] = version
-            self._keep_in_host(version, adapter)
+            self._host_lru.keep(version, adapter)
         if old is not None:
             self._retire(old, old_weights)
             self._carry_use(old, version)
@@ -487,7 +456,7 @@ class AdapterRegistry:
             version.retired = True
             gone = version.users == 0
             if gone:
-                self._drop_host_copy(version)
+                self._host_lru.drop(version)
             stranded = not gone and version.weights is None
         if gone:
             self.on_retired(version)
@@ -504,7 +473,7 @@ class AdapterRegistry:
         with self._lock:
             if version.users == 0 or version.weights is not None:  # its last user finished meanwhile
                 return
-            self._keep_in_host(version, adapter)  # retired and in use: never evicted
+            self._host_lru.keep(version, adapter)  # retired and in use: never evicted
             version.load_error = None
         self.on_loaded(version)  # requests waiting for it can be admitted now
 

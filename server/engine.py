@@ -26,9 +26,7 @@ from server.adapter_registry import AdapterRegistry, AdapterVersion
 from server.kv_blocks import BlockAllocator
 from server.metrics import Metrics
 from server.model import KVCache, Transformer
-from server.sampling import SamplerState, sample
-from server.scheduler import ScheduledChunk, Scheduler, Sequence
-from server.sequence import (
+from server.requests import (
     AdapterBrokenError,
     AdapterChangedError,
     AdapterNotFoundError,
@@ -41,6 +39,8 @@ from server.sequence import (
     RequestError,
     SamplingParams,
 )
+from server.sampling import SamplerState, sample
+from server.scheduler import ScheduledChunk, Scheduler, Sequence
 from server.step_builder import build_step
 from server.tokenizer import IncrementalDetokenizer, Tokenizer
 from server.waiting_quota import WaitingQuota

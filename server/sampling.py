@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.sequence import SamplingParams, TokenLogprob
+from server.requests import SamplingParams, TokenLogprob
 
 
 @dataclass

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.sequence import (
+from server.requests import (
     AdapterNotFoundError,
     AdapterStatus,
     ChoiceDelta,

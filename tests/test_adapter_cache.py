@@ -17,8 +17,8 @@ from adapters_store.peft_export import to_peft_files
 from server.adapter_pool import AdapterSlotPool
 from server.config import Settings
 from server.engine import Engine
+from server.requests import GenerationRequest
 from server.runtime import build_engine
-from server.sequence import GenerationRequest
 from tests.test_engine import (
     ENGINE_SETTINGS,
     TIMEOUT_S,

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from server.api import build_app, merge_streams
-from server.sequence import GenerationRequest, RequestError, SamplingParams
+from server.requests import GenerationRequest, RequestError, SamplingParams
 from tests.fake_engine import (
     ALPHABET,
     TEMPLATE_ERROR_TRIGGER,

@@ -26,8 +26,8 @@ from server.api import build_app
 from server.config import Settings
 from server.demo import DEMO_MODEL_NAME
 from server.engine import Engine
+from server.requests import GenerationRequest, SamplingParams
 from server.runtime import build_engine
-from server.sequence import GenerationRequest, SamplingParams
 from tests.live_server import free_port
 from tests.openai_schema import assert_valid
 from tests.test_engine import ENGINE_SETTINGS, collect

@@ -26,8 +26,7 @@ from server.checkpoint import save_checkpoint
 from server.config import Settings
 from server.engine import Engine, EngineStepError, RequestStream
 from server.model import ModelArgs
-from server.runtime import build_engine
-from server.sequence import (
+from server.requests import (
     AdapterBrokenError,
     AdapterNotFoundError,
     FinishReason,
@@ -36,6 +35,7 @@ from server.sequence import (
     SamplingParams,
     TokenLogprob,
 )
+from server.runtime import build_engine
 from tests.openai_schema import assert_valid
 
 # Generous: a healthy engine finishes each scenario in well under a second or two. The timeout only turns

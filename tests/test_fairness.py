@@ -17,10 +17,10 @@ from fastapi.testclient import TestClient
 from server.api import build_app
 from server.config import Settings
 from server.engine import QUEUE_FULL_RETRY_AFTER_S, Engine
+from server.requests import GenerationRequest, QueueFullError, SamplingParams
 from server.runtime import build_engine
 from server.sampling import SamplerState
 from server.scheduler import Sequence
-from server.sequence import GenerationRequest, QueueFullError, SamplingParams
 from server.tokenizer import IncrementalDetokenizer
 from server.waiting_quota import WaitingQuota
 from tests.openai_schema import assert_valid

@@ -19,9 +19,9 @@ peft = pytest.importorskip("peft")
 from server.adapter_pool import AdapterSlotPool  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.model import KVCache, Transformer  # noqa: E402
+from server.requests import GenerationRequest, SamplingParams  # noqa: E402
 from server.runtime import build_engine  # noqa: E402
 from server.scheduler import ScheduledChunk  # noqa: E402
-from server.sequence import GenerationRequest, SamplingParams  # noqa: E402
 from server.step_builder import build_step  # noqa: E402
 from server.tokenizer import build_byte_tokenizer  # noqa: E402
 

@@ -13,7 +13,8 @@ from fastapi.testclient import TestClient
 
 from server.api import build_app
 from server.api.auth import KeyRing
-from server.cli import _add_settings_flags, main, settings_from
+from server.cli import main, settings_from
+from server.cli.serve_command import add_settings_flags as _add_settings_flags
 from server.config import Settings
 from tests.adapter_training import export_demo
 from tests.fake_engine import FakeEngine

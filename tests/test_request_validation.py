@@ -23,8 +23,8 @@ from fastapi.testclient import TestClient
 from server.api import build_app
 from server.api.protocol import MAX_LOGIT_BIAS, MAX_TOKEN_ID
 from server.config import Settings
+from server.requests import RequestError, SamplingParams
 from server.sampling import SamplerState, _adjust_logits, sample
-from server.sequence import RequestError, SamplingParams
 from tests.fake_engine import FakeEngine
 from tests.live_server import serving_engine
 from tests.test_api import BASE, USER_HI, assert_error, chat, completion, only_params, stream_chunks

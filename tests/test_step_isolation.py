@@ -13,8 +13,8 @@ import pytest
 
 import server.engine
 from server.engine import Engine, EngineStepError
+from server.requests import GenerationRequest, RequestError, SamplingParams
 from server.sampling import SamplerState
-from server.sequence import GenerationRequest, RequestError, SamplingParams
 from server.tokenizer import IncrementalDetokenizer
 from tests.test_engine import (
     ADAPTER_SPECS,

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Protocol
+from typing import Annotated, Protocol
 
 from fastapi import Depends, Request
 
 from server.api.auth import Principal, get_principal
-
-if TYPE_CHECKING:
-    from server.api.openai_routes import EngineAPI
+from server.api.dependencies import AdapterTiers, EngineAPI
 
 
 class Owned(Protocol):
@@ -42,9 +40,9 @@ def engine_ownership(engine: EngineAPI) -> OwnershipLookup:
     """Who owns the adapters `engine` serves, read from its registry's manifests.
 
     An engine without a registry (the HTTP tests' stand-in) keeps no owners: its adapters are public."""
-    registry = getattr(engine, "registry", None)
-    if registry is None:
+    if not isinstance(engine, AdapterTiers):
         return lambda adapter_id: Ownership(None, True) if engine.has_adapter(adapter_id) else None
+    registry = engine.registry
 
     def lookup(adapter_id: str) -> Owned | None:
         version = registry.version(adapter_id)

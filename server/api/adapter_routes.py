@@ -33,7 +33,7 @@ from server.adapter_registry import AdapterIdReservedError, AdapterRegistry, Ada
 from server.api.adapter_access import AccessDep, AdapterAccess
 from server.api.errors import APIError, error_responses
 from server.api.tenant_quotas import TenantQuotasDep
-from server.sequence import AdapterStatus
+from server.requests import AdapterStatus
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 _INVALID_UPLOAD = "The id or the files are invalid (the message names the field), or not for the served model."

@@ -8,12 +8,13 @@ from server.api.adapter_routes import router as adapter_router
 from server.api.auth import Authentication, KeyRing, load_api_keys
 from server.api.body_limit import BodyLimit, BodySizeLimit, is_adapter_upload
 from server.api.body_timeout import BodyTimeout
+from server.api.dependencies import AdapterTiers, EngineAPI
 from server.api.errors import install_error_handlers
 from server.api.lifecycle_routes import DrainGate, Lifecycle
 from server.api.lifecycle_routes import router as lifecycle_router
 from server.api.metrics_routes import HTTPMetrics
 from server.api.metrics_routes import router as metrics_router
-from server.api.openai_routes import EVENT_STREAMS, EngineAPI, router
+from server.api.openai_routes import EVENT_STREAMS, router
 from server.api.openapi import Guards, install_openapi
 from server.api.request_limits import RequestLimits, flag
 from server.api.tenant_concurrency import TenantConcurrencyLimit, UploadConcurrencyLimit
@@ -42,7 +43,7 @@ def build_app(engine: EngineAPI, settings: Settings | None = None, keys: KeyRing
     app.state.tokenization_pool = TokenizationPool.from_settings(settings)
     app.state.tenant_quotas = TenantQuotas.from_settings(settings)
     # The engine's metrics (request timing, adapter tiers); an engine without any (a test double) gets HTTP ones.
-    app.state.metrics = getattr(engine, "metrics", None) or Metrics()
+    app.state.metrics = engine.metrics if isinstance(engine, AdapterTiers) else Metrics()
     install_error_handlers(app)
     app.include_router(lifecycle_router)
     app.include_router(router)

@@ -24,7 +24,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.protocol import CUSTOM_ERROR_CODES
 from server.api.route_matching import routes_matching_path
-from server.sequence import (
+from server.requests import (
     AdapterBrokenError,
     AdapterChangedError,
     AdapterNotFoundError,

@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.api.errors import request_error_response
 from server.metrics import Metrics
-from server.sequence import ServerDrainingError
+from server.requests import ServerDrainingError
 
 # Answered while draining, and not counted as work to wait for: probes, and the metrics of the drain itself.
 UNGATED_PATHS = frozenset({"/health", "/ready", "/metrics"})

@@ -35,7 +35,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from server.sequence import AdapterStatus, FinishReason, SamplingParams
+from server.requests import AdapterStatus, FinishReason, SamplingParams
 
 # Error types our validators raise; the error handler turns them into OpenAI's `code`.
 UNSUPPORTED_PARAMETER = "unsupported_parameter"

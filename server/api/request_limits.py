@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 
 from server.api.protocol import BaseGenerationRequest
 from server.config import Settings
-from server.sequence import RequestError
+from server.requests import RequestError
 
 LIMIT_EXCEEDED = "limit_exceeded"
 

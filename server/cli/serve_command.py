@@ -1,4 +1,4 @@
-"""`lorahive` command line: `serve`, `adapters` (a client of a running server) and `export-demo`.
+"""`lorahive serve`: its flags, the settings they give, the start-up checks, and starting the server.
 
 Flags are generated from `Settings`, so every field is both `--some-flag` and `LORAHIVE_SOME_FLAG`
 (the flag wins) and nothing is declared twice.
@@ -8,17 +8,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import logging
-import os
 import socket
-import sys
-from pathlib import Path
 from typing import get_args
 
 from pydantic import ByteSize, ValidationError
 from pydantic.fields import FieldInfo
 
-from server import adapters_client
 from server.config import Settings, StartupError
 
 BYTE_UNITS = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
@@ -43,7 +38,7 @@ def _default_text(field: FieldInfo) -> str:
     return f" (default {format_bytes(default) if _is_byte_size(field) else default})"
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         choices = get_args(field.annotation) if "Literal" in str(field.annotation) else None
@@ -118,8 +113,8 @@ def serve(settings: Settings) -> None:
     from server.api.app import build_app
     from server.api.auth import announce, load_api_keys
     from server.draining_server import serve_app
+    from server.requests import ServerDrainingError
     from server.runtime import build_engine
-    from server.sequence import ServerDrainingError
 
     keys = load_api_keys(settings.api_keys)  # a bad key file stops the start before the model loads
     announce(keys)
@@ -135,48 +130,3 @@ def serve(settings: Settings) -> None:
         serve_app(app, settings, cut=lambda: engine.abort_all(cut_error))
     finally:
         engine.shutdown()
-
-
-def export_demo(directory: Path, seed: int) -> None:
-    from server.checkpoint import save_checkpoint
-    from server.demo import build_demo_model
-
-    model, tokenizer = build_demo_model(seed)
-    save_checkpoint(model, directory)
-    tokenizer.save(directory)
-    print(f"wrote the demo model (seed {seed}) as a Hugging Face checkpoint to {directory}")
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="lorahive", description="Multi-tenant LoRA inference server")
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_settings_flags(commands.add_parser("serve", help="start the OpenAI-compatible server"))
-    export = commands.add_parser("export-demo", help="write the embedded demo model as a HF checkpoint directory")
-    export.add_argument("directory", type=Path)
-    export.add_argument("--seed", type=int, default=0)
-    adapters_client.add_commands(commands.add_parser("adapters", help="manage a running server's adapters"))
-    namespace = parser.parse_args(argv)
-
-    if namespace.command == "export-demo":
-        export_demo(namespace.directory, namespace.seed)
-        return
-    if namespace.command == "adapters":
-        adapters_client.run(namespace)
-        return
-    try:
-        settings = settings_from(namespace, dict(os.environ))
-    except ValidationError as exc:
-        parser.exit(2, "".join(f"error: {line}\n" for line in describe_invalid_settings(exc, namespace, os.environ)))
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from server.api.auth import KeyFileError  # the server's modules load for `serve` only
-
-    try:
-        serve(settings)
-    except KeyFileError as exc:
-        parser.exit(2, f"error: invalid --api-keys file: {exc}\n")
-    except StartupError as exc:
-        parser.exit(2, f"error: {exc}\n")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

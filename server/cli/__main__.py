@@ -1,0 +1,5 @@
+"""`python -m server.cli`: the `lorahive` command."""
+
+from server.cli import main
+
+main()
