@@ -20,7 +20,7 @@ from server.config import Settings
 from server.demo import DEMO_MODEL_NAME, build_demo_model
 from server.engine import Engine
 from server.runtime import build_engine
-from tests.live_server import serving_engine
+from tests.support.servers import serving_engine
 from tests.test_adapter_lifecycle import MAX_RANK, PROMPT, multipart, peft_files, upload
 from tests.test_engine import make_adapter
 from tests.test_metrics import value

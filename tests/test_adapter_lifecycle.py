@@ -23,7 +23,7 @@ from adapters_store import TARGET_MODULES
 from adapters_store.peft_export import to_peft_files
 from server.config import Settings
 from server.engine import Engine
-from tests.live_server import serving_engine
+from tests.support.servers import serving_engine
 from tests.test_engine import make_adapter, prompt
 
 PROMPT = list(prompt(7, 12))

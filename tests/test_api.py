@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient
 
 from server.api import build_app, merge_streams
 from server.sequence import GenerationRequest, RequestError, SamplingParams
-from tests.fake_engine import (
+from tests.support.fake_engine import (
     ALPHABET,
     TEMPLATE_ERROR_TRIGGER,
     FakeEngine,
@@ -25,8 +25,8 @@ from tests.fake_engine import (
     FakeTokenizer,
     choice_text,
 )
-from tests.live_server import running_server
-from tests.openai_schema import assert_valid
+from tests.support.openai_schema import assert_valid
+from tests.support.servers import running_server
 
 BASE = "fake-base"  # FakeEngine's model_name
 USER_HI = {"role": "user", "content": "hi"}

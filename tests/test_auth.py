@@ -29,9 +29,9 @@ from server.api.auth import KeyFileError, KeyRing, Principal, load_api_keys
 from server.config import Settings
 from server.demo import DEMO_MODEL_NAME, build_demo_model
 from server.engine import Engine
-from tests.fake_engine import FakeEngine
-from tests.live_server import serving_engine
-from tests.openai_schema import assert_valid
+from tests.support.fake_engine import FakeEngine
+from tests.support.openai_schema import assert_valid
+from tests.support.servers import serving_engine
 from tests.test_engine import make_adapter
 from tests.test_metrics import value
 

@@ -18,7 +18,7 @@ import pytest
 from server.config import Settings
 from server.demo import DEMO_MODEL_NAME
 from server.engine import Engine
-from tests.live_server import serving_engine
+from tests.support.servers import serving_engine
 from tests.test_engine import ENGINE_SETTINGS, TIMEOUT_S, assert_idle, make_adapter
 
 ADAPTER = "cancel-me"

@@ -28,8 +28,8 @@ from server.demo import DEMO_MODEL_NAME
 from server.engine import Engine
 from server.runtime import build_engine
 from server.sequence import GenerationRequest, SamplingParams
-from tests.live_server import free_port
-from tests.openai_schema import assert_valid
+from tests.support.openai_schema import assert_valid
+from tests.support.servers import free_port
 from tests.test_engine import ENGINE_SETTINGS, collect
 
 TIMEOUT_S = 120.0  # generous: only turns a hung server into a failure

@@ -36,7 +36,7 @@ from server.sequence import (
     SamplingParams,
     TokenLogprob,
 )
-from tests.openai_schema import assert_valid
+from tests.support.openai_schema import assert_valid
 
 # Generous: a healthy engine finishes each scenario in well under a second or two. The timeout only turns
 # a dead engine thread (a stream that will never end) into a failure instead of a hung suite.

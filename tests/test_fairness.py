@@ -23,7 +23,7 @@ from server.scheduler import Sequence
 from server.sequence import GenerationRequest, QueueFullError, SamplingParams
 from server.tokenizer import IncrementalDetokenizer
 from server.waiting_quota import WaitingQuota
-from tests.openai_schema import assert_valid
+from tests.support.openai_schema import assert_valid
 from tests.test_engine import ENGINE_SETTINGS, TIMEOUT_S, assert_idle, collect, prompt
 
 # ------------------------------------------------------------------------------- the waiting-queue rule

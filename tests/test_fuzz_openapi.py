@@ -26,8 +26,8 @@ from server.api.auth import OPEN_PATHS, KeyRing
 from server.api.lifecycle_routes import UNGATED_PATHS
 from server.config import Settings
 from server.engine import Engine
-from tests.fake_engine import FakeEngine
-from tests.live_server import serving_engine
+from tests.support.fake_engine import FakeEngine
+from tests.support.servers import serving_engine
 from tests.test_auth import peft_multipart
 
 KEY_TENANT, KEY_ADMIN = "fuzz-tenant-key-0123456789", "fuzz-admin-key-0123456789"

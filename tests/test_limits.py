@@ -20,9 +20,9 @@ from server.api.app import build_app
 from server.api.auth import KeyRing
 from server.config import Settings
 from server.demo import build_demo_model
-from tests.fake_engine import FakeEngine
-from tests.live_server import running_server, serving_engine
-from tests.openai_schema import assert_valid
+from tests.support.fake_engine import FakeEngine
+from tests.support.openai_schema import assert_valid
+from tests.support.servers import running_server, serving_engine
 from tests.test_api import assert_error
 from tests.test_engine import make_adapter
 

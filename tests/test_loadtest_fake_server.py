@@ -1,6 +1,6 @@
 """The load-test harness against a fake OpenAI-compatible server with injected timings.
 
-The fake (tests/fake_openai_server.py) sends the first token `ttft` after a request arrives and one
+The fake (tests/support/fake_openai_server.py) sends the first token `ttft` after a request arrives and one
 more every `itl`, on an absolute schedule; the harness, measuring from the client's side, must find
 those values. These are the only wall-clock assertions in the suite: medians, with tolerances that
 cover HTTP overhead on a busy 2-core machine (a few ms) but not a wrong measurement (tens of ms).
@@ -28,8 +28,8 @@ from loadtest.client import ClientConfig
 from loadtest.metrics import summarize
 from loadtest.runner import RunLimits, RunOutcome, run_load
 from loadtest.workload import LengthSpec, Popularity, Workload
-from tests.fake_openai_server import FakeConfig, build_fake_app
-from tests.live_server import free_port, running_server
+from tests.support.fake_openai_server import FakeConfig, build_fake_app
+from tests.support.servers import free_port, running_server
 
 TTFT_S = 0.080
 ITL_S = 0.020
@@ -58,7 +58,7 @@ def fake_server_process(ttft_s: float, itl_s: float, adapters: int) -> Iterator[
     root = Path(__file__).resolve().parents[1]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_openai_server", "--port", str(port), "--ttft-ms", str(ttft_s * 1000),
+        [sys.executable, "-m", "tests.support.fake_openai_server", "--port", str(port), "--ttft-ms", str(ttft_s * 1000),
          "--itl-ms", str(itl_s * 1000), "--adapters", str(adapters)],
         cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )

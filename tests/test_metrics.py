@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import OTHER_ADAPTERS, Metrics, TopAdapters
-from tests.live_server import serving_engine
+from tests.support.servers import serving_engine
 from tests.test_adapter_lifecycle import multipart, peft_files
 from tests.test_engine import prompt
 

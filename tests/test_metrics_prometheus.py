@@ -21,7 +21,7 @@ import pytest
 
 from server.config import Settings
 from server.engine import Engine
-from tests.live_server import free_port, serving_engine
+from tests.support.servers import free_port, serving_engine
 from tests.test_adapter_lifecycle import multipart, peft_files
 from tests.test_engine import prompt
 

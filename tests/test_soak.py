@@ -50,7 +50,7 @@ from server.demo import DEMO_MODEL_NAME, build_demo_model
 from server.engine import Engine, RequestStream
 from server.runtime import lora_pool_bytes, pick_device, pick_dtype
 from server.scheduler import Sequence
-from tests.live_server import serving_engine
+from tests.support.servers import serving_engine
 from tests.test_adapter_lifecycle import multipart
 from tests.test_engine import assert_idle, make_adapter
 from tests.test_metrics import samples

@@ -22,7 +22,7 @@ from server.api.auth import KeyRing
 from server.api.tokenization_pool import SHORT_PROMPT_BYTES
 from server.config import Settings
 from server.tokenizer import Tokenizer, build_byte_tokenizer
-from tests.fake_engine import FakeEngine, FakeTokenizer
+from tests.support.fake_engine import FakeEngine, FakeTokenizer
 from tests.test_limits import KEY_FILE, assert_limit, bearer
 
 # Text that packs many bytes into few tokens: special tokens written out, runs the trained merges know,

@@ -28,7 +28,7 @@ import pytest
 from adapters_store import AdapterFormatError, unpack_adapter_archive
 from loadtest.provision import upload_adapter
 from server.config import Settings
-from tests.live_server import serving_engine
+from tests.support.servers import serving_engine
 from tests.test_archive import CONFIG, PAIR, WEIGHTS, in_dir, tar_bytes
 from tests.test_limits import KEY_FILE, SMALL, assert_limit, bearer, multipart
 
