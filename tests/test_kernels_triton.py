@@ -382,7 +382,7 @@ def test_engine_with_triton_backend_matches_torch_backend() -> None:
     compiled kernels both engines run on the GPU (in float32, so their greedy tokens agree).
     """
     from server.demo import build_demo_model
-    from tests.test_engine import ADAPTER_SPECS, assert_idle, generate, greedy, make_adapter, prompt, start_engine
+    from tests.support.engines import ADAPTER_SPECS, assert_idle, generate, greedy, make_adapter, prompt, start_engine
 
     args = build_demo_model()[0].args
     adapters = {

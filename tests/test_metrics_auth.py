@@ -16,10 +16,10 @@ from server.api.auth import KeyRing
 from server.cli import _add_settings_flags, main, settings_from
 from server.config import Settings
 from tests.support.adapter_training import export_demo
+from tests.support.api_keys import KEY_A, KEY_ADMIN, KEY_FILE, KEYS_BY_CALLER, bearer
 from tests.support.fake_engine import FakeEngine
 from tests.support.openai_schema import assert_valid
 from tests.support.servers import serving_engine
-from tests.test_auth import KEY_A, KEY_ADMIN, KEY_FILE, KEYS_BY_CALLER, bearer
 
 SECRET_ADAPTER = "beta-secret"  # another tenant's adapter: its id must not reach tenant A
 METRICS_KEY = "metrics-secret-0123"

@@ -26,8 +26,8 @@ from server.config import Settings
 from server.sampling import SamplerState, _adjust_logits, sample
 from server.sequence import RequestError, SamplingParams
 from tests.support.fake_engine import FakeEngine
+from tests.support.openai_http import BASE, USER_HI, assert_error, chat, completion, only_params, stream_chunks
 from tests.support.servers import serving_engine
-from tests.test_api import BASE, USER_HI, assert_error, chat, completion, only_params, stream_chunks
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 

@@ -23,7 +23,8 @@ from server.api.tokenization_pool import SHORT_PROMPT_BYTES
 from server.config import Settings
 from server.tokenizer import Tokenizer, build_byte_tokenizer
 from tests.support.fake_engine import FakeEngine, FakeTokenizer
-from tests.test_limits import KEY_FILE, assert_limit, bearer
+from tests.support.openai_http import assert_limit
+from tests.support.tenant_keys import KEY_FILE, bearer
 
 # Text that packs many bytes into few tokens: special tokens written out, runs the trained merges know,
 # decomposed characters an NFC normalizer composes (three Hangul jamo, 9 bytes, to one 3-byte syllable).
