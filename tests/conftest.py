@@ -15,7 +15,10 @@ import httpx
 import pytest
 import torch
 
-from tests.support.servers import TIMEOUT_S, Server, free_port
+# The helpers' own asserts explain their failures as the tests' do; this must come before they are imported.
+pytest.register_assert_rewrite("tests.support")
+
+from tests.support.servers import TIMEOUT_S, Server, free_port  # noqa: E402
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

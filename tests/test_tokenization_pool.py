@@ -43,7 +43,7 @@ DENSE_TEXTS = [
 
 
 def _checkpoint_tokenizers(tmp_path: Path) -> list[Tokenizer]:
-    from tests.test_tokenizer import write_llama3, write_qwen2  # trains two small BPE tokenizers
+    from tests.support.tokenizer_checkpoints import write_llama3, write_qwen2  # trains two small BPE tokenizers
 
     return [Tokenizer.from_dir(write_llama3(tmp_path / "llama3")), Tokenizer.from_dir(write_qwen2(tmp_path / "qwen2"))]
 

@@ -29,10 +29,10 @@ from adapters_store import AdapterFormatError, unpack_adapter_archive
 from loadtest.provision import upload_adapter
 from server.config import Settings
 from tests.support.adapter_uploads import SMALL, multipart
+from tests.support.archives import CONFIG, PAIR, WEIGHTS, in_dir, tar_bytes
 from tests.support.openai_http import assert_limit
 from tests.support.servers import serving_engine
 from tests.support.tenant_keys import KEY_FILE, bearer
-from tests.test_archive import CONFIG, PAIR, WEIGHTS, in_dir, tar_bytes
 
 MAX_REQUEST_BYTES = 2**20
 SLOWDOWN = 20  # another tenant's request may take this many times its unloaded time while an attack runs
