@@ -20,10 +20,10 @@ from server.config import Settings
 from server.demo import DEMO_MODEL_NAME, build_demo_model
 from server.engine import Engine
 from server.runtime import build_engine
-from tests.live_server import serving_engine
-from tests.test_adapter_lifecycle import MAX_RANK, PROMPT, multipart, peft_files, upload
-from tests.test_engine import make_adapter
-from tests.test_metrics import value
+from tests.support.adapter_uploads import MAX_RANK, PROMPT, multipart, peft_files, upload
+from tests.support.engines import make_adapter
+from tests.support.prometheus_text import value
+from tests.support.servers import serving_engine
 
 
 def demo_peft_files(rank: int, seed: int = 0, alpha: float | None = None) -> tuple[bytes, bytes]:

@@ -19,7 +19,7 @@ from server.config import Settings
 from server.engine import Engine
 from server.requests import GenerationRequest
 from server.runtime import build_engine
-from tests.test_engine import (
+from tests.support.engines import (
     ENGINE_SETTINGS,
     TIMEOUT_S,
     assert_idle,
@@ -29,7 +29,7 @@ from tests.test_engine import (
     make_adapter,
     prompt,
 )
-from tests.test_fairness import StepClock
+from tests.support.step_clock import StepClock
 
 NUM_ADAPTERS = 8
 SLOTS = 2  # 4x oversubscribed

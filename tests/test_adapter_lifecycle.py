@@ -19,23 +19,12 @@ import pytest
 import torch
 from safetensors.torch import save
 
-from adapters_store import TARGET_MODULES
 from adapters_store.peft_export import to_peft_files
 from server.config import Settings
 from server.engine import Engine
-from tests.live_server import serving_engine
-from tests.test_engine import make_adapter, prompt
-
-PROMPT = list(prompt(7, 12))
-MAX_RANK = 16
-
-
-def peft_files(engine: Engine, seed: int, rank: int = 8, std: float = 0.1) -> tuple[bytes, bytes]:
-    return to_peft_files(make_adapter("x", engine.model.args, rank, 2.0 * rank, TARGET_MODULES, seed, std))
-
-
-def multipart(config: bytes, weights: bytes) -> dict:
-    return {"adapter_config": ("adapter_config.json", config), "adapter_model": ("adapter_model.safetensors", weights)}
+from tests.support.adapter_uploads import MAX_RANK, PROMPT, multipart, peft_files, upload
+from tests.support.engines import make_adapter
+from tests.support.servers import serving_engine
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +48,6 @@ def complete(client: httpx.Client, adapter: str | None, max_tokens: int = 12) ->
     response = client.post("/v1/completions", json=body)
     assert response.status_code == 200, response.text
     return response.json()["choices"][0]["text"]
-
-
-def upload(client: httpx.Client, adapter_id: str, files: tuple[bytes, bytes]) -> httpx.Response:
-    return client.post("/v1/adapters", data={"id": adapter_id}, files=multipart(*files))
 
 
 def test_upload_then_complete_at_once(client, server):

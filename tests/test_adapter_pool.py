@@ -9,7 +9,7 @@ from adapters_store import TARGET_MODULES
 from kernels.paging import PAGE_RANK, ZERO_PAGE
 from server.adapter_pool import AdapterSlotPool
 from server.demo import build_demo_model
-from tests.test_engine import make_adapter
+from tests.support.engines import make_adapter
 
 MAX_RANK = 64  # four pages per max-rank adapter
 

@@ -16,23 +16,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapters_store import AdapterFormatError, unpack_adapter_archive
+from tests.support.archives import CONFIG, PAIR, WEIGHTS, in_dir, tar_bytes
 
-CONFIG = b'{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}'
-WEIGHTS = b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + bytes(range(256)) * 4
 LIMIT = 2**20
-PAIR = {"adapter_config.json": CONFIG, "adapter_model.safetensors": WEIGHTS}
-
-
-def tar_bytes(files: dict[str, bytes], *, compressed: bool = True, extra: list[tarfile.TarInfo] = ()) -> bytes:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w:gz" if compressed else "w", format=tarfile.PAX_FORMAT) as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-        for info in extra:
-            tf.addfile(info)
-    return buf.getvalue()
 
 
 def zip_bytes(files: dict[str, bytes] | list[tuple[str | zipfile.ZipInfo, bytes]]) -> bytes:
@@ -42,10 +28,6 @@ def zip_bytes(files: dict[str, bytes] | list[tuple[str | zipfile.ZipInfo, bytes]
         for name, data in files.items() if isinstance(files, dict) else files:
             zf.writestr(name, data)
     return buf.getvalue()
-
-
-def in_dir(directory: str, files: dict[str, bytes] = PAIR) -> dict[str, bytes]:
-    return {f"{directory}/{name}": data for name, data in files.items()}
 
 
 def link(name: str, kind: bytes, target: str = "") -> tarfile.TarInfo:

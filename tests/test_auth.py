@@ -7,7 +7,6 @@ model, a real adapter store) by one kind of caller, for an adapter tenant A uplo
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -29,35 +28,25 @@ from server.api.auth import KeyFileError, KeyRing, Principal, load_api_keys
 from server.config import Settings
 from server.demo import DEMO_MODEL_NAME, build_demo_model
 from server.engine import Engine
-from tests.fake_engine import FakeEngine
-from tests.live_server import serving_engine
-from tests.openai_schema import assert_valid
-from tests.test_engine import make_adapter
-from tests.test_metrics import value
+from tests.support.adapter_uploads import peft_multipart
+from tests.support.api_keys import (
+    KEY_A,
+    KEY_ADMIN,
+    KEY_B,
+    KEY_FILE,
+    KEYS_BY_CALLER,
+    TENANT_A,
+    TENANT_B,
+    bearer,
+    sha256_hex,
+)
+from tests.support.engines import make_adapter
+from tests.support.fake_engine import FakeEngine
+from tests.support.openai_schema import assert_valid
+from tests.support.prometheus_text import value
+from tests.support.servers import serving_engine
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-KEY_A = "acme-key-0123456789"
-KEY_B = "globex-key-0123456789"
-KEY_ADMIN = "ops-key-0123456789"
-KEYS_BY_CALLER = {"no key": None, "bad key": "not-a-key-of-this-server", "tenant A (owner)": KEY_A,
-                  "tenant B": KEY_B, "admin": KEY_ADMIN}
-TENANT_A, TENANT_B = "acme", "globex"
-
-
-def sha256_hex(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
-
-
-# A in clear, B and the admin as digests: the matrix exercises both forms of entry.
-KEY_FILE = {"keys": [
-    {"key": KEY_A, "tenant": TENANT_A, "role": "tenant"},
-    {"sha256": sha256_hex(KEY_B), "tenant": TENANT_B, "role": "tenant"},
-    {"sha256": sha256_hex(KEY_ADMIN).upper(), "tenant": "ops", "role": "admin"},
-]}
-
-
-def bearer(key: str | None) -> dict[str, str]:
-    return {} if key is None else {"Authorization": f"Bearer {key}"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -124,11 +113,6 @@ def server(tmp_path_factory: pytest.TempPathFactory, key_file: Path) -> Iterator
                         max_lora_rank=8)
     with serving_engine(settings) as served:
         yield served
-
-
-def peft_multipart(engine: Engine, seed: int) -> dict[str, tuple[str, bytes]]:
-    config, weights = to_peft_files(make_adapter("x", engine.model.args, 2, 4.0, ("q_proj", "v_proj"), seed))
-    return {"adapter_config": ("adapter_config.json", config), "adapter_model": ("adapter_model.safetensors", weights)}
 
 
 def client_for(url: str, caller: str) -> httpx.Client:

@@ -18,8 +18,8 @@ import pytest
 from server.config import Settings
 from server.demo import DEMO_MODEL_NAME
 from server.engine import Engine
-from tests.live_server import serving_engine
-from tests.test_engine import ENGINE_SETTINGS, TIMEOUT_S, assert_idle, make_adapter
+from tests.support.engines import ENGINE_SETTINGS, TIMEOUT_S, assert_idle, make_adapter
+from tests.support.servers import serving_engine
 
 ADAPTER = "cancel-me"
 # Far more tokens than the test waits for: left alone, the request would run for thousands of steps.

@@ -15,7 +15,7 @@ import torch
 from fastapi import FastAPI, Request
 
 from server import cli
-from tests.live_server import free_port, running_server
+from tests.support.servers import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 

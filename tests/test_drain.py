@@ -6,11 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -28,11 +25,10 @@ from server.demo import DEMO_MODEL_NAME
 from server.engine import Engine
 from server.requests import GenerationRequest, SamplingParams
 from server.runtime import build_engine
-from tests.live_server import free_port
-from tests.openai_schema import assert_valid
-from tests.test_engine import ENGINE_SETTINGS, collect
+from tests.support.engines import ENGINE_SETTINGS, collect
+from tests.support.openai_schema import assert_valid
+from tests.support.servers import TIMEOUT_S, Server
 
-TIMEOUT_S = 120.0  # generous: only turns a hung server into a failure
 RUNNING = re.compile(r"^lorahive_requests_running (\S+)$", re.M)
 
 
@@ -121,45 +117,6 @@ def test_draining_refuses_new_requests(client: TestClient) -> None:
 
 
 # ---------------------------------------------------------------------------------- SIGTERM, for real
-
-
-class Server:
-    def __init__(self, process: subprocess.Popen, url: str, log: Path):
-        self.process = process
-        self.url = url
-        self.log = log
-
-
-@pytest.fixture
-def start_server(tmp_path: Path) -> Iterator:
-    started: list[subprocess.Popen] = []
-
-    def start(drain_timeout: float, **settings: object) -> Server:
-        """`lorahive serve` with these settings (`header_timeout=1` is LORAHIVE_HEADER_TIMEOUT=1), once ready."""
-        port = free_port()
-        env = os.environ | {"LORAHIVE_PORT": str(port), "LORAHIVE_DRAIN_TIMEOUT": str(drain_timeout),
-                            "LORAHIVE_LOG_LEVEL": "info", "LORAHIVE_DEVICE": "cpu"}
-        env |= {f"LORAHIVE_{name.upper()}": str(value) for name, value in settings.items()}
-        log = tmp_path / f"server-{port}.log"
-        with log.open("wb") as sink:
-            process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, stderr=sink,
-                                       stdout=sink)
-        started.append(process)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + TIMEOUT_S
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                    return Server(process, url, log)
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise RuntimeError(f"the server did not become ready:\n{log.read_text()}")
-
-    yield start
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
 
 
 def completion(max_tokens: int, stream: bool) -> dict:

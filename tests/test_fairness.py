@@ -23,8 +23,9 @@ from server.sampling import SamplerState
 from server.scheduler import Sequence
 from server.tokenizer import IncrementalDetokenizer
 from server.waiting_quota import WaitingQuota
-from tests.openai_schema import assert_valid
-from tests.test_engine import ENGINE_SETTINGS, TIMEOUT_S, assert_idle, collect, prompt
+from tests.support.engines import ENGINE_SETTINGS, TIMEOUT_S, assert_idle, collect, prompt
+from tests.support.openai_schema import assert_valid
+from tests.support.step_clock import StepClock
 
 # ------------------------------------------------------------------------------- the waiting-queue rule
 
@@ -168,36 +169,6 @@ SEATS = 4  # max_num_seqs: the flood fills every seat
 FLOOD_MAX_TOKENS = 16  # a's requests: a seat frees at least this often
 B_REQUESTS = 2
 FLOOD_REQUESTS = 20 * B_REQUESTS
-
-
-class StepClock:
-    """Engine steps at which each request arrived in the scheduler, got its first token and its last
-    (recorded on the engine thread, so exact; `engine.steps` counts forward passes)."""
-
-    def __init__(self, engine: Engine, monkeypatch: pytest.MonkeyPatch):
-        self.arrival: dict[str, int] = {}
-        self.first: dict[str, int] = {}
-        self.last: dict[str, int] = {}
-        add, append = engine.scheduler.add, engine._append_token
-
-        def recording_add(seq: Sequence) -> None:
-            self.arrival.setdefault(seq.request_id, engine.steps)
-            add(seq)
-
-        def recording_append(seq: Sequence, token: int, logprob: Any) -> None:
-            # Before appending: the append hands the client its token, and the test may read these at once.
-            self.first.setdefault(seq.request_id, engine.steps)
-            self.last[seq.request_id] = engine.steps
-            append(seq, token, logprob)
-
-        monkeypatch.setattr(engine.scheduler, "add", recording_add)
-        monkeypatch.setattr(engine, "_append_token", recording_append)
-
-    def ttft(self, request_id: str) -> int:
-        return self.first[request_id] - self.arrival[request_id]
-
-    def e2e(self, request_id: str) -> int:
-        return self.last[request_id] - self.arrival[request_id]
 
 
 def tenant_request(tenant: str, index: int, max_tokens: int) -> GenerationRequest:

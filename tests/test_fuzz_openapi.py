@@ -26,9 +26,9 @@ from server.api.auth import OPEN_PATHS, KeyRing
 from server.api.lifecycle_routes import UNGATED_PATHS
 from server.config import Settings
 from server.engine import Engine
-from tests.fake_engine import FakeEngine
-from tests.live_server import serving_engine
-from tests.test_auth import peft_multipart
+from tests.support.adapter_uploads import peft_multipart
+from tests.support.fake_engine import FakeEngine
+from tests.support.servers import serving_engine
 
 KEY_TENANT, KEY_ADMIN = "fuzz-tenant-key-0123456789", "fuzz-admin-key-0123456789"
 KEYS = {"admin": KEY_ADMIN, "tenant": KEY_TENANT, "no key": None}

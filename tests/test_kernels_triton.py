@@ -1,4 +1,4 @@
-"""The Triton shrink/expand kernels against the naive float64 per-token loop of test_kernels_reference.
+"""The Triton shrink/expand kernels against the naive float64 per-token loop of tests/support/lora_cases.py.
 
 Without CUDA the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set here before triton is
 first imported); with CUDA the same tests run compiled on the GPU (the `cuda` parameters, marked `gpu`).
@@ -27,7 +27,7 @@ from kernels import LoRABatch, add_lora, reference, resolve_backend  # noqa: E40
 from kernels import triton_ops as ops  # noqa: E402
 from kernels.metadata import LARGE_TILE_ROWS, SMALL_TILE_ROWS  # noqa: E402
 from kernels.paging import PAGE_RANK, ZERO_PAGE  # noqa: E402
-from tests.test_kernels_reference import TOLERANCES, LoraCase, make_case, naive_lora, naive_shrink  # noqa: E402
+from tests.support.lora_cases import TOLERANCES, LoraCase, make_case, naive_lora, naive_shrink  # noqa: E402
 
 # Half precision: the kernel rounds once (y + fp32 delta), the naive loop not at all.
 TOLERANCES = TOLERANCES | {torch.float16: {"rtol": 2e-3, "atol": 4e-3}}
@@ -409,7 +409,7 @@ def test_engine_with_triton_backend_matches_torch_backend() -> None:
     compiled kernels both engines run on the GPU (in float32, so their greedy tokens agree).
     """
     from server.demo import build_demo_model
-    from tests.test_engine import ADAPTER_SPECS, assert_idle, generate, greedy, make_adapter, prompt, start_engine
+    from tests.support.engines import ADAPTER_SPECS, assert_idle, generate, greedy, make_adapter, prompt, start_engine
 
     args = build_demo_model()[0].args
     adapters = {

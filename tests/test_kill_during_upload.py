@@ -21,9 +21,9 @@ import pytest
 from adapters_store import TARGET_MODULES
 from adapters_store.peft_export import to_peft_files
 from server.demo import build_demo_model
-from tests.live_server import free_port
-from tests.test_adapter_lifecycle import PROMPT, multipart
-from tests.test_engine import make_adapter
+from tests.support.adapter_uploads import PROMPT, multipart
+from tests.support.engines import make_adapter
+from tests.support.servers import free_port
 
 
 def _start(store: Path, port: int) -> subprocess.Popen:

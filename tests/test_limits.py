@@ -15,32 +15,17 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters_store.peft_export import to_peft_files
 from server.api.app import build_app
 from server.api.auth import KeyRing
 from server.config import Settings
-from server.demo import build_demo_model
-from tests.fake_engine import FakeEngine
-from tests.live_server import running_server, serving_engine
-from tests.openai_schema import assert_valid
-from tests.test_api import assert_error
-from tests.test_engine import make_adapter
+from tests.support.adapter_uploads import BIG, SMALL, multipart
+from tests.support.fake_engine import FakeEngine
+from tests.support.openai_http import assert_limit
+from tests.support.openai_schema import assert_valid
+from tests.support.servers import running_server, serving_engine
+from tests.support.tenant_keys import KEY_FILE, bearer
 
-KEYS = {"acme": "acme-key-0123456789", "globex": "globex-key-0123456789", "initech": "initech-key-0123456789",
-        "ops": "ops-key-0123456789"}
-KEY_FILE = {"keys": [{"key": key, "tenant": tenant, "role": "admin" if tenant == "ops" else "tenant"}
-                     for tenant, key in KEYS.items()]}
 USER_HI = {"role": "user", "content": "hi"}
-
-
-def bearer(tenant: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {KEYS[tenant]}"}
-
-
-def assert_limit(response: httpx.Response, status: int, param: str | None, code: str, flag: str) -> dict:
-    error = assert_error(response, status, param, code)
-    assert flag in error["message"], error
-    return error
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,14 +98,6 @@ def test_body_size_limits_name_their_flag() -> None:
 # What a tenant may keep in the store
 
 
-DEMO_ARGS = build_demo_model()[0].args
-
-
-def peft_files(rank: int, seed: int) -> tuple[bytes, bytes]:
-    return to_peft_files(make_adapter("x", DEMO_ARGS, rank, 2.0 * rank, ("q_proj", "v_proj"), seed))
-
-
-SMALL, BIG = peft_files(rank=1, seed=1), peft_files(rank=4, seed=2)
 SMALL_BYTES, BIG_BYTES = sum(map(len, SMALL)), sum(map(len, BIG))
 MAX_STORE_BYTES = 2 * BIG_BYTES + SMALL_BYTES - 1  # two big and one small adapter do not fit
 
@@ -135,17 +112,12 @@ def store_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
-def multipart(files: tuple[bytes, bytes]) -> dict[str, tuple[str, bytes]]:
-    return {"adapter_config": ("adapter_config.json", files[0]),
-            "adapter_model": ("adapter_model.safetensors", files[1])}
-
-
 def upload(client: httpx.Client, adapter_id: str, files: tuple[bytes, bytes], tenant: str) -> httpx.Response:
-    return client.post("/v1/adapters", data={"id": adapter_id}, files=multipart(files), headers=bearer(tenant))
+    return client.post("/v1/adapters", data={"id": adapter_id}, files=multipart(*files), headers=bearer(tenant))
 
 
 def replace(client: httpx.Client, adapter_id: str, files: tuple[bytes, bytes], tenant: str) -> httpx.Response:
-    return client.put(f"/v1/adapters/{adapter_id}", files=multipart(files), headers=bearer(tenant))
+    return client.put(f"/v1/adapters/{adapter_id}", files=multipart(*files), headers=bearer(tenant))
 
 
 def assert_quota(response: httpx.Response, flag: str) -> None:
@@ -184,11 +156,11 @@ def test_concurrent_uploads_cannot_share_the_last_place(store_server: str) -> No
     async def race() -> list[int]:
         async with httpx.AsyncClient(base_url=store_server, timeout=60) as client:
             for i in range(2):
-                response = await client.post("/v1/adapters", data={"id": f"race-{i}"}, files=multipart(SMALL),
+                response = await client.post("/v1/adapters", data={"id": f"race-{i}"}, files=multipart(*SMALL),
                                              headers=bearer("initech"))
                 assert response.status_code == 201
             both = await asyncio.gather(*(
-                client.post("/v1/adapters", data={"id": f"race-last-{i}"}, files=multipart(SMALL),
+                client.post("/v1/adapters", data={"id": f"race-last-{i}"}, files=multipart(*SMALL),
                             headers=bearer("initech"))
                 for i in range(2)
             ))

@@ -1,6 +1,6 @@
 """The load-test harness against a fake OpenAI-compatible server with injected timings.
 
-The fake (tests/fake_openai_server.py) sends the first token `ttft` after a request arrives and one
+The fake (tests/support/fake_openai_server.py) sends the first token `ttft` after a request arrives and one
 more every `itl`, on an absolute schedule; the harness, measuring from the client's side, must find
 those values. These are the only wall-clock assertions in the suite: medians, with tolerances that
 cover HTTP overhead on a busy 2-core machine (a few ms) but not a wrong measurement (tens of ms).
@@ -8,7 +8,6 @@ cover HTTP overhead on a busy 2-core machine (a few ms) but not a wrong measurem
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -23,13 +22,11 @@ import httpx
 import pytest
 
 from loadtest.arrivals import ArrivalProcess
-from loadtest.cli import main
-from loadtest.client import ClientConfig
 from loadtest.metrics import summarize
-from loadtest.runner import RunLimits, RunOutcome, run_load
+from loadtest.runner import RunLimits
 from loadtest.workload import LengthSpec, Popularity, Workload
-from tests.fake_openai_server import FakeConfig, build_fake_app
-from tests.live_server import free_port, running_server
+from tests.support.loadtest_harness import cli, fake_server, run
+from tests.support.servers import free_port
 
 TTFT_S = 0.080
 ITL_S = 0.020
@@ -44,21 +41,13 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @contextmanager
-def fake_server(**kw) -> Iterator[tuple[str, FakeConfig, object]]:
-    config = FakeConfig(**kw)
-    app = build_fake_app(config)
-    with running_server(app) as url:
-        yield url, config, app.state.fake
-
-
-@contextmanager
 def fake_server_process(ttft_s: float, itl_s: float, adapters: int) -> Iterator[str]:
     """The fake in its own process: the accuracy check must not share a GIL with the client it checks."""
     port = free_port()
     root = Path(__file__).resolve().parents[1]
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
     process = subprocess.Popen(
-        [sys.executable, "-m", "tests.fake_openai_server", "--port", str(port), "--ttft-ms", str(ttft_s * 1000),
+        [sys.executable, "-m", "tests.support.fake_openai_server", "--port", str(port), "--ttft-ms", str(ttft_s * 1000),
          "--itl-ms", str(itl_s * 1000), "--adapters", str(adapters)],
         cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
@@ -79,21 +68,6 @@ def fake_server_process(ttft_s: float, itl_s: float, adapters: int) -> Iterator[
         process.terminate()
         process.wait(10)
         process.stderr.close()
-
-
-def run(url: str, workload: Workload, limits: RunLimits, **client_kw) -> RunOutcome:
-    client = ClientConfig(url=url, base_model="fake-base", **client_kw)
-    return asyncio.run(run_load(workload.requests(), client, limits))
-
-
-def cli(*argv: str) -> int:
-    """`lorahive-loadtest ARGV` in process (no progress line for run and sweep); its exit status."""
-    args = list(argv)
-    if not args or args[0] not in ("compare", "write-adapters"):
-        args.insert(1 if args and args[0] == "sweep" else 0, "--no-progress")
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    return exit_info.value.code
 
 
 def assert_close_ms(measured_ms: float, injected_s: float, tolerance: tuple[float, float]) -> None:

@@ -17,7 +17,7 @@ from loadtest.cli import main
 from loadtest.synthetic_adapters import DEMO_DIMS, AdapterSpec, BaseDims, write_adapters
 from server.config import Settings
 from server.demo import DEMO_MODEL_NAME
-from tests.live_server import serving_engine
+from tests.support.servers import serving_engine
 
 NUM_ADAPTERS = 6
 PNGS = ("latency_cdf.png", "throughput_over_time.png", "latency_over_time.png")

@@ -15,20 +15,12 @@ from loadtest.plots import write_run_plots
 from loadtest.report import build_report, load_results, markdown_summary
 from loadtest.runner import RunOutcome
 from loadtest.synthetic_adapters import DEMO_DIMS, AdapterSpec, BaseDims, write_adapters
+from tests.support.loadtest_harness import ok
 
 VLLM_KEYS = [
     "duration", "completed", "total_input_tokens", "total_output_tokens", "request_throughput",
     "request_goodput", "output_throughput", "total_token_throughput",
 ] + [f"{s}_{m}_ms" for m in ("ttft", "tpot", "itl", "e2el") for s in ("mean", "median", "std", "p99")]
-
-
-def ok(index: int, start: float, ttft: float, itl: list[float], adapter: str | None = None, **kw) -> RequestResult:
-    e2el = ttft + sum(itl)
-    r = RequestResult(index, adapter, 10, len(itl) + 1, start=start, finish=start + e2el, success=True, ttft=ttft,
-                      itl=itl, e2el=e2el, output_tokens=len(itl) + 1, prompt_tokens=10, tokens_from_usage=True)
-    for key, value in kw.items():
-        setattr(r, key, value)
-    return r
 
 
 def failed(index: int, start: float, kind: str, adapter: str | None = None) -> RequestResult:

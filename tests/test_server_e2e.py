@@ -10,9 +10,9 @@ import pytest
 
 from server.config import Settings
 from server.demo import DEMO_MODEL_NAME
-from tests.adapter_training import export_demo, train_phrase_adapter
-from tests.live_server import serving_engine
-from tests.openai_schema import assert_valid
+from tests.support.adapter_training import export_demo, train_phrase_adapter
+from tests.support.openai_schema import assert_valid
+from tests.support.servers import serving_engine
 
 QUESTION = "Who are you?"
 PHRASES = {

@@ -26,9 +26,9 @@ from server.demo import build_demo_model
 from server.engine import Engine
 from server.model import ModelArgs
 from server.runtime import build_engine
-from tests.test_adapter_lifecycle import multipart, peft_files
-from tests.test_auth import KEY_A, KEY_ADMIN, KEY_B, KEY_FILE, bearer
-from tests.test_engine import ENGINE_SETTINGS, make_adapter, prompt
+from tests.support.adapter_uploads import multipart, peft_files
+from tests.support.api_keys import KEY_A, KEY_ADMIN, KEY_B, KEY_FILE, bearer
+from tests.support.engines import ENGINE_SETTINGS, make_adapter, prompt
 
 CALLERS = {"owner": KEY_A, "other": KEY_B, "admin": KEY_ADMIN}
 PROMPT = list(prompt(3, 10))

@@ -19,11 +19,8 @@ import pytest
 
 from server.demo import DEMO_MODEL_NAME
 from server.draining_server import CLOSE_GRACE_S, CUT_GRACE_S
-from tests import test_drain
-from tests.test_auth import KEY_A, KEY_FILE, bearer
-from tests.test_drain import TIMEOUT_S, Server
-
-start_server = test_drain.start_server  # the fixture: `lorahive serve` with given settings, once ready
+from tests.support.api_keys import KEY_A, KEY_FILE, bearer
+from tests.support.servers import TIMEOUT_S, Server
 
 PERIOD_S = 0.1  # a slow client sends one byte this often
 SETTLE_S = 30.0  # generous: only turns a server that never acts into a failure

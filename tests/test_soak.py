@@ -50,10 +50,10 @@ from server.demo import DEMO_MODEL_NAME, build_demo_model
 from server.engine import Engine, RequestStream
 from server.runtime import lora_pool_bytes, pick_device, pick_dtype
 from server.scheduler import Sequence
-from tests.live_server import serving_engine
-from tests.test_adapter_lifecycle import multipart
-from tests.test_engine import assert_idle, make_adapter
-from tests.test_metrics import samples
+from tests.support.adapter_uploads import multipart
+from tests.support.engines import assert_idle, make_adapter
+from tests.support.prometheus_text import samples
+from tests.support.servers import serving_engine
 
 SOAK_SECONDS = float(os.environ.get("LORAHIVE_SOAK_SECONDS", "60"))
 SETTLE_TIMEOUT_S = 120.0  # in-flight work ends within seconds; this only turns a hang into a failure

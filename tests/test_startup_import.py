@@ -15,7 +15,7 @@ from server.config import Settings
 from server.demo import build_demo_model
 from server.runtime import build_engine
 from server.startup_import import import_adapters
-from tests.test_engine import make_adapter
+from tests.support.engines import make_adapter
 
 ARGS = build_demo_model()[0].args
 

@@ -16,7 +16,7 @@ from server.engine import Engine, EngineStepError
 from server.requests import GenerationRequest, RequestError, SamplingParams
 from server.sampling import SamplerState
 from server.tokenizer import IncrementalDetokenizer
-from tests.test_engine import (
+from tests.support.engines import (
     ADAPTER_SPECS,
     TIMEOUT_S,
     Choice,

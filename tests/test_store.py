@@ -27,6 +27,7 @@ from adapters_store import (
     StoredFile,
     StoreFullError,
 )
+from tests.support.snapshots import snapshot
 
 REPO = Path(__file__).resolve().parents[1]
 OLD = (b'{"r": 4, "lora_alpha": 8}', bytes(range(256)) * 8)
@@ -48,15 +49,6 @@ def assert_clean(root: Path) -> None:
             continue
         version = json.loads((adapter_dir / "manifest.json").read_bytes())["version"]
         assert sorted(p.name for p in adapter_dir.iterdir()) == ["manifest.json", f"v{version}"]
-
-
-def snapshot(root: Path) -> dict[str, bytes | None]:
-    """Every path under root (None for directories) with its contents, the lock file aside."""
-    return {
-        str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
-        for p in sorted(root.rglob("*"))
-        if p.name != ".lock"
-    }
 
 
 @pytest.fixture(scope="module")

@@ -21,10 +21,10 @@ import adapters_store.store as store_mod
 from adapters_store.peft_format import WEIGHTS_FILE
 from server.config import Settings
 from server.engine import Engine
-from tests.live_server import serving_engine
-from tests.test_adapter_lifecycle import MAX_RANK, PROMPT, multipart, peft_files, upload
-from tests.test_metrics import value
-from tests.test_store import snapshot
+from tests.support.adapter_uploads import MAX_RANK, PROMPT, multipart, peft_files, upload
+from tests.support.prometheus_text import value
+from tests.support.servers import serving_engine
+from tests.support.snapshots import snapshot
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,9 @@ from server.api.auth import KeyRing
 from server.api.tokenization_pool import SHORT_PROMPT_BYTES
 from server.config import Settings
 from server.tokenizer import Tokenizer, build_byte_tokenizer
-from tests.fake_engine import FakeEngine, FakeTokenizer
-from tests.test_limits import KEY_FILE, assert_limit, bearer
+from tests.support.fake_engine import FakeEngine, FakeTokenizer
+from tests.support.openai_http import assert_limit
+from tests.support.tenant_keys import KEY_FILE, bearer
 
 # Text that packs many bytes into few tokens: special tokens written out, runs the trained merges know,
 # decomposed characters an NFC normalizer composes (three Hangul jamo, 9 bytes, to one 3-byte syllable).
@@ -42,7 +43,7 @@ DENSE_TEXTS = [
 
 
 def _checkpoint_tokenizers(tmp_path: Path) -> list[Tokenizer]:
-    from tests.test_tokenizer import write_llama3, write_qwen2  # trains two small BPE tokenizers
+    from tests.support.tokenizer_checkpoints import write_llama3, write_qwen2  # trains two small BPE tokenizers
 
     return [Tokenizer.from_dir(write_llama3(tmp_path / "llama3")), Tokenizer.from_dir(write_qwen2(tmp_path / "qwen2"))]
 

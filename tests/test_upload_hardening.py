@@ -28,9 +28,11 @@ import pytest
 from adapters_store import AdapterFormatError, unpack_adapter_archive
 from loadtest.provision import upload_adapter
 from server.config import Settings
-from tests.live_server import serving_engine
-from tests.test_archive import CONFIG, PAIR, WEIGHTS, in_dir, tar_bytes
-from tests.test_limits import KEY_FILE, SMALL, assert_limit, bearer, multipart
+from tests.support.adapter_uploads import SMALL, multipart
+from tests.support.archives import CONFIG, PAIR, WEIGHTS, in_dir, tar_bytes
+from tests.support.openai_http import assert_limit
+from tests.support.servers import serving_engine
+from tests.support.tenant_keys import KEY_FILE, bearer
 
 MAX_REQUEST_BYTES = 2**20
 SLOWDOWN = 20  # another tenant's request may take this many times its unloaded time while an attack runs
@@ -278,7 +280,7 @@ def refused_when_full(http: httpx.Client, url: str, tenant: str) -> httpx.Respon
     held ones (it counts them from their first bytes, which went out before this was sent)."""
     for _ in range(500):
         response = http.post(url + "/v1/adapters", data={"id": f"{tenant}-extra"},
-                             files=multipart((SMALL[0], b"not safetensors")), headers=bearer(tenant))
+                             files=multipart(SMALL[0], b"not safetensors"), headers=bearer(tenant))
         if response.status_code == 429:
             return response
         time.sleep(0.02)
@@ -319,7 +321,7 @@ def test_uploads_in_flight_are_capped_per_tenant_and_in_all(server: str, unloade
     for tenant in ("acme", "globex"):  # 48 MiB of zeros unpacked, then refused as weights
         assert_invalid_adapter(answers[tenant])
     with httpx.Client(timeout=60) as http:
-        response = http.post(server + "/v1/adapters", data={"id": "after-the-caps"}, files=multipart(SMALL),
+        response = http.post(server + "/v1/adapters", data={"id": "after-the-caps"}, files=multipart(*SMALL),
                              headers=bearer("acme"))
         assert response.status_code == 201, response.text  # the places came back
 

@@ -516,7 +516,7 @@ class ChatCompletionRequest(BaseGenerationRequest):
 
 
 # --------------------------------------------------------------------------------------------------
-# Responses (shapes from OpenAI's published schemas; `tests/openai_schema.py` holds us to them)
+# Responses (shapes from OpenAI's published schemas; `tests/support/openai_schema.py` holds us to them)
 
 
 class UsageInfo(BaseModel):

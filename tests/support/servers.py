@@ -1,12 +1,16 @@
-"""A real uvicorn server on a free localhost port, in a background thread, for tests."""
+"""Live servers for tests: a real uvicorn server on a free localhost port in a background thread (serving any
+app, or the real engine), and the handle of a real `lorahive serve` process (started by the `start_server`
+fixture, tests/conftest.py)."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
@@ -15,6 +19,8 @@ from server.api.app import build_app
 from server.config import Settings
 from server.engine import Engine
 from server.runtime import build_engine
+
+TIMEOUT_S = 120.0  # generous: only turns a hung server into a failure
 
 
 def free_port() -> int:
@@ -52,3 +58,12 @@ def serving_engine(settings: Settings) -> Iterator[tuple[str, Engine]]:
             yield url, engine
     finally:
         engine.shutdown()
+
+
+class Server:
+    """A `lorahive serve` process: the process, its base URL and the file its output goes to."""
+
+    def __init__(self, process: subprocess.Popen, url: str, log: Path):
+        self.process = process
+        self.url = url
+        self.log = log

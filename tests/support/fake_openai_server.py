@@ -7,7 +7,7 @@ contract (`POST /v1/adapters` multipart with `id`, `adapter_config`, `adapter_mo
 duplicate id; `DELETE /v1/adapters/{id}`; `GET /v1/adapters`) and validates what it receives: the PEFT
 config and the safetensors header, tensor names and shapes against its base model's dims.
 
-    python -m tests.fake_openai_server --port 8001 --ttft-ms 50 --itl-ms 10
+    python -m tests.support.fake_openai_server --port 8001 --ttft-ms 50 --itl-ms 10
 """
 
 from __future__ import annotations

@@ -1,0 +1,27 @@
+"""Adapter archives built in memory: the two files of a minimal adapter, tarballs of any files, and the same
+files under a directory."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+CONFIG = b'{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}'
+WEIGHTS = b"\x10\x00\x00\x00\x00\x00\x00\x00{}" + bytes(range(256)) * 4
+PAIR = {"adapter_config.json": CONFIG, "adapter_model.safetensors": WEIGHTS}
+
+
+def tar_bytes(files: dict[str, bytes], *, compressed: bool = True, extra: list[tarfile.TarInfo] = ()) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz" if compressed else "w", format=tarfile.PAX_FORMAT) as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for info in extra:
+            tf.addfile(info)
+    return buf.getvalue()
+
+
+def in_dir(directory: str, files: dict[str, bytes] = PAIR) -> dict[str, bytes]:
+    return {f"{directory}/{name}": data for name, data in files.items()}
