@@ -13,8 +13,10 @@ query-tile edge.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -260,3 +262,18 @@ def test_dispatch_and_backend_setting(torch_gen: torch.Generator) -> None:
     with pytest.raises(ValueError, match="--attention-backend"):
         resolve_attention_backend("flash", "cpu")  # type: ignore[arg-type]
 
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+
+
+def test_attention_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/attention_kernels.py runs end to end (tiny shapes; on a CPU the kernels interpreted)."""
+    from benchmarks.attention_kernels import main
+
+    out = tmp_path / "attention_kernels.json"
+    result = main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert {row["phase"] for row in result["rows"]} == {"decode", "prefill"}
+    assert all(row["triton_s"] > 0 and row["sdpa_s"] > 0 and row["reference_s"] > 0 for row in result["rows"])
+    assert all(row["max_abs_error"] < 0.05 for row in result["rows"])
