@@ -1,7 +1,9 @@
-"""The one function the model calls to add the LoRA delta of a mixed batch, and the choice of backend.
+"""The functions the model calls for the LoRA delta of a mixed batch and for paged attention, and the choice
+of backend for each.
 
-`resolve_backend` turns the `--lora-backend` setting into "torch" or "triton" once, when the engine is
-built; `add_lora` then takes that name on every call. "auto" means Triton for CUDA tensors when triton
+`resolve_backend` (`resolve_attention_backend`) turns the `--lora-backend` (`--attention-backend`) setting into
+"torch" or "triton" once, when the engine is built; `add_lora` (`paged_attention`) then takes that name on
+every call. "auto" means Triton for CUDA tensors when triton
 imports, the torch reference otherwise (CPU, or CUDA without triton). "triton" forced without CUDA runs the
 same kernels through Triton's interpreter, which is how the CPU tests exercise them.
 """
@@ -9,14 +11,17 @@ same kernels through Triton's interpreter, which is how the CPU tests exercise t
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import os
+from collections.abc import Callable
 from types import ModuleType
 from typing import Literal
 
 import torch
 
-from kernels import reference, self_check
+from kernels import attention_reference, reference, self_check
+from kernels.attention_metadata import AttentionBatch
 from kernels.metadata import LoRABatch
 from kernels.paging import PageTable
 
@@ -27,9 +32,8 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what "auto" se
 log = logging.getLogger("lorahive.kernels")
 
 
-@functools.cache
-def triton_ops() -> ModuleType | None:
-    """kernels.triton_ops, imported on first use; None when triton is not installed.
+def _import_triton_module(name: str) -> ModuleType | None:
+    """kernels.<name>, imported on first use; None when triton is not installed.
 
     Triton decides at decoration time whether kernels are compiled or interpreted, so without CUDA the
     interpreter is switched on before the first import (an explicit TRITON_INTERPRET wins).
@@ -37,25 +41,55 @@ def triton_ops() -> ModuleType | None:
     if not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
     try:
-        from kernels import triton_ops as module
+        return importlib.import_module(f"kernels.{name}")
     except ImportError:
         return None
-    return module
+
+
+@functools.cache
+def triton_ops() -> ModuleType | None:
+    """kernels.triton_ops (the LoRA kernels), or None without triton."""
+    return _import_triton_module("triton_ops")
+
+
+@functools.cache
+def attention_ops() -> ModuleType | None:
+    """kernels.attention_triton (the paged attention kernels), or None without triton."""
+    return _import_triton_module("attention_triton")
+
+
+def _resolve(setting: BackendSetting, device: torch.device | str, ops: Callable[[], ModuleType | None],
+             flag: str) -> Backend:
+    device = torch.device(device)
+    if setting == "torch":
+        return "torch"
+    if setting == "triton":
+        module = ops()
+        if module is None:
+            raise RuntimeError(f"{flag} triton needs the triton package, which is not installed")
+        if device.type != "cuda" and not module.INTERPRETED:
+            raise RuntimeError(
+                f"{flag} triton on a CPU device needs Triton's interpreter, but the kernels were already "
+                "compiled for the GPU; set TRITON_INTERPRET=1 before starting"
+            )
+        return "triton"
+    if setting != "auto":
+        raise ValueError(f"unknown {flag} {setting!r}; expected auto, torch or triton")
+    return "triton" if device.type == "cuda" and ops() is not None else "torch"
 
 
 def resolve_backend(
     setting: BackendSetting, device: torch.device | str, dtype: torch.dtype | None = None
 ) -> Backend:
-    """The backend a model on `device` (weights in `dtype`) uses for the whole run.
+    """The LoRA backend a model on `device` (weights in `dtype`) uses for the whole run.
 
     Triton is chosen only once its kernels, run on `device` in `dtype` on a small batch, agree with the torch
     reference (`kernels.self_check`); otherwise the reference serves, and a warning says why.
     """
     device = torch.device(device)
-    if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    chosen = _preferred_backend(setting, device)
+    chosen = _resolve(setting, device, triton_ops, "--lora-backend")
     if chosen == "triton":
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         problem = self_check.disagreement(triton_ops(), device, dtype)
         if problem is not None:
             log.warning("LoRA backend: using the torch reference instead of Triton on %s (%s): %s", device, dtype,
@@ -64,22 +98,9 @@ def resolve_backend(
     return chosen
 
 
-def _preferred_backend(setting: BackendSetting, device: torch.device) -> Backend:
-    if setting == "torch":
-        return "torch"
-    if setting == "triton":
-        ops = triton_ops()
-        if ops is None:
-            raise RuntimeError("--lora-backend triton needs the triton package, which is not installed")
-        if device.type != "cuda" and not ops.INTERPRETED:
-            raise RuntimeError(
-                "--lora-backend triton on a CPU device needs Triton's interpreter, but the kernels were already "
-                "compiled for the GPU; set TRITON_INTERPRET=1 before starting"
-            )
-        return "triton"
-    if setting != "auto":
-        raise ValueError(f"unknown LoRA backend {setting!r}; expected auto, torch or triton")
-    return "triton" if device.type == "cuda" and triton_ops() is not None else "torch"
+def resolve_attention_backend(setting: BackendSetting, device: torch.device | str) -> Backend:
+    """The attention backend a model on `device` uses for the whole run ("auto": Triton on CUDA)."""
+    return _resolve(setting, device, attention_ops, "--attention-backend")
 
 
 def add_lora(
@@ -113,3 +134,26 @@ def add_lora(
         return
     v = reference.shrink(x, lora_a, batch, table)
     reference.expand(y, v, lora_b, batch, slice_widths, table)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    batch: AttentionBatch,
+    window: int | None = None,
+    backend: BackendSetting = "auto",
+) -> torch.Tensor:
+    """Causal attention of a step's queries over their sequences' paged KV cache (`kernels.attention_reference`
+    states the contract). Triton runs the split-KV decode kernel for a decode-only step and the varlen
+    prefill/extend kernel for any other; "auto" resolves per call from the tensors."""
+    if backend == "auto":
+        use_triton = q.is_cuda and q.dtype in TRITON_DTYPES and attention_ops() is not None
+    else:
+        use_triton = backend == "triton"
+    if not use_triton:
+        return attention_reference.paged_attention(q, k_cache, v_cache, batch, window)
+    ops = attention_ops()
+    if ops is None:
+        raise RuntimeError("the Triton attention backend was requested but triton is not installed")
+    return ops.paged_attention(q, k_cache, v_cache, batch, window)

@@ -3,12 +3,18 @@
 The interpreter runs the kernels' arithmetic on the CPU but never lowers them, so an error that only the
 GPU compiler raises (the first GPU run found one: fp64 accumulators rejected by `tl.dot`'s default
 out_dtype) passes the interpreter tests. `triton.compile` with an explicit `GPUTarget` lowers them to PTX
-and machine code here, as the GPU would at first launch.
+and machine code here, as the GPU would at first launch. For the attention kernels the PTX is also read for
+what makes them fast: vectorised or asynchronous K/V loads, and tensor-core instructions for half inputs.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -84,9 +90,93 @@ def test_shrink_and_expand_compile_for_the_gpu(dtype: torch.dtype, arch: int) ->
     if dtype in (torch.float16, torch.bfloat16):
         # Half inputs must reach the tensor cores in the shrink (the reduction over d_in is its whole cost).
         assert "mma" in shrink.asm["ptx"]
-    # The expand streams B and y: with aligned slices (every real model's) each access moves 16 bytes.
-    wide = {"v4.b32", "v2.b64"}
-    assert {a.removeprefix("ld.global.") for a in global_accesses(expand.asm["ptx"], "ld")} & wide, "B, y loads"
-    assert {a.removeprefix("st.global.") for a in global_accesses(expand.asm["ptx"], "st")} & wide, "y stores"
-    # The shrink copies x and A tiles asynchronously into shared memory (16-byte cp.async, pipelined).
-    assert "cp.async" in shrink.asm["ptx"]
+
+
+# ------------------------------------------------------------------------------------------- attention
+
+ATTENTION_INDEX_POINTERS = ("tables_ptr", "lens_ptr", "starts_ptr", "tiles_ptr")
+ATTENTION_GROUP = 4  # Llama-3's 32 query heads over 8 KV heads
+ATTENTION_PAGE = 16  # the default --block-size
+
+
+def attention_signature(kernel, data: str, constexprs: dict) -> tuple[dict[str, str], dict]:
+    """Argument types and alignment as a launch from kernels.attention_triton on contiguous caches binds them:
+    pointers 16-byte aligned and the cache/query strides multiples of 16 elements (head_dim 64 or 128)."""
+    types, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            types[name] = "constexpr"
+            continue
+        if name in ATTENTION_INDEX_POINTERS:
+            types[name] = "*i32"
+        elif name.startswith("part_"):  # the decode's fp32 partials
+            types[name] = "*fp32"
+        elif name.endswith("_ptr"):
+            types[name] = data
+        else:
+            types[name] = "fp32" if name == "scale_log2" else "i32"
+        if name.endswith("_ptr") or (name.startswith("stride") and name != "stride_table"):
+            attrs[(index,)] = [["tt.divisibility", 16]]
+    return types, attrs
+
+
+def compile_attention_kernels(arch: int, dtype_name: str, head_dim: int) -> dict[str, str]:
+    """PTX of the decode, reduce and prefill kernels with the constexprs the engine launches them with."""
+    from kernels import attention_triton as attn
+
+    dtype = getattr(torch, dtype_name)
+    shared = {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "PAGE": ATTENTION_PAGE, "UPCAST": False,
+              "PRECISION": attn.precision(dtype)}
+    block_m = attn.PREFILL_ROWS
+    launches = {
+        "decode": (attn._decode_kernel, shared | {"GROUP": ATTENTION_GROUP, "BLOCK_G": attn.MIN_DOT,
+                                                  "BLOCK_N": attn.BLOCK_N}, 4),
+        "reduce": (attn._decode_reduce_kernel, {"HEAD_DIM": head_dim, "BLOCK_D": head_dim, "BLOCK_S": 16}, 4),
+        "prefill": (attn._prefill_kernel, shared | {"GROUP": ATTENTION_GROUP, "BLOCK_M": block_m,
+                                                    "BLOCK_N": attn.BLOCK_N}, attn.prefill_warps(block_m, head_dim)),
+    }
+    ptx = {}
+    for name, (kernel, constexprs, warps) in launches.items():
+        types, attrs = attention_signature(kernel, POINTER_TYPES[dtype], constexprs)
+        compiled = triton.compile(ASTSource(kernel, types, constexprs, attrs), target=GPUTarget("cuda", arch, 32),
+                                  options={"num_warps": warps})
+        assert compiled.asm["cubin"], f"no machine code for {name}"
+        ptx[name] = compiled.asm["ptx"]
+    return ptx
+
+
+ATTENTION_COMBOS = [(arch, dtype, head_dim) for arch in (80, 90) for dtype in ("float16", "bfloat16", "float32")
+                    for head_dim in (64, 128)]
+
+
+@pytest.fixture(scope="module")
+def attention_ptx() -> dict[tuple[int, str, int], dict[str, str]]:
+    """Every combination compiled in one fresh process with the compiler on: the attention kernels call their
+    own @triton.jit helpers, which a process that switched the interpreter on (other test modules) holds as
+    interpreted functions that `triton.compile` cannot lower."""
+    script = (
+        "import json, sys\n"
+        "from tests.test_kernels_compile import ATTENTION_COMBOS, compile_attention_kernels\n"
+        "json.dump([compile_attention_kernels(*combo) for combo in ATTENTION_COMBOS], sys.stdout)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=root,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return dict(zip(ATTENTION_COMBOS, json.loads(done.stdout), strict=True))
+
+
+@pytest.mark.parametrize(("arch", "dtype", "head_dim"), ATTENTION_COMBOS, ids=lambda v: str(v))
+def test_attention_kernels_compile_for_the_gpu(
+    attention_ptx: dict, arch: int, dtype: str, head_dim: int
+) -> None:
+    ptx = attention_ptx[(arch, dtype, head_dim)]
+    for name, code in ptx.items():
+        assert f".target sm_{arch}" in code, name
+    for name in ("decode", "prefill"):
+        # K/V rows come in as 16-byte vector loads or asynchronous copies (the key loop's software pipeline).
+        assert "ld.global.v4" in ptx[name] or "cp.async" in ptx[name], f"{name}: no vectorised K/V loads"
+        if dtype != "float32":  # q k^T and p v on the tensor cores (mma.sync on sm_80, wgmma on sm_90)
+            assert "mma" in ptx[name], f"{name}: no tensor-core instructions"

@@ -1,0 +1,279 @@
+"""Paged attention: the torch reference against a naive float64 definition, the Triton kernels against both.
+
+The naive definition is the contract written plainly: every sequence's keys gathered position by position
+from its block table, a dense explicit mask (causal, queries at the end of the context, window W: key j
+visible from position p when j <= p and p - j < W), softmax in float64. Every case scatters the sequences'
+blocks over the cache in a random order and poisons with NaN everything a kernel must not read: free blocks,
+the slots past a sequence's end in its last block, and the block-table entries past its own blocks (pointed
+at a NaN block). Without CUDA the Triton kernels run through the interpreter (TRITON_INTERPRET=1, set before
+triton is first imported); the `cuda` parameters run them compiled (marked `gpu`). Interpreter shapes stay
+small, and the tests shrink the kernels' blocks so that short sequences still cross every key-block and
+query-tile edge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+pytest.importorskip("triton")
+
+from kernels import AttentionBatch, attention_reference, paged_attention, resolve_attention_backend  # noqa: E402
+from kernels import attention_triton as ops  # noqa: E402
+from tests.test_kernels_reference import TOLERANCES  # noqa: E402
+
+DEVICES = [
+    pytest.param("cpu", marks=pytest.mark.skipif(not ops.INTERPRETED, reason="kernels compiled for the GPU")),
+    pytest.param("cuda", marks=pytest.mark.gpu),
+]
+GQA = [pytest.param(group, id=f"gqa{group}") for group in (1, 4, 8)]
+HEAD_DIMS = [pytest.param(dim, id=f"d{dim}") for dim in (64, 128)]
+WINDOWS = [pytest.param(None, id="full"), pytest.param(5, id="window5")]
+DTYPES = [pytest.param(torch.float32, id="float32"), pytest.param(torch.bfloat16, id="bfloat16")]
+NUM_KV_HEADS = 2
+
+# (context length, new tokens) per sequence. Decode: lengths 1, on both sides of a block edge, long.
+DECODE = [(1, 1), (16, 1), (17, 1), (50, 1), (33, 1)]
+# A mixed prefill/extend batch: a one-token prompt, decode tokens, whole prompts and chunks on a cached prefix,
+# crossing block (16) and query-tile edges.
+MIXED = [(1, 1), (17, 17), (45, 12), (33, 1), (16, 16), (40, 3)]
+
+
+@dataclass
+class AttentionCase:
+    q: torch.Tensor  # [T, H, D]
+    k_cache: torch.Tensor  # [N, P, Hkv, D]
+    v_cache: torch.Tensor
+    batch: AttentionBatch
+    tables: list[list[int]]  # each sequence's own blocks
+    window: int | None
+
+    def run_reference(self) -> torch.Tensor:
+        return attention_reference.paged_attention(self.q, self.k_cache, self.v_cache, self.batch, self.window)
+
+
+def make_case(
+    gen: torch.Generator,
+    seqs: list[tuple[int, int]],
+    group: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    window: int | None = None,
+    block_size: int = 16,
+    device: str = "cpu",
+) -> AttentionCase:
+    """Random queries and caches; blocks shuffled over the cache with spares; NaN wherever no one may read."""
+    needed = [-(-context // block_size) for context, _ in seqs]
+    num_blocks = sum(needed) + 3  # spares: free blocks, one of them the target of padding entries
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    tables, taken = [], 0
+    for count in needed:
+        tables.append(order[taken : taken + count])
+        taken += count
+    shape = (num_blocks, block_size, NUM_KV_HEADS, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    for free in order[taken:]:
+        k_cache[free] = v_cache[free] = float("nan")
+    for (context, _), blocks in zip(seqs, tables, strict=True):
+        k_cache[blocks[-1], context - (len(blocks) - 1) * block_size :] = float("nan")
+        v_cache[blocks[-1], context - (len(blocks) - 1) * block_size :] = float("nan")
+    batch = AttentionBatch.from_sequences(tables, [c for c, _ in seqs], [n for _, n in seqs], device)
+    for row, blocks in enumerate(tables):  # padding entries name a NaN block: following one shows
+        batch.block_tables[row, len(blocks) :] = order[-1]
+    q = torch.randn(sum(n for _, n in seqs), NUM_KV_HEADS * group, head_dim, generator=gen).to(dtype)
+    return AttentionCase(q.to(device), k_cache.to(device), v_cache.to(device), batch, tables, window)
+
+
+def naive_attention(case: AttentionCase) -> torch.Tensor:
+    """float64 softmax(q k^T / sqrt(D)) v with a dense explicit mask, keys gathered position by position."""
+    block_size = case.k_cache.shape[1]
+    group = case.q.shape[1] // case.k_cache.shape[2]
+    q = case.q.cpu().double()
+    out = torch.empty_like(q)
+    starts = case.batch.host_query_starts
+    for seq, blocks in enumerate(case.tables):
+        context = case.batch.host_context_lens[seq]
+        first_query = context - (starts[seq + 1] - starts[seq])
+        slots = [(blocks[j // block_size], j % block_size) for j in range(context)]
+        k = torch.stack([case.k_cache[b, s] for b, s in slots]).cpu().double().repeat_interleave(group, dim=1)
+        v = torch.stack([case.v_cache[b, s] for b, s in slots]).cpu().double().repeat_interleave(group, dim=1)
+        query_pos = torch.arange(first_query, context)[:, None]
+        key_pos = torch.arange(context)[None, :]
+        mask = key_pos <= query_pos
+        if case.window is not None:
+            mask &= query_pos - key_pos < case.window
+        scores = torch.einsum("qhd,khd->hqk", q[starts[seq] : starts[seq + 1]], k) / q.shape[-1] ** 0.5
+        probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        out[starts[seq] : starts[seq + 1]] = torch.einsum("hqk,khd->qhd", probs, v)
+    return out
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    assert actual.dtype == dtype
+    torch.testing.assert_close(actual.cpu().double(), expected.cpu().double(), **TOLERANCES[dtype])
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Key blocks of 16 and query tiles of 16 rows: the short test sequences cross every edge."""
+    monkeypatch.setattr(ops, "BLOCK_N", 16)
+    monkeypatch.setattr(ops, "PREFILL_ROWS", 16)
+
+
+# ------------------------------------------------------------------------------------------ reference
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("group", GQA)
+@pytest.mark.parametrize("seqs", [pytest.param(DECODE, id="decode"), pytest.param(MIXED, id="mixed")])
+def test_reference_matches_naive(
+    torch_gen: torch.Generator, seqs: list, group: int, head_dim: int, window: int | None, dtype: torch.dtype
+) -> None:
+    case = make_case(torch_gen, seqs, group, head_dim, dtype, window)
+    assert_close(case.run_reference(), naive_attention(case), dtype)
+
+
+def test_reference_masks_only_what_sdpa_needs(torch_gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One SDPA call per sequence, over the keys its queries can see; a mask only for a prefix or a window, and
+    then [new tokens, keys seen]: nothing grows with batch x longest context."""
+    calls = []
+    sdpa = attention_reference.F.scaled_dot_product_attention
+
+    def recording_sdpa(q, k, v, attn_mask=None, is_causal=False, **kwargs):
+        calls.append((q.shape[1], k.shape[1], None if attn_mask is None else tuple(attn_mask.shape), is_causal))
+        return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
+
+    monkeypatch.setattr(attention_reference.F, "scaled_dot_product_attention", recording_sdpa)
+    seqs = [(1, 1), (40, 1), (17, 17), (45, 12)]
+    make_case(torch_gen, seqs, 4, 64, torch.float32).run_reference()
+    assert calls == [(1, 1, None, False), (1, 40, None, False), (17, 17, None, True), (12, 45, (12, 45), False)]
+    calls.clear()
+    make_case(torch_gen, seqs, 4, 64, torch.float32, window=5).run_reference()
+    # Keys before the window of a sequence's first query are not even gathered.
+    assert calls == [(1, 1, None, False), (1, 5, None, False), (17, 17, (17, 17), False), (12, 16, (12, 16), False)]
+
+
+# --------------------------------------------------------------------------------------------- triton
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("group", GQA)
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_decode_matches_reference(
+    torch_gen: torch.Generator, device: str, group: int, head_dim: int, window: int | None, dtype: torch.dtype,
+    small_blocks: None,
+) -> None:
+    case = make_case(torch_gen, DECODE, group, head_dim, dtype, window, device=device)
+    expected = case.run_reference()
+    for splits in (1, 3):  # 3 splits of a 1- or 5-key window: some splits have no keys at all
+        out = ops.decode(case.q, case.k_cache, case.v_cache, case.batch, window, splits=splits)
+        assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("group", GQA)
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_prefill_matches_reference(
+    torch_gen: torch.Generator, device: str, group: int, head_dim: int, window: int | None, dtype: torch.dtype,
+    small_blocks: None,
+) -> None:
+    case = make_case(torch_gen, MIXED, group, head_dim, dtype, window, device=device)
+    out = ops.prefill(case.q, case.k_cache, case.v_cache, case.batch, window)
+    assert_close(out, case.run_reference(), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_with_default_blocks_and_another_block_size(torch_gen: torch.Generator, device: str) -> None:
+    """The blocks the engine launches, on cache blocks of 8 slots; the decode split count left to the kernel."""
+    for seqs in (DECODE, MIXED):
+        case = make_case(torch_gen, seqs, 4, 64, torch.float32, window=20, block_size=8, device=device)
+        out = paged_attention(case.q, case.k_cache, case.v_cache, case.batch, case.window, backend="triton")
+        assert_close(out, naive_attention(case), torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_splits_at_most_one_per_key_block(torch_gen: torch.Generator, device: str, small_blocks: None) -> None:
+    """More splits than the longest context has key blocks: the extra splits are empty and weigh nothing."""
+    case = make_case(torch_gen, DECODE, 8, 64, torch.float32, device=device)
+    out = ops.decode(case.q, case.k_cache, case.v_cache, case.batch, splits=8)
+    assert_close(out, naive_attention(case), torch.float32)
+
+
+def test_decode_kernel_refuses_a_batch_with_longer_chunks(torch_gen: torch.Generator) -> None:
+    case = make_case(torch_gen, MIXED, 1, 64, torch.float32)
+    with pytest.raises(ValueError, match="one query per sequence"):
+        ops.decode(case.q, case.k_cache, case.v_cache, case.batch)
+
+
+def test_default_splits_fill_the_gpu_only_where_there_is_one() -> None:
+    assert ops.default_splits(1, 8, 8192, torch.device("cpu")) == 1
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        assert ops.default_splits(1, 8, 8192, device) > 1  # a batch of one still spreads over the SMs
+        assert ops.default_splits(1, 8, 100, device) == 1  # too short to be worth splitting
+        assert ops.default_splits(256, 8, 8192, device) == 1
+
+
+# ------------------------------------------------------------------------------------- metadata, dispatch
+
+
+def test_prefill_tiles_cut_each_sequence_into_runs() -> None:
+    batch = AttentionBatch.from_sequences([[0], [1, 2], [3]], [3, 20, 5], [3, 9, 1])
+    assert batch.prefill_tiles(4).tolist() == [[0, 0, 3], [1, 3, 7], [1, 7, 11], [1, 11, 12], [2, 12, 13]]
+    assert batch.query_starts.tolist() == [0, 3, 12, 13] and not batch.decode_only
+    assert AttentionBatch.from_sequences([[0], [1]], [3, 1], [1, 1]).decode_only
+
+
+@pytest.mark.parametrize(
+    ("tables", "contexts", "queries"),
+    [([[0]], [4], [5]), ([[0]], [4], [0]), ([[]], [4], [1]), ([[0], [1]], [4], [1, 1])],
+)
+def test_metadata_refuses_inconsistent_sequences(tables: list, contexts: list, queries: list) -> None:
+    with pytest.raises(ValueError):
+        AttentionBatch.from_sequences(tables, contexts, queries)
+
+
+def test_dispatch_and_backend_setting(torch_gen: torch.Generator) -> None:
+    case = make_case(torch_gen, MIXED, 4, 64, torch.float32, window=5)
+    expected = case.run_reference()
+    for backend in ("torch", "auto"):  # auto: the reference for CPU tensors
+        out = paged_attention(case.q, case.k_cache, case.v_cache, case.batch, case.window, backend=backend)
+        assert torch.equal(out, expected)
+    assert resolve_attention_backend("torch", "cpu") == "torch"
+    assert resolve_attention_backend("auto", "cpu") == "torch"
+    if ops.INTERPRETED:
+        assert resolve_attention_backend("triton", "cpu") == "triton"
+    if torch.cuda.is_available():
+        assert resolve_attention_backend("auto", "cuda") == "triton"
+    with pytest.raises(ValueError, match="--attention-backend"):
+        resolve_attention_backend("flash", "cpu")  # type: ignore[arg-type]
+
+
+
+# ------------------------------------------------------------------------------------------- benchmark
+
+
+def test_attention_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/attention_kernels.py runs end to end (tiny shapes; on a CPU the kernels interpreted)."""
+    from benchmarks.attention_kernels import main
+
+    out = tmp_path / "attention_kernels.json"
+    result = main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    assert {row["phase"] for row in result["rows"]} == {"decode", "prefill"}
+    assert all(row["triton_s"] > 0 and row["sdpa_s"] > 0 and row["reference_s"] > 0 for row in result["rows"])
+    assert all(row["max_abs_error"] < 0.05 for row in result["rows"])
