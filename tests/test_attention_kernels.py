@@ -27,7 +27,7 @@ pytest.importorskip("triton")
 
 from kernels import AttentionBatch, attention_reference, paged_attention, resolve_attention_backend  # noqa: E402
 from kernels import attention_triton as ops  # noqa: E402
-from tests.test_kernels_reference import TOLERANCES  # noqa: E402
+from tests.support.lora_cases import TOLERANCES  # noqa: E402
 
 DEVICES = [
     pytest.param("cpu", marks=pytest.mark.skipif(not ops.INTERPRETED, reason="kernels compiled for the GPU")),

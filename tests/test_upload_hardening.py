@@ -180,7 +180,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     key_file.write_text(json.dumps(KEY_FILE))
     settings = Settings(store=tmp_path_factory.mktemp("store"), api_keys=key_file, max_lora_rank=8,
                         max_request_bytes=MAX_REQUEST_BYTES, max_concurrent_uploads=2,
-                        max_concurrent_uploads_per_tenant=1)
+                        max_concurrent_uploads_per_tenant=1,
+                        # Held uploads wait for the test's release, longer on a loaded machine than the default
+                        # --body-timeout would let them: their 408 would free their places mid-test.
+                        body_timeout=600)
     with serving_engine(settings) as (url, _):
         yield url
 
