@@ -94,11 +94,12 @@ def _hf_views(model: Transformer) -> dict[str, torch.Tensor]:
             views[f"{prefix}{hf_norm}.weight"] = getattr(layer, ours).weight
         for hf_module, (path, slice_index) in _LAYER_WEIGHTS.items():
             module = layer.get_submodule(path)
+            base = module.base  # LoRA pages are the adapters'; the checkpoint fills the base layer
             offset = sum(module.slice_widths[:slice_index])
             width = module.slice_widths[slice_index]
-            views[f"{prefix}{hf_module}.weight"] = module.weight[offset : offset + width]
-            if module.bias is not None:
-                views[f"{prefix}{hf_module}.bias"] = module.bias[offset : offset + width]
+            views[f"{prefix}{hf_module}.weight"] = base.weight[offset : offset + width]
+            if base.bias is not None:
+                views[f"{prefix}{hf_module}.bias"] = base.bias[offset : offset + width]
     return views
 
 

@@ -1,16 +1,17 @@
 """A linear layer that adds each token's own LoRA delta, without knowing about tenants.
 
-Following vLLM's layering: the layer holds the base weight plus one paged buffer of A and one of B
-(`kernels.paging`); the slot pool writes an adapter into pages (`write_pages`) and keeps the page table;
-the engine publishes the step's token -> slot metadata once in the shared `LoRAContext`; `forward` does the
-base GEMM and then one shrink + one expand over all fused output slices.
+Following vLLM's layering: the layer wraps a base layer (`y = base(x)`: today an `nn.Linear`; a quantized or
+tensor-parallel linear plugs in the same way, LoRA untouched) and holds one paged buffer of A and one of B
+(`kernels.paging`); the model runner writes an adapter into pages (`write_pages`), keeps the page table and
+publishes the step's token -> slot metadata once in the shared `LoRAContext`; `forward` runs the base layer
+and then one shrink + one expand over all fused output slices.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import skip_init
 
 from kernels import LoRABatch, PageTable, add_lora
 from kernels.paging import SliceWeights, allocate_buffers, pack_pages, page_bytes
@@ -20,7 +21,7 @@ class LoRAContext:
     """The current step's LoRA metadata, shared by every LoRA layer of one model.
 
     `backend` is resolved once when the engine is built ("torch" or "triton"; "auto" decides per call);
-    `table` holds each slot's pages and rank, kept by the slot pool.
+    `table` holds each slot's pages and rank, kept by the model runner.
     """
 
     def __init__(self) -> None:
@@ -29,44 +30,60 @@ class LoRAContext:
         self.table: PageTable | None = None
 
 
-class LoRALinear(nn.Module):
-    """y = x W^T (+ b), W fused from several projections (e.g. q|k|v), plus per-token LoRA.
+def fused_linear(d_in: int, slice_widths: tuple[int, ...], bias: bool) -> nn.Linear:
+    """The frozen base layer of a `LoRALinear`: one weight for all fused projections, left uninitialised (a
+    checkpoint fills it; a random init would cost seconds on a large model and draw from the global RNG)."""
+    linear = skip_init(nn.Linear, d_in, sum(slice_widths), bias=bias)
+    linear.requires_grad_(False)
+    if linear.bias is not None:
+        linear.bias.zero_()
+    return linear
 
-    `slice_names` are the projections fused in W (PEFT's module names), `slice_widths` their output
-    widths; an adapter that targets only some of them has zeros in the others' rows of its pages.
+
+class LoRALinear(nn.Module):
+    """y = base(x), the base fusing several projections (e.g. q|k|v), plus per-token LoRA.
+
+    `base` is anything with `in_features`, `out_features` and a `weight` whose dtype and device the LoRA pages
+    take (`nn.Linear`, or a quantized/sharded layer exposing those). `slice_names` are the projections fused
+    in it (PEFT's module names), `slice_widths` their output widths; an adapter that targets only some of
+    them has zeros in the others' rows of its pages.
     """
 
     def __init__(
         self,
-        d_in: int,
+        base: nn.Module,
         slice_widths: tuple[int, ...],
         slice_names: tuple[str, ...],
-        bias: bool,
         context: LoRAContext,
     ):
         super().__init__()
-        self.d_in = d_in
+        if sum(slice_widths) != base.out_features:
+            raise ValueError(f"slices {slice_widths} do not add up to the base layer's {base.out_features} outputs")
+        self.base = base
+        self.d_in: int = base.in_features
         self.slice_widths = slice_widths
         self.slice_names = slice_names
         self.context = context
-        self.weight = nn.Parameter(torch.empty(sum(slice_widths), d_in), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(sum(slice_widths)), requires_grad=False) if bias else None
         self.lora_a: torch.Tensor | None = None  # [pages, K * PAGE_RANK, d_in]
         self.lora_b: torch.Tensor | None = None  # [pages, PAGE_RANK, sum(widths)]
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.base.weight.dtype
+
+    @property
     def page_bytes(self) -> int:
-        return page_bytes(self.d_in, self.slice_widths, self.weight.dtype)
+        return page_bytes(self.d_in, self.slice_widths, self.dtype)
 
     def allocate_pages(self, num_pages: int) -> None:
         """Reserve zeroed A/B buffers of `num_pages` pages (page 0, the zero page, included)."""
         self.lora_a, self.lora_b = allocate_buffers(
-            num_pages, self.d_in, self.slice_widths, self.weight.dtype, self.weight.device
+            num_pages, self.d_in, self.slice_widths, self.dtype, self.base.weight.device
         )
 
     def pack(self, slices: list[SliceWeights], num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One adapter's weights for this layer as `num_pages` pages, in host memory, ready to copy."""
-        return pack_pages(slices, self.d_in, self.slice_widths, num_pages, self.weight.dtype)
+        return pack_pages(slices, self.d_in, self.slice_widths, num_pages, self.dtype)
 
     def write_pages(self, pages: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Copy `pack`'s output into `pages` (int64 indices on this layer's device)."""
@@ -77,7 +94,7 @@ class LoRALinear(nn.Module):
         self.lora_b.index_copy_(0, pages, b_pages.to(device, non_blocking=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = self.base(x)
         batch = self.context.batch
         if batch is not None and self.lora_a is not None:
             assert self.context.table is not None, "the slot pool publishes the page table"

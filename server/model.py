@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server.lora_linear import LoRAContext, LoRALinear
+from server.lora_linear import LoRAContext, LoRALinear, fused_linear
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -204,8 +204,9 @@ class Attention(nn.Module):
         self.layer_id = layer_id
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-        self.wqkv = LoRALinear(args.dim, (q_out, kv_out, kv_out), ("q_proj", "k_proj", "v_proj"), args.qkv_bias, lora)
-        self.wo = LoRALinear(q_out, (args.dim,), ("o_proj",), args.o_bias, lora)
+        qkv = (q_out, kv_out, kv_out)
+        self.wqkv = LoRALinear(fused_linear(args.dim, qkv, args.qkv_bias), qkv, ("q_proj", "k_proj", "v_proj"), lora)
+        self.wo = LoRALinear(fused_linear(q_out, (args.dim,), args.o_bias), (args.dim,), ("o_proj",), lora)
 
     def forward(self, x, cos, sin, step: StepBatch, cache: KVCache) -> torch.Tensor:
         t = x.shape[0]
@@ -228,8 +229,11 @@ class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs, lora: LoRAContext):
         super().__init__()
         hidden = args.intermediate_size
-        self.w_gate_up = LoRALinear(args.dim, (hidden, hidden), ("gate_proj", "up_proj"), args.mlp_bias, lora)
-        self.w_down = LoRALinear(hidden, (args.dim,), ("down_proj",), args.mlp_bias, lora)
+        gate_up = (hidden, hidden)
+        self.w_gate_up = LoRALinear(
+            fused_linear(args.dim, gate_up, args.mlp_bias), gate_up, ("gate_proj", "up_proj"), lora
+        )
+        self.w_down = LoRALinear(fused_linear(hidden, (args.dim,), args.mlp_bias), (args.dim,), ("down_proj",), lora)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.w_gate_up(x).chunk(2, dim=-1)
