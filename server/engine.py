@@ -2,8 +2,13 @@
 
 The event loop talks to it through `submit` (returns a `RequestStream`) and `RequestStream.abort`; both
 only put a message in the engine's inbox. The engine thread drains the inbox between steps, asks the
-scheduler for a plan, runs one forward pass for the whole mixed-adapter batch, samples, detokenizes and
-pushes `ChoiceDelta`s back onto each request's asyncio queue with `call_soon_threadsafe`.
+scheduler for a plan, has the model runner apply the adapter pool's queued writes and run one forward pass
+for the whole mixed-adapter batch and sample it, then detokenizes and pushes `ChoiceDelta`s back onto each
+request's asyncio queue with `call_soon_threadsafe`.
+
+The engine orchestrates and nothing more: the scheduler, the KV block allocator and the adapter pool only
+decide (host bookkeeping); the model runner (`server/model_runner.py`) alone touches device memory. Whoever
+wants to know how busy the engine is reads `stats()`, a snapshot, not those parts' internals.
 """
 
 from __future__ import annotations
@@ -21,11 +26,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from server.adapter_pool import AdapterSlotPool
+from server.adapter_pool import AdapterSlotPool, LoadAdapter
 from server.adapter_registry import AdapterRegistry, AdapterVersion
 from server.kv_blocks import BlockAllocator
 from server.metrics import Metrics
-from server.model import KVCache, Transformer
+from server.model import Transformer
+from server.model_runner import ModelRunner, adapter_page_bytes
 from server.requests import (
     AdapterBrokenError,
     AdapterChangedError,
@@ -39,9 +45,8 @@ from server.requests import (
     RequestError,
     SamplingParams,
 )
-from server.sampling import SamplerState, sample
+from server.sampling import SamplerState
 from server.scheduler import ScheduledChunk, Scheduler, Sequence
-from server.step_builder import build_step
 from server.tokenizer import IncrementalDetokenizer, Tokenizer
 from server.waiting_quota import WaitingQuota
 
@@ -66,6 +71,26 @@ class EngineConfig:
     max_num_batched_tokens: int
     max_gpu_adapter_bytes: int | None = None  # None: every slot can hold a max-rank adapter
     max_waiting_requests: int = 1024  # requests accepted but not yet admitted (server/waiting_quota.py)
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """How busy the engine is, at one moment (`Engine.stats`); counters count since the engine started."""
+
+    running: int  # sequences (request choices) admitted
+    waiting: int  # sequences waiting for admission
+    kv_blocks_used: int
+    kv_blocks_total: int
+    adapter_slots: int  # device slots in all
+    adapters_resident: int  # adapters in a device slot
+    adapters_pinned: int  # slots a scheduled sequence holds
+    adapter_bytes_resident: int
+    adapter_bytes_capacity: int
+    adapter_loads: int  # host -> device, prefetches included
+    adapter_prefetches: int
+    adapter_evictions: int
+    preemptions: int
+    steps: int  # forward passes
 
 
 class RequestStream:
@@ -128,15 +153,12 @@ class Engine:
         self.max_model_len = config.max_model_len
         self.created = int(time.time())
         self.registry = registry
-        device, dtype = model.output.weight.device, model.output.weight.dtype
-        args = model.args
-        self.device = device
-        self.cache = KVCache(
-            args.n_layers, config.num_kv_blocks * config.block_size, args.n_kv_heads, args.head_dim, dtype, device
-        )
         self.allocator = BlockAllocator(config.num_kv_blocks, config.block_size)
-        self.pool = AdapterSlotPool(model, config.max_gpu_adapters, config.max_lora_rank,
+        self.pool = AdapterSlotPool(config.max_gpu_adapters, config.max_lora_rank, adapter_page_bytes(model),
                                     config.max_gpu_adapter_bytes)
+        self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size, self.pool.num_slots,
+                                  self.pool.max_rank, self.pool.num_pages)
+        self.device = self.runner.device
         self.metrics = metrics if metrics is not None else Metrics()
         self.scheduler = Scheduler(
             self.allocator, self.pool, registry, config.max_num_seqs, config.max_num_batched_tokens,
@@ -280,6 +302,26 @@ class Engine:
             self._inbox.append((kind, payload))
             self._wake.notify()
 
+    def stats(self) -> EngineStats:
+        """A snapshot of the engine's load; cheap, and safe to call from any thread (each number is read once)."""
+        scheduler, allocator, pool = self.scheduler, self.allocator, self.pool
+        return EngineStats(
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting),
+            kv_blocks_used=allocator.num_used,
+            kv_blocks_total=allocator.num_blocks,
+            adapter_slots=pool.num_slots,
+            adapters_resident=pool.resident_count,
+            adapters_pinned=pool.pinned_count,
+            adapter_bytes_resident=pool.resident_bytes,
+            adapter_bytes_capacity=pool.capacity_bytes,
+            adapter_loads=pool.loads,
+            adapter_prefetches=pool.prefetches,
+            adapter_evictions=pool.evictions,
+            preemptions=scheduler.num_preemptions,
+            steps=self.steps,
+        )
+
     # ---- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -321,6 +363,7 @@ class Engine:
                     continue
                 adapter_id = adapter.adapter_id if adapter else None
                 self._fail(seq.request_id, _logged_error(f"The adapter '{adapter_id}' could not be loaded: {error}"))
+            self._write_adapters()
             stalled = not plan
             if plan:
                 self._admitted(plan)
@@ -382,32 +425,54 @@ class Engine:
         start = time.perf_counter()
         generators = [c.seq.sampler.generator for c in plan if not c.seq.sampler.params.greedy]
         generator_states = [g.get_state() for g in generators]
+        # The forward is queued on the GPU while `overlap` runs: copy the next adapters then.
+        overlap = self._prefetch_adapters if self.runner.copies_overlap_compute else None
         try:
-            step, lora_batch, sampled = build_step(
-                plan, self.allocator.block_size, self.model.args.sliding_window, self.device
-            )
-            self.model.lora.batch = lora_batch
-            logits = self.model(step, self.cache)
-            if self.pool.copies_overlap_compute:  # the forward is queued on the GPU: copy the next adapters now
-                self.scheduler.prefetch_to_device()
-            tokens, logprobs = sample(logits, [c.seq.sampler for c in sampled])
+            output = self.runner.execute(plan, overlap)
         except Exception:
             for generator, state in zip(generators, generator_states, strict=True):
                 generator.set_state(state)
             raise
-        finally:
-            self.model.lora.batch = None
         self.steps += 1
         self.metrics.step(time.perf_counter() - start, len(plan), sum(c.num_tokens for c in plan))
         for chunk in plan:
             chunk.seq.num_computed += chunk.num_tokens
-        for chunk, token, logprob in zip(sampled, tokens, logprobs, strict=True):
+        for chunk, token, logprob in zip(output.chunks, output.tokens, output.logprobs, strict=True):
             if chunk.seq.finished:  # a sibling choice failed just now, and its request with it
                 continue
             try:
                 self._append_token(chunk.seq, token, logprob)
             except Exception as exc:  # detokenizing or stop checks of one sequence: it fails, the step stands
                 self._fail_culprit(chunk.seq, exc)
+
+    def _prefetch_adapters(self) -> None:
+        self.scheduler.prefetch_to_device()
+        self._write_adapters()
+
+    def _write_adapters(self) -> None:
+        """Have the model runner carry out the adapter pool's queued writes, in order.
+
+        A load the runner cannot do (weights a layer refuses) leaves its slot empty: the requests that hold the
+        slot fail with the reason, the slot is freed, and everything else goes on."""
+        while writes := self.pool.take_writes():
+            for write in writes:
+                start = time.perf_counter()
+                try:
+                    self.runner.apply(write)
+                except Exception as exc:
+                    if not isinstance(write, LoadAdapter):
+                        raise
+                    self._adapter_write_failed(write, exc)
+                    continue
+                if isinstance(write, LoadAdapter):
+                    self.metrics.adapter_loaded("host_to_gpu", time.perf_counter() - start)
+
+    def _adapter_write_failed(self, write: LoadAdapter, exc: Exception) -> None:
+        error = _logged_error(f"The adapter '{write.adapter.adapter_id}' could not be loaded: {exc}")
+        for seq in [s for s in self.scheduler.running if s.slot == write.slot]:
+            self._fail(seq.request_id, error)
+        if self.pool.slot_of(write.key) == write.slot:
+            self.pool.discard(write.key)  # its pins went with the requests above; the clear is queued next
 
     def _fail_culprit(self, seq: Sequence, exc: Exception) -> None:
         """End the request of `seq`, which failed a step on its own, with an error naming the logged cause."""

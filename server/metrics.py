@@ -110,7 +110,7 @@ class TopAdapters:
 
 
 class _StateCollector(Collector):
-    """Gauges and counters read from the engine's own bookkeeping at scrape time."""
+    """Gauges and counters read at scrape time from the engine's `stats()` snapshot and the registry's."""
 
     def __init__(self, metrics: Metrics):
         self._metrics = metrics
@@ -121,20 +121,21 @@ class _StateCollector(Collector):
         engine = self._metrics.engine
         if engine is None:
             return
-        scheduler, allocator, pool, registry = engine.scheduler, engine.allocator, engine.pool, engine.registry
+        engine_stats, registry = engine.stats(), engine.registry
         yield _gauge("lorahive_requests_running", "Sequences (request choices) admitted and being decoded.",
-                     len(scheduler.running))
+                     engine_stats.running)
         yield _gauge("lorahive_requests_waiting", "Sequences waiting for admission (KV blocks, adapter slot, "
-                     "budget).", len(scheduler.waiting))
-        yield _gauge("lorahive_kv_cache_used_blocks", "KV-cache blocks in use.", allocator.num_used)
-        yield _gauge("lorahive_kv_cache_capacity_blocks", "KV-cache blocks in all.", allocator.num_blocks)
+                     "budget).", engine_stats.waiting)
+        yield _gauge("lorahive_kv_cache_used_blocks", "KV-cache blocks in use.", engine_stats.kv_blocks_used)
+        yield _gauge("lorahive_kv_cache_capacity_blocks", "KV-cache blocks in all.", engine_stats.kv_blocks_total)
         disk_count, disk_bytes = self._disk_stats(registry)
         stats = registry.stats
         resident = GaugeMetricFamily("lorahive_adapters_resident", "Adapters held per tier (disk: stored).",
                                      labels=["tier"])
         size = GaugeMetricFamily("lorahive_adapter_resident_bytes", "Adapter weight bytes held per tier.",
                                  labels=["tier"])
-        for tier, count, nbytes in (("gpu", pool.resident_count, pool.resident_bytes),
+        gpu = ("gpu", engine_stats.adapters_resident, engine_stats.adapter_bytes_resident)
+        for tier, count, nbytes in (gpu,
                                     ("host", stats.host_adapters, stats.host), ("disk", disk_count, disk_bytes)):
             resident.add_metric([tier], count)
             size.add_metric([tier], nbytes)
@@ -142,12 +143,12 @@ class _StateCollector(Collector):
         yield size
         loads = CounterMetricFamily("lorahive_adapter_loads", "Adapters loaded into a tier (gpu: into a device "
                                     "slot; host: read from disk into host memory).", labels=["tier"])
-        loads.add_metric(["gpu"], pool.loads)
+        loads.add_metric(["gpu"], engine_stats.adapter_loads)
         loads.add_metric(["host"], stats.loads_from_disk)
         yield loads
         evictions = CounterMetricFamily("lorahive_adapter_evictions", "Adapters evicted from a tier to make room "
                                         "(least recently used first).", labels=["tier"])
-        evictions.add_metric(["gpu"], pool.evictions)
+        evictions.add_metric(["gpu"], engine_stats.adapter_evictions)
         evictions.add_metric(["host"], stats.host_evictions)
         yield evictions
 
@@ -247,7 +248,7 @@ class Metrics:
         self.registry.register(_StateCollector(self))
 
     def attach(self, engine: Engine) -> None:
-        """Let the scrape-time collector read `engine`'s scheduler, KV cache and adapter tiers."""
+        """Let the scrape-time collector read `engine.stats()` and its adapter registry."""
         self.engine = engine
 
     def exposition(self) -> bytes:

@@ -184,14 +184,11 @@ class Scheduler:
             else:
                 self.registry.request_load(version)
             return None
-        start = time.perf_counter()
         try:
             slot = self.pool.acquire(version, None if resident else version.weights)
-        except Exception as exc:  # the adapter cannot be written to a slot: its request fails, others go on
+        except Exception as exc:  # the adapter cannot have a slot (its rank): its request fails, others go on
             self._drop(seq, exc)
             return None
-        if self.metrics is not None and not resident and slot is not None:
-            self.metrics.adapter_loaded("host_to_gpu", time.perf_counter() - start)
         self.registry.touch(version)
         return slot
 
@@ -207,25 +204,23 @@ class Scheduler:
                 seen += 1
 
     def prefetch_to_device(self) -> None:
-        """Copy the adapters that the next waiting sequences need from host memory into the device tier.
+        """Give the adapters that the next waiting sequences need a place in the device tier.
 
-        The engine calls this while a step runs on the GPU, so the copies overlap that step instead of
-        delaying the next one. Room is made only by evicting adapters that no running sequence pins and no
-        waiting sequence needs, so a prefetch never pushes out what the queue is about to use."""
+        Only decides (the pool queues the loads); the engine does this while a step runs on the GPU and has the
+        model runner copy them then, so the copies overlap that step instead of delaying the next one. Room is
+        made only by evicting adapters that no running sequence pins and no waiting sequence needs, so a
+        prefetch never pushes out what the queue is about to use."""
         needed = {seq.adapter for seq in self.waiting if seq.adapter is not None}
         for seq in self.waiting:
             version = seq.adapter
             if version is None or version.weights is None or self.pool.slot_of(version) is not None:
                 continue
-            start = time.perf_counter()
             try:
                 loaded = self.pool.prefetch(version, version.weights, keep=needed)
             except ValueError:  # a rank the pool cannot hold: admission fails that request with the reason
                 continue
             if not loaded:
                 return  # the device tier holds only what is in use or wanted
-            if self.metrics is not None:
-                self.metrics.adapter_loaded("host_to_gpu", time.perf_counter() - start)
 
     def _drop(self, seq: Sequence, error: Exception) -> None:
         self.waiting.remove(seq)

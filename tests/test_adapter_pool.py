@@ -1,4 +1,6 @@
-"""The device tier in pages: a byte budget spent by rank, LRU eviction that makes room, pins, prefetch."""
+"""The device tier in pages: a byte budget spent by rank, LRU eviction that makes room, pins, prefetch.
+
+The pool decides; the model runner carries out its queued writes (`written`), which the page table shows."""
 
 from __future__ import annotations
 
@@ -6,9 +8,11 @@ import pytest
 import torch
 
 from adapters_store import TARGET_MODULES
+from kernels import PageTable
 from kernels.paging import PAGE_RANK, ZERO_PAGE
 from server.adapter_pool import AdapterSlotPool
 from server.demo import build_demo_model
+from server.model_runner import ModelRunner, adapter_page_bytes
 from tests.support.engines import make_adapter
 
 MAX_RANK = 64  # four pages per max-rank adapter
@@ -24,9 +28,21 @@ def adapter(model, name: str, rank: int, seed: int = 0):
 
 
 def pool_of(model, num_slots: int, pages: int | None) -> AdapterSlotPool:
-    probe = AdapterSlotPool(model, 1, MAX_RANK)
-    budget = None if pages is None else pages * probe.page_bytes
-    return AdapterSlotPool(model, num_slots, MAX_RANK, budget)
+    page_bytes = adapter_page_bytes(model)
+    budget = None if pages is None else pages * page_bytes
+    return AdapterSlotPool(num_slots, MAX_RANK, page_bytes, budget)
+
+
+def runner_for(model, pool: AdapterSlotPool) -> ModelRunner:
+    return ModelRunner(model, num_kv_blocks=1, block_size=16, num_slots=pool.num_slots, max_rank=pool.max_rank,
+                       num_pages=pool.num_pages)
+
+
+def written(pool: AdapterSlotPool, runner: ModelRunner) -> PageTable:
+    """The page table once the runner has carried out every write the pool queued."""
+    for write in pool.take_writes():
+        runner.apply(write)
+    return runner.table
 
 
 def test_default_budget_fits_every_slot_at_max_rank(model):
@@ -39,6 +55,7 @@ def test_default_budget_fits_every_slot_at_max_rank(model):
 
 def test_byte_budget_holds_four_times_more_rank_16_than_rank_64_adapters(model):
     pool = pool_of(model, num_slots=8, pages=4)
+    runner = runner_for(model, pool)
     for i in range(4):
         pool.release(pool.acquire(("r16", i), adapter(model, f"r16-{i}", 16, seed=i)))
     assert pool.resident_count == 4 and pool.evictions == 0
@@ -47,8 +64,9 @@ def test_byte_budget_holds_four_times_more_rank_16_than_rank_64_adapters(model):
     # One rank-64 adapter needs all four pages: the four rank-16 ones leave, least recently used first.
     pool.release(pool.acquire("r64", adapter(model, "r64", 64, seed=9)))
     assert pool.resident_count == 1 and pool.evictions == 4
-    assert sorted(p for p in pool.table.pages[pool.slot_of("r64")].tolist()) == [1, 2, 3, 4]
-    assert pool.table.ranks[pool.slot_of("r64")] == 64
+    table = written(pool, runner)
+    assert sorted(p for p in table.pages[pool.slot_of("r64")].tolist()) == [1, 2, 3, 4]
+    assert table.ranks[pool.slot_of("r64")] == 64
 
 
 def test_eviction_takes_only_as_many_lru_adapters_as_the_pages_needed(model):
@@ -83,14 +101,16 @@ def test_out_of_slots_evicts_even_when_pages_are_free(model):
 
 def test_freed_pages_are_reused_and_the_table_points_past_the_rank_at_the_zero_page(model):
     pool = pool_of(model, num_slots=4, pages=4)
+    runner = runner_for(model, pool)
     slot = pool.acquire("a", adapter(model, "a", 20, seed=1))  # two pages
-    assert pool.table.pages[slot].tolist() == [1, 2, ZERO_PAGE, ZERO_PAGE]
+    assert written(pool, runner).pages[slot].tolist() == [1, 2, ZERO_PAGE, ZERO_PAGE]
     pool.release(slot)
     pool.discard("a")
-    assert pool.table.ranks[slot] == 0 and pool.table.pages[slot].tolist() == [ZERO_PAGE] * 4
+    table = written(pool, runner)
+    assert table.ranks[slot] == 0 and table.pages[slot].tolist() == [ZERO_PAGE] * 4
     assert pool.resident_bytes == 0
     slot = pool.acquire("b", adapter(model, "b", 40, seed=2))
-    assert sorted(pool.table.pages[slot].tolist()[:3]) == [1, 2, 3]
+    assert sorted(written(pool, runner).pages[slot].tolist()[:3]) == [1, 2, 3]
 
 
 def test_prefetch_evicts_only_what_is_neither_pinned_nor_wanted(model):
@@ -122,12 +142,16 @@ def test_a_slot_freed_behind_queued_compute_keeps_the_adapter_loaded_into_it():
     stream while the load goes on the copy stream, the clear would land last and the new adapter's row would
     read as empty: silently no LoRA."""
     model = build_demo_model()[0].to("cuda", torch.bfloat16)
-    pool = AdapterSlotPool(model, 1, MAX_RANK)
+    pool = pool_of(model, num_slots=1, pages=None)
+    runner = runner_for(model, pool)
     slot = pool.acquire("old", adapter(model, "old", 16, seed=1))
+    written(pool, runner)
     torch.cuda._sleep(200_000_000)  # ~0.1 s of queued work on the compute stream
+    runner.mark_read([slot])  # as a step reading the slot does
     pool.release(slot)
     assert pool.prefetch("new", adapter(model, "new", 32, seed=2), keep=())
+    table = written(pool, runner)
     torch.cuda.synchronize()
     assert pool.slot_of("new") == slot
-    assert pool.table.ranks[slot].item() == 32
-    assert (pool.table.pages[slot, :2] != ZERO_PAGE).all()
+    assert table.ranks[slot].item() == 32
+    assert (table.pages[slot, :2] != ZERO_PAGE).all()

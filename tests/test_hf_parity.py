@@ -16,7 +16,6 @@ import torch
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from server.adapter_pool import AdapterSlotPool  # noqa: E402
 from server.config import Settings  # noqa: E402
 from server.model import KVCache, Transformer  # noqa: E402
 from server.requests import GenerationRequest, SamplingParams  # noqa: E402
@@ -124,9 +123,10 @@ def test_logits_match_transformers_and_peft(checkpoint: Checkpoint, adapter: str
     assert engine.registry.ids() == sorted(ADAPTERS)  # every adapter imported, none skipped
     slot = -1
     if adapter is not None:
-        pool = AdapterSlotPool(engine.model, num_slots=2, max_rank=16)
         version = engine.registry.version(adapter)
-        slot = pool.acquire(version, version.weights)
+        slot = engine.pool.acquire(version, version.weights)
+        for write in engine.pool.take_writes():
+            engine.runner.apply(write)
     ours = _our_logits(engine.model, PROMPT, slot)
     with torch.no_grad():
         theirs = _hf_with_adapter(checkpoint, adapter)(torch.tensor([PROMPT])).logits[0].float()

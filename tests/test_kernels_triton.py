@@ -426,7 +426,7 @@ def test_engine_with_triton_backend_matches_torch_backend() -> None:
             outputs[backend] = [[c.token_ids for c in choices] for choices in generate(engine, requests)]
             assert_idle(engine)
             # The pool published each resident adapter's rank for the kernels (a1: 4, a2: 16).
-            assert sorted(r for r in engine.pool.table.ranks.tolist() if r) == [4, 16]
+            assert sorted(r for r in engine.runner.table.ranks.tolist() if r) == [4, 16]
         finally:
             engine.shutdown()
     assert outputs["triton"] == outputs["torch"]

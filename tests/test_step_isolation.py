@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-import server.engine
+import server.model_runner
 from server.engine import Engine, EngineStepError
 from server.requests import GenerationRequest, RequestError, SamplingParams
 from server.sampling import SamplerState
@@ -88,7 +88,7 @@ def test_a_sampler_failing_on_one_sequence_fails_only_its_request(
 ) -> None:
     expected = alone_results(engine)
     culprit = GenerationRequest(prompt(310, 13), SamplingParams(max_tokens=10, temperature=0.7, seed=1), n=culprit_n)
-    real_sample = server.engine.sample
+    real_sample = server.model_runner.sample
     shared_failures = 0
 
     def sample_failing_on_culprit(logits: Any, states: list[SamplerState]) -> Any:
@@ -101,7 +101,7 @@ def test_a_sampler_failing_on_one_sequence_fails_only_its_request(
             raise OverflowError("Overflow when unpacking long long")
         return result
 
-    monkeypatch.setattr(server.engine, "sample", sample_failing_on_culprit)
+    monkeypatch.setattr(server.model_runner, "sample", sample_failing_on_culprit)
     culprit_result, results = run_with_culprit(engine, culprit)
 
     assert isinstance(culprit_result, EngineStepError)

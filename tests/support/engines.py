@@ -124,9 +124,10 @@ def make_adapter(
 
 def assert_idle(engine: Engine) -> None:
     """Nothing scheduled, every KV block free, every adapter slot unpinned."""
-    assert not engine.scheduler.has_work()
-    assert engine.allocator.num_used == 0
-    assert [engine.pool.pinned(slot) for slot in range(engine.pool.num_slots)] == [0] * engine.pool.num_slots
+    stats = engine.stats()
+    assert (stats.running, stats.waiting) == (0, 0)
+    assert stats.kv_blocks_used == 0
+    assert stats.adapters_pinned == 0
 
 
 def start_engine(adapters: Mapping[str, LoraAdapter], **settings: Any) -> Engine:

@@ -1,0 +1,162 @@
+"""The model runner: the one place that touches device memory.
+
+It owns the model's device state: the weights, the paged KV cache, the adapter pages of every `LoRALinear`
+and the page table that points slots at them, the step's input tensors, the forward pass and sampling.
+Everything else decides: the scheduler picks the step (`ScheduledChunk`s), the adapter pool
+(`server/adapter_pool.py`) picks slots and pages and queues each decision as a `PoolWrite`; the engine hands
+those to `apply` and the plan to `execute`.
+
+On CUDA every adapter write (pages and page-table rows, loads and clears alike) goes on one side stream, so a
+clear and the load that reuses its slot or pages can never land out of order. Weights come from pinned host
+memory, so a copy issued while a step runs (`execute`'s `overlap`) overlaps that step. Before a slot is
+cleared, the side stream waits for an event recorded on the compute stream after the last step that read the
+slot (`mark_read`), and the compute stream waits for the side stream before the next step reads what it wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from adapters_store import LoraAdapter
+from kernels import PageTable
+from kernels.paging import SliceWeights
+from server.adapter_pool import ClearSlot, LoadAdapter, PoolWrite, written_rank
+from server.lora_linear import LoRALinear
+from server.model import KVCache, Transformer
+from server.requests import TokenLogprob
+from server.sampling import sample
+from server.scheduler import ScheduledChunk
+from server.step_builder import build_step
+
+
+def adapter_page_bytes(model: Transformer) -> int:
+    """Device bytes of one adapter page across every LoRA layer of `model` (the pool's unit of memory)."""
+    return sum(module.page_bytes for module in model.lora_layers())
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced: a token (and its logprob where asked for) per chunk that completes a sequence."""
+
+    chunks: list[ScheduledChunk]  # the chunks that got a token, in `tokens` order
+    tokens: list[int]
+    logprobs: list[TokenLogprob | None]
+
+
+class ModelRunner:
+    def __init__(
+        self, model: Transformer, num_kv_blocks: int, block_size: int, num_slots: int, max_rank: int, num_pages: int
+    ):
+        """`num_kv_blocks` KV-cache blocks of `block_size` tokens; `num_slots` adapter slots of up to `max_rank`
+        over `num_pages` adapter pages (the adapter pool's sizes)."""
+        self.model = model
+        self.block_size = block_size
+        weight = model.output.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        args = model.args
+        self.cache = KVCache(
+            args.n_layers, num_kv_blocks * block_size, args.n_kv_heads, args.head_dim, self.dtype, self.device
+        )
+        self._layers: list[tuple[int, LoRALinear]] = [
+            (i, module) for i, block in enumerate(model.layers) for module in block.modules()
+            if isinstance(module, LoRALinear)
+        ]
+        for _, module in self._layers:
+            module.allocate_pages(1 + num_pages)  # + the zero page
+        self.table = PageTable.empty(num_slots, max_rank, self.device)
+        model.lora.table = self.table
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        # Per slot, an event on the compute stream after the last step that read the slot (CUDA only).
+        self._last_use: list[torch.cuda.Event | None] = [None] * num_slots
+
+    @property
+    def copies_overlap_compute(self) -> bool:
+        """Whether adapter weights go up on a side stream, so deciding loads while a step runs is worth doing."""
+        return self._copy_stream is not None
+
+    # ---- adapter pages -----------------------------------------------------------------------------
+
+    def apply(self, write: PoolWrite) -> None:
+        """Carry out one decision of the adapter pool; apply them in the order the pool queued them."""
+        if isinstance(write, LoadAdapter):
+            self.load_adapter(write.slot, write.pages, write.adapter)
+        elif isinstance(write, ClearSlot):
+            self.clear_slot(write.slot)
+        else:
+            raise TypeError(f"not a pool write: {write!r}")
+
+    def load_adapter(self, slot: int, pages: Collection[int], adapter: LoraAdapter) -> None:
+        """Write `adapter` into `pages` of every LoRA layer, then point `slot`'s page-table row at them.
+
+        `slot` and `pages` must be free (cleared). Should a layer refuse the weights, the row stays empty, so the
+        slot reads as no adapter rather than half of one."""
+        pages = list(pages)
+        with self._copying():
+            index = torch.tensor(pages, dtype=torch.int64).to(self.device, non_blocking=True)
+            for layer_index, module in self._layers:
+                slices: list[SliceWeights] = []
+                for name in module.slice_names:
+                    weight = adapter.weights.get((layer_index, name))
+                    # The scale is folded in fp32 before `pack` casts to the layer's dtype once.
+                    slices.append(None if weight is None else (weight.a, weight.b * weight.scale))
+                packed = module.pack(slices, len(pages))
+                if self._copy_stream is not None:
+                    packed = (packed[0].pin_memory(), packed[1].pin_memory())  # so the copy is asynchronous
+                module.write_pages(index, packed)
+            self.table.assign(slot, written_rank(adapter), pages)
+
+    def clear_slot(self, slot: int) -> None:
+        """Point `slot`'s row at the zero page once the last step that read it has run; its pages are free after."""
+        with self._copying():
+            last_use = self._last_use[slot]
+            if last_use is not None:  # nothing may overwrite the slot's row or pages before its last reader ran
+                self._copy_stream.wait_event(last_use)
+                self._last_use[slot] = None
+            self.table.clear(slot)
+
+    def mark_read(self, slots: Collection[int]) -> None:
+        """Record that the compute work queued so far reads `slots`: a later clear of one waits for it."""
+        if self._copy_stream is None or not slots:
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        for slot in slots:
+            self._last_use[slot] = event
+
+    @contextmanager
+    def _copying(self) -> Iterator[None]:
+        """Device writes on the side stream (CUDA), ordered before everything the compute stream does next.
+
+        They wait for no queued compute except a freed slot's last reader (`clear_slot` waits on that event): a
+        step in flight pins every adapter it reads, so what a load overwrites is either free or was freed by a
+        `clear_slot` earlier on this same stream."""
+        if self._copy_stream is None:
+            yield
+            return
+        with torch.cuda.stream(self._copy_stream):
+            yield
+        torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+
+    # ---- steps -------------------------------------------------------------------------------------
+
+    def execute(self, plan: list[ScheduledChunk], overlap: Callable[[], None] | None = None) -> StepOutput:
+        """One forward pass over `plan` and a token for each chunk that completes its sequence.
+
+        `overlap` runs once the forward is queued on the device and before sampling waits for it: host work
+        (deciding and copying the next adapters) that then costs the step nothing. Changes no sequence: the
+        caller advances `num_computed` and appends the tokens, so a failed step can be retried as it was."""
+        step, lora_batch, sampled = build_step(plan, self.block_size, self.model.args.sliding_window, self.device)
+        self.model.lora.batch = lora_batch
+        try:
+            logits = self.model(step, self.cache)
+            if overlap is not None:
+                overlap()
+            tokens, logprobs = sample(logits, [chunk.seq.sampler for chunk in sampled])
+        finally:
+            self.model.lora.batch = None
+            self.mark_read({chunk.seq.slot for chunk in plan if chunk.seq.slot >= 0})
+        return StepOutput(sampled, tokens, logprobs)
