@@ -14,9 +14,9 @@ import torch
 
 from adapters_store import TARGET_MODULES
 from adapters_store.peft_export import to_peft_files
-from server.adapter_pool import AdapterSlotPool
 from server.config import Settings
 from server.engine import Engine
+from server.model_runner import ModelRunner
 from server.requests import GenerationRequest
 from server.runtime import build_engine
 from tests.support.engines import (
@@ -137,9 +137,9 @@ def test_prefetch_during_steps_gives_the_alone_outputs(engines, monkeypatch, dev
     alone = [generate(roomy, [r])[0] for r in requests]
 
     if device == "cpu":
-        monkeypatch.setattr(AdapterSlotPool, "copies_overlap_compute", property(lambda pool: True))
+        monkeypatch.setattr(ModelRunner, "copies_overlap_compute", property(lambda runner: True))
     tight = engines(max_gpu_adapters=4, max_num_seqs=2, device=device)
-    assert tight.pool.copies_overlap_compute
+    assert tight.runner.copies_overlap_compute
     assert generate(tight, requests) == alone
     assert tight.pool.prefetches > 0
     assert tight.pool.loads <= sum(r.adapter_id is not None for r in requests)
