@@ -1,0 +1,232 @@
+"""The model runner alone touches device memory: it writes the adapter pool's decisions into pages and the page
+table, runs mixed-adapter steps exactly as merged weights would, and the engine reports its load as `EngineStats`.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters_store import LoraAdapter
+from kernels.paging import ZERO_PAGE, pages_for_rank
+from server.adapter_pool import AdapterSlotPool
+from server.demo import build_demo_model
+from server.engine import EngineStats
+from server.lora_linear import LoRALinear
+from server.model import Transformer
+from server.model_runner import ModelRunner, adapter_page_bytes
+from server.sampling import SamplerState
+from server.scheduler import ScheduledChunk, Sequence
+from server.tokenizer import IncrementalDetokenizer, build_byte_tokenizer
+from tests.support.engines import ADAPTER_SPECS, MLP, generate_one, greedy, make_adapter, prompt, start_engine
+
+SERVER = Path(__file__).resolve().parents[1] / "server"
+
+# Modules of server/ that may allocate or write device tensors, each with the reason. Every other module only
+# decides, and reaches the device through the model runner.
+DEVICE_MODULES = {
+    "model_runner.py": "the owner: KV cache, adapter pages and page table, copy stream, step inputs, forward",
+    "model.py": "the model's own modules: the KV cache's buffers, and the forward writing K/V into them",
+    "lora_linear.py": "a layer's own page buffers, allocated and written when the runner calls it",
+    "step_builder.py": "builds a step's input tensors on the device; called by the runner only",
+    "sampling.py": "the sampler's tensors on the logits' device; called by the runner only",
+    "runtime.py": "startup, before any runner exists: picks the device and moves the loaded model onto it",
+    "checkpoint.py": "startup: fills the model's weights from a checkpoint (and writes one back, to the CPU)",
+    "demo.py": "startup: draws the demo model's weights, on the CPU",
+    "adapter_registry.py": "pins adapter weights in host memory (the host tier), so the runner's copies are async",
+}
+# Modules that must stay free of device work, whatever the list above says.
+DECIDERS = ("scheduler.py", "engine.py", "adapter_pool.py", "metrics.py", "kv_blocks.py")
+
+DEVICE_METHODS = {
+    "to", "cuda", "copy_", "index_copy_", "pin_memory", "write_pages", "allocate_pages", "wait_stream", "wait_event",
+    "record_stream",
+}
+DEVICE_NAMES = {"KVCache", "PageTable", "allocate_buffers", "build_step", "sample"}  # device state and its makers
+
+
+def device_work(source: str) -> list[str]:
+    """Each place in `source` that moves, writes or allocates device tensors, or builds device state."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            if isinstance(node.func, ast.Attribute) and node.func.attr in DEVICE_METHODS:
+                found.append(f"line {node.lineno}: .{node.func.attr}(")
+            found += [f"line {node.lineno}: {k.arg}=" for k in node.keywords if k.arg in ("device", "non_blocking")]
+        elif isinstance(node, ast.Attribute) and ast.unparse(node).startswith("torch.cuda."):
+            found.append(f"line {node.lineno}: {ast.unparse(node)}")
+        elif isinstance(node, ast.Name) and node.id in DEVICE_NAMES:
+            found.append(f"line {node.lineno}: {node.id}")
+        elif isinstance(node, ast.Assign):  # publishing a step's LoRA metadata or page table into the model
+            found += [f"line {node.lineno}: {ast.unparse(t)} =" for t in node.targets
+                      if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Attribute) and t.value.attr == "lora"]
+    return found
+
+
+def test_only_the_model_runner_and_its_helpers_touch_device_tensors():
+    offenders = {}
+    for path in sorted(SERVER.rglob("*.py")):
+        name = path.relative_to(SERVER).as_posix()
+        found = device_work(path.read_text())
+        if found and name not in DEVICE_MODULES:
+            offenders[name] = found
+    assert not offenders, f"device work outside the model runner: {offenders}"
+    assert not set(DECIDERS) & set(DEVICE_MODULES)
+    for name in DECIDERS:
+        assert device_work((SERVER / name).read_text()) == [], name
+
+
+def test_the_scan_sees_device_work():
+    """The scan itself: each kind of device work it must catch is caught."""
+    snippets = [
+        "x.to(device)", "w.index_copy_(0, i, v)", "torch.tensor([1], device=d)", "a.copy_(b, non_blocking=True)",
+        "s = torch.cuda.Stream(d)", "cache = KVCache(1, 2, 3, 4, d, e)", "model.lora.batch = b", "sample(l, s)",
+    ]
+    for snippet in snippets:
+        assert device_work(snippet), snippet
+    assert device_work("pool.acquire(key, weights)\nseq.slot = slot") == []
+
+
+# ---- behaviour ------------------------------------------------------------------------------------------
+
+MAX_RANK = 16
+BLOCK_SIZE = 16
+STEPS = 4  # the prefill's token, then decodes
+
+
+@pytest.fixture(scope="module")
+def model() -> Transformer:
+    return build_demo_model()[0].to(torch.float32)
+
+
+@pytest.fixture(scope="module")
+def adapters(model) -> dict[str, LoraAdapter]:
+    return {
+        "a0": make_adapter("a0", model.args, *ADAPTER_SPECS["a0"], seed=11, std=0.2),
+        "a2": make_adapter("a2", model.args, *ADAPTER_SPECS["a2"], seed=12, std=0.2),
+        "mlp": make_adapter("mlp", model.args, 4, 8.0, MLP, seed=13, std=0.2),
+    }
+
+
+def runner_and_pool(model: Transformer, num_slots: int) -> tuple[ModelRunner, AdapterSlotPool]:
+    pool = AdapterSlotPool(num_slots, MAX_RANK, adapter_page_bytes(model))
+    runner = ModelRunner(model, num_kv_blocks=32, block_size=BLOCK_SIZE, num_slots=pool.num_slots,
+                         max_rank=pool.max_rank, num_pages=pool.num_pages)
+    return runner, pool
+
+
+def sequence(seq_id: int, prompt_ids: tuple[int, ...], slot: int) -> Sequence:
+    tokenizer = build_byte_tokenizer()
+    params = greedy(prompt_ids, STEPS).params
+    blocks = [2 * seq_id, 2 * seq_id + 1]  # 32 tokens each, disjoint
+    return Sequence(seq_id, f"r{seq_id}", 0, list(prompt_ids), len(prompt_ids), None,
+                    SamplerState(params, torch.Generator()), IncrementalDetokenizer(tokenizer, (), False),
+                    blocks=blocks, slot=slot)
+
+
+def run_greedy(runner: ModelRunner, seqs: list[Sequence]) -> list[list[int]]:
+    """STEPS tokens for each of `seqs`, stepped together as the engine does (prefill, then one decode a step)."""
+    for _ in range(STEPS):
+        plan = [ScheduledChunk(seq, seq.num_pending) for seq in seqs]
+        output = runner.execute(plan)
+        for chunk in plan:
+            chunk.seq.num_computed += chunk.num_tokens
+        for chunk, token in zip(output.chunks, output.tokens, strict=True):
+            chunk.seq.token_ids.append(token)
+    return [seq.output_ids for seq in seqs]
+
+
+def merged(model: Transformer, adapter: LoraAdapter | None) -> Transformer:
+    """A copy of `model` with `adapter` folded into its base weights: the plain-PyTorch meaning of LoRA."""
+    merged_model = copy.deepcopy(model)
+    if adapter is None:
+        return merged_model
+    with torch.no_grad():
+        for layer_index, block in enumerate(merged_model.layers):
+            for module in block.modules():
+                if not isinstance(module, LoRALinear):
+                    continue
+                offset = 0
+                for name, width in zip(module.slice_names, module.slice_widths, strict=True):
+                    weight = adapter.weights.get((layer_index, name))
+                    if weight is not None:
+                        module.base.weight[offset : offset + width] += (weight.b * weight.scale) @ weight.a
+                    offset += width
+    return merged_model
+
+
+def alone_with_merged_weights(model: Transformer, adapter: LoraAdapter | None, prompt_ids) -> list[int]:
+    runner, _ = runner_and_pool(merged(model, adapter), num_slots=1)
+    return run_greedy(runner, [sequence(0, prompt_ids, slot=-1)])[0]
+
+
+def test_a_mixed_adapter_batch_gives_each_sequence_its_merged_weights_tokens(model, adapters):
+    runner, pool = runner_and_pool(model, num_slots=3)
+    slots = {name: pool.acquire(name, adapter) for name, adapter in adapters.items()}
+    for write in pool.take_writes():
+        runner.apply(write)
+    cases = [(None, prompt(1, 9)), ("a0", prompt(2, 23)), ("a2", prompt(3, 5)), ("mlp", prompt(4, 14)),
+             ("a0", prompt(5, 3))]
+    seqs = [sequence(i, p, -1 if name is None else slots[name]) for i, (name, p) in enumerate(cases)]
+    batched = run_greedy(runner, seqs)
+    alone = [alone_with_merged_weights(model, adapters.get(name), p) for name, p in cases]
+    assert batched == alone
+    base = [alone_with_merged_weights(model, None, p) for name, p in cases if name is not None]
+    assert all(a != b for a, b in zip(alone[1:], base, strict=True))  # every adapter steers: the check has teeth
+
+
+def test_load_adapter_then_clear_slot_round_trip(model, adapters):
+    runner, pool = runner_and_pool(model, num_slots=2)
+    adapter = adapters["a2"]
+    rank = ADAPTER_SPECS["a2"][0]
+    pages = list(range(1, 1 + pages_for_rank(rank)))
+    runner.load_adapter(1, pages, adapter)
+    assert runner.table.ranks[1].item() == rank and runner.table.host_pages[1] == tuple(pages)
+    assert runner.table.ranks[0].item() == 0  # the other slot untouched
+    ffn = model.layers[0].feed_forward.w_down
+    assert ffn.lora_b[pages].abs().sum() > 0 and ffn.lora_b[ZERO_PAGE].abs().sum() == 0
+    with_adapter = run_greedy(runner, [sequence(0, prompt(7, 12), slot=1)])[0]
+    assert with_adapter == alone_with_merged_weights(model, adapter, prompt(7, 12))
+
+    runner.clear_slot(1)
+    assert runner.table.ranks[1].item() == 0 and runner.table.pages[1].tolist() == [ZERO_PAGE] * pages_for_rank(16)
+    cleared = run_greedy(runner, [sequence(0, prompt(7, 12), slot=1)])[0]
+    assert cleared == alone_with_merged_weights(model, None, prompt(7, 12)) != with_adapter
+
+
+def test_engine_stats_reflect_a_running_request():
+    engine = start_engine({"a0": make_adapter("a0", build_demo_model()[0].args, *ADAPTER_SPECS["a0"], seed=3)})
+    during_step: list[EngineStats] = []
+    stepped = threading.Event()
+    execute = engine.runner.execute
+
+    def recording_execute(plan, overlap=None):
+        during_step.append(engine.stats())
+        stepped.set()
+        return execute(plan, overlap)
+
+    engine.runner.execute = recording_execute
+    try:
+        assert engine.stats().running == engine.stats().steps == 0
+        generate_one(engine, greedy(prompt(9, 40), 3, "a0", ignore_eos=True))
+        assert stepped.is_set()
+        first = during_step[0]
+        assert (first.running, first.waiting) == (1, 0)
+        assert first.kv_blocks_used == engine.allocator.blocks_for(40)  # the prompt's, at its prefill
+        assert first.kv_blocks_total == engine.allocator.num_blocks
+        assert (first.adapters_resident, first.adapters_pinned, first.adapter_loads) == (1, 1, 1)
+        assert first.adapter_bytes_resident == pool_bytes(engine.pool, ADAPTER_SPECS["a0"][0]) > 0
+        after = engine.stats()
+        assert (after.running, after.kv_blocks_used, after.adapters_pinned) == (0, 0, 0)
+        assert after.adapters_resident == 1 and after.steps == len(during_step) >= 3
+    finally:
+        engine.shutdown()
+
+
+def pool_bytes(pool: AdapterSlotPool, rank: int) -> int:
+    return pages_for_rank(rank) * pool.page_bytes
