@@ -100,7 +100,7 @@ async def run_workload(engine: Engine, adapter_ids: list[str | None], prompt_len
         "seconds": elapsed,
         "output_tokens_per_s": generated / elapsed,
         "steps": engine.steps - steps_before,
-        "adapter_loads": engine.pool.loads,
+        "adapter_loads": engine.stats().adapter_loads,
     }
 
 

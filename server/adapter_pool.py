@@ -53,7 +53,7 @@ def written_rank(adapter: LoraAdapter) -> int:
 
 class AdapterSlotPool:
     """Host-side bookkeeping of the device tier; `page_bytes` is one page across every LoRA layer of the model
-    (`ModelRunner.adapter_page_bytes`)."""
+    (`server.model_runner.adapter_page_bytes`)."""
 
     def __init__(self, num_slots: int, max_rank: int, page_bytes: int, max_bytes: int | None = None):
         self.num_slots = num_slots

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.utils import skip_init
 
 from kernels import LoRABatch, PageTable, add_lora
 from kernels.paging import SliceWeights, allocate_buffers, pack_pages, page_bytes
@@ -32,21 +31,24 @@ class LoRAContext:
 
 def fused_linear(d_in: int, slice_widths: tuple[int, ...], bias: bool) -> nn.Linear:
     """The frozen base layer of a `LoRALinear`: one weight for all fused projections, left uninitialised (a
-    checkpoint fills it; a random init would cost seconds on a large model and draw from the global RNG)."""
-    linear = skip_init(nn.Linear, d_in, sum(slice_widths), bias=bias)
-    linear.requires_grad_(False)
-    if linear.bias is not None:
-        linear.bias.zero_()
+    checkpoint fills it; a random init would cost seconds on a large model and draw from the global RNG). Its
+    tensors go on the default device and dtype, so a model built under `torch.device(...)` is built there."""
+    d_out = sum(slice_widths)
+    linear = nn.Linear(d_in, d_out, bias=bias, device="meta")  # shapes only; the tensors come next
+    linear.weight = nn.Parameter(torch.empty(d_out, d_in), requires_grad=False)
+    if bias:
+        linear.bias = nn.Parameter(torch.zeros(d_out), requires_grad=False)
     return linear
 
 
 class LoRALinear(nn.Module):
     """y = base(x), the base fusing several projections (e.g. q|k|v), plus per-token LoRA.
 
-    `base` is anything with `in_features`, `out_features` and a `weight` whose dtype and device the LoRA pages
-    take (`nn.Linear`, or a quantized/sharded layer exposing those). `slice_names` are the projections fused
-    in it (PEFT's module names), `slice_widths` their output widths; an adapter that targets only some of
-    them has zeros in the others' rows of its pages.
+    `base` is any module with `in_features` and `out_features` that maps [T, in] to [T, out] in the
+    activations' dtype (`nn.Linear`, or a quantized or sharded linear); LoRA never looks at its weights. The
+    pages take the dtype and device the model runner allocates them in. `slice_names` are the projections
+    fused in it (PEFT's module names), `slice_widths` their output widths; an adapter that targets only some
+    of them has zeros in the others' rows of its pages.
     """
 
     def __init__(
@@ -67,23 +69,18 @@ class LoRALinear(nn.Module):
         self.lora_a: torch.Tensor | None = None  # [pages, K * PAGE_RANK, d_in]
         self.lora_b: torch.Tensor | None = None  # [pages, PAGE_RANK, sum(widths)]
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.base.weight.dtype
+    def page_bytes(self, dtype: torch.dtype) -> int:
+        """Bytes of one page of A and B in `dtype`."""
+        return page_bytes(self.d_in, self.slice_widths, dtype)
 
-    @property
-    def page_bytes(self) -> int:
-        return page_bytes(self.d_in, self.slice_widths, self.dtype)
-
-    def allocate_pages(self, num_pages: int) -> None:
+    def allocate_pages(self, num_pages: int, dtype: torch.dtype, device: torch.device | str) -> None:
         """Reserve zeroed A/B buffers of `num_pages` pages (page 0, the zero page, included)."""
-        self.lora_a, self.lora_b = allocate_buffers(
-            num_pages, self.d_in, self.slice_widths, self.dtype, self.base.weight.device
-        )
+        self.lora_a, self.lora_b = allocate_buffers(num_pages, self.d_in, self.slice_widths, dtype, device)
 
     def pack(self, slices: list[SliceWeights], num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One adapter's weights for this layer as `num_pages` pages, in host memory, ready to copy."""
-        return pack_pages(slices, self.d_in, self.slice_widths, num_pages, self.dtype)
+        assert self.lora_a is not None, "allocate_pages first"
+        return pack_pages(slices, self.d_in, self.slice_widths, num_pages, self.lora_a.dtype)
 
     def write_pages(self, pages: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor]) -> None:
         """Copy `pack`'s output into `pages` (int64 indices on this layer's device)."""

@@ -34,8 +34,10 @@ from server.step_builder import build_step
 
 
 def adapter_page_bytes(model: Transformer) -> int:
-    """Device bytes of one adapter page across every LoRA layer of `model` (the pool's unit of memory)."""
-    return sum(module.page_bytes for module in model.lora_layers())
+    """Device bytes of one adapter page across every LoRA layer of `model` (the pool's unit of memory); pages
+    are in the model's dtype (that of its output head, which no quantization touches)."""
+    dtype = model.output.weight.dtype
+    return sum(module.page_bytes(dtype) for module in model.lora_layers())
 
 
 @dataclass(frozen=True)
@@ -66,7 +68,7 @@ class ModelRunner:
             if isinstance(module, LoRALinear)
         ]
         for _, module in self._layers:
-            module.allocate_pages(1 + num_pages)  # + the zero page
+            module.allocate_pages(1 + num_pages, self.dtype, self.device)  # + the zero page
         self.table = PageTable.empty(num_slots, max_rank, self.device)
         model.lora.table = self.table
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None

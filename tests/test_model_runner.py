@@ -11,13 +11,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from adapters_store import LoraAdapter
+from kernels import LoRABatch, PageTable
 from kernels.paging import ZERO_PAGE, pages_for_rank
 from server.adapter_pool import AdapterSlotPool
 from server.demo import build_demo_model
 from server.engine import EngineStats
-from server.lora_linear import LoRALinear
+from server.lora_linear import LoRAContext, LoRALinear, fused_linear
 from server.model import Transformer
 from server.model_runner import ModelRunner, adapter_page_bytes
 from server.sampling import SamplerState
@@ -197,6 +199,49 @@ def test_load_adapter_then_clear_slot_round_trip(model, adapters):
     assert runner.table.ranks[1].item() == 0 and runner.table.pages[1].tolist() == [ZERO_PAGE] * pages_for_rank(16)
     cleared = run_greedy(runner, [sequence(0, prompt(7, 12), slot=1)])[0]
     assert cleared == alone_with_merged_weights(model, None, prompt(7, 12)) != with_adapter
+
+
+class Int8Linear(nn.Module):
+    """A stand-in for a quantized base layer: int8 weights and a per-row scale, dequantized in the forward."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("scale", weight.abs().amax(dim=1, keepdim=True) / 127)
+        self.register_buffer("qweight", torch.round(weight / self.scale).to(torch.int8))
+
+    def dequantized(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.dequantized().T
+
+
+def test_lora_linear_adds_the_same_delta_over_any_base_layer():
+    """The LoRA delta does not depend on the base layer: over a quantized base it is the one over nn.Linear."""
+    widths, names, rank = (24, 8), ("q_proj", "k_proj"), 8
+    gen = torch.Generator().manual_seed(5)
+    quantized = Int8Linear(torch.randn(sum(widths), 16, generator=gen))
+    linear = fused_linear(16, widths, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(quantized.dequantized())
+    context = LoRAContext()
+    layers = [LoRALinear(base, widths, names, context) for base in (quantized, linear)]
+    slices = [(torch.randn(rank, 16, generator=gen), torch.randn(width, rank, generator=gen)) for width in widths]
+    pages = [1]
+    context.table = PageTable.empty(num_slots=1, max_rank=16)
+    context.table.assign(0, rank, pages)
+    for layer in layers:
+        layer.allocate_pages(2, torch.float32, "cpu")
+        layer.write_pages(torch.tensor(pages), layer.pack(slices, len(pages)))
+    x = torch.randn(3, 16, generator=gen)
+    context.batch = LoRABatch.from_token_slots([0, -1, 0])  # the middle token has no adapter
+    over_quantized, over_linear = (layer(x) for layer in layers)
+    torch.testing.assert_close(over_quantized, over_linear)
+    delta = over_quantized - quantized(x)
+    assert delta[1].abs().max() == 0 and delta[0].abs().max() > 1e-2
+    assert [name for name, _ in layers[0].named_parameters()] == []  # nothing of the base became LoRA's
+    assert [name for name, _ in layers[1].named_parameters()] == ["base.weight"]
 
 
 def test_engine_stats_reflect_a_running_request():
