@@ -425,7 +425,7 @@ def test_engine_with_triton_backend_matches_torch_backend() -> None:
             assert engine.model.lora.backend == backend
             outputs[backend] = [[c.token_ids for c in choices] for choices in generate(engine, requests)]
             assert_idle(engine)
-            # The pool published each resident adapter's rank for the kernels (a1: 4, a2: 16).
+            # The runner published each resident adapter's rank for the kernels (a1: 4, a2: 16).
             assert sorted(r for r in engine.runner.table.ranks.tolist() if r) == [4, 16]
         finally:
             engine.shutdown()
