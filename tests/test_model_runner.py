@@ -5,6 +5,7 @@ table, runs mixed-adapter steps exactly as merged weights would, and the engine 
 from __future__ import annotations
 
 import ast
+import asyncio
 import copy
 import threading
 from pathlib import Path
@@ -22,10 +23,22 @@ from server.engine import EngineStats
 from server.lora_linear import LoRAContext, LoRALinear, fused_linear
 from server.model import Transformer
 from server.model_runner import ModelRunner, adapter_page_bytes
+from server.requests import EngineStepError
 from server.sampling import SamplerState
 from server.scheduler import ScheduledChunk, Sequence
 from server.tokenizer import IncrementalDetokenizer, build_byte_tokenizer
-from tests.support.engines import ADAPTER_SPECS, MLP, generate_one, greedy, make_adapter, prompt, start_engine
+from tests.support.engines import (
+    ADAPTER_SPECS,
+    MLP,
+    TIMEOUT_S,
+    assert_idle,
+    collect,
+    generate_one,
+    greedy,
+    make_adapter,
+    prompt,
+    start_engine,
+)
 
 SERVER = Path(__file__).resolve().parents[1] / "server"
 
@@ -275,3 +288,39 @@ def test_engine_stats_reflect_a_running_request():
 
 def pool_bytes(pool: AdapterSlotPool, rank: int) -> int:
     return pages_for_rank(rank) * pool.page_bytes
+
+
+def test_an_adapter_the_runner_cannot_write_fails_its_request_alone(monkeypatch: pytest.MonkeyPatch):
+    """The pool decided a load the runner then fails (a layer refuses the weights): that request ends with an
+    error naming the adapter, the batch's other request is served, the slot is freed, and a retry loads it."""
+    args = build_demo_model()[0].args
+    adapters = {name: make_adapter(name, args, *ADAPTER_SPECS[name], seed=21 + i)
+                for i, name in enumerate(("a0", "a1"))}
+    engine = start_engine(adapters)
+    load_adapter = engine.runner.load_adapter
+    refused: list[str] = []
+
+    def refusing_a1_once(slot, pages, adapter):
+        if adapter.adapter_id == "a1" and not refused:
+            refused.append(adapter.adapter_id)
+            raise ValueError("a layer refused the weights")
+        return load_adapter(slot, pages, adapter)
+
+    monkeypatch.setattr(engine.runner, "load_adapter", refusing_a1_once)
+    try:
+        requests = [greedy(prompt(30, 6), 4, "a0"), greedy(prompt(31, 6), 4, "a1")]
+
+        async def both() -> list:
+            streams = [engine.submit(r) for r in requests]
+            return await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams), return_exceptions=True),
+                                          TIMEOUT_S)
+
+        served, failed = asyncio.run(both())
+        assert refused == ["a1"]
+        assert isinstance(failed, EngineStepError) and "'a1' could not be loaded" in str(failed)
+        assert served[0].finish_reason == "length" and served == [generate_one(engine, requests[0])]
+        assert generate_one(engine, requests[1]).finish_reason == "length"  # loaded this time
+        assert_idle(engine)
+        assert engine.stats().adapters_resident == 2
+    finally:
+        engine.shutdown()
