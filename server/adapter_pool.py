@@ -93,7 +93,7 @@ class AdapterSlotPool:
         return self._lru.get(key)
 
     def acquire(self, key: Hashable, adapter: LoraAdapter | None) -> int | None:
-        """Pin `key` in a slot, writing `adapter` there if it is not resident yet.
+        """Pin `key` in a slot, queuing a load of `adapter` there if it is not resident yet.
 
         Returns None when the slots or pages it needs are all held by pinned adapters. `adapter` may be None
         only when the key is resident (the caller checks with `slot_of`)."""
