@@ -73,6 +73,10 @@ def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> 
     """The model, its tokenizer, its served name and a one-line description."""
     if settings.model is None:
         model, tokenizer = build_demo_model(settings.seed)
+        demo_len = model.args.max_position_embeddings  # its rotary table ends there: no position past it exists
+        if max_model_len(settings, model.args) > demo_len:
+            raise StartupError(f"--max-model-len {settings.max_model_len}: the demo model's positions end at "
+                               f"{demo_len}; lower --max-model-len, or serve a checkpoint with --model")
         return model.to(device, dtype), tokenizer, settings.served_model_name or DEMO_MODEL_NAME, DEMO_DESCRIPTION
     model_dir = Path(settings.model)
     try:

@@ -32,6 +32,14 @@ def test_max_model_len_beyond_the_kv_cache_tokens_is_refused_at_start(capsys: py
     assert "raise --kv-cache-tokens to at least 1024 or lower --max-model-len to at most 512" in line
 
 
+def test_max_model_len_past_the_demo_models_positions_is_refused_at_start(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    line = serve_error(["--device", "cpu", "--max-model-len", "4096"], capsys)
+    assert line == ("error: --max-model-len 4096: the demo model's positions end at 2048; lower --max-model-len, "
+                    "or serve a checkpoint with --model")
+
+
 def test_a_gpu_that_cannot_hold_one_sequence_names_what_to_lower() -> None:
     # An 8B model's default 128k context on a GPU a third of which it may use: 3 GiB left, 24k tokens.
     settings = Settings(gpu_memory_utilization=0.3)
