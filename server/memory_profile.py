@@ -13,6 +13,7 @@ the attention gathers has the shape of the block table, not of the cache.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -20,15 +21,16 @@ import torch
 
 from kernels.paging import PAGE_RANK, pages_for_rank
 from server.adapter_pool import AdapterSlotPool
+from server.api.protocol import MAX_LOGPROBS
 from server.model import KVCache, ModelArgs, Transformer
 from server.requests import SamplingParams
 from server.sampling import SamplerState, sample
 from server.scheduler import ScheduledChunk, Sequence
 from server.step_builder import build_step
 
-MAX_PROFILE_LOGPROBS = 20  # the API's top_logprobs limit: the costliest sampling a request can ask for
+# The costliest sampling a request can ask for: every sampling stage, penalties, the most logprobs the API allows.
 _WORST_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, presence_penalty=0.5, frequency_penalty=0.5,
-                                 logprobs=MAX_PROFILE_LOGPROBS)
+                                 logprobs=MAX_LOGPROBS)
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def run_step(model: Transformer, cache: KVCache, plan: list[ScheduledChunk], blo
         model.lora.batch = None
 
 
-def peak_bytes_of(fn, device: torch.device) -> int:
+def peak_bytes_of(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated while `fn()` runs, above what was allocated before it.
 
     CUDA: the caching allocator's peak counter. CPU: the torch profiler's allocation and free events, replayed

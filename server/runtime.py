@@ -129,8 +129,15 @@ def kv_cache_blocks(settings: Settings, model: Transformer, device: torch.device
     limits = step_limits(settings, args)
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        peak = measure_largest_step(model, limits)
-        torch.cuda.empty_cache()  # the profile's cached blocks go back before the cache claims its memory
+        try:
+            peak = measure_largest_step(model, limits)
+        except torch.cuda.OutOfMemoryError:
+            raise StartupError(
+                f"the largest step the scheduler can build (--max-num-batched-tokens {limits.max_num_batched_tokens}"
+                f", --max-num-seqs {limits.max_num_seqs}, --max-model-len {limits.max_model_len}) does not fit in GPU "
+                "memory beside the weights and the adapter pool; lower those flags, or --max-gpu-adapters") from None
+        finally:
+            torch.cuda.empty_cache()  # the profile's cached blocks go back before the cache claims its memory
         log.info("largest step (%d tokens, %d sequences): peak activations %.2f GiB measured, %.2f GiB bound",
                  limits.max_num_batched_tokens, limits.max_num_seqs, peak / 2**30,
                  estimate_largest_step(args, limits, dtype) / 2**30)
