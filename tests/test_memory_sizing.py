@@ -54,6 +54,24 @@ def test_a_gpu_that_cannot_hold_one_sequence_names_what_to_lower() -> None:
     assert "--max-num-batched-tokens, --max-num-seqs or --max-gpu-adapters" in message
 
 
+def test_on_cuda_the_cache_gets_what_the_weights_pool_and_measured_peak_leave(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The CUDA branch's arithmetic with the device's answers stubbed: 10 GiB, 2 GiB in use, a 1 GiB peak.
+    model, _ = build_demo_model()
+    settings = Settings(max_num_batched_tokens=512, max_num_seqs=16, max_gpu_adapters=2, max_lora_rank=16)
+    profiled: list[StepLimits] = []
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 * GIB, 10 * GIB))
+    monkeypatch.setattr(runtime, "measure_largest_step", lambda m, limits: profiled.append(limits) or GIB)
+    with caplog.at_level("INFO", logger="lorahive.runtime"):
+        blocks = runtime.kv_cache_blocks(settings, model, torch.device("cuda"), torch.float32)
+    assert profiled == [step_limits(settings, model.args)]
+    token_bytes = 4 * 2 * 4 * 32 * 4  # the demo: layers x (K, V) x kv heads x head dim x fp32
+    pool = runtime.lora_pool_bytes(settings, model.args, torch.float32)
+    assert blocks == (int(10 * GIB * 0.9) - 2 * GIB - pool - GIB) // token_bytes // 16
+    assert "1.00 GiB largest step" in caplog.text and "left for the KV cache" in caplog.text
+
+
 def test_kv_cache_tokens_beyond_the_gpu_budget_is_refused() -> None:
     settings = Settings(kv_cache_tokens=100_000)
     budget = GpuBudget(total=80 * GIB, in_use=70 * GIB, adapter_pool=1 * GIB, activation_peak=1 * GIB)
