@@ -22,6 +22,7 @@ import gzip
 import io
 import re
 import stat
+import struct
 import tarfile
 import tempfile
 import zipfile
@@ -49,6 +50,14 @@ _MAX_EXTENDED_HEADER = 8 * 2**10
 _MAX_EXTENDED_HEADERS_TOTAL = 64 * 2**10
 # Member contents stay in memory up to this size, then move to a temporary file.
 _IN_MEMORY_MEMBER = 64 * 2**10
+# A zip's central directory is read whole by zipfile, one ZipInfo per entry, before the member limit can
+# apply: its declared entry count and size are checked first. 1 KiB per entry leaves room for long names and
+# extra fields; a lying count cannot make zipfile build more than ~2**16 entries' worth (46 bytes at least).
+_MAX_CENTRAL_DIRECTORY = _MAX_MEMBERS * 2**10
+_EOCD = struct.Struct("<4s4H2LH")  # end of central directory: signature, disks, entries, size, offset, comment
+_EOCD_SIGNATURE = b"PK\x05\x06"
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
 _WANTED = (CONFIG_FILE, WEIGHTS_FILE)
 _DRIVE = re.compile(r"[A-Za-z]:")
 
@@ -316,6 +325,7 @@ def _tar_kind(member: tarfile.TarInfo) -> str:
 
 
 def _read_zip(source: BinaryIO, collector: _Collector) -> None:
+    _check_zip_directory(source)
     try:
         with zipfile.ZipFile(source) as archive:
             for info in archive.infolist():
@@ -338,6 +348,49 @@ def _read_zip(source: BinaryIO, collector: _Collector) -> None:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, ValueError, OSError, EOFError,
             zlib.error, RuntimeError) as exc:
         _refuse(f"the zip archive is corrupt or unsupported: {exc}")
+
+
+def _check_zip_directory(source: BinaryIO) -> None:
+    """Refuse a zip whose end-of-central-directory record declares more entries than `_MAX_MEMBERS`, or a
+    central directory larger than `_MAX_CENTRAL_DIRECTORY`, before zipfile reads that directory.
+
+    The record is found as zipfile finds it (at the very end without a comment, else the last signature within a
+    maximal comment of the end); an archive without one is left for zipfile to call corrupt."""
+    source.seek(0, io.SEEK_END)
+    end = source.tell()
+    tail_start = max(0, end - _EOCD.size - 0xFFFF)
+    source.seek(tail_start)
+    tail = source.read()
+    uncommented = tail[-_EOCD.size:]
+    if uncommented.startswith(_EOCD_SIGNATURE) and uncommented.endswith(b"\0\0"):
+        at = len(tail) - _EOCD.size
+    else:
+        at = tail.rfind(_EOCD_SIGNATURE)
+    if at < 0 or len(tail) - at < _EOCD.size:
+        return
+    _, _, _, _, entries, size, _, _ = _EOCD.unpack_from(tail, at)
+    entries, size = _zip64_directory(source, tail_start + at, entries, size)
+    if entries > _MAX_MEMBERS:
+        _refuse(f"the zip archive's central directory lists {entries} entries; an archive may have at most "
+                f"{_MAX_MEMBERS} members")
+    if size > _MAX_CENTRAL_DIRECTORY:
+        _refuse(f"the zip archive's central directory is {size} bytes; at most {_MAX_CENTRAL_DIRECTORY} bytes "
+                f"(room for {_MAX_MEMBERS} members)")
+
+
+def _zip64_directory(source: BinaryIO, eocd_at: int, entries: int, size: int) -> tuple[int, int]:
+    """(entries, size) from the zip64 record, which zipfile expects just before its locator, itself just before
+    the end record, and takes over the end record's values whenever it is there; those values where it is not."""
+    record_at = eocd_at - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size
+    if record_at < 0:
+        return entries, size
+    source.seek(record_at)
+    data = source.read(_ZIP64_EOCD.size + _ZIP64_LOCATOR.size)
+    if len(data) < _ZIP64_EOCD.size + _ZIP64_LOCATOR.size or not data.startswith(b"PK\x06\x06") \
+            or _ZIP64_LOCATOR.unpack_from(data, _ZIP64_EOCD.size)[0] != b"PK\x06\x07":
+        return entries, size
+    _, _, _, _, _, _, _, entries, size, _ = _ZIP64_EOCD.unpack_from(data)
+    return entries, size
 
 
 def _copy_zip_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, sink: BinaryIO, collector: _Collector) -> int:

@@ -34,15 +34,20 @@ CANCEL_AFTER_S = CLOSE_GRACE_S + 2.0
 def serve_app(app: FastAPI, settings: Settings, cut: Callable[[], None]) -> None:
     """Serve `app` (from `build_app`) on the settings' host and port until SIGTERM has drained it, or SIGINT
     stopped it. `cut` ends every request still running when the drain times out."""
-    limits = ConnectionLimits(header_timeout=settings.header_timeout, max_connections=settings.max_connections)
-    # h11 whatever is installed: the guard extends uvicorn's h11 protocol. uvicorn's own wait for connections after
-    # the drain is bounded too: past it, it cancels what is left.
+    # uvicorn's own wait for connections after the drain is bounded too: past it, it cancels what is left.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            http=functools.partial(GuardedH11Protocol, limits=limits),  # type: ignore[arg-type]
+                            http=guarded_protocol(settings),  # type: ignore[arg-type]
                             timeout_graceful_shutdown=CANCEL_AFTER_S)
     server = DrainingServer(config, app.state.lifecycle, settings.drain_timeout, cut)
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises SIGINT once it has stopped: a normal end
         server.run()
+
+
+def guarded_protocol(settings: Settings) -> Callable[..., GuardedH11Protocol]:
+    """uvicorn's `http` protocol for `lorahive serve`: h11 whatever is installed (the guard extends uvicorn's h11
+    protocol), with the settings' deadline for request heads and cap on connections."""
+    limits = ConnectionLimits(header_timeout=settings.header_timeout, max_connections=settings.max_connections)
+    return functools.partial(GuardedH11Protocol, limits=limits)
 
 
 class DrainingServer(uvicorn.Server):

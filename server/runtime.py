@@ -7,6 +7,7 @@ import logging
 import shutil
 import tempfile
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from server.checkpoint import load_weights, read_config
 from server.config import Settings, StartupError
 from server.demo import DEMO_DESCRIPTION, DEMO_MODEL_NAME, build_demo_model
 from server.engine import Engine, EngineConfig
+from server.memory_profile import StepLimits, estimate_largest_step, measure_largest_step
 from server.metrics import Metrics
 from server.model import ModelArgs, Transformer
 from server.startup_import import import_adapters
@@ -28,7 +30,6 @@ log = logging.getLogger("lorahive.runtime")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CACHE_TOKENS = 32768  # default on CPU: plenty for the demo, a bounded footprint for real models
-ACTIVATION_HEADROOM_BYTES = 2 * 2**30  # kept free on CUDA for activations and the sampler
 
 
 def pick_device(setting: str) -> torch.device:
@@ -72,6 +73,10 @@ def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> 
     """The model, its tokenizer, its served name and a one-line description."""
     if settings.model is None:
         model, tokenizer = build_demo_model(settings.seed)
+        demo_len = model.args.max_position_embeddings  # its rotary table ends there: no position past it exists
+        if max_model_len(settings, model.args) > demo_len:
+            raise StartupError(f"--max-model-len {settings.max_model_len}: the demo model's positions end at "
+                               f"{demo_len}; lower --max-model-len, or serve a checkpoint with --model")
         return model.to(device, dtype), tokenizer, settings.served_model_name or DEMO_MODEL_NAME, DEMO_DESCRIPTION
     model_dir = Path(settings.model)
     try:
@@ -101,21 +106,135 @@ def lora_pool_bytes(settings: Settings, args: ModelArgs, dtype: torch.dtype) -> 
     return pages * PAGE_RANK * rank_row * torch.finfo(dtype).bits // 8
 
 
-def kv_cache_blocks(settings: Settings, args: ModelArgs, device: torch.device, dtype: torch.dtype) -> int:
+def step_limits(settings: Settings, args: ModelArgs) -> StepLimits:
+    """What bounds the largest step the engine these settings describe can build."""
+    return StepLimits(
+        max_num_batched_tokens=settings.max_num_batched_tokens,
+        max_num_seqs=settings.max_num_seqs,
+        max_model_len=max_model_len(settings, args),
+        block_size=settings.block_size,
+        max_gpu_adapters=settings.max_gpu_adapters,
+        max_lora_rank=settings.max_lora_rank,
+        max_gpu_adapter_bytes=settings.max_gpu_adapter_bytes,
+    )
+
+
+def kv_cache_blocks(settings: Settings, model: Transformer, device: torch.device, dtype: torch.dtype) -> int:
+    """Blocks of KV cache that fit beside the weights, the adapter pool and the largest step's activations.
+
+    StartupError, naming the flags to change, when that memory is not there or holds less than one sequence of
+    --max-model-len tokens."""
+    args = model.args
     bytes_per_token = args.n_layers * 2 * args.n_kv_heads * args.head_dim * torch.finfo(dtype).bits // 8
-    if settings.kv_cache_tokens is not None:
-        tokens = settings.kv_cache_tokens
-    elif device.type == "cuda":
+    limits = step_limits(settings, args)
+    if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        slot_pool = lora_pool_bytes(settings, args, dtype)
-        budget = total * settings.gpu_memory_utilization - (total - free) - slot_pool - ACTIVATION_HEADROOM_BYTES
-        tokens = int(budget // bytes_per_token)
+        try:
+            peak = measure_largest_step(model, limits)
+        except torch.cuda.OutOfMemoryError:
+            raise StartupError(
+                f"the largest step the scheduler can build (--max-num-batched-tokens {limits.max_num_batched_tokens}"
+                f", --max-num-seqs {limits.max_num_seqs}, --max-model-len {limits.max_model_len}) does not fit in GPU "
+                "memory beside the weights and the adapter pool; lower those flags, or --max-gpu-adapters") from None
+        finally:
+            torch.cuda.empty_cache()  # the profile's cached blocks go back before the cache claims its memory
+        log.info("largest step (%d tokens, %d sequences): peak activations %.2f GiB measured, %.2f GiB bound",
+                 limits.max_num_batched_tokens, limits.max_num_seqs, peak / 2**30,
+                 estimate_largest_step(args, limits, dtype) / 2**30)
+        budget = GpuBudget(total, total - free, lora_pool_bytes(settings, args, dtype), peak)
+        tokens = cuda_kv_tokens(settings, budget, bytes_per_token)
     else:
-        tokens = max(CPU_KV_CACHE_TOKENS, max_model_len(settings, args))
-    blocks = tokens // settings.block_size
-    if blocks < 1:
-        raise ValueError(f"no memory left for the KV cache ({tokens} tokens); lower --max-model-len or the model")
-    return blocks
+        tokens = settings.kv_cache_tokens or max(CPU_KV_CACHE_TOKENS, limits.max_model_len)
+        check_host_headroom(settings, tokens, tokens * bytes_per_token, estimate_largest_step(args, limits, dtype))
+    check_holds_one_sequence(settings, tokens, limits.max_model_len)
+    if tokens < settings.block_size:  # only an explicit --kv-cache-tokens gets here: sizing never leaves this little
+        raise StartupError(f"--kv-cache-tokens {tokens} is less than one block (--block-size {settings.block_size})")
+    return tokens // settings.block_size
+
+
+@dataclass(frozen=True)
+class GpuBudget:
+    """Device bytes at start-up, before the KV cache: what there is and what is spoken for."""
+
+    total: int
+    in_use: int  # weights, the CUDA context, other processes
+    adapter_pool: int
+    activation_peak: int  # of the largest step the scheduler can build
+
+    def for_kv_cache(self, utilization: float) -> int:
+        return int(self.total * utilization) - self.in_use - self.adapter_pool - self.activation_peak
+
+
+def cuda_kv_tokens(settings: Settings, budget: GpuBudget, bytes_per_token: int) -> int:
+    """KV-cache tokens on CUDA: --kv-cache-tokens if it fits, else all the budget leaves; StartupError if neither."""
+    left = budget.for_kv_cache(settings.gpu_memory_utilization)
+    log.info("GPU memory: %s x --gpu-memory-utilization %s, %s in use (weights), %s adapter pool, %s largest "
+             "step: %s left for the KV cache (%d tokens of %d bytes)", _gib(budget.total),
+             settings.gpu_memory_utilization, _gib(budget.in_use), _gib(budget.adapter_pool),
+             _gib(budget.activation_peak), _gib(max(left, 0)), max(left, 0) // bytes_per_token, bytes_per_token)
+    if settings.kv_cache_tokens is None:
+        return max(left, 0) // bytes_per_token
+    wanted = settings.kv_cache_tokens * bytes_per_token
+    if wanted > left:
+        raise StartupError(
+            f"--kv-cache-tokens {settings.kv_cache_tokens} needs {_gib(wanted)}, but only {_gib(max(left, 0))} of "
+            f"--gpu-memory-utilization {settings.gpu_memory_utilization} x {_gib(budget.total)} are left after "
+            f"{_gib(budget.in_use)} in use, the {_gib(budget.adapter_pool)} adapter pool and the "
+            f"{_gib(budget.activation_peak)} peak of the largest step; lower --kv-cache-tokens (at most "
+            f"{max(left, 0) // bytes_per_token}), or raise --gpu-memory-utilization, or lower "
+            "--max-num-batched-tokens, --max-num-seqs or --max-gpu-adapters")
+    return settings.kv_cache_tokens
+
+
+def check_host_headroom(settings: Settings, kv_tokens: int, kv_bytes: int, activation_peak: int) -> None:
+    """On the CPU, refuse a KV cache that with the largest step's activations exceeds the memory available now."""
+    available = _host_available_bytes()
+    if available is None or kv_bytes + activation_peak <= available:
+        return
+    cache = f"--kv-cache-tokens {kv_tokens}" if settings.kv_cache_tokens else f"The default {kv_tokens}-token KV cache"
+    raise StartupError(
+        f"{cache} takes {_gib(kv_bytes)} and the largest step (--max-num-batched-tokens "
+        f"{settings.max_num_batched_tokens}, --max-num-seqs {settings.max_num_seqs}) up to {_gib(activation_peak)}, "
+        f"but this machine has {_gib(available)} available; lower --kv-cache-tokens, --max-num-batched-tokens or "
+        "--max-num-seqs")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _host_available_bytes() -> int | None:
+    """MemAvailable of Linux's /proc/meminfo (free memory plus what the kernel can reclaim); None elsewhere."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_holds_one_sequence(settings: Settings, kv_tokens: int, model_len: int) -> None:
+    """Refuse a --max-model-len one sequence of which the KV cache cannot hold.
+
+    An explicit --kv-cache-tokens below the model's default context length is the operator's choice, kept as
+    before: requests longer than the cache are refused one by one."""
+    if kv_tokens >= model_len:
+        return
+    if settings.max_model_len is None and settings.kv_cache_tokens is not None:
+        log.warning("the KV cache holds %d tokens, fewer than the model's context length %d: longer requests are "
+                    "refused; set --max-model-len %d to say so up front", kv_tokens, model_len, kv_tokens)
+        return
+    length = f"--max-model-len {model_len}" if settings.max_model_len else (
+        f"--max-model-len (default: the model's {model_len})")
+    if settings.kv_cache_tokens is not None:
+        fix = f"raise --kv-cache-tokens to at least {model_len} or lower --max-model-len to at most {kv_tokens}"
+    else:
+        fix = (f"lower --max-model-len (to at most {kv_tokens}), or raise --gpu-memory-utilization (now "
+               f"{settings.gpu_memory_utilization}), or lower --max-num-batched-tokens, --max-num-seqs or "
+               "--max-gpu-adapters, which reserve activation and adapter memory")
+    raise StartupError(f"{length}: the KV cache holds {kv_tokens} tokens, fewer than one sequence of {model_len}; "
+                       f"{fix}")
 
 
 def check_paths(settings: Settings) -> None:
@@ -176,7 +295,7 @@ def build_engine(settings: Settings) -> Engine:
         import_adapters(registry, settings.adapters)
     config = EngineConfig(
         max_model_len=max_model_len(settings, args),
-        num_kv_blocks=kv_cache_blocks(settings, args, device, dtype),
+        num_kv_blocks=kv_cache_blocks(settings, model, device, dtype),
         block_size=settings.block_size,
         max_gpu_adapters=settings.max_gpu_adapters,
         max_lora_rank=settings.max_lora_rank,

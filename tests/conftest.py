@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
+from fastapi.testclient import TestClient
 
 # Without CUDA the Triton kernels run through Triton's interpreter. Triton reads this when a kernel is
 # decorated, so it is set before any test module imports kernels.triton_ops; whichever module is collected first
@@ -24,6 +25,8 @@ if not torch.cuda.is_available():
 # The helpers' own asserts explain their failures as the tests' do; this must come before they are imported.
 pytest.register_assert_rewrite("tests.support")
 
+from server.api import build_app  # noqa: E402
+from tests.support.fake_engine import FakeEngine  # noqa: E402
 from tests.support.servers import TIMEOUT_S, Server, free_port  # noqa: E402
 
 
@@ -40,6 +43,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def torch_gen(request: pytest.FixtureRequest) -> torch.Generator:
     """A CPU generator seeded from the test's id: every test gets its own stream, the same on every run."""
     return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def fake_engine() -> FakeEngine:
+    """The scripted engine of tests/support/fake_engine.py: the HTTP layer's tests, without a model."""
+    return FakeEngine()
+
+
+@pytest.fixture
+def fake_api(fake_engine: FakeEngine) -> Iterator[TestClient]:
+    """The app over `fake_engine`, open (no keys); an unhandled exception is a 500, as a client would see it."""
+    with TestClient(build_app(fake_engine), raise_server_exceptions=False) as test_client:
+        yield test_client
 
 
 @pytest.fixture

@@ -38,70 +38,58 @@ from tests.support.openai_http import (
 from tests.support.openai_schema import assert_valid
 from tests.support.servers import running_server
 
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-def client(engine: FakeEngine) -> Iterator[TestClient]:
-    with TestClient(build_app(engine), raise_server_exceptions=False) as test_client:
-        yield test_client
-
-
 # --------------------------------------------------------------------------------------------------
 # Small routes
 
 
-def test_health(client: TestClient) -> None:
-    assert client.get("/health").json() == {"status": "ok"}
+def test_health(fake_api: TestClient) -> None:
+    assert fake_api.get("/health").json() == {"status": "ok"}
 
 
-def test_models_lists_base_then_adapters(client: TestClient, engine: FakeEngine) -> None:
-    body = client.get("/v1/models").json()
+def test_models_lists_base_then_adapters(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    body = fake_api.get("/v1/models").json()
     assert_valid(body, "ListModelsResponse")
     base, *adapters = body["data"]
     assert base["id"] == BASE and base["owned_by"] == "lorahive" and base["parent"] is None
-    assert base["root"] == BASE and base["description"] == engine.model_description
+    assert base["root"] == BASE and base["description"] == fake_engine.model_description
     assert [a["id"] for a in adapters] == ["alpha", "beta"]
     assert all(a["parent"] == BASE and a["root"] == BASE and "description" not in a for a in adapters)
-    assert all(card["max_model_len"] == engine.max_model_len for card in body["data"])
+    assert all(card["max_model_len"] == fake_engine.max_model_len for card in body["data"])
     assert "dims" not in base  # the fake engine is no model; a real one's dims: tests/test_loadtest_lorahive.py
     for card in body["data"]:
         assert_valid(card, "Model")
 
 
-def test_retrieve_model(client: TestClient) -> None:
-    card = client.get("/v1/models/alpha").json()
+def test_retrieve_model(fake_api: TestClient) -> None:
+    card = fake_api.get("/v1/models/alpha").json()
     assert_valid(card, "Model")
     assert card["id"] == "alpha"
-    assert_error(client.get("/v1/models/nope"), 404, "model", "model_not_found")
+    assert_error(fake_api.get("/v1/models/nope"), 404, "model", "model_not_found")
 
 
 # --------------------------------------------------------------------------------------------------
 # Completions: defaults, prompts, adapters
 
 
-def test_completion_defaults(client: TestClient, engine: FakeEngine) -> None:
-    response = completion(client)
+def test_completion_defaults(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    response = completion(fake_api)
     body = response.json()
     assert_valid(body, "CreateCompletionResponse")
     assert body["id"].startswith("cmpl-") and body["object"] == "text_completion" and body["model"] == BASE
     [choice] = body["choices"]
     assert choice == {"index": 0, "text": ALPHABET[:16], "logprobs": None, "finish_reason": "length"}
-    params = only_params(engine)
+    params = only_params(fake_engine)
     assert params.max_tokens == 16  # OpenAI's documented default for /v1/completions
     assert (params.temperature, params.top_p, params.top_k, params.logprobs) == (1.0, 1.0, 0, None)
-    request = engine.requests[0]
+    request = fake_engine.requests[0]
     assert request.adapter_id is None and request.n == 1
     assert request.prompt_token_ids == tuple(FakeTokenizer().encode("hi"))
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 16, "total_tokens": 19}
 
 
-def test_sampling_fields_reach_the_engine(client: TestClient, engine: FakeEngine) -> None:
+def test_sampling_fields_reach_the_engine(fake_api: TestClient, fake_engine: FakeEngine) -> None:
     response = completion(
-        client,
+        fake_api,
         max_tokens=5,
         temperature=0,
         top_p=0.5,
@@ -115,7 +103,7 @@ def test_sampling_fields_reach_the_engine(client: TestClient, engine: FakeEngine
         user="someone",
     )
     assert response.status_code == 200, response.text
-    assert only_params(engine) == SamplingParams(
+    assert only_params(fake_engine) == SamplingParams(
         max_tokens=5,
         temperature=0.0,
         top_p=0.5,
@@ -129,11 +117,11 @@ def test_sampling_fields_reach_the_engine(client: TestClient, engine: FakeEngine
     )
 
 
-def test_explicit_nulls_mean_defaults(client: TestClient, engine: FakeEngine) -> None:
+def test_explicit_nulls_mean_defaults(fake_api: TestClient, fake_engine: FakeEngine) -> None:
     nulls = dict.fromkeys(["max_tokens", "temperature", "top_p", "n", "stop", "seed", "logprobs", "stream"])
-    response = completion(client, **nulls, echo=None, best_of=None, suffix=None, stream_options=None)
+    response = completion(fake_api, **nulls, echo=None, best_of=None, suffix=None, stream_options=None)
     assert response.status_code == 200, response.text
-    assert only_params(engine) == SamplingParams(max_tokens=16)
+    assert only_params(fake_engine) == SamplingParams(max_tokens=16)
 
 
 @pytest.mark.parametrize(
@@ -144,11 +132,11 @@ def test_explicit_nulls_mean_defaults(client: TestClient, engine: FakeEngine) ->
         ([[5, 6], [7]], [[5, 6], [7]]),
     ],
 )
-def test_prompt_batches(client: TestClient, engine: FakeEngine, prompt: Any, expected_prompts: list) -> None:
-    body = completion(client, prompt=prompt, n=2, max_tokens=3).json()
+def test_prompt_batches(fake_api: TestClient, fake_engine: FakeEngine, prompt: Any, expected_prompts: list) -> None:
+    body = completion(fake_api, prompt=prompt, n=2, max_tokens=3).json()
     assert_valid(body, "CreateCompletionResponse")
-    assert [list(r.prompt_token_ids) for r in engine.requests] == expected_prompts
-    assert all(r.n == 2 for r in engine.requests)
+    assert [list(r.prompt_token_ids) for r in fake_engine.requests] == expected_prompts
+    assert all(r.n == 2 for r in fake_engine.requests)
     # OpenAI's order: all choices of prompt 0, then prompt 1's, ...
     expected = [choice_text(ALPHABET, i, 3) for _ in expected_prompts for i in range(2)]
     assert [c["index"] for c in body["choices"]] == list(range(2 * len(expected_prompts)))
@@ -159,71 +147,71 @@ def test_prompt_batches(client: TestClient, engine: FakeEngine, prompt: Any, exp
 
 
 @pytest.mark.parametrize("prompt", ["", [], [""], ["a", ""], [[]], [[1], []]])
-def test_empty_prompt_is_400(client: TestClient, engine: FakeEngine, prompt: Any) -> None:
-    assert_error(completion(client, prompt=prompt), 400, "prompt")
-    assert engine.requests == []
+def test_empty_prompt_is_400(fake_api: TestClient, fake_engine: FakeEngine, prompt: Any) -> None:
+    assert_error(completion(fake_api, prompt=prompt), 400, "prompt")
+    assert fake_engine.requests == []
 
 
 @pytest.mark.parametrize("prompt", [[-1], [FakeTokenizer.vocab_size], [[1], [2, 10**9]]])
-def test_token_ids_outside_vocab_are_400(client: TestClient, prompt: Any) -> None:
-    assert_error(completion(client, prompt=prompt), 400, "prompt")
+def test_token_ids_outside_vocab_are_400(fake_api: TestClient, prompt: Any) -> None:
+    assert_error(completion(fake_api, prompt=prompt), 400, "prompt")
 
 
-def test_adapter_selection(client: TestClient, engine: FakeEngine) -> None:
-    assert completion(client, model="alpha").json()["model"] == "alpha"
-    assert completion(client, model=BASE).status_code == 200
-    body = completion(client, adapter_id="beta").json()
+def test_adapter_selection(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    assert completion(fake_api, model="alpha").json()["model"] == "alpha"
+    assert completion(fake_api, model=BASE).status_code == 200
+    body = completion(fake_api, adapter_id="beta").json()
     assert body["model"] == "beta"  # what served, whatever `model` the client sent
-    assert client.post("/v1/completions", json={"prompt": "hi"}).json()["model"] == BASE
-    assert chat(client, model="alpha").status_code == 200
-    assert [r.adapter_id for r in engine.requests] == ["alpha", None, "beta", None, "alpha"]
+    assert fake_api.post("/v1/completions", json={"prompt": "hi"}).json()["model"] == BASE
+    assert chat(fake_api, model="alpha").status_code == 200
+    assert [r.adapter_id for r in fake_engine.requests] == ["alpha", None, "beta", None, "alpha"]
 
 
 @pytest.mark.parametrize("endpoint", [completion, chat])
-def test_unknown_adapter_is_404(client: TestClient, engine: FakeEngine, endpoint: Any) -> None:
-    error = assert_error(endpoint(client, adapter_id="nope"), 404, "adapter_id", "model_not_found")
+def test_unknown_adapter_is_404(fake_api: TestClient, fake_engine: FakeEngine, endpoint: Any) -> None:
+    error = assert_error(endpoint(fake_api, adapter_id="nope"), 404, "adapter_id", "model_not_found")
     assert error["type"] == "invalid_request_error" and "nope" in error["message"]
-    assert_error(endpoint(client, model="nope"), 404, "model", "model_not_found")
+    assert_error(endpoint(fake_api, model="nope"), 404, "model", "model_not_found")
     # The unknown model is the first thing wrong with this request, not its length.
-    assert_error(endpoint(client, model="nope", max_tokens=10**6), 404, "model", "model_not_found")
-    assert engine.requests == []
+    assert_error(endpoint(fake_api, model="nope", max_tokens=10**6), 404, "model", "model_not_found")
+    assert fake_engine.requests == []
 
 
-def test_adapter_deleted_between_lookup_and_submit(client: TestClient, engine: FakeEngine) -> None:
-    engine.adapters.append("ghost")  # listed, but the engine no longer has it when asked to run it
-    real_submit = engine.submit
+def test_adapter_deleted_between_lookup_and_submit(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    fake_engine.adapters.append("ghost")  # listed, but the engine no longer has it when asked to run it
+    real_submit = fake_engine.submit
 
     def submit(request: GenerationRequest) -> FakeStream:
-        engine.adapters.remove("ghost")
+        fake_engine.adapters.remove("ghost")
         return real_submit(request)
 
-    engine.submit = submit  # type: ignore[method-assign]
-    assert_error(completion(client, model="ghost"), 404, "model", "model_not_found")
+    fake_engine.submit = submit  # type: ignore[method-assign]
+    assert_error(completion(fake_api, model="ghost"), 404, "model", "model_not_found")
 
 
 # --------------------------------------------------------------------------------------------------
 # Context length
 
 
-def test_max_tokens_beyond_context_is_400(client: TestClient, engine: FakeEngine) -> None:
-    error = assert_error(completion(client, max_tokens=126), 400, "max_tokens", "context_length_exceeded")
+def test_max_tokens_beyond_context_is_400(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    error = assert_error(completion(fake_api, max_tokens=126), 400, "max_tokens", "context_length_exceeded")
     assert "128" in error["message"] and "3" in error["message"] and "126" in error["message"]
-    assert completion(client, max_tokens=125).status_code == 200
-    assert_error(completion(client, prompt="x" * 127), 400, "prompt")
-    assert_error(chat(client, max_completion_tokens=200), 400, "max_completion_tokens")
-    assert_error(chat(client, max_tokens=200), 400, "max_tokens")
+    assert completion(fake_api, max_tokens=125).status_code == 200
+    assert_error(completion(fake_api, prompt="x" * 127), 400, "prompt")
+    assert_error(chat(fake_api, max_completion_tokens=200), 400, "max_completion_tokens")
+    assert_error(chat(fake_api, max_tokens=200), 400, "max_tokens")
     long_chat = {"messages": [{"role": "user", "content": "x" * 200}]}
-    assert_error(client.post("/v1/chat/completions", json=long_chat), 400, "messages")
+    assert_error(fake_api.post("/v1/chat/completions", json=long_chat), 400, "messages")
 
 
-def test_chat_max_tokens_defaults_to_the_rest_of_the_context(client: TestClient, engine: FakeEngine) -> None:
-    body = chat(client).json()
+def test_chat_max_tokens_defaults_to_the_rest_of_the_context(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    body = chat(fake_api).json()
     assert_valid(body, "CreateChatCompletionResponse")
-    prompt = engine.requests[0].prompt_token_ids
+    prompt = fake_engine.requests[0].prompt_token_ids
     # The chat prompt is rendered by the template and encoded without extra special tokens.
     rendered = FakeTokenizer().apply_chat_template([USER_HI])
     assert prompt == tuple(FakeTokenizer().encode(rendered, add_special_tokens=False))
-    assert only_params(engine).max_tokens == engine.max_model_len - len(prompt)
+    assert only_params(fake_engine).max_tokens == fake_engine.max_model_len - len(prompt)
     assert body["choices"][0]["finish_reason"] == "length"
 
 
@@ -273,16 +261,16 @@ def test_chat_max_tokens_defaults_to_the_rest_of_the_context(client: TestClient,
     ],
 )
 def test_wrong_values_are_400(
-    client: TestClient, engine: FakeEngine, endpoint: Any, fields: dict, param: str
+    fake_api: TestClient, fake_engine: FakeEngine, endpoint: Any, fields: dict, param: str
 ) -> None:
-    assert_error(endpoint(client, **fields), 400, param)
-    assert engine.requests == []
+    assert_error(endpoint(fake_api, **fields), 400, param)
+    assert fake_engine.requests == []
 
 
-def test_missing_required_field(client: TestClient) -> None:
-    error = assert_error(client.post("/v1/chat/completions", json={"model": BASE}), 400, "messages")
+def test_missing_required_field(fake_api: TestClient) -> None:
+    error = assert_error(fake_api.post("/v1/chat/completions", json={"model": BASE}), 400, "messages")
     assert error["code"] == "missing_required_parameter"
-    assert_error(client.post("/v1/completions", json={"model": BASE}), 400, "prompt")
+    assert_error(fake_api.post("/v1/completions", json={"model": BASE}), 400, "prompt")
 
 
 @pytest.mark.parametrize(
@@ -318,31 +306,31 @@ def test_missing_required_field(client: TestClient) -> None:
     ],
 )
 def test_unsupported_features_are_400(
-    client: TestClient, endpoint: Any, fields: dict, param: str | None
+    fake_api: TestClient, endpoint: Any, fields: dict, param: str | None
 ) -> None:
-    error = assert_error(endpoint(client, **fields), 400, param)
+    error = assert_error(endpoint(fake_api, **fields), 400, param)
     assert error["type"] == "invalid_request_error"
     assert error["code"] in {"unsupported_parameter", "unsupported_value"}
 
 
-def test_supported_lookalikes_are_fine(client: TestClient, engine: FakeEngine) -> None:
-    assert completion(client, best_of=2, n=2, suffix="").status_code == 200
-    assert chat(client, response_format={"type": "text"}, tools=[], tool_choice="none").status_code == 200
+def test_supported_lookalikes_are_fine(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    assert completion(fake_api, best_of=2, n=2, suffix="").status_code == 200
+    assert chat(fake_api, response_format={"type": "text"}, tools=[], tool_choice="none").status_code == 200
     # Text parts are concatenated; "developer" reaches the template as "system", the role it knows.
     parts = [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]
     messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": parts}]
-    assert chat(client, messages=messages).status_code == 200
+    assert chat(fake_api, messages=messages).status_code == 200
     rendered = FakeTokenizer().apply_chat_template(
         [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     )
-    assert engine.requests[-1].prompt_token_ids == tuple(
+    assert fake_engine.requests[-1].prompt_token_ids == tuple(
         FakeTokenizer().encode(rendered, add_special_tokens=False)
     )
 
 
-def test_chat_template_error_is_400(client: TestClient) -> None:
+def test_chat_template_error_is_400(fake_api: TestClient) -> None:
     messages = [{"role": "user", "content": TEMPLATE_ERROR_TRIGGER}]
-    error = assert_error(chat(client, messages=messages), 400, "messages")
+    error = assert_error(chat(fake_api, messages=messages), 400, "messages")
     assert "cannot be rendered" in error["message"]
 
 
@@ -350,10 +338,10 @@ def test_chat_template_error_is_400(client: TestClient) -> None:
 # Error bodies are always OpenAI's, never FastAPI's {"detail": ...}
 
 
-def test_unknown_route_and_method(client: TestClient) -> None:
-    error = assert_error(client.get("/v1/nope"), 404, None)
+def test_unknown_route_and_method(fake_api: TestClient) -> None:
+    error = assert_error(fake_api.get("/v1/nope"), 404, None)
     assert "/v1/nope" in error["message"]
-    assert_error(client.get("/v1/completions"), 405, None)
+    assert_error(fake_api.get("/v1/completions"), 405, None)
 
 
 @pytest.mark.parametrize(
@@ -364,19 +352,19 @@ def test_unknown_route_and_method(client: TestClient) -> None:
         (b"prompt=hi", "text/plain"),
     ],
 )
-def test_malformed_body_is_400(client: TestClient, content: bytes, content_type: str) -> None:
-    response = client.post("/v1/completions", content=content, headers={"content-type": content_type})
+def test_malformed_body_is_400(fake_api: TestClient, content: bytes, content_type: str) -> None:
+    response = fake_api.post("/v1/completions", content=content, headers={"content-type": content_type})
     assert_error(response, 400, None)
 
 
-def test_engine_request_error_is_400(client: TestClient, engine: FakeEngine) -> None:
-    engine.submit_error = RequestError("too many adapters in flight", param="adapter_id", code="busy")
-    assert_error(completion(client), 400, "adapter_id", "busy")
+def test_engine_request_error_is_400(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    fake_engine.submit_error = RequestError("too many adapters in flight", param="adapter_id", code="busy")
+    assert_error(completion(fake_api), 400, "adapter_id", "busy")
 
 
-def test_unexpected_error_is_500_with_an_id(client: TestClient, engine: FakeEngine) -> None:
-    engine.submit_error = RuntimeError("secret internals")
-    response = completion(client)
+def test_unexpected_error_is_500_with_an_id(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    fake_engine.submit_error = RuntimeError("secret internals")
+    response = completion(fake_api)
     assert response.status_code == 500
     assert_valid(response.json(), "ErrorResponse")
     error = response.json()["error"]
@@ -418,8 +406,8 @@ def test_finish_reasons(stream: bool, engine_kwargs: dict, fields: dict, reason:
     assert got_reason in {"stop", "length"}
 
 
-def test_n_choices(client: TestClient, engine: FakeEngine) -> None:
-    body = chat(client, n=3, max_tokens=4).json()
+def test_n_choices(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    body = chat(fake_api, n=3, max_tokens=4).json()
     assert_valid(body, "CreateChatCompletionResponse")
     assert [c["index"] for c in body["choices"]] == [0, 1, 2]
     assert [c["message"] for c in body["choices"]] == [
@@ -428,15 +416,15 @@ def test_n_choices(client: TestClient, engine: FakeEngine) -> None:
     assert all(c["finish_reason"] == "length" and c["logprobs"] is None for c in body["choices"])
     assert body["id"].startswith("chatcmpl-") and body["object"] == "chat.completion"
     assert body["usage"]["completion_tokens"] == 12
-    assert engine.requests[0].n == 3
+    assert fake_engine.requests[0].n == 3
 
 
 # --------------------------------------------------------------------------------------------------
 # Streaming
 
 
-def test_chat_stream_shape(client: TestClient) -> None:
-    chunks = stream_chunks(chat(client, n=3, max_tokens=4, stream=True), "CreateChatCompletionStreamResponse")
+def test_chat_stream_shape(fake_api: TestClient) -> None:
+    chunks = stream_chunks(chat(fake_api, n=3, max_tokens=4, stream=True), "CreateChatCompletionStreamResponse")
     assert all("usage" not in c for c in chunks)  # not requested: absent, not null
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["object"] == "chat.completion.chunk"
     for index in range(3):
@@ -450,9 +438,9 @@ def test_chat_stream_shape(client: TestClient) -> None:
         assert "".join(c["delta"]["content"] for c in middle) == choice_text(ALPHABET, index, 4)
 
 
-def test_completion_stream_n(client: TestClient) -> None:
+def test_completion_stream_n(fake_api: TestClient) -> None:
     chunks = stream_chunks(
-        completion(client, n=3, max_tokens=4, stream=True), "CreateCompletionStreamResponse"
+        completion(fake_api, n=3, max_tokens=4, stream=True), "CreateCompletionStreamResponse"
     )
     assert all("usage" not in c for c in chunks)
     texts = {
@@ -465,8 +453,8 @@ def test_completion_stream_n(client: TestClient) -> None:
     ("endpoint", "schema"),
     [(completion, "CreateCompletionStreamResponse"), (chat, "CreateChatCompletionStreamResponse")],
 )
-def test_stream_usage_only_on_the_final_chunk(client: TestClient, endpoint: Any, schema: str) -> None:
-    response = endpoint(client, n=2, max_tokens=3, stream=True, stream_options={"include_usage": True})
+def test_stream_usage_only_on_the_final_chunk(fake_api: TestClient, endpoint: Any, schema: str) -> None:
+    response = endpoint(fake_api, n=2, max_tokens=3, stream=True, stream_options={"include_usage": True})
     chunks = stream_chunks(response, schema)
     *body, last = chunks
     assert all("usage" in c and c["usage"] is None and len(c["choices"]) == 1 for c in body)
@@ -476,10 +464,10 @@ def test_stream_usage_only_on_the_final_chunk(client: TestClient, endpoint: Any,
     assert usage["total_tokens"] == usage["prompt_tokens"] + 6
 
 
-def test_stream_matches_non_stream(client: TestClient) -> None:
+def test_stream_matches_non_stream(fake_api: TestClient) -> None:
     fields = {"prompt": ["ab", "cd"], "n": 2, "max_tokens": 5, "stop": "de"}
-    whole = completion(client, **fields).json()
-    chunks = stream_chunks(completion(client, stream=True, **fields), "CreateCompletionStreamResponse")
+    whole = completion(fake_api, **fields).json()
+    chunks = stream_chunks(completion(fake_api, stream=True, **fields), "CreateCompletionStreamResponse")
     streamed: dict[int, str] = {}
     for chunk in chunks:
         choice = chunk["choices"][0]
@@ -517,8 +505,8 @@ def test_merge_streams_does_not_wait_for_slow_streams() -> None:
 # Logprobs and echo
 
 
-def test_completion_logprobs(client: TestClient) -> None:
-    body = completion(client, max_tokens=3, logprobs=2).json()
+def test_completion_logprobs(fake_api: TestClient) -> None:
+    body = completion(fake_api, max_tokens=3, logprobs=2).json()
     assert_valid(body, "CreateCompletionResponse")
     logprobs = body["choices"][0]["logprobs"]
     assert logprobs["tokens"] == ["a", "b", "c"]
@@ -527,25 +515,25 @@ def test_completion_logprobs(client: TestClient) -> None:
     assert logprobs["top_logprobs"][0] == {"a": -0.26, "B": -1.26}
 
     chunks = stream_chunks(
-        completion(client, max_tokens=3, logprobs=0, stream=True), "CreateCompletionStreamResponse"
+        completion(fake_api, max_tokens=3, logprobs=0, stream=True), "CreateCompletionStreamResponse"
     )
     tokens = [t for c in chunks for t in (c["choices"][0]["logprobs"] or {}).get("tokens", [])]
     offsets = [o for c in chunks for o in (c["choices"][0]["logprobs"] or {}).get("text_offset", [])]
     assert tokens == ["a", "b", "c"] and offsets == [0, 1, 2]
 
 
-def test_logprobs_of_held_back_tokens_are_not_lost(client: TestClient) -> None:
+def test_logprobs_of_held_back_tokens_are_not_lost(fake_api: TestClient) -> None:
     # "c" waits while "cd" might complete the stop string "cx"; its logprob rides on the next chunk.
     chunks = stream_chunks(
-        completion(client, max_tokens=5, logprobs=1, stop="cx", stream=True), "CreateCompletionStreamResponse"
+        completion(fake_api, max_tokens=5, logprobs=1, stop="cx", stream=True), "CreateCompletionStreamResponse"
     )
     tokens = [t for c in chunks for t in c["choices"][0]["logprobs"]["tokens"]]
     assert tokens == list("abcde")
     assert all(c["choices"][0]["text"] for c in chunks[:-1])
 
 
-def test_chat_logprobs(client: TestClient) -> None:
-    body = chat(client, max_tokens=3, logprobs=True, top_logprobs=2).json()
+def test_chat_logprobs(fake_api: TestClient) -> None:
+    body = chat(fake_api, max_tokens=3, logprobs=True, top_logprobs=2).json()
     assert_valid(body, "CreateChatCompletionResponse")
     logprobs = body["choices"][0]["logprobs"]
     assert logprobs["refusal"] is None
@@ -557,24 +545,24 @@ def test_chat_logprobs(client: TestClient) -> None:
         "bytes": [66],
     }
 
-    assert chat(client, logprobs=True).json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
+    assert chat(fake_api, logprobs=True).json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"] == []
 
-    response = chat(client, max_tokens=3, logprobs=True, top_logprobs=1, stream=True)
+    response = chat(fake_api, max_tokens=3, logprobs=True, top_logprobs=1, stream=True)
     chunks = stream_chunks(response, "CreateChatCompletionStreamResponse")
     content = [c for c in chunks if c["choices"][0]["delta"].get("content")]
     assert [t["token"] for c in content for t in c["choices"][0]["logprobs"]["content"]] == ["a", "b", "c"]
 
 
-def test_echo(client: TestClient) -> None:
-    body = completion(client, prompt=["hi", "yo"], echo=True, max_tokens=2).json()
+def test_echo(fake_api: TestClient) -> None:
+    body = completion(fake_api, prompt=["hi", "yo"], echo=True, max_tokens=2).json()
     assert_valid(body, "CreateCompletionResponse")
     assert [c["text"] for c in body["choices"]] == ["hiab", "yoab"]
 
     tokens = FakeTokenizer().encode("hey")
-    assert completion(client, prompt=tokens, echo=True, max_tokens=2).json()["choices"][0]["text"] == "heyab"
+    assert completion(fake_api, prompt=tokens, echo=True, max_tokens=2).json()["choices"][0]["text"] == "heyab"
 
     chunks = stream_chunks(
-        completion(client, n=2, echo=True, max_tokens=2, stream=True), "CreateCompletionStreamResponse"
+        completion(fake_api, n=2, echo=True, max_tokens=2, stream=True), "CreateCompletionStreamResponse"
     )
     firsts = {}
     for chunk in chunks:

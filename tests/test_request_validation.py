@@ -20,7 +20,6 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from server.api import build_app
 from server.api.protocol import MAX_LOGIT_BIAS, MAX_TOKEN_ID
 from server.config import Settings
 from server.requests import RequestError, SamplingParams
@@ -30,17 +29,6 @@ from tests.support.openai_http import BASE, USER_HI, assert_error, chat, complet
 from tests.support.servers import serving_engine
 
 COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
-
-
-@pytest.fixture
-def engine() -> FakeEngine:
-    return FakeEngine()
-
-
-@pytest.fixture
-def client(engine: FakeEngine) -> Iterator[TestClient]:
-    with TestClient(build_app(engine), raise_server_exceptions=False) as test_client:
-        yield test_client
 
 
 def assert_client_error(response: httpx.Response, status: int, param: str | None, code: str | None = None) -> dict:
@@ -61,18 +49,20 @@ def post_raw(client: TestClient | httpx.Client, path: str, raw_json: str) -> htt
 
 @pytest.mark.parametrize("endpoint", [completion, chat])
 def test_model_and_adapter_id_naming_different_adapters_is_a_400(
-    client: TestClient, engine: FakeEngine, endpoint: Any
+    fake_api: TestClient, fake_engine: FakeEngine, endpoint: Any
 ) -> None:
-    error = assert_client_error(endpoint(client, model="alpha", adapter_id="beta"), 400, "adapter_id")
+    error = assert_client_error(endpoint(fake_api, model="alpha", adapter_id="beta"), 400, "adapter_id")
     assert error["code"] == "conflicting_parameters"
     assert all(word in error["message"] for word in ("'model'", "'adapter_id'", "alpha", "beta"))
-    assert engine.requests == []
+    assert fake_engine.requests == []
 
 
 @pytest.mark.parametrize("endpoint", [completion, chat])
-def test_unknown_model_with_an_adapter_id_is_a_404(client: TestClient, engine: FakeEngine, endpoint: Any) -> None:
-    assert_client_error(endpoint(client, model="nope", adapter_id="beta"), 404, "model", "model_not_found")
-    assert engine.requests == []
+def test_unknown_model_with_an_adapter_id_is_a_404(
+    fake_api: TestClient, fake_engine: FakeEngine, endpoint: Any
+) -> None:
+    assert_client_error(endpoint(fake_api, model="nope", adapter_id="beta"), 404, "model", "model_not_found")
+    assert fake_engine.requests == []
 
 
 @pytest.mark.parametrize(
@@ -85,15 +75,17 @@ def test_unknown_model_with_an_adapter_id_is_a_404(client: TestClient, engine: F
         ({"model": None}, BASE),  # `model` may be left out: the base model
     ],
 )
-def test_response_model_is_what_served(client: TestClient, engine: FakeEngine, fields: dict, served: str) -> None:
+def test_response_model_is_what_served(
+    fake_api: TestClient, fake_engine: FakeEngine, fields: dict, served: str
+) -> None:
     body = {"prompt": "hi", "max_tokens": 2, **fields}
-    assert client.post(COMPLETIONS, json=body).json()["model"] == served
-    chunks = stream_chunks(client.post(COMPLETIONS, json=body | {"stream": True}), "CreateCompletionStreamResponse")
+    assert fake_api.post(COMPLETIONS, json=body).json()["model"] == served
+    chunks = stream_chunks(fake_api.post(COMPLETIONS, json=body | {"stream": True}), "CreateCompletionStreamResponse")
     assert {chunk["model"] for chunk in chunks} == {served}
     chat_body = {"messages": [USER_HI], "max_tokens": 2, **fields}
-    assert client.post(CHAT, json=chat_body).json()["model"] == served
+    assert fake_api.post(CHAT, json=chat_body).json()["model"] == served
     expected_adapter = None if served == BASE else served
-    assert [r.adapter_id for r in engine.requests] == [expected_adapter] * 3
+    assert [r.adapter_id for r in fake_engine.requests] == [expected_adapter] * 3
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,17 +109,17 @@ def test_response_model_is_what_served(client: TestClient, engine: FakeEngine, f
     ],
 )
 def test_unknown_fields_are_a_400_naming_them(
-    client: TestClient, engine: FakeEngine, path: str, body: dict, param: str, suggestion: str | None
+    fake_api: TestClient, fake_engine: FakeEngine, path: str, body: dict, param: str, suggestion: str | None
 ) -> None:
-    error = assert_client_error(client.post(path, json=body), 400, param, "unknown_parameter")
+    error = assert_client_error(fake_api.post(path, json=body), 400, param, "unknown_parameter")
     assert f"'{param}'" in error["message"]
     if suggestion is not None:
         assert f"Did you mean '{suggestion}'?" in error["message"]
-    assert engine.requests == []
+    assert fake_engine.requests == []
 
 
-def test_openai_fields_that_change_nothing_are_accepted(client: TestClient, engine: FakeEngine) -> None:
-    plain = chat(client, max_tokens=3)
+def test_openai_fields_that_change_nothing_are_accepted(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    plain = chat(fake_api, max_tokens=3)
     ignored = {
         "user": "u-1", "metadata": {"team": "search"}, "store": False, "service_tier": "auto",
         "safety_identifier": "s-1", "prompt_cache_key": "k", "prompt_cache_retention": "in_memory",
@@ -138,18 +130,18 @@ def test_openai_fields_that_change_nothing_are_accepted(client: TestClient, engi
     part = {"type": "text", "text": "hi", "prompt_cache_breakpoint": {"mode": "explicit"}}
     message = {"role": "user", "content": [part]}
     replayed = {"role": "assistant", "content": "ok", "refusal": None, "tool_call_id": None}
-    accepted = chat(client, max_tokens=3, messages=[USER_HI, replayed, message], **ignored)
+    accepted = chat(fake_api, max_tokens=3, messages=[USER_HI, replayed, message], **ignored)
     assert plain.status_code == accepted.status_code == 200, accepted.text
-    assert engine.requests[0].params == engine.requests[1].params
-    assert completion(client, user="u-1").status_code == 200
+    assert fake_engine.requests[0].params == fake_engine.requests[1].params
+    assert completion(fake_api, user="u-1").status_code == 200
 
 
-def test_an_assistant_refusal_is_its_text(client: TestClient, engine: FakeEngine) -> None:
+def test_an_assistant_refusal_is_its_text(fake_api: TestClient, fake_engine: FakeEngine) -> None:
     refused = {"role": "assistant", "content": None, "refusal": "I cannot."}
     answered = {"role": "assistant", "content": "I cannot."}
     for history in (refused, answered):
-        assert chat(client, messages=[USER_HI, history, USER_HI]).status_code == 200
-    assert engine.requests[0].prompt_token_ids == engine.requests[1].prompt_token_ids
+        assert chat(fake_api, messages=[USER_HI, history, USER_HI]).status_code == 200
+    assert fake_engine.requests[0].prompt_token_ids == fake_engine.requests[1].prompt_token_ids
 
 
 @pytest.mark.parametrize(
@@ -165,18 +157,18 @@ def test_an_assistant_refusal_is_its_text(client: TestClient, engine: FakeEngine
     ],
 )
 def test_openai_fields_we_cannot_honour_are_a_400(
-    client: TestClient, engine: FakeEngine, fields: dict, param: str
+    fake_api: TestClient, fake_engine: FakeEngine, fields: dict, param: str
 ) -> None:
-    error = assert_client_error(chat(client, **fields), 400, param)
+    error = assert_client_error(chat(fake_api, **fields), 400, param)
     assert error["code"] in {"unsupported_parameter", "unsupported_value"}
-    assert engine.requests == []
+    assert fake_engine.requests == []
 
 
-def test_extensions_are_accepted(client: TestClient, engine: FakeEngine) -> None:
-    response = completion(client, adapter_id="alpha", top_k=5, stop_token_ids=[7], include_stop_str_in_output=True,
+def test_extensions_are_accepted(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    response = completion(fake_api, adapter_id="alpha", top_k=5, stop_token_ids=[7], include_stop_str_in_output=True,
                           ignore_eos=True)
     assert response.status_code == 200, response.text
-    assert only_params(engine).top_k == 5 and only_params(engine).stop_token_ids == (7,)
+    assert only_params(fake_engine).top_k == 5 and only_params(fake_engine).stop_token_ids == (7,)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -203,36 +195,36 @@ def _numeric_cases() -> Iterator[tuple[str, str, str]]:
 
 @pytest.mark.parametrize(("path", "raw", "field"), list(_numeric_cases()))
 def test_extreme_numbers_are_a_400_naming_the_field(
-    client: TestClient, engine: FakeEngine, path: str, raw: str, field: str
+    fake_api: TestClient, fake_engine: FakeEngine, path: str, raw: str, field: str
 ) -> None:
-    response = post_raw(client, path, raw)
+    response = post_raw(fake_api, path, raw)
     assert response.status_code == 400, response.text
     param = response.json()["error"]["param"]
     assert param == field or param.startswith(field + "."), response.text
     assert_client_error(response, 400, param)
-    assert engine.requests == []
+    assert fake_engine.requests == []
 
 
-def test_top_k_is_bounded(client: TestClient, engine: FakeEngine) -> None:
-    assert_client_error(completion(client, top_k=MAX_TOKEN_ID + 1), 400, "top_k", "invalid_value")
-    assert completion(client, top_k=MAX_TOKEN_ID).status_code == 200
-    assert only_params(engine).top_k == MAX_TOKEN_ID
+def test_top_k_is_bounded(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    assert_client_error(completion(fake_api, top_k=MAX_TOKEN_ID + 1), 400, "top_k", "invalid_value")
+    assert completion(fake_api, top_k=MAX_TOKEN_ID).status_code == 200
+    assert only_params(fake_engine).top_k == MAX_TOKEN_ID
 
 
-def test_stop_token_ids_are_bounded(client: TestClient, engine: FakeEngine) -> None:
-    assert_client_error(completion(client, stop_token_ids=[1] * 257), 400, "stop_token_ids")
-    assert completion(client, stop_token_ids=[1] * 256).status_code == 200
+def test_stop_token_ids_are_bounded(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    assert_client_error(completion(fake_api, stop_token_ids=[1] * 257), 400, "stop_token_ids")
+    assert completion(fake_api, stop_token_ids=[1] * 256).status_code == 200
 
 
 # --------------------------------------------------------------------------------------------------
 # logit_bias: canonical token ids, a bounded map, applied in one indexed add
 
 
-def test_logit_bias_keys_are_canonical_token_ids(client: TestClient, engine: FakeEngine) -> None:
-    assert_client_error(completion(client, logit_bias={"07": 5, "0": -1, "000": 2}), 400, "logit_bias")  # 0 twice
-    assert completion(client, logit_bias={"07": 5, "000": 2, "0012": 1}).status_code == 200
-    assert only_params(engine).logit_bias == ((0, 2.0), (7, 5.0), (12, 1.0))
-    assert completion(client, logit_bias={"0" * 5000 + "9": 1}).status_code == 200  # long, but token 9
+def test_logit_bias_keys_are_canonical_token_ids(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    assert_client_error(completion(fake_api, logit_bias={"07": 5, "0": -1, "000": 2}), 400, "logit_bias")  # 0 twice
+    assert completion(fake_api, logit_bias={"07": 5, "000": 2, "0012": 1}).status_code == 200
+    assert only_params(fake_engine).logit_bias == ((0, 2.0), (7, 5.0), (12, 1.0))
+    assert completion(fake_api, logit_bias={"0" * 5000 + "9": 1}).status_code == 200  # long, but token 9
 
 
 @pytest.mark.parametrize(
@@ -246,16 +238,16 @@ def test_logit_bias_keys_are_canonical_token_ids(client: TestClient, engine: Fak
         {str(MAX_TOKEN_ID + 1): 1},
     ],
 )
-def test_logit_bias_map_is_bounded(client: TestClient, engine: FakeEngine, bias: dict) -> None:
-    error = assert_client_error(completion(client, logit_bias=bias, n=16), 400, "logit_bias", "invalid_value")
+def test_logit_bias_map_is_bounded(fake_api: TestClient, fake_engine: FakeEngine, bias: dict) -> None:
+    error = assert_client_error(completion(fake_api, logit_bias=bias, n=16), 400, "logit_bias", "invalid_value")
     assert len(error["message"]) < 200
-    assert engine.requests == []
+    assert fake_engine.requests == []
 
 
-def test_logit_bias_of_the_largest_map_reaches_the_engine(client: TestClient, engine: FakeEngine) -> None:
+def test_logit_bias_of_the_largest_map_reaches_the_engine(fake_api: TestClient, fake_engine: FakeEngine) -> None:
     bias = {str(i): (i % 201) - 100 for i in range(MAX_LOGIT_BIAS)}
-    assert completion(client, logit_bias=bias).status_code == 200
-    assert len(only_params(engine).logit_bias) == MAX_LOGIT_BIAS
+    assert completion(fake_api, logit_bias=bias).status_code == 200
+    assert len(only_params(fake_engine).logit_bias) == MAX_LOGIT_BIAS
 
 
 def _per_entry_reference(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
@@ -302,16 +294,16 @@ def test_tiny_top_p_or_temperature_picks_the_most_likely_token(
 # `code` is never null on a 4xx
 
 
-def test_client_errors_always_carry_a_code(client: TestClient, engine: FakeEngine) -> None:
-    assert_client_error(completion(client, prompt=[10**9]), 400, "prompt", "invalid_value")
-    assert_client_error(completion(client, stop_token_ids=[10**9]), 400, "stop_token_ids", "invalid_value")
-    assert_client_error(client.get("/v1/nope"), 404, None, "unknown_url")
-    assert_client_error(client.get(COMPLETIONS), 405, None, "method_not_allowed")
-    assert_client_error(post_raw(client, COMPLETIONS, '{"prompt": "hi", "n": %s}' % ("1" * 5000)), 400, None)
+def test_client_errors_always_carry_a_code(fake_api: TestClient, fake_engine: FakeEngine) -> None:
+    assert_client_error(completion(fake_api, prompt=[10**9]), 400, "prompt", "invalid_value")
+    assert_client_error(completion(fake_api, stop_token_ids=[10**9]), 400, "stop_token_ids", "invalid_value")
+    assert_client_error(fake_api.get("/v1/nope"), 404, None, "unknown_url")
+    assert_client_error(fake_api.get(COMPLETIONS), 405, None, "method_not_allowed")
+    assert_client_error(post_raw(fake_api, COMPLETIONS, '{"prompt": "hi", "n": %s}' % ("1" * 5000)), 400, None)
     # The engine refuses an adapter above --max-lora-rank at request time without a code of its own.
-    engine.submit_error = RequestError("The adapter 'alpha' has rank 64; this server serves ranks up to 16 "
+    fake_engine.submit_error = RequestError("The adapter 'alpha' has rank 64; this server serves ranks up to 16 "
                                        "(--max-lora-rank).", param="adapter_id")
-    assert_client_error(completion(client, model="alpha"), 400, "adapter_id", "invalid_request")
+    assert_client_error(completion(fake_api, model="alpha"), 400, "adapter_id", "invalid_request")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,6 +19,14 @@ phases, a warm-up that fills every tier and lets the allocators settle, then two
 measured phase may not grow the process' RSS past a bound (see `RSS_GROWTH_BOUND_BYTES`). A leak proportional
 to traffic grows it as much as the first, while the warm-up's one-off growth is over by then.
 
+A third tenant attacks all along (the hardening of issue 18): hostile archives (a pax header of digits, a small
+gzip of zeros past the upload limit), adapter configs with a pattern that is no regex or an absurd lora_alpha,
+numbers past what the engine takes, a prompt whose size alone is past --max-prompt-tokens, logit_bias maps spelled
+to waste work, lone surrogates, a JSON body past --max-request-bytes, connections that stall mid-head, /metrics, and
+the other tenants' private adapters on every adapter route. Each gets the answer the API documents (a 404 word for
+word a missing adapter's), counted in /metrics like the rest; meanwhile /health and a small completion of a normal
+tenant answer within a generous multiple of their unloaded times, and the other tenants' guarantees all hold.
+
 The module's server runs in this process, so the checks read the engine's own bookkeeping as well as /metrics.
 Run it longer by hand with e.g. `LORAHIVE_SOAK_SECONDS=900 pytest tests/test_soak.py -s`.
 """
@@ -35,7 +43,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,12 +53,14 @@ import pytest
 from adapters_store import TARGET_MODULES
 from adapters_store.peft_export import to_peft_files
 from adapters_store.store import ADAPTER_FILES, MANIFEST_FILE
+from server.api.protocol import MAX_LOGIT_BIAS
 from server.config import Settings
 from server.demo import DEMO_MODEL_NAME, build_demo_model
 from server.engine import Engine, RequestStream
 from server.runtime import lora_pool_bytes, pick_device, pick_dtype
 from server.scheduler import Sequence
 from tests.support.adapter_uploads import multipart
+from tests.support.archives import crafted_tgz, tar_bytes
 from tests.support.engines import assert_idle, make_adapter
 from tests.support.prometheus_text import samples
 from tests.support.servers import serving_engine
@@ -83,6 +93,20 @@ RSS_GROWTH_BOUND_BYTES = 24 * 2**20
 HOST_BUDGET_BYTES = 4 * 2**20  # a handful of adapters of rank 8-32: host-tier evictions on most loads
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
 ADAPTER_PATHS = ("/v1/adapters", "/v1/adapters/{adapter_id}")
+# The attacker: a tenant of its own, whose every request is refused (it never stores an adapter).
+ATTACKER, ATTACKER_KEY = "mallory", "soak-key-mallory-0123456789"
+METRICS_KEY = "soak-metrics-key-0123456789"  # the checks' key to /metrics, which tenants may not read
+MAX_PROMPT_TOKENS = 256  # the tenants' prompts have up to ~100 tokens; the attacker's are past the byte bound
+MAX_REQUEST_BYTES = 64 * 2**10  # the largest JSON body of the traffic is a few KB
+HEADER_TIMEOUT_S = 3.0  # a stalled head is cut then; idle keep-alive connections too, as uvicorn's own 5 s would
+ATTACK_PAUSE_S = 0.1  # between two attacks: the attacker is persistent, not a load test
+# /health and a normal tenant's small completion, timed now and then while the attacks run, may take this many
+# times their unloaded time (as in tests/test_upload_hardening.py), or up to the floor: the completion waits its
+# turn behind the soak's own traffic (a full batch of long requests, a waiting queue of 8, on a busy 2-core CPU).
+SLOWDOWN = 20
+SLOWDOWN_FLOOR_S = {"health": 5.0, "small completion": 20.0}  # 0.03 s and 1.6 s at worst measured (60 s soak)
+PROBE_PERIOD_S = 1.0
+SMALL_COMPLETION = {"model": DEMO_MODEL_NAME, "prompt": "hi", "max_tokens": 1}
 
 
 # ------------------------------------------------------------------------------------------ the server
@@ -112,6 +136,17 @@ class Soak:
     uploads: list[Upload]
     bad_uploads: dict[str, dict]
     submitted_sequences: list[int]  # sequences the engine accepted (one counter, bumped by `submit`)
+    attack_payloads: AttackPayloads
+    unloaded_s: dict[str, float]  # the probes' times before any traffic: "health", "small completion"
+
+
+@dataclass(frozen=True)
+class AttackPayloads:
+    """The attacker's uploads, made once."""
+
+    pax_header: bytes  # a .tgz whose pax header is 96 KiB of digits (~9 s of regex, CVE-2024-6232)
+    zeros: bytes  # a small .tgz whose weights expand to zeros past --max-adapter-bytes
+    bad_configs: dict[str, tuple[dict, str, str]]  # name -> (multipart form, field the 400 names, words in it)
 
 
 def _peft_variants(seed: int) -> list[Upload]:
@@ -140,10 +175,39 @@ def _bad_uploads(good: Upload) -> dict[str, dict]:
     }
 
 
+def _attack_payloads(good: Upload, max_adapter_bytes: int) -> AttackPayloads:
+    config = json.loads(good.config)
+    bad_configs = {
+        "rank_pattern": (multipart(json.dumps(config | {"rank_pattern": {"q_proj\\": 4}}).encode(), good.weights),
+                         "rank_pattern", "regular expression"),
+        "lora_alpha": (multipart(json.dumps(config | {"lora_alpha": 1e30}).encode(), good.weights),
+                       "lora_alpha", "lora_alpha"),
+    }
+    zeros = tar_bytes({"adapter_config.json": good.config, "adapter_model.safetensors": bytes(max_adapter_bytes + 1)})
+    return AttackPayloads(crafted_tgz(96 * 2**10), zeros, bad_configs)
+
+
+def _unloaded_times(url: str) -> dict[str, float]:
+    """The fastest of three /health calls and small completions, before any other traffic."""
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {TENANTS['acme']}"},
+                      timeout=REQUEST_TIMEOUT_S) as http:
+        def fastest(send: Callable[[], httpx.Response]) -> float:
+            times = []
+            for _ in range(3):
+                start = time.monotonic()
+                assert send().status_code == 200
+                times.append(time.monotonic() - start)
+            return min(times)
+
+        return {"health": fastest(lambda: http.get("/health")),
+                "small completion": fastest(lambda: http.post("/v1/completions", json=SMALL_COMPLETION))}
+
+
 @pytest.fixture(scope="module")
 def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Soak]:
     keys = tmp_path_factory.mktemp("keys") / "keys.json"
-    keys.write_text(json.dumps({"keys": [{"key": k, "tenant": t, "role": "tenant"} for t, k in TENANTS.items()]}))
+    keys.write_text(json.dumps({"keys": [{"key": k, "tenant": t, "role": "tenant"}
+                                         for t, k in (TENANTS | {ATTACKER: ATTACKER_KEY}).items()]}))
     device = pick_device("auto")
     args = build_demo_model()[0].args
     settings = Settings(
@@ -154,10 +218,17 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Soak]:
         max_host_adapter_bytes=HOST_BUDGET_BYTES, kv_cache_tokens=KV_CACHE_TOKENS, max_num_seqs=8,
         max_waiting_requests=8,  # 8 generators of up to 2 prompts each: now and then a 429
         max_adapter_bytes=8 * 2**20, log_level="warning",
-        metrics_public=True,  # the checks read /metrics without a key
+        metrics_api_key=METRICS_KEY,  # the checks read /metrics with it; the attacker's key gets a 403
+        max_prompt_tokens=MAX_PROMPT_TOKENS, max_request_bytes=MAX_REQUEST_BYTES,
+        # Two racing uploads per tenant and the attacker's one: never refused for the upload caps.
+        max_concurrent_uploads=8,
+        # Served over `lorahive serve`'s connection guard: stalled heads are cut after this; a body gets long
+        # enough for a 2 MiB upload on a busy CPU.
+        header_timeout=HEADER_TIMEOUT_S, body_timeout=10.0,
     )
     uploads = _peft_variants(seed=1000)
-    with serving_engine(settings) as (url, engine):
+    with serving_engine(settings, guarded=True) as (url, engine):
+        unloaded = _unloaded_times(url)
         submitted = [0]
         submit = engine.submit
 
@@ -167,7 +238,8 @@ def soak(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Soak]:
             return stream
 
         engine.submit = counting_submit  # type: ignore[method-assign]
-        yield Soak(url, engine, engine.registry.store.root, uploads, _bad_uploads(uploads[0]), submitted)
+        yield Soak(url, engine, engine.registry.store.root, uploads, _bad_uploads(uploads[0]), submitted,
+                   _attack_payloads(uploads[0], settings.max_adapter_bytes), unloaded)
 
 
 # ------------------------------------------------------------------------------------- what the test knows
@@ -193,6 +265,7 @@ class World:
     outcomes: Counter[str] = field(default_factory=Counter)
     totals: Counter[str] = field(default_factory=Counter)
     problems: list[str] = field(default_factory=list)
+    slowest: dict[str, float] = field(default_factory=dict)  # probe -> its longest time in seconds, for the log
     next_id: int = 0
 
     def fresh_id(self, tenant: str) -> str:
@@ -487,6 +560,202 @@ async def _bad_upload(phase: Phase, client: httpx.AsyncClient, tenant: str) -> N
     phase.world.outcomes["bad uploads"] += 1
 
 
+# ------------------------------------------------------------------------------------------- the attacker
+
+COMPLETIONS, CHAT = GENERATION_PATHS
+ADAPTER = "/v1/adapters/{adapter_id}"
+# Numbers past what the engine takes, as raw JSON (field, value): each a 400 naming its field.
+OUT_OF_RANGE = [("top_k", str(2**64)), ("n", str(2**64)), ("seed", str(-(2**63) - 1)), ("max_tokens", "1e400"),
+                ("temperature", "NaN"), ("presence_penalty", "Infinity"), ("logprobs", str(2**64))]
+LOGIT_BIAS_ATTACKS = [
+    {"7": 1, "07": 1, "007": 1},  # one token spelled three ways
+    {str(i): 1 for i in range(MAX_LOGIT_BIAS + 1)},
+    {"9" * 4301: 1},  # past int()'s 4,300 digits
+]
+# Lone UTF-16 surrogates in a string field (route, raw JSON, the field the 400 names).
+SURROGATES = [
+    (COMPLETIONS, '{"prompt": "\\ud800"}', "prompt"),
+    (CHAT, '{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages.0.content.0.text"),
+    (COMPLETIONS, '{"prompt": "hi", "model": "\\ud800"}', "model"),
+    (COMPLETIONS, '{"prompt": "hi", "adapter_id": "\\ud800"}', "adapter_id"),
+]
+STALLED_HEAD = b"POST /v1/completions HTTP/1.1\r\nHost: lorahive\r\nContent-Type: application/json\r\n"
+_ANY = object()
+
+
+def expect_error(phase: Phase, route: str, method: str, response: httpx.Response, status: int, what: str,
+                 param: object = _ANY, code: str | None = None, words: str = "") -> None:
+    """Recorded like every request (so /metrics must count it), and refused as documented: `status`, in
+    OpenAI's error shape with a code, naming `param` (or a field inside it), saying `words`."""
+    if phase.record(route, method, response, {status}, f"attack: {what}") != status:
+        return
+    try:
+        error = response.json()["error"]
+        named = error["param"]
+        right_param = param is _ANY or named == param or (isinstance(named, str) and named.startswith(f"{param}."))
+        if not (error["code"] and (code is None or error["code"] == code) and right_param
+                and words in error["message"]):
+            phase.world.problem(f"attack: {what}: answered {error}, expected param {param}, code {code}, {words!r}")
+    except (ValueError, KeyError, TypeError):
+        phase.world.problem(f"attack: {what}: not an OpenAI error: {response.text[:300]}")
+
+
+def post_raw(client: httpx.AsyncClient, route: str, raw_json: str) -> Awaitable[httpx.Response]:
+    """POST the JSON text as written: escapes like \\ud800 and numbers like 1e400 reach the server's parser."""
+    return client.post(route, content=raw_json.encode("ascii"), headers={"content-type": "application/json"})
+
+
+async def pax_header(phase: Phase, client: httpx.AsyncClient) -> None:
+    """Refused from the header's size, quickly: tarfile's regex would take seconds over it, holding the GIL."""
+    archive = {"archive": ("a.tgz", phase.soak.attack_payloads.pax_header)}
+    start = time.monotonic()
+    response = await client.post("/v1/adapters", data={"id": phase.world.fresh_id(ATTACKER)}, files=archive)
+    took = time.monotonic() - start
+    expect_error(phase, "/v1/adapters", "POST", response, 400, "pax header", "archive", "invalid_adapter",
+                 "extended header")
+    bound = max(SLOWDOWN * phase.soak.unloaded_s["small completion"], SLOWDOWN_FLOOR_S["health"])
+    if took > bound:
+        phase.world.problem(f"attack: pax header: answered after {took:.1f} s (bound {bound:.1f} s)")
+
+
+async def gzip_of_zeros(phase: Phase, client: httpx.AsyncClient) -> None:
+    archive = {"archive": ("a.tgz", phase.soak.attack_payloads.zeros)}
+    response = await client.post("/v1/adapters", data={"id": phase.world.fresh_id(ATTACKER)}, files=archive)
+    expect_error(phase, "/v1/adapters", "POST", response, 400, "zeros past the upload limit", "archive",
+                 "invalid_adapter", "expands to more than")
+
+
+async def bad_config(phase: Phase, client: httpx.AsyncClient) -> None:
+    name = phase.rng.choice(sorted(phase.soak.attack_payloads.bad_configs))
+    form, param, words = phase.soak.attack_payloads.bad_configs[name]
+    response = await client.post("/v1/adapters", data={"id": phase.world.fresh_id(ATTACKER)}, files=form)
+    expect_error(phase, "/v1/adapters", "POST", response, 400, f"config's {name}", param, "invalid_adapter", words)
+
+
+async def number_out_of_range(phase: Phase, client: httpx.AsyncClient) -> None:
+    name, value = phase.rng.choice(OUT_OF_RANGE)
+    response = await post_raw(client, COMPLETIONS, f'{{"prompt": "hi", "{name}": {value}}}')
+    expect_error(phase, COMPLETIONS, "POST", response, 400, f"{name} {value}", name)
+
+
+async def prompt_past_the_byte_bound(phase: Phase, client: httpx.AsyncClient) -> None:
+    bound = MAX_PROMPT_TOKENS * phase.soak.engine.tokenizer.max_input_bytes_per_token
+    response = await client.post(COMPLETIONS, json={"prompt": "a" * (bound + 1), "max_tokens": 1})
+    # The size alone refuses it, before tokenizing: the message gives bytes, not a count of tokens.
+    expect_error(phase, COMPLETIONS, "POST", response, 400, "prompt past the byte bound", "prompt",
+                 "limit_exceeded", f"{bound + 1} bytes, more than {MAX_PROMPT_TOKENS} tokens")
+
+
+async def wasteful_logit_bias(phase: Phase, client: httpx.AsyncClient) -> None:
+    bias = phase.rng.choice(LOGIT_BIAS_ATTACKS)
+    response = await client.post(COMPLETIONS, json={"prompt": "hi", "max_tokens": 1, "logit_bias": bias, "n": 16})
+    expect_error(phase, COMPLETIONS, "POST", response, 400, f"logit_bias of {len(bias)} keys", "logit_bias",
+                 "invalid_value")
+
+
+async def lone_surrogate(phase: Phase, client: httpx.AsyncClient) -> None:
+    route, raw, param = phase.rng.choice(SURROGATES)
+    response = await post_raw(client, route, raw)
+    expect_error(phase, route, "POST", response, 400, f"lone surrogate in {param}", param)
+
+
+async def oversized_json(phase: Phase, client: httpx.AsyncClient) -> None:
+    body = json.dumps({"public": True, "padding": "x" * MAX_REQUEST_BYTES}).encode()
+    response = await client.patch(f"/v1/adapters/{phase.world.fresh_id(ATTACKER)}", content=body,
+                                  headers={"content-type": "application/json"})
+    expect_error(phase, ADAPTER, "PATCH", response, 413, "PATCH past --max-request-bytes", None,
+                 "request_too_large", "--max-request-bytes")
+
+
+async def stalled_head(phase: Phase, client: httpx.AsyncClient) -> None:
+    """Part of a request's head, then nothing: the server answers 408 and closes after --header-timeout."""
+    url = httpx.URL(phase.soak.url)
+    reader, writer = await asyncio.open_connection(url.host, url.port)
+    started = time.monotonic()
+    try:
+        writer.write(STALLED_HEAD)
+        await writer.drain()
+        async with asyncio.timeout(SETTLE_TIMEOUT_S):
+            reply = await reader.read()  # until the server closes the connection
+    except (OSError, TimeoutError) as exc:
+        phase.world.problem(f"attack: stalled head: {exc!r}")
+        return
+    finally:
+        writer.close()
+    waited = time.monotonic() - started
+    if not reply.startswith(b"HTTP/1.1 408") or waited < HEADER_TIMEOUT_S - 0.1:
+        phase.world.problem(f"attack: stalled head: closed after {waited:.1f} s with {reply[:100]!r}")
+
+
+def _probes(upload: Upload) -> list[tuple[str, str, Callable[[httpx.AsyncClient, str], Awaitable[httpx.Response]]]]:
+    """(method, route, send) for every route that takes an adapter id."""
+    return [
+        ("GET", ADAPTER, lambda c, i: c.get(f"/v1/adapters/{i}")),
+        ("PATCH", ADAPTER, lambda c, i: c.patch(f"/v1/adapters/{i}", json={"public": True})),
+        ("PUT", ADAPTER, lambda c, i: c.put(f"/v1/adapters/{i}", files=upload.form())),
+        ("DELETE", ADAPTER, lambda c, i: c.delete(f"/v1/adapters/{i}")),
+        ("POST", COMPLETIONS, lambda c, i: c.post(COMPLETIONS, json=SMALL_COMPLETION | {"adapter_id": i})),
+        ("POST", CHAT, lambda c, i: c.post(CHAT, json={"model": i, "max_tokens": 1,
+                                                       "messages": [{"role": "user", "content": "hi"}]})),
+    ]
+
+
+async def foreign_adapter(phase: Phase, client: httpx.AsyncClient) -> None:
+    """Another tenant's private adapter, on every route that takes an id: 404, word for word a missing one's."""
+    victims = sorted(i for t in TENANTS for i in phase.world.live[t])
+    if not victims:
+        return
+    victim, missing = phase.rng.choice(victims), phase.world.fresh_id(ATTACKER)
+    for method, route, send in _probes(phase.soak.uploads[0]):
+        answers = [await send(client, adapter_id) for adapter_id in (victim, missing)]
+        statuses = [phase.record(route, method, a, {404}, f"attack: {method} {route} on {i}")
+                    for a, i in zip(answers, (victim, missing), strict=True)]
+        if statuses == [404, 404] and answers[0].json() != json.loads(answers[1].text.replace(missing, victim)):
+            phase.world.problem(f"attack: {method} {route}: {victim} answered {answers[0].text[:300]}, unlike a "
+                                f"missing adapter: {answers[1].text[:300]}")
+
+
+async def read_metrics(phase: Phase, client: httpx.AsyncClient) -> None:
+    response = await client.get("/metrics")
+    expect_error(phase, "/metrics", "GET", response, 403, "/metrics with a tenant's key", None, "permission_denied")
+
+
+ATTACKS = [pax_header, number_out_of_range, prompt_past_the_byte_bound, wasteful_logit_bias, lone_surrogate,
+           bad_config, oversized_json, gzip_of_zeros, stalled_head, foreign_adapter, read_metrics]
+
+
+async def attacker(phase: Phase, client: httpx.AsyncClient) -> None:
+    """The third tenant: the attacks in turn, from where the phase's seed says, until the phase ends."""
+    turn = phase.rng.randrange(len(ATTACKS))
+    while phase.running():
+        attack = ATTACKS[turn % len(ATTACKS)]
+        await attack(phase, client)
+        phase.world.outcomes[f"attack: {attack.__name__}"] += 1
+        turn += 1
+        await asyncio.sleep(ATTACK_PAUSE_S)
+
+
+async def responsiveness_probe(phase: Phase, client: httpx.AsyncClient) -> None:
+    """/health and a normal tenant's small completion, within a generous multiple of their unloaded times."""
+    probes = {"health": lambda: client.get("/health"),
+              "small completion": lambda: client.post(COMPLETIONS, json=SMALL_COMPLETION)}
+    while phase.running():
+        for name, send in probes.items():
+            start = time.monotonic()
+            response = await send()
+            took = time.monotonic() - start
+            if name == "small completion":  # counted in /metrics; a full waiting queue's 429 is documented
+                phase.record(COMPLETIONS, "POST", response, {200, 429}, "small completion under attack")
+            elif response.status_code != 200:
+                phase.world.problem(f"/health under attack answered {response.status_code}")
+            phase.world.slowest[name] = max(took, phase.world.slowest.get(name, 0.0))
+            bound = max(SLOWDOWN * phase.soak.unloaded_s[name], SLOWDOWN_FLOOR_S[name])
+            if took > bound:
+                phase.world.problem(f"{name} took {took:.1f} s under attack (bound {bound:.1f} s)")
+        await asyncio.sleep(PROBE_PERIOD_S)
+
+
+
 # ------------------------------------------------------------------------------------------ the phases
 
 
@@ -500,8 +769,11 @@ async def run_phase(soak: Soak, world: World, seconds: float, seed: int) -> None
     phase = Phase(soak, world, seconds, seed)
     async with contextlib.AsyncExitStack() as stack:
         by_tenant = {t: await stack.enter_async_context(c) for t, c in clients(soak).items()}
+        attacker_client = await stack.enter_async_context(httpx.AsyncClient(
+            base_url=soak.url, headers={"Authorization": f"Bearer {ATTACKER_KEY}"}, timeout=REQUEST_TIMEOUT_S))
         workers = [mutation_worker(phase, by_tenant[t], t) for t in TENANTS]
         workers += [generation_worker(phase, by_tenant[t], t) for t in TENANTS for _ in range(GENERATORS_PER_TENANT)]
+        workers += [attacker(phase, attacker_client), responsiveness_probe(phase, by_tenant["acme"])]
         await asyncio.gather(*workers)
 
 
@@ -513,7 +785,9 @@ def wait_for(condition: Callable[[], bool], what: str) -> None:
 
 
 def metric_samples(soak: Soak) -> dict:
-    return samples(httpx.get(f"{soak.url}/metrics").text)
+    response = httpx.get(f"{soak.url}/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
+    assert response.status_code == 200, response.text
+    return samples(response.text)
 
 
 def metric(values: dict, name: str, **labels: str) -> float:
@@ -572,7 +846,7 @@ def assert_counters_agree(soak: Soak, world: World, before: dict, submitted_befo
     answer the test never saw) differ only by statuses such a request may get, and never by a 5xx."""
     after = metric_samples(soak)
     for route in (*GENERATION_PATHS, *ADAPTER_PATHS):
-        for method in ("POST", "PUT", "DELETE"):
+        for method in ("GET", "POST", "PUT", "PATCH", "DELETE"):
             labels = {"endpoint": route, "method": method}.items()
             counted = Counter({
                 int(dict(ls)["status_code"]): v - before.get((n, ls), 0) for (n, ls), v in after.items()
@@ -626,8 +900,11 @@ def test_soak(soak: Soak) -> None:
         world.end_phase()
         rss.append(rss_bytes())
     print(f"soak outcomes: {dict(world.totals)}; engine steps {soak.engine.steps}, preemptions "
-          f"{soak.engine.scheduler.num_preemptions}; RSS after each phase (MiB): {[round(r / 2**20, 1) for r in rss]}")
+          f"{soak.engine.scheduler.num_preemptions}; RSS after each phase (MiB): {[round(r / 2**20, 1) for r in rss]}; "
+          f"probes unloaded {soak.unloaded_s}, slowest under attack {world.slowest} (s)")
     for outcome in ("stream cancelled", "non-stream cancelled", "racing creates", "racing deletes", "replaces",
                     "racing replaces", "bad uploads", "non-stream 200", "stream completed"):
         assert world.totals[outcome] > 0, f"the soak never exercised {outcome!r}: {dict(world.totals)}"
+    for attack in ATTACKS:
+        assert world.totals[f"attack: {attack.__name__}"] > 0, f"the attacker never made {attack.__name__}"
     assert rss[2] - rss[1] < RSS_GROWTH_BOUND_BYTES, f"RSS grew by {(rss[2] - rss[1]) / 2**20:.1f} MiB"

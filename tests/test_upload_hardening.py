@@ -29,7 +29,7 @@ from adapters_store import AdapterFormatError, unpack_adapter_archive
 from loadtest.provision import upload_adapter
 from server.config import Settings
 from tests.support.adapter_uploads import SMALL, multipart
-from tests.support.archives import CONFIG, PAIR, WEIGHTS, in_dir, tar_bytes
+from tests.support.archives import CONFIG, PAIR, WEIGHTS, crafted_tgz, in_dir, pax_header_of, tar_bytes
 from tests.support.openai_http import assert_limit
 from tests.support.servers import serving_engine
 from tests.support.tenant_keys import KEY_FILE, bearer
@@ -41,19 +41,6 @@ SLOWDOWN_FLOOR = 2.0  # seconds: below this a 2-core machine's noise, not an att
 
 # --------------------------------------------------------------------------------------------------
 # Item 1: pax headers crafted like CVE-2024-6232's
-
-
-def pax_header_of(payload: bytes, kind: bytes = tarfile.XHDTYPE) -> bytes:
-    """A raw extended header carrying `payload` as written, however malformed (tarfile would refuse to)."""
-    header = tarfile.TarInfo("PaxHeader")
-    header.type, header.size = kind, len(payload)
-    return header.tobuf(format=tarfile.USTAR_FORMAT) + payload + b"\0" * (-len(payload) % 512)
-
-
-def crafted_tgz(digits: int, headers: int = 1) -> bytes:
-    """`headers` pax headers of `digits` digits each (quadratic regex work in CPython < 3.11.10), then the
-    adapter's files."""
-    return gzip.compress(pax_header_of(b"1" * digits) * headers + tar_bytes(PAIR, compressed=False))
 
 
 @pytest.fixture

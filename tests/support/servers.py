@@ -8,15 +8,17 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
 
 from server.api.app import build_app
 from server.config import Settings
+from server.draining_server import guarded_protocol
 from server.engine import Engine
 from server.runtime import build_engine
 
@@ -30,10 +32,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(app: FastAPI) -> Iterator[str]:
-    """Serve `app` on 127.0.0.1; yields the base URL (no trailing slash)."""
+def running_server(app: FastAPI, http: str | Callable[..., Any] = "auto") -> Iterator[str]:
+    """Serve `app` on 127.0.0.1 with uvicorn's `http` protocol; yields the base URL (no trailing slash)."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=http))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
@@ -49,12 +51,13 @@ def running_server(app: FastAPI) -> Iterator[str]:
 
 
 @contextmanager
-def serving_engine(settings: Settings) -> Iterator[tuple[str, Engine]]:
-    """The real engine built from `settings`, started and served; yields (base URL, engine)."""
+def serving_engine(settings: Settings, guarded: bool = False) -> Iterator[tuple[str, Engine]]:
+    """The real engine built from `settings`, started and served; yields (base URL, engine). `guarded` serves it
+    over `lorahive serve`'s connection guard (the settings' --header-timeout and --max-connections)."""
     engine = build_engine(settings)
     engine.start()
     try:
-        with running_server(build_app(engine, settings)) as url:
+        with running_server(build_app(engine, settings), guarded_protocol(settings) if guarded else "auto") as url:
             yield url, engine
     finally:
         engine.shutdown()

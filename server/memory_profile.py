@@ -1,0 +1,179 @@
+"""Peak memory of the largest step the scheduler can build: measured by running it, and bounded analytically.
+
+Start-up sizes the KV cache from what is left after the weights, the adapter pool and this peak (as vLLM does
+with its profiling run), so no step the scheduler may build later can run the device out of memory. The
+largest step spends the whole token budget with as many sequences as allowed: `max_num_seqs - 1` decodes and
+one prefill chunk of the tokens left, every context `max_model_len` long, every token through a max-rank
+adapter, every row sampled with top-k/top-p, penalties and logprobs. A step with all its tokens in one prefill
+chunk is tried too (its attention problem is the widest).
+
+The profile needs no real KV cache: every sequence's block table points at the same single block, and what
+the attention gathers has the shape of the block table, not of the cache.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+
+from kernels.paging import PAGE_RANK, pages_for_rank
+from server.adapter_pool import AdapterSlotPool
+from server.api.protocol import MAX_LOGPROBS
+from server.model import KVCache, ModelArgs, Transformer
+from server.requests import SamplingParams
+from server.sampling import SamplerState, sample
+from server.scheduler import ScheduledChunk, Sequence
+from server.step_builder import build_step
+
+# The costliest sampling a request can ask for: every sampling stage, penalties, the most logprobs the API allows.
+_WORST_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, presence_penalty=0.5, frequency_penalty=0.5,
+                                 logprobs=MAX_LOGPROBS)
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    """What bounds one engine step: the scheduler's budgets and the adapter pool's shape."""
+
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_model_len: int
+    block_size: int
+    max_gpu_adapters: int
+    max_lora_rank: int
+    max_gpu_adapter_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class ChunkShape:
+    """One scheduled chunk reduced to what its memory depends on."""
+
+    num_tokens: int
+    context_len: int  # tokens of the sequence once this chunk is in the cache
+
+
+def largest_steps(limits: StepLimits) -> list[list[ChunkShape]]:
+    """The candidate largest steps: decodes plus one prefill chunk, and one prefill chunk alone."""
+    budget = limits.max_num_batched_tokens
+    decodes = min(limits.max_num_seqs - 1, budget - 1)
+    chunk = min(budget - decodes, limits.max_model_len)
+    mixed = [ChunkShape(1, limits.max_model_len)] * decodes + [ChunkShape(chunk, limits.max_model_len)]
+    alone = [ChunkShape(min(budget, limits.max_model_len), limits.max_model_len)]
+    return [mixed] if alone == mixed else [mixed, alone]
+
+
+def fake_plan(shapes: list[ChunkShape], limits: StepLimits) -> list[ScheduledChunk]:
+    """Scheduled chunks of `shapes`, every one through an adapter slot, every block table on block 0."""
+    plan = []
+    for i, shape in enumerate(shapes):
+        seq = Sequence(
+            seq_id=i, request_id=f"profile-{i}", choice_index=0, token_ids=[0] * shape.context_len,
+            num_prompt_tokens=shape.context_len, adapter=None, detokenizer=None,  # type: ignore[arg-type]
+            sampler=SamplerState(_WORST_SAMPLING, torch.Generator().manual_seed(i), output_ids=[0, 1, 2]),
+            num_computed=shape.context_len - shape.num_tokens,
+            blocks=[0] * -(-shape.context_len // limits.block_size),
+            slot=i % limits.max_gpu_adapters,
+        )
+        plan.append(ScheduledChunk(seq, shape.num_tokens))
+    return plan
+
+
+def run_step(model: Transformer, cache: KVCache, plan: list[ScheduledChunk], block_size: int) -> None:
+    """One engine step's device work, as the engine does it: step tensors, forward, sampling.
+
+    The only place this module calls the engine's step code, so it follows the engine when that changes."""
+    device = model.output.weight.device
+    step, lora_batch, sampled = build_step(plan, block_size, model.args.sliding_window, device)
+    model.lora.batch = lora_batch
+    try:
+        logits = model(step, cache)
+        sample(logits, [chunk.seq.sampler for chunk in sampled])
+    finally:
+        model.lora.batch = None
+
+
+def peak_bytes_of(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while `fn()` runs, above what was allocated before it.
+
+    CUDA: the caching allocator's peak counter. CPU: the torch profiler's allocation and free events, replayed
+    in order (every tensor torch allocates on the CPU is one event of each)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # The raw event stream: the aggregated FunctionEvents attribute allocations to ops, not to moments.
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+def measure_largest_step(model: Transformer, limits: StepLimits) -> int:
+    """Peak activation bytes of the largest candidate step, run on the model with every adapter slot at max rank.
+
+    Leaves the model without LoRA pages, as it was before the engine's own slot pool allocates them."""
+    device, dtype = model.output.weight.device, model.output.weight.dtype
+    args = model.args
+    pool = AdapterSlotPool(model, limits.max_gpu_adapters, limits.max_lora_rank, limits.max_gpu_adapter_bytes)
+    pages = list(range(1, pages_for_rank(limits.max_lora_rank) + 1))  # zeros: only their shapes matter here
+    for slot in range(limits.max_gpu_adapters):
+        pool.table.assign(slot, limits.max_lora_rank, pages)
+    cache = KVCache(args.n_layers, limits.block_size, args.n_kv_heads, args.head_dim, dtype, device)
+    plans = [fake_plan(shapes, limits) for shapes in largest_steps(limits)]
+    peak = max(peak_bytes_of(partial(run_step, model, cache, plan, limits.block_size), device) for plan in plans)
+    model.lora.table = None
+    for layer in model.lora_layers():  # the pages go back before the KV cache is sized
+        layer.lora_a = layer.lora_b = None
+    return peak
+
+
+def estimate_step_bytes(args: ModelArgs, shapes: list[ChunkShape], max_lora_rank: int, dtype: torch.dtype) -> int:
+    """An upper bound on the bytes one step of `shapes` allocates at its peak, from the model's dimensions.
+
+    The step's metadata and the residual stream live throughout; on top of them comes the largest of one
+    layer's phases (norm, q/k/v with RoPE, attention, MLP, each with its LoRA temporaries) or the head
+    (logits and the sampler's [rows, vocab] work). Attention counts the unfused path: gathered K/V, GQA heads
+    expanded, fp32 scores and their softmax; fused kernels use less."""
+    s, f32, i64 = torch.finfo(dtype).bits // 8, 4, 8
+    tokens = sum(c.num_tokens for c in shapes)
+    rows = len(shapes)  # each chunk ends its sequence's known tokens, so every one samples
+    q_width, kv_width = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    rank = pages_for_rank(max_lora_rank) * PAGE_RANK
+
+    def lora(d_in: int, d_out: int, slices: int) -> int:  # gathered x, shrink output twice, fp32 delta
+        return tokens * (d_in * s + 2 * slices * rank * f32 + d_out * (f32 + s))
+
+    groups = [(len(decodes), 1, max(c.context_len for c in decodes))] if (
+        decodes := [c for c in shapes if c.num_tokens == 1]) else []
+    groups += [(1, c.num_tokens, c.context_len) for c in shapes if c.num_tokens > 1]
+    metadata = tokens * 8 * i64 + sum(b * lq * (i64 + 1) + b * lk * i64 + 3 * b * lq * lk for b, lq, lk in groups)
+    residual = tokens * (2 * args.dim * s + 2 * args.head_dim * (f32 + s))
+    qkv_out = tokens * (q_width + 2 * kv_width) * s
+    norm = tokens * args.dim * (2 * f32 + s)
+    qkv = qkv_out + lora(args.dim, q_width + 2 * kv_width, 3) + 4 * tokens * (q_width + kv_width) * s
+    attention = qkv_out + 2 * tokens * q_width * s + max(
+        b * lq * (3 * q_width * s) + 2 * b * lk * (kv_width + q_width) * s
+        + b * lq * lk * (2 * args.n_heads * f32 + s)
+        for b, lq, lk in groups
+    ) + lora(q_width, args.dim, 1)
+    mlp = tokens * (4 * args.intermediate_size + args.dim) * s + lora(args.dim, 2 * args.intermediate_size, 2)
+    # Logits in the model's dtype and in fp32, then the sampler: bias/penalty copy, tempered logits, sort
+    # (values + int64 ids), softmax, two cumsums, the mass before each token, masks, log-softmax.
+    head = rows * (2 * args.dim * (f32 + s) + args.vocab_size * (s + 11 * f32 + i64 + 2))
+    return metadata + residual + max(norm, qkv, attention, mlp, head)
+
+
+def estimate_largest_step(args: ModelArgs, limits: StepLimits, dtype: torch.dtype) -> int:
+    return max(estimate_step_bytes(args, shapes, limits.max_lora_rank, dtype) for shapes in largest_steps(limits))
