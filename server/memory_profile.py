@@ -7,8 +7,9 @@ one prefill chunk of the tokens left, every context `max_model_len` long, every 
 adapter, every row sampled with top-k/top-p, penalties and logprobs. A step with all its tokens in one prefill
 chunk is tried too (its attention problem is the widest).
 
-The profile needs no real KV cache: every sequence's block table points at the same single block, and what
-the attention gathers has the shape of the block table, not of the cache.
+The profile runs the step through a scratch `ModelRunner`, the engine's own step code, and needs no real KV
+cache: every sequence's block table points at the same single block, and what the attention gathers has the
+shape of the block table, not of the cache.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ import torch
 from kernels.paging import PAGE_RANK, pages_for_rank
 from server.adapter_pool import AdapterSlotPool
 from server.api.protocol import MAX_LOGPROBS
-from server.model import KVCache, ModelArgs, Transformer
+from server.model import ModelArgs, Transformer
+from server.model_runner import ModelRunner, adapter_page_bytes
 from server.requests import SamplingParams
-from server.sampling import SamplerState, sample
+from server.sampling import SamplerState
 from server.scheduler import ScheduledChunk, Sequence
-from server.step_builder import build_step
 
 # The costliest sampling a request can ask for: every sampling stage, penalties, the most logprobs the API allows.
 _WORST_SAMPLING = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, presence_penalty=0.5, frequency_penalty=0.5,
@@ -80,20 +81,6 @@ def fake_plan(shapes: list[ChunkShape], limits: StepLimits) -> list[ScheduledChu
     return plan
 
 
-def run_step(model: Transformer, cache: KVCache, plan: list[ScheduledChunk], block_size: int) -> None:
-    """One engine step's device work, as the engine does it: step tensors, forward, sampling.
-
-    The only place this module calls the engine's step code, so it follows the engine when that changes."""
-    device = model.output.weight.device
-    step, lora_batch, sampled = build_step(plan, block_size, model.args.sliding_window, device)
-    model.lora.batch = lora_batch
-    try:
-        logits = model(step, cache)
-        sample(logits, [chunk.seq.sampler for chunk in sampled])
-    finally:
-        model.lora.batch = None
-
-
 def peak_bytes_of(fn: Callable[[], object], device: torch.device) -> int:
     """Peak bytes allocated while `fn()` runs, above what was allocated before it.
 
@@ -123,16 +110,16 @@ def peak_bytes_of(fn: Callable[[], object], device: torch.device) -> int:
 def measure_largest_step(model: Transformer, limits: StepLimits) -> int:
     """Peak activation bytes of the largest candidate step, run on the model with every adapter slot at max rank.
 
-    Leaves the model without LoRA pages, as it was before the engine's own slot pool allocates them."""
-    device, dtype = model.output.weight.device, model.output.weight.dtype
-    args = model.args
-    pool = AdapterSlotPool(model, limits.max_gpu_adapters, limits.max_lora_rank, limits.max_gpu_adapter_bytes)
+    Leaves the model without LoRA pages, as it was before the engine's own model runner allocates them."""
+    pool = AdapterSlotPool(limits.max_gpu_adapters, limits.max_lora_rank, adapter_page_bytes(model),
+                           limits.max_gpu_adapter_bytes)
+    runner = ModelRunner(model, num_kv_blocks=1, block_size=limits.block_size, num_slots=pool.num_slots,
+                         max_rank=pool.max_rank, num_pages=pool.num_pages)
     pages = list(range(1, pages_for_rank(limits.max_lora_rank) + 1))  # zeros: only their shapes matter here
-    for slot in range(limits.max_gpu_adapters):
-        pool.table.assign(slot, limits.max_lora_rank, pages)
-    cache = KVCache(args.n_layers, limits.block_size, args.n_kv_heads, args.head_dim, dtype, device)
+    for slot in range(limits.max_gpu_adapters):  # every slot at max rank, without writing any weights
+        runner.table.assign(slot, limits.max_lora_rank, pages)
     plans = [fake_plan(shapes, limits) for shapes in largest_steps(limits)]
-    peak = max(peak_bytes_of(partial(run_step, model, cache, plan, limits.block_size), device) for plan in plans)
+    peak = max(peak_bytes_of(partial(runner.execute, plan), runner.device) for plan in plans)
     model.lora.table = None
     for layer in model.lora_layers():  # the pages go back before the KV cache is sized
         layer.lora_a = layer.lora_b = None

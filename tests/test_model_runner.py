@@ -51,6 +51,7 @@ DEVICE_MODULES = {
     "step_builder.py": "builds a step's input tensors on the device; called by the runner only",
     "sampling.py": "the sampler's tensors on the logits' device; called by the runner only",
     "runtime.py": "startup, before any runner exists: picks the device and moves the loaded model onto it",
+    "memory_profile.py": "startup: runs the largest step through a scratch runner and reads device memory counters",
     "checkpoint.py": "startup: fills the model's weights from a checkpoint (and writes one back, to the CPU)",
     "demo.py": "startup: draws the demo model's weights, on the CPU",
     "adapter_registry.py": "pins adapter weights in host memory (the host tier), so the runner's copies are async",
