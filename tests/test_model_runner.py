@@ -43,7 +43,8 @@ from tests.support.engines import (
 SERVER = Path(__file__).resolve().parents[1] / "server"
 
 # Modules of server/ that may allocate or write device tensors, each with the reason. Every other module only
-# decides, and reaches the device through the model runner.
+# decides, and reaches the device through the model runner. (kernels/ is outside server/: the device primitives
+# the model and the runner call, working only on the tensors they are handed.)
 DEVICE_MODULES = {
     "model_runner.py": "the owner: KV cache, adapter pages and page table, copy stream, step inputs, forward",
     "model.py": "the model's own modules: the KV cache's buffers, and the forward writing K/V into them",
