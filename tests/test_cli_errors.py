@@ -15,21 +15,10 @@ import torch
 from fastapi import FastAPI, Request
 
 from server import cli
+from tests.support.cli_runs import serve_error
 from tests.support.servers import free_port, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def serve_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """Run `lorahive serve ARGV` in-process; the one error line it ends with."""
-    with pytest.raises(SystemExit) as exited:
-        cli.main(["serve", "--port", "0", *argv])
-    assert exited.value.code == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and "pydantic" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # ---- lorahive serve -----------------------------------------------------------------------------

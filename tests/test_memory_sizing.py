@@ -17,7 +17,7 @@ from server.memory_profile import (
     peak_bytes_of,
 )
 from server.runtime import GpuBudget, build_engine, check_holds_one_sequence, cuda_kv_tokens, step_limits
-from tests.test_cli_errors import serve_error
+from tests.support.cli_runs import serve_error
 
 GIB = 2**30
 LLAMA_8B_BF16_TOKEN_BYTES = 32 * 2 * 8 * 128 * 2  # layers x (K, V) x kv heads x head dim x bf16
