@@ -132,7 +132,7 @@ class Engine:
         args = model.args
         self.device = device
         self.cache = KVCache(
-            args.n_layers, config.num_kv_blocks * config.block_size, args.n_kv_heads, args.head_dim, dtype, device
+            args.n_layers, config.num_kv_blocks, config.block_size, args.n_kv_heads, args.head_dim, dtype, device
         )
         self.allocator = BlockAllocator(config.num_kv_blocks, config.block_size)
         self.pool = AdapterSlotPool(model, config.max_gpu_adapters, config.max_lora_rank,

@@ -99,7 +99,7 @@ def _hf_with_adapter(ckpt: Checkpoint, adapter: str | None):
 def _our_logits(model: Transformer, tokens: list[int], slot: int) -> torch.Tensor:
     """Logits at every position of one prefill, through the same step builder the engine uses."""
     args, block = model.args, 16
-    cache = KVCache(args.n_layers, 4 * block * 8, args.n_kv_heads, args.head_dim, torch.float32, "cpu")
+    cache = KVCache(args.n_layers, 32, block, args.n_kv_heads, args.head_dim, torch.float32, "cpu")
 
     @dataclass
     class _Seq:  # the fields of scheduler.Sequence that build_step reads
