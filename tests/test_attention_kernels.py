@@ -148,7 +148,8 @@ def test_reference_masks_only_what_sdpa_needs(torch_gen: torch.Generator, monkey
     sdpa = attention_reference.F.scaled_dot_product_attention
 
     def recording_sdpa(q, k, v, attn_mask=None, is_causal=False, **kwargs):
-        calls.append((q.shape[1], k.shape[1], None if attn_mask is None else tuple(attn_mask.shape), is_causal))
+        assert q.dim() == k.dim() == 4 and q.shape[0] == 1  # 4-D: SDPA's fused CPU kernel, not its math fallback
+        calls.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape), is_causal))
         return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
 
     monkeypatch.setattr(attention_reference.F, "scaled_dot_product_attention", recording_sdpa)

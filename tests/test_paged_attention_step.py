@@ -4,8 +4,10 @@ the `--attention-backend` setting and the start-up check of the kernels on the s
 
 from __future__ import annotations
 
+import json
 from argparse import Namespace
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,3 +142,19 @@ def test_the_engine_checks_the_attention_kernels_on_its_own_model(
     assert engine.model.attention_context.backend == "torch"
     assert "attention backend: using the torch reference instead of Triton" in caplog.text
     assert "a test disagreement" in caplog.text
+
+
+def test_attention_memory_benchmark_smoke(tmp_path: Path) -> None:
+    """benchmarks/attention_memory.py runs end to end (tiny shapes); the paged path agrees with the dense
+    baseline, and its temporaries follow one sequence's context while the baseline's follow batch x context."""
+    from benchmarks.attention_memory import main
+
+    out = tmp_path / "attention_memory.json"
+    result = main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    rows = {(row["phase"], row["batch"]): row for row in result["rows"]}
+    assert set(rows) == {(phase, batch) for phase in ("decode", "prefill") for batch in (1, 3)}
+    assert all(row["max_abs_difference"] < 1e-4 and row["after_layer_s"] > 0 for row in rows.values())
+    one, three = rows["decode", 1], rows["decode", 3]
+    assert three["before_peak_bytes"] > 2.5 * one["before_peak_bytes"]
+    assert three["after_peak_bytes"] < 1.5 * one["after_peak_bytes"]
