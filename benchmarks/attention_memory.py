@@ -175,6 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--chunk", type=int, default=256, help="new tokens of the prefill chunk")
     parser.add_argument("--window", type=int, default=None, help="sliding window (default: none, as Llama)")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice); "
+                        "1 keeps a machine shared with other jobs from stalling the timings")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, a few reps: checks the script runs")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -185,6 +187,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device("cpu")
     device_name, device_tag = describe(device)
     timer = Timer(device, args.reps)
