@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from benchmarks.lora_kernels import RESULTS, Timer, describe
+from benchmarks.paged_cache import random_paged_case
 from kernels import AttentionBatch, attention_reference, paged_attention, resolve_attention_backend
 
 BLOCK_SIZE = 16
@@ -64,23 +64,17 @@ class Workload:
 
 
 def make_workload(shape: Shape, num_seqs: int, context: int, new_tokens: int, dtype: torch.dtype,
-                  device: torch.device, rng: random.Random) -> Workload:
+                  device: torch.device, gen: torch.Generator) -> Workload:
     """num_seqs sequences of `context` tokens, the last `new_tokens` of each being the step's queries."""
-    per_seq = -(-context // BLOCK_SIZE)
-    blocks = list(range(num_seqs * per_seq))
-    rng.shuffle(blocks)
-    tables = [blocks[i * per_seq : (i + 1) * per_seq] for i in range(num_seqs)]
-    cache_shape = (len(blocks), BLOCK_SIZE, shape.n_kv_heads, shape.head_dim)
-    k_cache = torch.randn(cache_shape, dtype=dtype, device=device)
-    v_cache = torch.randn(cache_shape, dtype=dtype, device=device)
-    batch = AttentionBatch.from_sequences(tables, [context] * num_seqs, [new_tokens] * num_seqs, device)
-    q = torch.randn(num_seqs * new_tokens, shape.n_heads, shape.head_dim, dtype=dtype, device=device)
+    case = random_paged_case(gen, [(context, new_tokens)] * num_seqs, shape.n_heads, shape.n_kv_heads,
+                             shape.head_dim, dtype, BLOCK_SIZE, device=device)
 
     def dense(cache: torch.Tensor) -> torch.Tensor:
-        return cache[batch.block_tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
+        return cache[case.batch.block_tables.long()].flatten(1, 2)[:, :context].transpose(1, 2).contiguous()
 
-    dense_q = q.view(num_seqs, new_tokens, shape.n_heads, shape.head_dim).transpose(1, 2).contiguous()
-    return Workload(q, k_cache, v_cache, batch, dense_q, dense(k_cache), dense(v_cache))
+    dense_q = case.q.view(num_seqs, new_tokens, shape.n_heads, shape.head_dim).transpose(1, 2).contiguous()
+    return Workload(case.q, case.k_cache, case.v_cache, case.batch, dense_q, dense(case.k_cache),
+                    dense(case.v_cache))
 
 
 def run_sdpa(w: Workload) -> torch.Tensor:
@@ -123,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     triton_backend = "triton" if device.type == "cuda" or args.smoke else resolve_attention_backend("auto", device)
     device_name, device_tag = describe(device)
     timer = Timer(device, args.reps)
-    rng = random.Random(0)
+    gen = torch.Generator(device).manual_seed(0)
     print(f"device: {device_name}; {args.model} {shape}; {args.dtype}; cache blocks of {BLOCK_SIZE}")
     steps = [("decode", n, ctx, 1) for n in args.decode_batches for ctx in args.decode_contexts]
     steps += [("prefill", 1, prefix + args.prefill_tokens, args.prefill_tokens) for prefix in args.prefill_prefixes]
@@ -131,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{'x':>5} {'reference us':>12} {'x':>6} {'max err':>8}")
     rows = []
     for phase, num_seqs, context, new_tokens in steps:
-        w = make_workload(shape, num_seqs, context, new_tokens, dtype, device, rng)
+        w = make_workload(shape, num_seqs, context, new_tokens, dtype, device, gen)
         with warnings.catch_warnings():  # SDPA's notes on which kernel a CPU run cannot use
             warnings.simplefilter("ignore")
             expected = run_sdpa(w).transpose(1, 2).flatten(0, 1)

@@ -67,7 +67,10 @@ def paged_attention(
         v = gather_keys(v_cache, blocks, first_key, context_len).transpose(0, 1)
         mask = sequence_mask(context_len, query_len, first_key, window, q.device)
         causal = mask is None and query_len > 1
-        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1), k, v, attn_mask=mask, is_causal=causal,
-                                           enable_gqa=True)
-        out[start:end] = o.transpose(0, 1)
+        # A batch of one, 4-D: on a CPU, 3-D inputs fall back to SDPA's math kernel, which copies K/V once per
+        # query head of a group (GQA) and materialises the scores; 4-D ones take its fused kernel, which does not.
+        o = F.scaled_dot_product_attention(q[start:end].transpose(0, 1)[None], k[None], v[None], attn_mask=mask,
+                                           is_causal=causal, enable_gqa=True)
+        out[start:end] = o[0].transpose(0, 1)
+        del k, v, o  # freed before the next sequence gathers: one sequence's copies live at a time
     return out

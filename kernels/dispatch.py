@@ -98,9 +98,27 @@ def resolve_backend(
     return chosen
 
 
-def resolve_attention_backend(setting: BackendSetting, device: torch.device | str) -> Backend:
-    """The attention backend a model on `device` uses for the whole run ("auto": Triton on CUDA)."""
-    return _resolve(setting, device, attention_ops, "--attention-backend")
+def resolve_attention_backend(
+    setting: BackendSetting,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    shape: self_check.AttentionShape = self_check.AttentionShape(),  # noqa: B008 - frozen, never mutated
+) -> Backend:
+    """The attention backend a model on `device` (cache in `dtype`, heads and window as `shape`) uses for the run.
+
+    As for LoRA, Triton is chosen only once its kernels, run on `device` on a decode and a prefill/extend step of
+    `shape`, agree with the torch reference (`kernels.self_check`); otherwise the reference serves, with a warning.
+    """
+    device = torch.device(device)
+    chosen = _resolve(setting, device, attention_ops, "--attention-backend")
+    if chosen == "triton":
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        problem = self_check.attention_disagreement(attention_ops(), device, dtype, shape)
+        if problem is not None:
+            log.warning("attention backend: using the torch reference instead of Triton on %s (%s): %s", device,
+                        dtype, problem)
+            return "torch"
+    return chosen
 
 
 def add_lora(

@@ -59,6 +59,11 @@ class Settings(BaseModel):
         "auto", description="LoRA kernels: auto is Triton on CUDA and the torch reference elsewhere; triton without "
         "CUDA runs Triton's interpreter (slow, for tests)"
     )
+    attention_backend: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="paged-attention kernels: auto is Triton on CUDA (once they agree with the torch "
+        "reference on the device at start) and the torch reference elsewhere; triton without CUDA runs Triton's "
+        "interpreter (slow, for tests)"
+    )
     metrics_top_adapters: int = Field(
         20, ge=0, description="adapters with the most requests that get their own label in /metrics; the rest "
         "count as adapter=\"other\""

@@ -131,8 +131,8 @@ def estimate_step_bytes(args: ModelArgs, shapes: list[ChunkShape], max_lora_rank
 
     The step's metadata and the residual stream live throughout; on top of them comes the largest of one
     layer's phases (norm, q/k/v with RoPE, attention, MLP, each with its LoRA temporaries) or the head
-    (logits and the sampler's [rows, vocab] work). Attention counts the unfused path: gathered K/V, GQA heads
-    expanded, fp32 scores and their softmax; fused kernels use less."""
+    (logits and the sampler's [rows, vocab] work). Attention counts the unfused path of its costliest sequence:
+    gathered K/V, fp32 scores and their softmax; fused kernels use less."""
     s, f32, i64 = torch.finfo(dtype).bits // 8, 4, 8
     tokens = sum(c.num_tokens for c in shapes)
     rows = len(shapes)  # each chunk ends its sequence's known tokens, so every one samples
@@ -142,19 +142,23 @@ def estimate_step_bytes(args: ModelArgs, shapes: list[ChunkShape], max_lora_rank
     def lora(d_in: int, d_out: int, slices: int) -> int:  # gathered x, shrink output twice, fp32 delta
         return tokens * (d_in * s + 2 * slices * rank * f32 + d_out * (f32 + s))
 
-    groups = [(len(decodes), 1, max(c.context_len for c in decodes))] if (
-        decodes := [c for c in shapes if c.num_tokens == 1]) else []
-    groups += [(1, c.num_tokens, c.context_len) for c in shapes if c.num_tokens > 1]
-    metadata = tokens * 8 * i64 + sum(b * lq * (i64 + 1) + b * lk * i64 + 3 * b * lq * lk for b, lq, lk in groups)
+    max_context = max(c.context_len for c in shapes)
+    # Token ids, positions, cache slots, LoRA and sampling indices; each sequence's block table and lengths.
+    metadata = tokens * 8 * i64 + len(shapes) * (-(-max_context // 16) + 4) * i64
     residual = tokens * (2 * args.dim * s + 2 * args.head_dim * (f32 + s))
     qkv_out = tokens * (q_width + 2 * kv_width) * s
     norm = tokens * args.dim * (2 * f32 + s)
     qkv = qkv_out + lora(args.dim, q_width + 2 * kv_width, 3) + 4 * tokens * (q_width + kv_width) * s
-    attention = qkv_out + 2 * tokens * q_width * s + max(
-        b * lq * (3 * q_width * s) + 2 * b * lk * (kv_width + q_width) * s
-        + b * lq * lk * (2 * args.n_heads * f32 + s)
-        for b, lq, lk in groups
-    ) + lora(q_width, args.dim, 1)
+    # Paged attention holds one sequence's problem at a time (`kernels.attention_reference`): its gathered K/V
+    # and their transposed copies, its [queries, keys] mask and fp32 scores per head, its queries and output.
+    # The Triton decode holds fp32 partials per split of at most 256 keys instead.
+    one_sequence = max(
+        4 * c.context_len * kv_width * s + c.num_tokens * c.context_len * (2 * args.n_heads * f32 + 1)
+        + 3 * c.num_tokens * q_width * s
+        for c in shapes
+    )
+    decode_partials = tokens * args.n_heads * -(-max_context // 256) * (args.head_dim + 1) * f32
+    attention = qkv_out + 2 * tokens * q_width * s + max(one_sequence, decode_partials) + lora(q_width, args.dim, 1)
     mlp = tokens * (4 * args.intermediate_size + args.dim) * s + lora(args.dim, 2 * args.intermediate_size, 2)
     # Logits in the model's dtype and in fp32, then the sampler: bias/penalty copy, tempered logits, sort
     # (values + int64 ids), softmax, two cumsums, the mass before each token, masks, log-softmax.

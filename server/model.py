@@ -2,8 +2,9 @@
 
 The forward takes a flattened batch: the new tokens of every scheduled sequence, one after another,
 whatever mix of prefill chunks and decode steps they are. `StepBatch` says where each token sits (its
-position, its KV-cache slot) and how tokens group into attention problems. LoRA lives inside
-`LoRALinear`: the model never learns which tenant a token belongs to.
+position, its KV-cache slot) and where each sequence's keys are (`kernels.AttentionBatch`): attention reads
+the cache block by block through the block tables (`kernels.paged_attention`), one call for the whole mix.
+LoRA lives inside `LoRALinear`: the model never learns which tenant a token belongs to.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import AttentionBatch, paged_attention
 from server.lora_linear import LoRAContext, LoRALinear, fused_linear
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
@@ -157,51 +159,57 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @dataclass
-class AttentionGroup:
-    """Sequences whose attention runs as one padded SDPA call.
-
-    query_index [B, Lq]: row of each query token in the flattened batch (padding points at row 0).
-    query_valid [B, Lq]: False on padding.
-    kv_index [B, Lk]: flat KV-cache slot of every key position (padding points at slot 0).
-    mask [B, 1, Lq, Lk]: True where the query may attend to the key (causal, window, padding).
-    """
-
-    query_index: torch.Tensor
-    query_valid: torch.Tensor
-    kv_index: torch.Tensor
-    mask: torch.Tensor
-
-
-@dataclass
 class StepBatch:
     """Everything the forward needs about one step, built once and read by every layer."""
 
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     cache_slots: torch.Tensor  # [T] flat KV-cache slot each new token's K/V is written to
-    attention_groups: list[AttentionGroup]
+    attention: AttentionBatch  # where each sequence's queries and cached keys are (tokens sequence by sequence)
+    sliding_window: int | None  # a query at position p sees keys j with p - j < window; None: all j <= p
     logits_index: torch.Tensor  # [B'] rows whose next-token logits are wanted
 
 
-class KVCache(nn.Module):
-    """Paged KV storage: one flat [slots, kv_heads, head_dim] tensor per layer for K and for V."""
+class AttentionContext:
+    """How every attention layer of one model runs.
 
-    def __init__(self, n_layers: int, num_slots: int, n_kv_heads: int, head_dim: int, dtype, device):
+    `backend` is resolved once when the engine is built ("torch" or "triton"; "auto" decides per call).
+    """
+
+    def __init__(self) -> None:
+        self.backend: str = "auto"
+
+
+class KVCache(nn.Module):
+    """Paged KV storage: one [blocks, block_size, kv_heads, head_dim] tensor per layer for K and for V.
+
+    A token's flat slot is `block * block_size + offset`: `update` writes by slot, the attention kernels read
+    the same memory block by block through each sequence's block table.
+    """
+
+    def __init__(
+        self, n_layers: int, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int, dtype, device
+    ):
         super().__init__()
-        shape = (n_layers, num_slots, n_kv_heads, head_dim)
+        shape = (n_layers, num_blocks, block_size, n_kv_heads, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k[layer, slots] = k
-        self.v[layer, slots] = v
-        return self.k[layer], self.v[layer]
+    def update(
+        self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens' K/V ([T, kv_heads, head_dim]) at their flat slots; the layer's paged K and V."""
+        k_pages, v_pages = self.k[layer], self.v[layer]
+        k_pages.flatten(0, 1)[slots] = k
+        v_pages.flatten(0, 1)[slots] = v
+        return k_pages, v_pages
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, lora: LoRAContext):
+    def __init__(self, args: ModelArgs, layer_id: int, lora: LoRAContext, context: AttentionContext):
         super().__init__()
         self.layer_id = layer_id
+        self.context = context
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         q_out, kv_out = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
         qkv = (q_out, kv_out, kv_out)
@@ -214,14 +222,8 @@ class Attention(nn.Module):
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rope(q.view(t, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(k.view(t, self.n_kv_heads, self.head_dim), cos, sin)
-        k_all, v_all = cache.update(self.layer_id, step.cache_slots, k, v.view(t, self.n_kv_heads, self.head_dim))
-        out = torch.empty_like(q)
-        for group in step.attention_groups:
-            qg = q[group.query_index].transpose(1, 2)  # [B, H, Lq, D]
-            kg = k_all[group.kv_index].transpose(1, 2)  # [B, Hkv, Lk, D]
-            vg = v_all[group.kv_index].transpose(1, 2)
-            og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=group.mask, enable_gqa=True)
-            out[group.query_index[group.query_valid]] = og.transpose(1, 2)[group.query_valid]
+        k_pages, v_pages = cache.update(self.layer_id, step.cache_slots, k, v.view(t, self.n_kv_heads, self.head_dim))
+        out = paged_attention(q, k_pages, v_pages, step.attention, step.sliding_window, self.context.backend)
         return self.wo(out.view(t, q_size))
 
 
@@ -241,10 +243,10 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, lora: LoRAContext):
+    def __init__(self, args: ModelArgs, layer_id: int, lora: LoRAContext, attention: AttentionContext):
         super().__init__()
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
-        self.attention = Attention(args, layer_id, lora)
+        self.attention = Attention(args, layer_id, lora, attention)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
         self.feed_forward = FeedForward(args, lora)
 
@@ -258,8 +260,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.lora = LoRAContext()
+        self.attention_context = AttentionContext()
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, i, self.lora) for i in range(args.n_layers))
+        self.layers = nn.ModuleList(
+            TransformerBlock(args, i, self.lora, self.attention_context) for i in range(args.n_layers)
+        )
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:

@@ -61,7 +61,7 @@ class ModelRunner:
         self.device, self.dtype = weight.device, weight.dtype
         args = model.args
         self.cache = KVCache(
-            args.n_layers, num_kv_blocks * block_size, args.n_kv_heads, args.head_dim, self.dtype, self.device
+            args.n_layers, num_kv_blocks, block_size, args.n_kv_heads, args.head_dim, self.dtype, self.device
         )
         self._layers: list[tuple[int, LoRALinear]] = [
             (i, module) for i, block in enumerate(model.layers) for module in block.modules()

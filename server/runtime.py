@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from adapters_store import AdapterStore, BaseModelShape
-from kernels import resolve_backend
+from kernels import AttentionShape, resolve_attention_backend, resolve_backend
 from kernels.paging import PAGE_RANK, pages_for_rank
 from server.adapter_registry import AdapterRegistry
 from server.checkpoint import load_weights, read_config
@@ -279,6 +279,10 @@ def build_engine(settings: Settings) -> Engine:
     model, tokenizer, name, description = load_model(settings, device, dtype)
     model.lora.backend = resolve_backend(settings.lora_backend, device, dtype)
     args = model.args
+    model.attention_context.backend = resolve_attention_backend(
+        settings.attention_backend, device, dtype,
+        AttentionShape(args.n_heads, args.n_kv_heads, args.head_dim, settings.block_size, args.sliding_window),
+    )
     registry = AdapterRegistry(
         open_store(settings),
         BaseModelShape(num_layers=args.n_layers, module_dims=args.lora_module_dims),
@@ -304,7 +308,8 @@ def build_engine(settings: Settings) -> Engine:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_waiting_requests=settings.max_waiting_requests,
     )
-    log.info("serving %s on %s (%s), KV cache %d blocks of %d tokens, LoRA backend %s", name, device, dtype,
-             config.num_kv_blocks, config.block_size, model.lora.backend)
+    log.info("serving %s on %s (%s), KV cache %d blocks of %d tokens, LoRA backend %s, attention backend %s", name,
+             device, dtype, config.num_kv_blocks, config.block_size, model.lora.backend,
+             model.attention_context.backend)
     metrics = Metrics(top_adapters=settings.metrics_top_adapters)
     return Engine(model, tokenizer, config, registry, name, description, metrics=metrics)

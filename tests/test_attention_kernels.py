@@ -25,7 +25,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from kernels import AttentionBatch, attention_reference, paged_attention, resolve_attention_backend  # noqa: E402
+from benchmarks.paged_cache import random_paged_case  # noqa: E402
+from kernels import (  # noqa: E402
+    AttentionBatch,
+    AttentionShape,
+    attention_reference,
+    paged_attention,
+    resolve_attention_backend,
+)
 from kernels import attention_triton as ops  # noqa: E402
 from tests.support.lora_cases import TOLERANCES  # noqa: E402
 
@@ -70,26 +77,17 @@ def make_case(
     device: str = "cpu",
 ) -> AttentionCase:
     """Random queries and caches; blocks shuffled over the cache with spares; NaN wherever no one may read."""
-    needed = [-(-context // block_size) for context, _ in seqs]
-    num_blocks = sum(needed) + 3  # spares: free blocks, one of them the target of padding entries
-    order = torch.randperm(num_blocks, generator=gen).tolist()
-    tables, taken = [], 0
-    for count in needed:
-        tables.append(order[taken : taken + count])
-        taken += count
-    shape = (num_blocks, block_size, NUM_KV_HEADS, head_dim)
-    k_cache = torch.randn(shape, generator=gen).to(dtype)
-    v_cache = torch.randn(shape, generator=gen).to(dtype)
-    for free in order[taken:]:
+    case = random_paged_case(gen, seqs, NUM_KV_HEADS * group, NUM_KV_HEADS, head_dim, dtype, block_size,
+                             spare_blocks=3, device=device)  # spares: free, one the target of padding entries
+    k_cache, v_cache = case.k_cache, case.v_cache
+    for free in case.free_blocks:
         k_cache[free] = v_cache[free] = float("nan")
-    for (context, _), blocks in zip(seqs, tables, strict=True):
+    for (context, _), blocks in zip(seqs, case.tables, strict=True):
         k_cache[blocks[-1], context - (len(blocks) - 1) * block_size :] = float("nan")
         v_cache[blocks[-1], context - (len(blocks) - 1) * block_size :] = float("nan")
-    batch = AttentionBatch.from_sequences(tables, [c for c, _ in seqs], [n for _, n in seqs], device)
-    for row, blocks in enumerate(tables):  # padding entries name a NaN block: following one shows
-        batch.block_tables[row, len(blocks) :] = order[-1]
-    q = torch.randn(sum(n for _, n in seqs), NUM_KV_HEADS * group, head_dim, generator=gen).to(dtype)
-    return AttentionCase(q.to(device), k_cache.to(device), v_cache.to(device), batch, tables, window)
+    for row, blocks in enumerate(case.tables):  # padding entries name a NaN block: following one shows
+        case.batch.block_tables[row, len(blocks) :] = case.free_blocks[-1]
+    return AttentionCase(case.q, k_cache, v_cache, case.batch, case.tables, window)
 
 
 def naive_attention(case: AttentionCase) -> torch.Tensor:
@@ -150,7 +148,8 @@ def test_reference_masks_only_what_sdpa_needs(torch_gen: torch.Generator, monkey
     sdpa = attention_reference.F.scaled_dot_product_attention
 
     def recording_sdpa(q, k, v, attn_mask=None, is_causal=False, **kwargs):
-        calls.append((q.shape[1], k.shape[1], None if attn_mask is None else tuple(attn_mask.shape), is_causal))
+        assert q.dim() == k.dim() == 4 and q.shape[0] == 1  # 4-D: SDPA's fused CPU kernel, not its math fallback
+        calls.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape), is_causal))
         return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
 
     monkeypatch.setattr(attention_reference.F, "scaled_dot_product_attention", recording_sdpa)
@@ -262,6 +261,33 @@ def test_dispatch_and_backend_setting(torch_gen: torch.Generator) -> None:
     with pytest.raises(ValueError, match="--attention-backend"):
         resolve_attention_backend("flash", "cpu")  # type: ignore[arg-type]
 
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_attention_kernels_that_disagree_with_the_reference_never_serve(
+    device: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At start the kernels run a decode and a prefill/extend step of the model's shape on the device; a wrong
+    answer (or a crash) in either means the torch reference serves, with a warning that says why."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shape = AttentionShape(n_heads=8, n_kv_heads=2, head_dim=64, block_size=16, window=8)
+    assert resolve_attention_backend("triton", device, dtype, shape) == "triton"
+    right = ops.paged_attention
+
+    def windowless_prefill(q, k_cache, v_cache, batch, window=None):  # right for decode, wrong past the window
+        return right(q, k_cache, v_cache, batch, window if batch.decode_only else None)
+
+    monkeypatch.setattr(ops, "paged_attention", windowless_prefill)
+    with caplog.at_level("WARNING", logger="lorahive.kernels"):
+        assert resolve_attention_backend("triton", device, dtype, shape) == "torch"
+        assert "prefill/extend output differs from the reference" in caplog.text
+
+        def crashing(*args: object) -> None:
+            raise RuntimeError("no kernel image is available for execution on the device")
+
+        monkeypatch.setattr(ops, "paged_attention", crashing)
+        assert resolve_attention_backend("triton", device, dtype, shape) == "torch"
+        assert "the decode kernel failed on a test batch: RuntimeError: no kernel image" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------- benchmark

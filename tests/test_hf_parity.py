@@ -98,7 +98,7 @@ def _hf_with_adapter(ckpt: Checkpoint, adapter: str | None):
 def _our_logits(model: Transformer, tokens: list[int], slot: int) -> torch.Tensor:
     """Logits at every position of one prefill, through the same step builder the engine uses."""
     args, block = model.args, 16
-    cache = KVCache(args.n_layers, 4 * block * 8, args.n_kv_heads, args.head_dim, torch.float32, "cpu")
+    cache = KVCache(args.n_layers, 32, block, args.n_kv_heads, args.head_dim, torch.float32, "cpu")
 
     @dataclass
     class _Seq:  # the fields of scheduler.Sequence that build_step reads
@@ -148,18 +148,51 @@ async def _generate_all(engine, prompts: dict[str | None, list[int]], max_tokens
     return dict(zip(prompts, results, strict=True))
 
 
-def test_greedy_generation_matches_peft_generate(checkpoint: Checkpoint):
-    """All adapters and the base model in one concurrent batch, each equal to peft's `generate`."""
-    engine = build_engine(Settings(model=checkpoint.model_dir, adapters=checkpoint.adapters_dir))
+@dataclass
+class _StepKinds:
+    """What kinds of chunks the engine's steps held (wrapped around its scheduler)."""
+
+    mixed_steps: int = 0  # steps holding a decode token and a prefill chunk together
+    chunks_on_prefix: int = 0  # prefill chunks on a prefix already in the cache
+
+    def watch(self, engine) -> None:
+        schedule = engine.scheduler.schedule
+
+        def recording() -> list[ScheduledChunk]:
+            plan = schedule()
+            decodes = [c for c in plan if c.seq.num_computed >= c.seq.num_prompt_tokens]
+            prefills = [c for c in plan if c.num_tokens > 1]
+            self.mixed_steps += bool(decodes and prefills)
+            self.chunks_on_prefix += sum(c.seq.num_computed > 0 for c in prefills)
+            return plan
+
+        engine.scheduler.schedule = recording
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_greedy_generation_matches_peft_generate(checkpoint: Checkpoint, backend: str):
+    """All adapters and the base model in one concurrent batch, each equal to peft's `generate`, with the LoRA
+    and attention kernels of `backend` (Triton: interpreted on a CPU, compiled on CUDA). A small token budget
+    cuts the prompts into chunks on a cached prefix that share steps with other sequences' decodes (Mistral's
+    window of 8 is shorter than every sequence)."""
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    engine = build_engine(Settings(model=checkpoint.model_dir, adapters=checkpoint.adapters_dir, device=device,
+                                   dtype="float32", lora_backend=backend, attention_backend=backend,
+                                   max_num_batched_tokens=16))
+    assert (engine.model.lora.backend, engine.model.attention_context.backend) == (backend, backend)
+    kinds = _StepKinds()
+    kinds.watch(engine)
+    max_tokens = 12
     engine.start()
     try:
-        prompts = {name: PROMPT[: 12 + 7 * i] for i, name in enumerate([None, *ADAPTERS])}
-        ours = asyncio.run(_generate_all(engine, prompts, max_tokens=12))
+        prompts = {name: PROMPT[: 10 + 5 * i] for i, name in enumerate([None, *ADAPTERS])}
+        ours = asyncio.run(_generate_all(engine, prompts, max_tokens=max_tokens))
     finally:
         engine.shutdown()
+    assert kinds.mixed_steps > 0 and kinds.chunks_on_prefix > 0
     for adapter, prompt in prompts.items():
         hf = _hf_with_adapter(checkpoint, adapter)
         with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=12,
-                              pad_token_id=0, eos_token_id=None)
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+                              min_new_tokens=max_tokens, pad_token_id=0, eos_token_id=None)
         assert ours[adapter] == out[0, len(prompt):].tolist(), f"adapter {adapter}"
