@@ -488,7 +488,8 @@ def test_failed_step_is_a_500_carrying_the_logged_error_id(
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(engine.model, "forward", fail_first_call)
-    body = {"model": engine.model_name, "prompt": "hello", "max_tokens": 3, "stream": stream}
+    # ignore_eos: the served request must run to its length, whatever the sampled tokens.
+    body = {"model": engine.model_name, "prompt": "hello", "max_tokens": 3, "stream": stream, "ignore_eos": True}
     with TestClient(build_app(engine), raise_server_exceptions=False) as client:
         failed = client.post("/v1/completions", json=body)
         if stream:
