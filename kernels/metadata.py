@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 # Rows per kernel work tile. Small steps (decode) use 16, the smallest tile a tensor-core dot takes, so a
@@ -39,7 +39,7 @@ class LoRABatch:
     how many adapters the step mixes, which is what a CUDA graph captured for a decode batch size needs.
     """
 
-    token_slots: torch.Tensor  # [T] int64
+    token_slots: torch.Tensor  # [T] int64 (int32 from the model runner's step buffers; either indexes)
     segment_starts: torch.Tensor  # [S + 1] int64
     segment_slots: torch.Tensor  # [S] int64
     active_slots: tuple[int, ...]
@@ -56,37 +56,73 @@ class LoRABatch:
     def from_token_slots(
         cls, token_slots: list[int], device: torch.device | str = "cpu", fixed_shape: bool = False
     ) -> LoRABatch:
-        starts: list[int] = []
-        slots: list[int] = []
-        for t, slot in enumerate(token_slots):
-            if not slots or slot != slots[-1]:
-                starts.append(t)
-                slots.append(slot)
-        starts.append(len(token_slots))
-        tile_rows = tile_rows_for(len(token_slots))
-        tiles = [
-            (first, min(first + tile_rows, end), slot)
-            for slot, start, end in zip(slots, starts, starts[1:], strict=False)
-            if slot >= 0
-            for first in range(start, end, tile_rows)
-        ]
+        host = HostLoRAMetadata.build(np.asarray(token_slots, dtype=np.int64), fixed_shape)
+        as_tensor = lambda values: torch.as_tensor(values, dtype=torch.int64).to(device)  # noqa: E731
+        return host.on_device(
+            as_tensor(host.token_slots), as_tensor(host.segment_starts), as_tensor(host.segment_slots),
+            torch.as_tensor(host.tiles, dtype=torch.int32).to(device), as_tensor(host.by_slot),
+        )
+
+
+@dataclass(frozen=True)
+class HostLoRAMetadata:
+    """A step's `LoRABatch` in host memory (numpy), computed without a Python loop over tokens: the step builder
+    writes its arrays into the runner's persistent input buffers and makes the batch from their device views."""
+
+    token_slots: np.ndarray  # [T]
+    segment_starts: np.ndarray  # [S + 1]
+    segment_slots: np.ndarray  # [S]
+    tiles: np.ndarray  # [W, 3]
+    by_slot: np.ndarray  # [T']
+    active_slots: tuple[int, ...]
+    slot_runs: tuple[tuple[int, int, int], ...]
+    tile_rows: int
+
+    @classmethod
+    def build(cls, token_slots: np.ndarray, fixed_shape: bool = False) -> HostLoRAMetadata:
+        num_tokens = len(token_slots)
+        starts = np.flatnonzero(np.diff(token_slots, prepend=token_slots[:1] - 1) != 0)
+        slots = token_slots[starts]
+        starts = np.append(starts, num_tokens)
+        tile_rows = tile_rows_for(num_tokens)
+        # Each segment with a slot cut into runs of tile_rows tokens: its tile count, then each tile's first row.
+        adapted = slots >= 0
+        seg_first, seg_end, seg_slot = starts[:-1][adapted], starts[1:][adapted], slots[adapted]
+        counts = -(-(seg_end - seg_first) // tile_rows)
+        index_in_segment = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        first = np.repeat(seg_first, counts) + index_in_segment * tile_rows
+        tiles = np.stack([first, np.minimum(first + tile_rows, np.repeat(seg_end, counts)),
+                          np.repeat(seg_slot, counts)], axis=1).reshape(-1, 3)
         if fixed_shape:
-            tiles += [(0, 0, -1)] * (len(token_slots) - len(tiles))
-        active_slots = sorted({s for s in slots if s >= 0})
-        tokens_of = {slot: [] for slot in active_slots}
-        for t, slot in enumerate(token_slots):
-            if slot >= 0:
-                tokens_of[slot].append(t)
-        by_slot = [t for slot in active_slots for t in tokens_of[slot]]
-        ends = list(itertools.accumulate(len(tokens_of[slot]) for slot in active_slots))
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
+            padding = np.tile(np.array([[0, 0, -1]]), (num_tokens - len(tiles), 1))
+            tiles = np.concatenate([tiles, padding]).reshape(-1, 3)
+        # Stable: the tokens of each slot stay in token order.
+        by_slot = np.argsort(token_slots, kind="stable")[np.count_nonzero(token_slots < 0):]
+        active, sizes = np.unique(token_slots[by_slot], return_counts=True)
+        ends = np.cumsum(sizes)
         return cls(
-            token_slots=as_tensor(token_slots),
-            segment_starts=as_tensor(starts),
-            segment_slots=as_tensor(slots),
-            active_slots=tuple(active_slots),
-            tiles=torch.tensor(tiles, dtype=torch.int32, device=device).reshape(-1, 3),
+            token_slots=token_slots,
+            segment_starts=starts,
+            segment_slots=slots,
+            tiles=tiles,
+            by_slot=by_slot,
+            active_slots=tuple(active.tolist()),
+            slot_runs=tuple(zip(active.tolist(), (ends - sizes).tolist(), ends.tolist(), strict=True)),
             tile_rows=tile_rows,
-            by_slot=as_tensor(by_slot),
-            slot_runs=tuple(zip(active_slots, [0, *ends], ends, strict=False)),
+        )
+
+    def on_device(
+        self, token_slots: torch.Tensor, segment_starts: torch.Tensor, segment_slots: torch.Tensor,
+        tiles: torch.Tensor, by_slot: torch.Tensor,
+    ) -> LoRABatch:
+        """The `LoRABatch` whose tensors are these arrays' device copies (given) and whose host fields are ours."""
+        return LoRABatch(
+            token_slots=token_slots,
+            segment_starts=segment_starts,
+            segment_slots=segment_slots,
+            active_slots=self.active_slots,
+            tiles=tiles,
+            tile_rows=self.tile_rows,
+            by_slot=by_slot,
+            slot_runs=self.slot_runs,
         )
