@@ -31,6 +31,9 @@ class AttentionBatch:
     query_starts: torch.Tensor  # [B + 1] int32 (cu_seqlens_q)
     host_context_lens: tuple[int, ...]
     host_query_starts: tuple[int, ...]
+    # Splits of each decode context for the split-KV kernel; None: the kernel picks from the step's shapes. A step
+    # captured in a CUDA graph fixes it, since the longest context changes between replays.
+    decode_splits: int | None = None
     _tiles: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod

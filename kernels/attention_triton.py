@@ -363,5 +363,5 @@ def paged_attention(
 ) -> torch.Tensor:
     """The decode kernel for a decode-only step, the prefill/extend kernel for any other (mixed) step."""
     if batch.decode_only:
-        return decode(q, k_cache, v_cache, batch, window)
+        return decode(q, k_cache, v_cache, batch, window, batch.decode_splits)
     return prefill(q, k_cache, v_cache, batch, window)

@@ -15,9 +15,11 @@ slot (`mark_read`), and the compute stream waits for the side stream before the 
 
 from __future__ import annotations
 
+import bisect
+import logging
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,7 +32,20 @@ from server.model import KVCache, Transformer
 from server.requests import TokenLogprob
 from server.sampling import sample
 from server.scheduler import ScheduledChunk
-from server.step_builder import build_step
+from server.step_builder import HostStep, StepBuffers, fixed_layout_size, host_step
+
+log = logging.getLogger("lorahive.runner")
+
+# Decode batch sizes captured as CUDA graphs (vLLM's ladder): every size up to 8, then steps of 8, up to the
+# engine's max_num_seqs, capped. A decode step of B sequences replays the smallest captured size >= B.
+MAX_GRAPH_BATCH = 256
+
+
+def decode_graph_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """The padded decode sizes for `max_num_seqs`: 1, 2, 4, 8, 16, 24, ... (the last one max_num_seqs, capped)."""
+    largest = min(max_num_seqs, MAX_GRAPH_BATCH)
+    ladder = [size for size in (1, 2, 4, *range(8, MAX_GRAPH_BATCH + 1, 8)) if size < largest]
+    return (*ladder, largest)
 
 
 def adapter_page_bytes(model: Transformer) -> int:
@@ -60,9 +75,11 @@ class ModelRunner:
         weight = model.output.weight
         self.device, self.dtype = weight.device, weight.dtype
         args = model.args
+        # One block past the allocator's: the padding rows of a padded decode step write and read only there.
         self.cache = KVCache(
-            args.n_layers, num_kv_blocks, block_size, args.n_kv_heads, args.head_dim, self.dtype, self.device
+            args.n_layers, num_kv_blocks + 1, block_size, args.n_kv_heads, args.head_dim, self.dtype, self.device
         )
+        self._scratch_block = num_kv_blocks
         self._layers: list[tuple[int, LoRALinear]] = [
             (i, module) for i, block in enumerate(model.layers) for module in block.modules()
             if isinstance(module, LoRALinear)
@@ -74,6 +91,13 @@ class ModelRunner:
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Per slot, an event on the compute stream after the last step that read the slot (CUDA only).
         self._last_use: list[torch.cuda.Event | None] = [None] * num_slots
+        self._inputs = StepBuffers(self.device)
+        # Padded decode steps (`prepare_decode_graphs`): the sizes, their fixed-address inputs, their graphs.
+        self._decode_sizes: tuple[int, ...] = ()
+        self._static_inputs: StepBuffers | None = None
+        self._table_width = 0
+        self._decode_splits: dict[int, int] = {}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     @property
     def copies_overlap_compute(self) -> bool:
@@ -150,15 +174,108 @@ class ModelRunner:
 
         `overlap` runs once the forward is queued on the device and before sampling waits for it: host work
         (deciding and copying the next adapters) that then costs the step nothing. Changes no sequence: the
-        caller advances `num_computed` and appends the tokens, so a failed step can be retried as it was."""
-        step, lora_batch, sampled = build_step(plan, self.block_size, self.model.args.sliding_window, self.device)
-        self.model.lora.batch = lora_batch
+        caller advances `num_computed` and appends the tokens, so a failed step can be retried as it was.
+
+        The inputs go up in one copy and the forward reads nothing back; sampling's read of the tokens is the
+        step's one wait for the device. A decode step that fits a prepared size runs padded to it, through the
+        fixed-address inputs: replaying its CUDA graph where one was captured, eagerly otherwise."""
+        size = self._padded_size(plan)
         try:
-            logits = self.model(step, self.cache)
+            if size is None:
+                host = host_step(plan, self.block_size)
+                logits = self._forward(self._inputs, host)
+            else:
+                host = host_step(plan, self.block_size, size, self._table_width, self._scratch_block)
+                logits = self._forward_padded(host, size)[: len(plan)]
             if overlap is not None:
                 overlap()
-            tokens, logprobs = sample(logits, [chunk.seq.sampler for chunk in sampled])
+            tokens, logprobs = sample(logits, [chunk.seq.sampler for chunk in host.sampled])
+        finally:
+            self.mark_read({chunk.seq.slot for chunk in plan if chunk.seq.slot >= 0})
+        return StepOutput(host.sampled, tokens, logprobs)
+
+    def _forward(self, inputs: StepBuffers, host: HostStep, splits: int | None = None) -> torch.Tensor:
+        step, lora_batch = inputs.load(host, self.model.args.sliding_window)
+        step.attention.decode_splits = splits
+        self.model.lora.batch = lora_batch
+        try:
+            return self.model(step, self.cache)
         finally:
             self.model.lora.batch = None
-            self.mark_read({chunk.seq.slot for chunk in plan if chunk.seq.slot >= 0})
-        return StepOutput(sampled, tokens, logprobs)
+
+    def _padded_size(self, plan: list[ScheduledChunk]) -> int | None:
+        """The prepared size a decode step of `plan` pads to; None for a step that runs as it is."""
+        if not self._decode_sizes or not plan or len(plan) > self._decode_sizes[-1]:
+            return None
+        if not all(chunk.num_tokens == 1 and chunk.completes_sequence for chunk in plan):
+            return None
+        return self._decode_sizes[bisect.bisect_left(self._decode_sizes, len(plan))]
+
+    def _forward_padded(self, host: HostStep, size: int) -> torch.Tensor:
+        """Logits of every row of a padded decode step: its graph replayed, or the same inputs run eagerly."""
+        assert self._static_inputs is not None
+        captured = self._graphs.get(size)
+        if captured is None:
+            return self._forward(self._static_inputs, host, self._decode_splits.get(size))
+        graph, logits = captured
+        self._static_inputs.load(host, self.model.args.sliding_window)  # into the addresses the graph reads
+        graph.replay()
+        return logits
+
+    # ---- decode graphs -----------------------------------------------------------------------------
+
+    @property
+    def can_capture_graphs(self) -> bool:
+        """CUDA graphs need CUDA and kernels that size their launches from shapes alone (Triton's): the torch
+        references loop over the step's host metadata, which a replay would not see change."""
+        backends = (self.model.lora.backend, self.model.attention_context.backend)
+        return self.device.type == "cuda" and all(backend == "triton" for backend in backends)
+
+    def prepare_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> tuple[int, ...]:
+        """Run decode steps of up to `max_num_seqs` sequences padded to `decode_graph_sizes`, through inputs of fixed
+        address, and capture each size as a CUDA graph where `can_capture_graphs` (elsewhere they run eagerly, the
+        same way). Call once the KV cache is allocated, before serving. Returns the captured sizes."""
+        self._decode_sizes = decode_graph_sizes(max_num_seqs)
+        self._table_width = -(-max_model_len // self.block_size)
+        self._static_inputs = StepBuffers(
+            self.device, fixed_layout_size(self._decode_sizes[-1], self._table_width), growable=False
+        )
+        if not self.can_capture_graphs:
+            return ()
+        from kernels.dispatch import attention_ops
+
+        # The split count must not follow the longest context, which changes between replays: fix it for the
+        # longest context the server allows.
+        self._decode_splits = {
+            size: attention_ops().default_splits(size, self.model.args.n_kv_heads, max_model_len, self.device)
+            for size in self._decode_sizes
+        }
+        before = torch.cuda.memory_reserved(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self._decode_sizes):  # largest first: the smaller graphs reuse its pool's memory
+            self._graphs[size] = self._capture(size, pool)
+        torch.cuda.synchronize(self.device)
+        log.info("captured CUDA graphs of decode steps of %s sequences; their memory pool holds %.1f MiB",
+                 ", ".join(map(str, self._decode_sizes)), (torch.cuda.memory_reserved(self.device) - before) / 2**20)
+        return self._decode_sizes
+
+    def _capture(self, size: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """One padded decode step of `size` rows, every row padding, captured as a graph over the static inputs."""
+        assert self._static_inputs is not None
+        host = host_step([], self.block_size, size, self._table_width, self._scratch_block)
+        step, lora_batch = self._static_inputs.load(host, self.model.args.sliding_window)
+        step.attention.decode_splits = self._decode_splits[size]
+        # The graph must hold the LoRA launches whatever adapters a replay brings: its tiles say which rows work.
+        self.model.lora.batch = replace(lora_batch, active_slots=tuple(range(len(self._last_use))))
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # compiles the kernels and fills their caches outside the capture
+                self.model(step, self.cache)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                logits = self.model(step, self.cache)
+        finally:
+            self.model.lora.batch = None
+        return graph, logits
