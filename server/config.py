@@ -64,6 +64,10 @@ class Settings(BaseModel):
         "reference on the device at start) and the torch reference elsewhere; triton without CUDA runs Triton's "
         "interpreter (slow, for tests)"
     )
+    enforce_eager: bool = Field(
+        False, description="run every step eagerly: no CUDA graphs of decode steps (captured at start on CUDA "
+        "with the Triton kernels, for batches of 1, 2, 4, 8, 16, 24, ... up to --max-num-seqs, at most 256)"
+    )
     metrics_top_adapters: int = Field(
         20, ge=0, description="adapters with the most requests that get their own label in /metrics; the rest "
         "count as adapter=\"other\""

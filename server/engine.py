@@ -71,6 +71,7 @@ class EngineConfig:
     max_num_batched_tokens: int
     max_gpu_adapter_bytes: int | None = None  # None: every slot can hold a max-rank adapter
     max_waiting_requests: int = 1024  # requests accepted but not yet admitted (server/waiting_quota.py)
+    enforce_eager: bool = False  # True: no padded decode steps, no CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,8 @@ class Engine:
         self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size, self.pool.num_slots,
                                   self.pool.max_rank, self.pool.num_pages)
         self.device = self.runner.device
+        if not config.enforce_eager and self.runner.can_capture_graphs:  # after the KV cache, as vLLM does
+            self.runner.prepare_decode_graphs(config.max_num_seqs, config.max_model_len)
         self.metrics = metrics if metrics is not None else Metrics()
         self.scheduler = Scheduler(
             self.allocator, self.pool, registry, config.max_num_seqs, config.max_num_batched_tokens,

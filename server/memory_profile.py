@@ -24,7 +24,7 @@ from kernels.paging import PAGE_RANK, pages_for_rank
 from server.adapter_pool import AdapterSlotPool
 from server.api.protocol import MAX_LOGPROBS
 from server.model import ModelArgs, Transformer
-from server.model_runner import ModelRunner, adapter_page_bytes
+from server.model_runner import ModelRunner, adapter_page_bytes, decode_graph_sizes
 from server.requests import SamplingParams
 from server.sampling import SamplerState
 from server.scheduler import ScheduledChunk, Sequence
@@ -164,6 +164,13 @@ def estimate_step_bytes(args: ModelArgs, shapes: list[ChunkShape], max_lora_rank
     # (values + int64 ids), softmax, two cumsums, the mass before each token, masks, log-softmax.
     head = rows * (2 * args.dim * (f32 + s) + args.vocab_size * (s + 11 * f32 + i64 + 2))
     return metadata + residual + max(norm, qkv, attention, mlp, head)
+
+
+def estimate_decode_graph_pool(args: ModelArgs, limits: StepLimits, dtype: torch.dtype) -> int:
+    """A bound on the memory pool of the decode CUDA graphs: the activations of the largest captured decode step
+    (the smaller graphs reuse its memory). The pool stays reserved for the graphs, so eager steps cannot use it."""
+    size = decode_graph_sizes(limits.max_num_seqs)[-1]
+    return estimate_step_bytes(args, [ChunkShape(1, limits.max_model_len)] * size, limits.max_lora_rank, dtype)
 
 
 def estimate_largest_step(args: ModelArgs, limits: StepLimits, dtype: torch.dtype) -> int:

@@ -20,7 +20,7 @@ from server.checkpoint import load_weights, read_config
 from server.config import Settings, StartupError
 from server.demo import DEMO_DESCRIPTION, DEMO_MODEL_NAME, build_demo_model
 from server.engine import Engine, EngineConfig
-from server.memory_profile import StepLimits, estimate_largest_step, measure_largest_step
+from server.memory_profile import StepLimits, estimate_decode_graph_pool, estimate_largest_step, measure_largest_step
 from server.metrics import Metrics
 from server.model import ModelArgs, Transformer
 from server.startup_import import import_adapters
@@ -141,7 +141,9 @@ def kv_cache_blocks(settings: Settings, model: Transformer, device: torch.device
         log.info("largest step (%d tokens, %d sequences): peak activations %.2f GiB measured, %.2f GiB bound",
                  limits.max_num_batched_tokens, limits.max_num_seqs, peak / 2**30,
                  estimate_largest_step(args, limits, dtype) / 2**30)
-        budget = GpuBudget(total, total - free, lora_pool_bytes(settings, args, dtype), peak)
+        # The decode graphs are captured after the cache is allocated (as vLLM does): their pool is set aside now.
+        graph_pool = 0 if settings.enforce_eager else estimate_decode_graph_pool(args, limits, dtype)
+        budget = GpuBudget(total, total - free, lora_pool_bytes(settings, args, dtype), peak, graph_pool)
         tokens = cuda_kv_tokens(settings, budget, bytes_per_token)
     else:
         tokens = settings.kv_cache_tokens or max(CPU_KV_CACHE_TOKENS, limits.max_model_len)
@@ -160,18 +162,21 @@ class GpuBudget:
     in_use: int  # weights, the CUDA context, other processes
     adapter_pool: int
     activation_peak: int  # of the largest step the scheduler can build
+    graph_pool: int = 0  # bound on the decode CUDA graphs' memory pool (none with --enforce-eager)
 
     def for_kv_cache(self, utilization: float) -> int:
-        return int(self.total * utilization) - self.in_use - self.adapter_pool - self.activation_peak
+        return (int(self.total * utilization) - self.in_use - self.adapter_pool - self.activation_peak
+                - self.graph_pool)
 
 
 def cuda_kv_tokens(settings: Settings, budget: GpuBudget, bytes_per_token: int) -> int:
     """KV-cache tokens on CUDA: --kv-cache-tokens if it fits, else all the budget leaves; StartupError if neither."""
     left = budget.for_kv_cache(settings.gpu_memory_utilization)
     log.info("GPU memory: %s x --gpu-memory-utilization %s, %s in use (weights), %s adapter pool, %s largest "
-             "step: %s left for the KV cache (%d tokens of %d bytes)", _gib(budget.total),
+             "step, %s decode graphs: %s left for the KV cache (%d tokens of %d bytes)", _gib(budget.total),
              settings.gpu_memory_utilization, _gib(budget.in_use), _gib(budget.adapter_pool),
-             _gib(budget.activation_peak), _gib(max(left, 0)), max(left, 0) // bytes_per_token, bytes_per_token)
+             _gib(budget.activation_peak), _gib(budget.graph_pool), _gib(max(left, 0)),
+             max(left, 0) // bytes_per_token, bytes_per_token)
     if settings.kv_cache_tokens is None:
         return max(left, 0) // bytes_per_token
     wanted = settings.kv_cache_tokens * bytes_per_token
@@ -307,6 +312,7 @@ def build_engine(settings: Settings) -> Engine:
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_waiting_requests=settings.max_waiting_requests,
+        enforce_eager=settings.enforce_eager,
     )
     log.info("serving %s on %s (%s), KV cache %d blocks of %d tokens, LoRA backend %s, attention backend %s", name,
              device, dtype, config.num_kv_blocks, config.block_size, model.lora.backend,

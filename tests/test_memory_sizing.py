@@ -68,7 +68,8 @@ def test_on_cuda_the_cache_gets_what_the_weights_pool_and_measured_peak_leave(
     assert profiled == [step_limits(settings, model.args)]
     token_bytes = 4 * 2 * 4 * 32 * 4  # the demo: layers x (K, V) x kv heads x head dim x fp32
     pool = runtime.lora_pool_bytes(settings, model.args, torch.float32)
-    assert blocks == (int(10 * GIB * 0.9) - 2 * GIB - pool - GIB) // token_bytes // 16
+    graphs = runtime.estimate_decode_graph_pool(model.args, step_limits(settings, model.args), torch.float32)
+    assert blocks == (int(10 * GIB * 0.9) - 2 * GIB - pool - GIB - graphs) // token_bytes // 16
     assert "1.00 GiB largest step" in caplog.text and "left for the KV cache" in caplog.text
 
 
