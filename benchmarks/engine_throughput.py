@@ -218,11 +218,14 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=None,
                         help="skip the cells (costliest last) that would end past this many seconds from the start")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="the server's --enforce-eager: no CUDA graphs of decode steps (to compare with them)")
     args = parser.parse_args()
 
     started = time.perf_counter()  # the budget counts the set-up too: what a caller's time limit sees
     settings = dict(max_gpu_adapters=max(max(args.adapters), 1), max_lora_rank=args.rank,
-                    max_num_seqs=max(args.requests), max_model_len=max(args.prompt_len) + args.output_len)
+                    max_num_seqs=max(args.requests), max_model_len=max(args.prompt_len) + args.output_len,
+                    enforce_eager=args.enforce_eager)
     if args.shape is None:
         engine = build_engine(Settings(model=args.model, **settings))
     else:  # the checkpoint (16 GB for 8B) goes once its weights are loaded
@@ -240,7 +243,8 @@ def main() -> None:
 
     device = describe_device(engine)
     model = args.shape or engine.model_name
-    print(f"device: {device}; model: {model}; {args.output_len} output tokens per request, rank {args.rank}")
+    steps = "eager" if args.enforce_eager or not engine.runner.can_capture_graphs else "decode CUDA graphs"
+    print(f"device: {device}; model: {model}; {args.output_len} output tokens per request, rank {args.rank}; {steps}")
     print_table(rows)
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if engine.device.type == "cuda" else "cpu"
