@@ -143,10 +143,11 @@ class StepBuffers:
         self._device_buffer[:total].copy_(self._host[:total], non_blocking=True)
         if self._uploaded is not None:
             self._uploaded.record()
-        views = {
-            name: self._device_buffer[end - array.size : end].view(array.shape)
-            for name, array, end in zip((*FIXED_FIELDS, *VARIABLE_FIELDS), arrays, ends, strict=True)
-        }
+        # One split (one torch call, whatever the field count); only the two tables need a 2-D view.
+        views = dict(zip((*FIXED_FIELDS, *VARIABLE_FIELDS),
+                         self._device_buffer[:total].split([a.size for a in arrays]), strict=True))
+        for name in ("tiles", "block_tables"):
+            views[name] = views[name].view(step.arrays[name].shape)
         attention = AttentionBatch(views["block_tables"], views["context_lens"], views["query_starts"],
                                    step.context_lens, step.query_starts)
         batch = StepBatch(input_ids=views["input_ids"], positions=views["positions"],
