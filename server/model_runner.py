@@ -274,7 +274,8 @@ class ModelRunner:
                 self.model(step, self.cache)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: adapter loader threads pinning host memory meanwhile do not invalidate the capture.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 logits = self.model(step, self.cache)
         finally:
             self.model.lora.batch = None
