@@ -64,6 +64,11 @@ class LoRABatch:
         )
 
 
+def run_starts(values: np.ndarray) -> np.ndarray:
+    """The index of each run of equal neighbours' first element."""
+    return np.flatnonzero(np.concatenate(([len(values) > 0], values[1:] != values[:-1])))
+
+
 @dataclass(frozen=True)
 class HostLoRAMetadata:
     """A step's `LoRABatch` in host memory (numpy), computed without a Python loop over tokens: the step builder
@@ -81,7 +86,7 @@ class HostLoRAMetadata:
     @classmethod
     def build(cls, token_slots: np.ndarray, fixed_shape: bool = False) -> HostLoRAMetadata:
         num_tokens = len(token_slots)
-        starts = np.flatnonzero(np.diff(token_slots, prepend=token_slots[:1] - 1) != 0)
+        starts = run_starts(token_slots)
         slots = token_slots[starts]
         starts = np.append(starts, num_tokens)
         tile_rows = tile_rows_for(num_tokens)
@@ -98,8 +103,9 @@ class HostLoRAMetadata:
             tiles = np.concatenate([tiles, padding]).reshape(-1, 3)
         # Stable: the tokens of each slot stay in token order.
         by_slot = np.argsort(token_slots, kind="stable")[np.count_nonzero(token_slots < 0):]
-        active, sizes = np.unique(token_slots[by_slot], return_counts=True)
-        ends = np.cumsum(sizes)
+        grouped = token_slots[by_slot]
+        firsts = run_starts(grouped)
+        active, ends = grouped[firsts], np.append(firsts, len(grouped))[1:]
         return cls(
             token_slots=token_slots,
             segment_starts=starts,
@@ -107,7 +113,7 @@ class HostLoRAMetadata:
             tiles=tiles,
             by_slot=by_slot,
             active_slots=tuple(active.tolist()),
-            slot_runs=tuple(zip(active.tolist(), (ends - sizes).tolist(), ends.tolist(), strict=True)),
+            slot_runs=tuple(zip(active.tolist(), firsts.tolist(), ends.tolist(), strict=True)),
             tile_rows=tile_rows,
         )
 
