@@ -36,7 +36,7 @@ from server.step_builder import HostStep, StepBuffers, fixed_layout_size, host_s
 
 log = logging.getLogger("lorahive.runner")
 
-# Decode batch sizes captured as CUDA graphs (vLLM's ladder): every size up to 8, then steps of 8, up to the
+# Decode batch sizes captured as CUDA graphs (vLLM's ladder): 1, 2, 4, 8, then steps of 8, up to the
 # engine's max_num_seqs, capped. A decode step of B sequences replays the smallest captured size >= B.
 MAX_GRAPH_BATCH = 256
 

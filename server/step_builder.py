@@ -104,8 +104,9 @@ def host_step(
 
 def fixed_layout_size(num_seqs: int, table_width: int) -> int:
     """Elements of a padded decode step of `num_seqs` rows in a `StepBuffers` (variable fields at their largest)."""
-    fixed = 5 * num_seqs + 3 * num_seqs + num_seqs * table_width + num_seqs + num_seqs + 1
-    return fixed + (num_seqs + 1) + num_seqs + num_seqs
+    per_token = 5  # input_ids, positions, cache_slots, token_slots, logits_index (one token per sequence)
+    fixed = num_seqs * (per_token + 3 + table_width + 1) + 1  # + tiles, a block-table row, context_lens, starts
+    return fixed + (num_seqs + 1) + num_seqs + num_seqs  # segment starts and slots, by_slot: at most one a token
 
 
 class StepBuffers:
