@@ -41,12 +41,17 @@ from server.engine import Engine
 from server.model import ModelArgs, Transformer
 from server.requests import GenerationRequest, SamplingParams
 from server.runtime import build_engine
-from server.tokenizer import build_byte_tokenizer
+from server.tokenizer import Tokenizer, build_byte_tokenizer
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {  # real models' shapes (their config.json), for random-weight checkpoints; vocab 128,256 unless given
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128, vocab_size=320),
+    # many layers of next to no compute: a step's time is its per-layer overhead
+    "deep-narrow": dict(dim=64, n_layers=32, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=256,
+                        vocab_size=2048),
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, intermediate_size=1536,
+                         vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True, max_position_embeddings=2048),
     "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, intermediate_size=8192,
                         rope_theta=500000.0, tie_word_embeddings=True),
     # Llama-3-8B's, and Llama-3.1-8B's but for its longer RoPE
@@ -55,13 +60,15 @@ SHAPES = {  # real models' shapes (their config.json), for random-weight checkpo
 }
 
 
-def write_random_checkpoint(shape: str, directory: Path) -> Path:
-    """A Hugging Face checkpoint of `shape` with small random bf16 weights and the byte tokenizer."""
-    args = ModelArgs(architecture="LlamaForCausalLM", max_position_embeddings=8192,
-                     **(dict(vocab_size=128256) | SHAPES[shape]))
+def write_random_checkpoint(shape: str, directory: Path, dtype: torch.dtype = torch.bfloat16,
+                            tokenizer: Tokenizer | None = None) -> Path:
+    """A Hugging Face checkpoint of `shape` with small random weights of `dtype` and `tokenizer` (the byte
+    tokenizer unless given)."""
+    args = ModelArgs(architecture="LlamaForCausalLM",
+                     **(dict(vocab_size=128256, max_position_embeddings=8192) | SHAPES[shape]))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype)
     try:
         with torch.device(device), torch.no_grad():
             model = Transformer(args, max_seq_len=args.max_position_embeddings)
@@ -73,7 +80,7 @@ def write_random_checkpoint(shape: str, directory: Path) -> Path:
     finally:
         torch.set_default_dtype(previous)
     save_checkpoint(model, directory)
-    build_byte_tokenizer().save(directory)
+    (tokenizer or build_byte_tokenizer()).save(directory)
     del model
     return directory
 
