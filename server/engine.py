@@ -48,6 +48,7 @@ from server.requests import (
 from server.sampling import SamplerState
 from server.scheduler import ScheduledChunk, Scheduler, Sequence
 from server.tokenizer import IncrementalDetokenizer, Tokenizer
+from server.torch_threads import TorchThread, engine_threads, limit_current_thread
 from server.waiting_quota import WaitingQuota
 
 log = logging.getLogger("lorahive.engine")
@@ -71,6 +72,7 @@ class EngineConfig:
     max_num_batched_tokens: int
     max_gpu_adapter_bytes: int | None = None  # None: every slot can hold a max-rank adapter
     max_waiting_requests: int = 1024  # requests accepted but not yet admitted (server/waiting_quota.py)
+    engine_threads: int | None = None  # torch intra-op threads of the engine thread; None: torch's default
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,10 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._seq_ids = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="lorahive-engine", daemon=True)
+        # Only the engine thread runs torch with several threads (server/torch_threads.py): whoever builds the
+        # engine runs with one from here on, if it did not already.
+        limit_current_thread()
+        self._thread = TorchThread(self._run, "lorahive-engine", engine_threads(config.engine_threads))
         self._busy_since: float | None = None  # start of the loop iteration under way; None while waiting for work
         self.steps = 0
         self.waiting_quota = WaitingQuota(config.max_waiting_requests)
@@ -321,6 +326,11 @@ class Engine:
             preemptions=scheduler.num_preemptions,
             steps=self.steps,
         )
+
+    @property
+    def torch_threads(self) -> int | None:
+        """The intra-op threads torch reports on the engine thread; None until it started."""
+        return self._thread.num_threads
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
