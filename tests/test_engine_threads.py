@@ -16,7 +16,7 @@ from server.api.app import build_app
 from server.config import Settings
 from server.engine import Engine
 from tests.support.cli_runs import serve_error
-from tests.support.engines import ENGINE_SETTINGS, generate_one, greedy, start_engine
+from tests.support.engines import ENGINE_SETTINGS, generate_async, generate_one, greedy, prompt, start_engine
 
 # Not the machine's count, so the engine thread shows the setting rather than torch's default.
 ENGINE_THREADS = 3
@@ -59,6 +59,28 @@ def test_routes_blocking_work_runs_with_one_thread(engine: Engine) -> None:
         assert client.portal.call(asyncio.to_thread, torch.get_num_threads) == 1
         assert client.portal.call(asyncio.to_thread, lambda: threading.current_thread().name).startswith(
             "lorahive-route")
+
+
+def test_tokens_reach_the_event_loop_in_one_call_per_step(engine: Engine) -> None:
+    """The engine thread wakes the event loop (and contends for the GIL with it) once per step, not per token."""
+    async def run() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        from_engine: list[object] = []
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def counted(*args, **kwargs):
+            if threading.current_thread().name == "lorahive-engine":
+                from_engine.append(args[0])
+            return call_soon_threadsafe(*args, **kwargs)
+
+        loop.call_soon_threadsafe = counted
+        steps = engine.steps
+        choices = await generate_async(engine, [greedy(prompt(i, 5), 6, ignore_eos=True) for i in range(8)])
+        assert [c.finish_reason for (c,) in choices] == ["length"] * 8
+        return len(from_engine), engine.steps - steps
+
+    calls, steps = asyncio.run(run())
+    assert calls <= steps  # 48 tokens in 6 steps: 48 calls when each token woke the loop
 
 
 @pytest.mark.parametrize("value", ["0", "-2"])
