@@ -38,7 +38,6 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
 import torch
@@ -60,6 +59,7 @@ from adapters_store.peft_export import to_peft_files
 from server.adapter_host_cache import AdapterHostCache
 from server.metrics import Metrics
 from server.requests import AdapterBrokenError, AdapterStatus, AdapterUnservableError
+from server.torch_threads import single_threaded_executor
 
 log = logging.getLogger("lorahive.adapters")
 
@@ -124,7 +124,7 @@ class AdapterRegistry:
         # about the adapter was learned since it started (see `_version`).
         self._tickets = itertools.count()
         self._last_delete = -1  # ticket of this registry's latest delete (a deleted id leaves no version to compare)
-        self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorahive-adapter-load")
+        self._loader = single_threaded_executor(2, "lorahive-adapter-load")
         self.stats = self._host_lru.stats
         # Called (from any thread) when a version leaves service for good, so the engine frees its slot.
         self.on_retired: Callable[[AdapterVersion], None] = lambda version: None

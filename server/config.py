@@ -54,6 +54,10 @@ class Settings(BaseModel):
     block_size: int = Field(16, gt=0, description="tokens per KV-cache block")
     max_num_seqs: int = Field(64, gt=0, description="sequences decoded together at most")
     max_num_batched_tokens: int = Field(2048, gt=0, description="tokens per engine step at most")
+    engine_threads: int | None = Field(
+        None, gt=0, description="torch intra-op (CPU) threads of the engine thread, the only thread that runs torch "
+        "with more than one; none: torch's default, the machine's cores (or OMP_NUM_THREADS)"
+    )
     seed: int = Field(0, description="seed of the demo model's weights")
     lora_backend: Literal["auto", "torch", "triton"] = Field(
         "auto", description="LoRA kernels: auto is Triton on CUDA and the torch reference elsewhere; triton without "

@@ -14,6 +14,7 @@ wants to know how busy the engine is reads `stats()`, a snapshot, not those part
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import math
@@ -48,6 +49,7 @@ from server.requests import (
 from server.sampling import SamplerState
 from server.scheduler import ScheduledChunk, Scheduler, Sequence
 from server.tokenizer import IncrementalDetokenizer, Tokenizer
+from server.torch_threads import TorchThread, engine_threads, limit_current_thread
 from server.waiting_quota import WaitingQuota
 
 log = logging.getLogger("lorahive.engine")
@@ -72,6 +74,7 @@ class EngineConfig:
     max_gpu_adapter_bytes: int | None = None  # None: every slot can hold a max-rank adapter
     max_waiting_requests: int = 1024  # requests accepted but not yet admitted (server/waiting_quota.py)
     enforce_eager: bool = False  # True: no padded decode steps, no CUDA graphs
+    engine_threads: int | None = None  # torch intra-op threads of the engine thread; None: torch's default
 
 
 @dataclass(frozen=True)
@@ -107,9 +110,6 @@ class RequestStream:
         self._queue: asyncio.Queue[ChoiceDelta | BaseException] = asyncio.Queue()
         self._aborted = False
 
-    # Called from the engine thread.
-    def _put(self, item: ChoiceDelta | BaseException) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -132,6 +132,15 @@ class RequestStream:
             self._aborted = True
             self._unfinished = 0
             self._engine.abort(self.request_id)
+
+
+Delivery = tuple[RequestStream, ChoiceDelta | BaseException]
+
+
+def _deliver(items: list[Delivery]) -> None:
+    """Put each item on its stream's queue; runs on the streams' event loop."""
+    for stream, item in items:
+        stream._queue.put_nowait(item)
 
 
 class Engine:
@@ -177,7 +186,13 @@ class Engine:
         self._wake = threading.Condition()
         self._stopping = False
         self._seq_ids = itertools.count()
-        self._thread = threading.Thread(target=self._run, name="lorahive-engine", daemon=True)
+        # What the engine thread has for the event loops since its last hand-over: one call_soon_threadsafe per
+        # loop and loop iteration, not one per token, so the loop wakes (and takes the GIL) once per step.
+        self._outbox: dict[asyncio.AbstractEventLoop, list[Delivery]] = {}
+        # Only the engine thread runs torch with several threads (server/torch_threads.py): whoever builds the
+        # engine runs with one from here on, if it did not already.
+        limit_current_thread()
+        self._thread = TorchThread(self._run, "lorahive-engine", engine_threads(config.engine_threads))
         self._busy_since: float | None = None  # start of the loop iteration under way; None while waiting for work
         self.steps = 0
         self.waiting_quota = WaitingQuota(config.max_waiting_requests)
@@ -325,6 +340,11 @@ class Engine:
             steps=self.steps,
         )
 
+    @property
+    def torch_threads(self) -> int | None:
+        """The intra-op threads torch reports on the engine thread; None until it started."""
+        return self._thread.num_threads
+
     # ---- lifecycle ---------------------------------------------------------------------------------
 
     def start(self) -> None:
@@ -350,6 +370,7 @@ class Engine:
                     if not self._wake.wait(timeout=0.1 if stalled else None):
                         break
                 if self._stopping:
+                    self._hand_over()
                     return
                 inbox, self._inbox = self._inbox, []
             self._busy_since = time.monotonic()
@@ -371,6 +392,17 @@ class Engine:
             if plan:
                 self._admitted(plan)
                 self._step(plan)
+            self._hand_over()
+
+    def _push(self, stream: RequestStream, item: ChoiceDelta | BaseException) -> None:
+        self._outbox.setdefault(stream._loop, []).append((stream, item))
+
+    def _hand_over(self) -> None:
+        """Send the outbox to the event loops, one call each."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody reads those streams any more
+                loop.call_soon_threadsafe(_deliver, items)
 
     def _handle(self, kind: str, payload) -> None:
         if kind == "add":
@@ -512,7 +544,8 @@ class Engine:
             self.scheduler.finish(seq)
             self._forget_if_done(seq.request_id)
         if stream is not None:
-            stream._put(ChoiceDelta(seq.choice_index, text, [token], None if logprob is None else [logprob], finish))
+            self._push(stream, ChoiceDelta(seq.choice_index, text, [token], None if logprob is None else [logprob],
+                                           finish))
 
     def _forget_if_done(self, request_id: str) -> None:
         if all(s.finished for s in self._sequences.get(request_id, [])):
@@ -528,7 +561,7 @@ class Engine:
             self.scheduler.finish(seq)
         stream = self._streams.pop(request_id, None)
         if stream is not None:
-            stream._put(error)
+            self._push(stream, error)
 
 
 def _check_sampling_params(params: SamplingParams, vocab_size: int) -> None:

@@ -25,6 +25,7 @@ from server.metrics import Metrics
 from server.model import ModelArgs, Transformer
 from server.startup_import import import_adapters
 from server.tokenizer import Tokenizer
+from server.torch_threads import engine_threads, limit_current_thread, run_on_exiting_thread
 
 log = logging.getLogger("lorahive.runtime")
 
@@ -277,7 +278,17 @@ def open_store(settings: Settings) -> AdapterStore:
 
 
 def build_engine(settings: Settings) -> Engine:
-    """The engine `settings` describe; StartupError names the flag of a setting it cannot start with."""
+    """The engine `settings` describe; StartupError names the flag of a setting it cannot start with.
+
+    The calling thread runs torch with one thread from here on; the building (weights, backends' self-checks,
+    the memory profile, the KV cache) gets the engine's threads, on a thread that exits when it is done
+    (server/torch_threads.py)."""
+    limit_current_thread()
+    return run_on_exiting_thread(lambda: _build_engine(settings), "lorahive-build",
+                                 engine_threads(settings.engine_threads))
+
+
+def _build_engine(settings: Settings) -> Engine:
     check_paths(settings)
     device = pick_device(settings.device)
     dtype = pick_dtype(settings.dtype, device)
@@ -313,6 +324,7 @@ def build_engine(settings: Settings) -> Engine:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_waiting_requests=settings.max_waiting_requests,
         enforce_eager=settings.enforce_eager,
+        engine_threads=settings.engine_threads,
     )
     log.info("serving %s on %s (%s), KV cache %d blocks of %d tokens, LoRA backend %s, attention backend %s", name,
              device, dtype, config.num_kv_blocks, config.block_size, model.lora.backend,

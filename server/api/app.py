@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
 from fastapi import FastAPI
 
 from server.api.adapter_routes import router as adapter_router
@@ -22,8 +27,19 @@ from server.api.tenant_quotas import TenantQuotas
 from server.api.tokenization_pool import TokenizationPool
 from server.config import Settings
 from server.metrics import Metrics
+from server.torch_threads import single_threaded_executor
 
 MULTIPART_OVERHEAD_BYTES = 2**20  # form boundaries, headers and the config file beside the weights
+ROUTE_EXECUTOR_WORKERS = min(32, (os.cpu_count() or 1) + 4)  # asyncio's own default size
+
+
+@asynccontextmanager
+async def single_threaded_route_executor(app: FastAPI) -> AsyncIterator[None]:
+    """Routes hand blocking work (unpacking and parsing uploads, store writes) to `asyncio.to_thread`, the loop's
+    default executor: its threads run torch with one thread, leaving the cores to the engine thread."""
+    asyncio.get_running_loop().set_default_executor(single_threaded_executor(ROUTE_EXECUTOR_WORKERS,
+                                                                             "lorahive-route"))
+    yield
 
 
 def build_app(engine: EngineAPI, settings: Settings | None = None, keys: KeyRing | None = None) -> FastAPI:
@@ -34,7 +50,8 @@ def build_app(engine: EngineAPI, settings: Settings | None = None, keys: KeyRing
     `settings.api_keys` when not given (no key file: the server runs open)."""
     settings = settings or Settings()
     keys = keys if keys is not None else load_api_keys(settings.api_keys)
-    app = FastAPI(title="lorahive", summary="Multi-tenant LoRA inference server (OpenAI-compatible API)")
+    app = FastAPI(title="lorahive", summary="Multi-tenant LoRA inference server (OpenAI-compatible API)",
+                  lifespan=single_threaded_route_executor)
     app.state.engine = engine
     app.state.lifecycle = Lifecycle()  # draining after SIGTERM: server/draining_server.py flips it
     app.state.request_limits = RequestLimits.from_settings(

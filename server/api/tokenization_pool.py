@@ -13,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, Request
 
 from server.config import Settings
+from server.torch_threads import single_threaded_executor
 
 T = TypeVar("T")
 # A short prompt tokenizes in milliseconds; two threads keep one slow short prompt from holding up the next.
@@ -28,8 +28,9 @@ SHORT_LANE_WORKERS = 2
 
 class TokenizationPool:
     def __init__(self, workers: int, per_tenant: int) -> None:
-        self._short = ThreadPoolExecutor(SHORT_LANE_WORKERS, thread_name_prefix="lorahive-tokenize-short")
-        self._long = ThreadPoolExecutor(workers, thread_name_prefix="lorahive-tokenize-long")
+        # Tokenizers are no torch work, but a thread of ours that ever runs an op must not claim the engine's cores.
+        self._short = single_threaded_executor(SHORT_LANE_WORKERS, "lorahive-tokenize-short")
+        self._long = single_threaded_executor(workers, "lorahive-tokenize-long")
         self._per_tenant = per_tenant
         self._tenant_turns: dict[str | None, asyncio.Semaphore] = {}  # tenants come from the key file: bounded
 
