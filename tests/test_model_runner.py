@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from adapters_store import LoraAdapter
+from adapters_store import TARGET_MODULES, LoraAdapter
 from kernels import LoRABatch, PageTable
 from kernels.paging import ZERO_PAGE, PageRows, pages_for_rank
 from server.adapter_packer import AdapterPacker, PackedWeight
@@ -217,6 +217,38 @@ def test_load_adapter_then_clear_slot_round_trip(model, adapters):
     assert runner.table.ranks[1].item() == 0 and runner.table.pages[1].tolist() == [ZERO_PAGE] * pages_for_rank(16)
     cleared = run_greedy(runner, [sequence(0, prompt(7, 12), slot=1)])[0]
     assert cleared == alone_with_merged_weights(model, None, prompt(7, 12)) != with_adapter
+
+
+def test_a_load_into_pages_another_adapter_filled_leaves_nothing_of_it(model, adapters):
+    """A load writes only the rank rows an adapter has; every other row of its pages (modules it does not target,
+    ranks past its own) reads as zero, whatever the pages held before."""
+    runner, _ = runner_and_pool(model, num_slots=1)
+    full = make_adapter("full", model.args, 16, 16.0, TARGET_MODULES, seed=14, std=0.2)
+    runner.load_adapter(0, [1], PACKER.pack(full))
+    runner.clear_slot(0)
+    runner.load_adapter(0, [1], PACKER.pack(adapters["mlp"]))  # rank 4, MLP only: into the same page
+    reused = run_greedy(runner, [sequence(0, prompt(8, 10), slot=0)])[0]
+    assert reused == alone_with_merged_weights(model, adapters["mlp"], prompt(8, 10))
+
+
+@pytest.mark.gpu
+def test_a_step_waits_only_for_the_loads_of_adapters_it_reads():
+    """A copy still queued on the side stream (a prefetch) holds back the step that reads its slot, not the
+    others: the side stream here sleeps before the load, and a base-model step finishes meanwhile."""
+    cuda_model = build_demo_model()[0].to("cuda", torch.float32)
+    runner, _ = runner_and_pool(cuda_model, num_slots=2)
+    adapter = make_adapter("a0", cuda_model.args, *ADAPTER_SPECS["a0"], seed=11, std=0.2)
+    run_greedy(runner, [sequence(0, prompt(1, 9), slot=-1)])  # warm: the CUDA libraries' set-up is done
+    with torch.cuda.stream(runner._copy_stream):
+        torch.cuda._sleep(4_000_000_000)  # seconds of work ahead of the copy
+    runner.load_adapter(1, [1], AdapterPacker(torch.float32, pin_memory=True).pack(adapter))
+    loaded = runner._copy_stream.record_event()
+    base = run_greedy(runner, [sequence(1, prompt(2, 9), slot=-1)])[0]  # each step syncs on its tokens
+    assert not loaded.query(), "a step that reads no loaded slot waited for the copy"
+    with_adapter = run_greedy(runner, [sequence(2, prompt(3, 9), slot=1)])[0]
+    assert loaded.query()
+    assert with_adapter == alone_with_merged_weights(cuda_model, adapter, prompt(3, 9))
+    assert base == alone_with_merged_weights(cuda_model, None, prompt(2, 9))
 
 
 class Int8Linear(nn.Module):
