@@ -36,6 +36,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -125,9 +127,8 @@ class AdapterRegistry:
         # about the adapter was learned since it started (see `_version`).
         self._tickets = itertools.count()
         self._last_delete = -1  # ticket of this registry's latest delete (a deleted id leaves no version to compare)
-        # One intra-op thread each: torch work on these threads must not take the cores of the engine's steps.
         self._loader = ThreadPoolExecutor(max_workers=2, thread_name_prefix="lorahive-adapter-load",
-                                          initializer=torch.set_num_threads, initargs=(1,))
+                                          initializer=_background_thread)
         self.stats = self._host_lru.stats
         # Called (from any thread) when a version leaves service for good, so the engine frees its slot.
         self.on_retired: Callable[[AdapterVersion], None] = lambda version: None
@@ -483,6 +484,15 @@ class AdapterRegistry:
 
     def close(self) -> None:
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+def _background_thread() -> None:
+    """A loader thread's set-up: its work must not take the cores of the engine's steps. One intra-op thread
+    (a second OpenMP team would oversubscribe them), and on Linux a lower scheduling priority, so that where
+    the cores are short the engine thread runs first and the loads take the time left over."""
+    torch.set_num_threads(1)
+    if sys.platform == "linux":  # there `who` may name a thread; elsewhere it would name a process
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 class _VersionGone(StoreError):

@@ -19,18 +19,19 @@ from tests.support.engines import ADAPTER_SPECS, ENGINE_SETTINGS, generate, gree
 
 
 def test_the_engine_thread_packs_no_adapter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Adapters read from disk while the engine runs are packed on the loader threads, never on the engine's."""
+    """Adapters read from disk while the engine runs are packed on the loader threads, never on the engine's,
+    and those run torch with one intra-op thread (a second OpenMP team would oversubscribe the engine's cores)."""
     settings = Settings(**(ENGINE_SETTINGS | {"store": tmp_path}))
     writer = build_engine(settings)  # stores the adapters; the engine below starts with a cold host tier
     for i, name in enumerate(ADAPTER_SPECS):
         writer.registry.add(make_adapter(name, writer.model.args, *ADAPTER_SPECS[name], seed=40 + i))
     writer.shutdown()
 
-    packing_threads: list[str] = []
+    packing_threads: list[tuple[str, int]] = []
     pack = AdapterPacker.pack
 
     def recording_pack(packer, adapter):
-        packing_threads.append(threading.current_thread().name)
+        packing_threads.append((threading.current_thread().name, torch.get_num_threads()))
         return pack(packer, adapter)
 
     monkeypatch.setattr(AdapterPacker, "pack", recording_pack)
@@ -42,7 +43,8 @@ def test_the_engine_thread_packs_no_adapter(tmp_path: Path, monkeypatch: pytest.
         engine.shutdown()
     assert all(choice.finish_reason == "length" for (choice,) in choices)
     assert len(packing_threads) == len(ADAPTER_SPECS)
-    assert all(name.startswith("lorahive-adapter-load") for name in packing_threads), packing_threads
+    assert all(name.startswith("lorahive-adapter-load") and intra_op == 1 for name, intra_op in packing_threads), (
+        packing_threads)
 
 
 def test_the_host_tier_holds_and_counts_the_packed_bytes(tmp_path: Path):
