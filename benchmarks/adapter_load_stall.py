@@ -117,8 +117,8 @@ async def one_run(engine: Engine, args: argparse.Namespace, clock: StepClock, ar
     steps, decode_steps = clock.intervals_after(arrival, args.window)
     if len(steps) < args.window:
         raise SystemExit(f"only {len(steps)} steps after the arrival: raise --output-len")
-    return {"step_s": decode_steps, "any_step_s": steps, "arrivals_served_s": served - arrival, "device_loads": engine.pool.loads - loads_before,
-            "engine_thread_load_s": list(clock.load_s)}
+    return {"step_s": decode_steps, "any_step_s": steps, "arrivals_served_s": served - arrival,
+            "device_loads": engine.pool.loads - loads_before, "engine_thread_load_s": list(clock.load_s)}
 
 
 def summary(runs: list[dict]) -> dict:
