@@ -71,6 +71,38 @@ class PageTable:
         self.assign(slot, 0, [])
 
 
+class PageRows:
+    """Where an adapter's rank rows go in the page buffers of the pages it was given, for writing it row by row.
+
+    Rank row i lives in row i % PAGE_RANK of page pages[i // PAGE_RANK]. Seen as rows, lora_a is
+    [num_pages * K * PAGE_RANK, d_in] (slice k's rows of page p start at (p * K + k) * PAGE_RANK) and lora_b is
+    [num_pages * PAGE_RANK, D]. The row indices are made once per (K, k, rank) and shared by every layer of one
+    load, on `device`."""
+
+    def __init__(self, pages: list[int], device: torch.device | str) -> None:
+        self.pages = pages
+        self.device = device
+        self.index = torch.tensor(pages, dtype=torch.int64).to(device, non_blocking=True)  # the pages themselves
+        self._rows: dict[tuple[int, int, int], torch.Tensor] = {}
+
+    def a_rows(self, num_slices: int, k: int, rank: int) -> torch.Tensor:
+        """Rows of lora_a that hold rank rows 0 .. rank-1 of slice `k` of `num_slices`."""
+        return self._cached(num_slices, k, rank)
+
+    def b_rows(self, rank: int) -> torch.Tensor:
+        """Rows of lora_b that hold rank rows 0 .. rank-1."""
+        return self._cached(1, 0, rank)
+
+    def _cached(self, num_slices: int, k: int, rank: int) -> torch.Tensor:
+        key = (num_slices, k, rank)
+        if key not in self._rows:
+            if rank > len(self.pages) * PAGE_RANK:
+                raise ValueError(f"rank {rank} does not fit {len(self.pages)} pages of {PAGE_RANK} ranks")
+            rows = [(self.pages[i // PAGE_RANK] * num_slices + k) * PAGE_RANK + i % PAGE_RANK for i in range(rank)]
+            self._rows[key] = torch.tensor(rows, dtype=torch.int64).to(self.device, non_blocking=True)
+        return self._rows[key]
+
+
 def allocate_buffers(
     num_pages: int, d_in: int, slice_widths: tuple[int, ...], dtype: torch.dtype, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:

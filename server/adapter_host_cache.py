@@ -1,5 +1,6 @@
-"""The host-memory tier of the adapter cache: parsed weights of adapter versions within a byte budget, the least
-recently used dropped first.
+"""The host-memory tier of the adapter cache: adapter versions' weights, packed for the device pages
+(`server/adapter_packer.py`), within a byte budget that counts the packed bytes, the least recently used dropped
+first.
 
 It sits between the store on disk and the device slots (see server/adapter_registry.py for the tiers). It keeps
 no lock of its own: `AdapterRegistry` calls it with its lock held, as part of its bookkeeping of versions.
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from adapters_store import LoraAdapter
+from server.adapter_packer import PackedAdapter
 
 if TYPE_CHECKING:
     from server.adapter_registry import AdapterVersion
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 @dataclass
 class HostTierStats:
-    host: int = 0  # bytes of weights held in host memory
+    host: int = 0  # bytes of packed weights held in host memory
     host_adapters: int = 0
     loads_from_disk: int = 0
     host_evictions: int = 0
@@ -41,7 +42,7 @@ class AdapterHostCache:
     def __contains__(self, version: object) -> bool:
         return version in self._lru
 
-    def keep(self, version: AdapterVersion, adapter: LoraAdapter) -> None:
+    def keep(self, version: AdapterVersion, adapter: PackedAdapter) -> None:
         """Put weights in the host tier, then drop least recently used copies over budget.
 
         Copies of idle versions go first; then those of waiting requests, which can be read from disk

@@ -22,8 +22,8 @@ from collections import OrderedDict
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 
-from adapters_store import LoraAdapter
 from kernels.paging import pages_for_rank
+from server.adapter_packer import PackedAdapter
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class LoadAdapter:
 
     slot: int
     pages: tuple[int, ...]
-    adapter: LoraAdapter
+    adapter: PackedAdapter
     key: Hashable
 
 
@@ -46,7 +46,7 @@ class ClearSlot:
 PoolWrite = LoadAdapter | ClearSlot
 
 
-def written_rank(adapter: LoraAdapter) -> int:
+def written_rank(adapter: PackedAdapter) -> int:
     """The rank rows an adapter actually writes (the max over modules): the kernels skip every row past it."""
     return max((w.a.shape[0] for w in adapter.weights.values()), default=0)
 
@@ -92,7 +92,7 @@ class AdapterSlotPool:
     def slot_of(self, key: Hashable) -> int | None:
         return self._lru.get(key)
 
-    def acquire(self, key: Hashable, adapter: LoraAdapter | None) -> int | None:
+    def acquire(self, key: Hashable, adapter: PackedAdapter | None) -> int | None:
         """Pin `key` in a slot, queuing a load of `adapter` there if it is not resident yet.
 
         Returns None when the slots or pages it needs are all held by pinned adapters. `adapter` may be None
@@ -110,7 +110,7 @@ class AdapterSlotPool:
         self._pins[slot] += 1
         return slot
 
-    def prefetch(self, key: Hashable, adapter: LoraAdapter, keep: Collection[Hashable]) -> bool:
+    def prefetch(self, key: Hashable, adapter: PackedAdapter, keep: Collection[Hashable]) -> bool:
         """Load `key` ahead of need, evicting only unpinned adapters not in `keep`; True if it is resident now.
 
         Decided while a step runs, so on CUDA the runner's copy overlaps that step. Not pinned."""
@@ -149,7 +149,7 @@ class AdapterSlotPool:
         writes, self._writes = self._writes, []
         return writes
 
-    def _rank_of(self, adapter: LoraAdapter) -> int:
+    def _rank_of(self, adapter: PackedAdapter) -> int:
         """The rank rows actually written (the max over modules): the kernels skip every row past it."""
         rank = written_rank(adapter)
         if max(rank, adapter.rank) > self.max_rank:
@@ -183,7 +183,7 @@ class AdapterSlotPool:
         self._slot_pages[slot] = []
         self._keys[slot] = None
 
-    def _load(self, slot: int, key: Hashable, adapter: LoraAdapter, rank: int) -> None:
+    def _load(self, slot: int, key: Hashable, adapter: PackedAdapter, rank: int) -> None:
         pages = [self._free_pages.pop() for _ in range(pages_for_rank(rank))]
         self._writes.append(LoadAdapter(slot, tuple(pages), adapter, key))
         self._slot_pages[slot] = pages

@@ -1,11 +1,11 @@
 """Which adapters exist, which version a request uses, and loading versions from disk into host memory.
 
-Tiers, coldest first: the store on disk (`adapters_store.AdapterStore`), host memory (parsed weights,
-pinned on CUDA, within a byte budget, least recently used dropped first: `AdapterHostCache`, which the
-registry keeps under its lock) and the device slots (`AdapterSlotPool`, owned by the engine thread). A
-request binds to one `AdapterVersion` when it is submitted and keeps it until it finishes, so a replace or
-delete never changes the weights under a request already in flight; a version nobody uses any more is freed
-from every tier at once.
+Tiers, coldest first: the store on disk (`adapters_store.AdapterStore`), host memory (weights parsed, checked
+and packed for the device pages, pinned on CUDA, within a byte budget, least recently used dropped first:
+`AdapterHostCache`, which the registry keeps under its lock) and the device slots (`AdapterSlotPool`, owned
+by the engine thread). A request binds to one `AdapterVersion` when it is submitted and keeps it until it
+finishes, so a replace or delete never changes the weights under a request already in flight; a version nobody
+uses any more is freed from every tier at once.
 
 Several processes may share one store (`AdapterStore` locks its writes). Each registry caches the manifest
 of every adapter it has looked up, and a lookup older than `revalidate_s` reads the manifest again (one
@@ -27,7 +27,8 @@ An adapter whose files are fine may still be *unservable* by this server's setti
 another). It is listed with the reason, warned of at start, and its requests are refused at `bind`.
 
 Thread model: the event loop uploads, deletes and binds; the engine thread unbinds and asks for loads;
-a small thread pool reads and parses from disk. One lock guards the bookkeeping; no I/O runs under it.
+a small thread pool reads, parses and packs from disk (`AdapterPacker`: never the engine thread, whose loads
+then only copy). One lock guards the bookkeeping; no I/O runs under it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
@@ -49,7 +50,6 @@ from adapters_store import (
     AdapterStore,
     BaseModelShape,
     LoraAdapter,
-    LoraWeight,
     Manifest,
     StoreCorruptionError,
     StoreError,
@@ -57,6 +57,7 @@ from adapters_store import (
 )
 from adapters_store.peft_export import to_peft_files
 from server.adapter_host_cache import AdapterHostCache
+from server.adapter_packer import AdapterPacker, PackedAdapter
 from server.metrics import Metrics
 from server.requests import AdapterBrokenError, AdapterStatus, AdapterUnservableError
 from server.torch_threads import single_threaded_executor
@@ -69,7 +70,7 @@ class AdapterVersion:
     """One version of one adapter. Requests bind to it; the tiers hold its weights."""
 
     manifest: Manifest
-    weights: LoraAdapter | None = None  # the host-tier copy; None while only on disk
+    weights: PackedAdapter | None = None  # the host-tier copy; None while only on disk
     users: int = 0  # bound requests not yet finished
     retired: bool = False  # replaced or deleted: no new request binds to it
     loading: bool = False
@@ -110,7 +111,7 @@ class AdapterRegistry:
         self.max_rank = max_rank
         self.serving_dtype = serving_dtype
         self.reserved_ids = reserved_ids
-        self.pin_memory = pin_memory
+        self._packer = AdapterPacker(serving_dtype, pin_memory)
         self.max_adapter_bytes = max_adapter_bytes
         self.revalidate_s = revalidate_s  # a cached manifest older than this is read again (0: at every lookup)
         self._clock = clock
@@ -124,7 +125,7 @@ class AdapterRegistry:
         # about the adapter was learned since it started (see `_version`).
         self._tickets = itertools.count()
         self._last_delete = -1  # ticket of this registry's latest delete (a deleted id leaves no version to compare)
-        self._loader = single_threaded_executor(2, "lorahive-adapter-load")
+        self._loader = single_threaded_executor(2, "lorahive-adapter-load", background=True)
         self.stats = self._host_lru.stats
         # Called (from any thread) when a version leaves service for good, so the engine frees its slot.
         self.on_retired: Callable[[AdapterVersion], None] = lambda version: None
@@ -288,7 +289,7 @@ class AdapterRegistry:
             manifest, config, weights = self.store.read(version.adapter_id)
             if not _same_version(manifest, version.manifest):
                 raise _VersionGone(f"version {version.manifest.version} was replaced", version.adapter_id)
-            adapter = self._parse(version.adapter_id, config, weights)
+            adapter = self._packed(version.adapter_id, config, weights)
             with self._lock:
                 # A retire may have given it a copy meanwhile, or retired it with nobody left to use it.
                 if version.weights is None and not (version.retired and version.users == 0):
@@ -333,13 +334,12 @@ class AdapterRegistry:
                 self.metrics.adapter_broken()
 
     def _parse(self, adapter_id: str, config: bytes, weights: bytes) -> LoraAdapter:
-        adapter = parse_peft_adapter(config, weights, adapter_id, base=self.shape, max_rank=self.max_rank,
-                                     serving_dtype=self.serving_dtype)
-        if not self.pin_memory:
-            return adapter
-        # Page-locked host memory lets host -> device copies run asynchronously on CUDA.
-        pinned = {key: LoraWeight(w.a.pin_memory(), w.b.pin_memory(), w.scale) for key, w in adapter.weights.items()}
-        return replace(adapter, weights=pinned)
+        return parse_peft_adapter(config, weights, adapter_id, base=self.shape, max_rank=self.max_rank,
+                                  serving_dtype=self.serving_dtype)
+
+    def _packed(self, adapter_id: str, config: bytes, weights: bytes) -> PackedAdapter:
+        """Parsed, checked and packed: the host tier's form (packing here keeps it off the engine thread)."""
+        return self._packer.pack(self._parse(adapter_id, config, weights))
 
     def touch(self, version: AdapterVersion) -> None:
         with self._lock:
@@ -358,22 +358,24 @@ class AdapterRegistry:
         if adapter_id in self.reserved_ids:
             raise AdapterIdReservedError(adapter_id)
         adapter = self.validate(adapter_id, config, weights)
+        packed = self._packer.pack(adapter)
         with self._writing:
             manifest = self.store.create(
                 adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
                 target_modules=adapter.target_modules, owner=owner, public=public,
             )
-            return self._install(manifest, adapter)
+            return self._install(manifest, packed)
 
     def replace(self, adapter_id: str, config: bytes, weights: bytes) -> AdapterVersion:
         adapter = self.validate(adapter_id, config, weights)
+        packed = self._packer.pack(adapter)
         with self._writing:
             old_weights = self._weights_before_change(adapter_id)
             manifest = self.store.replace(
                 adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
                 target_modules=adapter.target_modules,
             )
-            return self._install(manifest, adapter, old_weights)
+            return self._install(manifest, packed, old_weights)
 
     def add(self, adapter: LoraAdapter, owner: str | None = None) -> AdapterVersion:
         """Store an adapter built in code (tests, benchmarks), through the same path as an upload."""
@@ -407,7 +409,7 @@ class AdapterRegistry:
             if old is not None:
                 self._retire(old, old_weights)
 
-    def _weights_before_change(self, adapter_id: str) -> Callable[[], LoraAdapter] | None:
+    def _weights_before_change(self, adapter_id: str) -> Callable[[], PackedAdapter] | None:
         """`_writing` held. The current version's weights, taken before a replace or delete removes its files.
 
         Requests bound to that version (already, or in the instant before the change shows) must still be
@@ -426,10 +428,10 @@ class AdapterRegistry:
             return None
         if not _same_version(manifest, version.manifest):
             return None
-        return lambda: self._parse(adapter_id, config, weights)
+        return lambda: self._packed(adapter_id, config, weights)
 
     def _install(
-        self, manifest: Manifest, adapter: LoraAdapter, old_weights: Callable[[], LoraAdapter] | None = None
+        self, manifest: Manifest, adapter: PackedAdapter, old_weights: Callable[[], PackedAdapter] | None = None
     ) -> AdapterVersion:
         """Make a freshly stored version current (warm in host memory) and retire the previous one."""
         with self._lock:
@@ -449,7 +451,7 @@ class AdapterRegistry:
             if old.last_used is not None and (new.last_used is None or old.last_used > new.last_used):
                 new.last_used = old.last_used
 
-    def _retire(self, version: AdapterVersion, weights: Callable[[], LoraAdapter] | None) -> None:
+    def _retire(self, version: AdapterVersion, weights: Callable[[], PackedAdapter] | None) -> None:
         """No new request binds to `version`; its slot and host copy go once its last user finishes, and until
         then its users get `weights` if no host copy is left (its files are gone)."""
         with self._lock:
@@ -463,7 +465,7 @@ class AdapterRegistry:
         elif stranded and weights is not None:
             self._keep_for_users(version, weights)
 
-    def _keep_for_users(self, version: AdapterVersion, weights: Callable[[], LoraAdapter]) -> None:
+    def _keep_for_users(self, version: AdapterVersion, weights: Callable[[], PackedAdapter]) -> None:
         try:
             adapter = weights()
         except AdapterFormatError as exc:  # its users fail with the reason, as a load from disk would have

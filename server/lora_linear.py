@@ -2,18 +2,21 @@
 
 Following vLLM's layering: the layer wraps a base layer (`y = base(x)`: today an `nn.Linear`; a quantized or
 tensor-parallel linear plugs in the same way, LoRA untouched) and holds one paged buffer of A and one of B
-(`kernels.paging`); the model runner writes an adapter into pages (`write_pages`), keeps the page table and
-publishes the step's token -> slot metadata once in the shared `LoRAContext`; `forward` runs the base layer
+(`kernels.paging`); the model runner writes an adapter's packed rows into pages (`write_pages`), keeps the page
+table and publishes the step's token -> slot metadata once in the shared `LoRAContext`; `forward` runs the base layer
 and then one shrink + one expand over all fused output slices.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from kernels import LoRABatch, PageTable, add_lora
-from kernels.paging import SliceWeights, allocate_buffers, pack_pages, page_bytes
+from kernels.paging import PAGE_RANK, PageRows, allocate_buffers, page_bytes
+from server.adapter_packer import PackedWeight
 
 
 class LoRAContext:
@@ -77,18 +80,26 @@ class LoRALinear(nn.Module):
         """Reserve zeroed A/B buffers of `num_pages` pages (page 0, the zero page, included)."""
         self.lora_a, self.lora_b = allocate_buffers(num_pages, self.d_in, self.slice_widths, dtype, device)
 
-    def pack(self, slices: list[SliceWeights], num_pages: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One adapter's weights for this layer as `num_pages` pages, in host memory, ready to copy."""
-        assert self.lora_a is not None, "allocate_pages first"
-        return pack_pages(slices, self.d_in, self.slice_widths, num_pages, self.lora_a.dtype)
-
-    def write_pages(self, pages: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor]) -> None:
-        """Copy `pack`'s output into `pages` (int64 indices on this layer's device)."""
+    def write_pages(self, pages: PageRows, slices: Sequence[PackedWeight | None]) -> None:
+        """Write one adapter into `pages`: per fused slice its packed rank rows, None where it does not target
+        the slice. Everything else in those pages (untargeted slices, rows past a slice's rank) becomes zero,
+        so that whatever a freed page held before cannot leak in."""
         assert self.lora_a is not None and self.lora_b is not None, "allocate_pages first"
-        a_pages, b_pages = packed
         device = self.lora_a.device
-        self.lora_a.index_copy_(0, pages, a_pages.to(device, non_blocking=True))
-        self.lora_b.index_copy_(0, pages, b_pages.to(device, non_blocking=True))
+        full_rank = len(pages.pages) * PAGE_RANK
+        if not all(w is not None and w.a.shape[0] == full_rank for w in slices):  # else every row is written
+            self.lora_a.index_fill_(0, pages.index, 0)
+            self.lora_b.index_fill_(0, pages.index, 0)
+        a_rows = self.lora_a.view(-1, self.d_in)
+        b_rows = self.lora_b.view(-1, sum(self.slice_widths))
+        offset = 0
+        for k, (width, weight) in enumerate(zip(self.slice_widths, slices, strict=True)):
+            if weight is not None:
+                rank = weight.a.shape[0]
+                a_rows.index_copy_(0, pages.a_rows(len(slices), k, rank), weight.a.to(device, non_blocking=True))
+                b_rows[:, offset : offset + width].index_copy_(
+                    0, pages.b_rows(rank), weight.b_t.to(device, non_blocking=True))
+            offset += width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

@@ -7,10 +7,12 @@ Everything else decides: the scheduler picks the step (`ScheduledChunk`s), the a
 those to `apply` and the plan to `execute`.
 
 On CUDA every adapter write (pages and page-table rows, loads and clears alike) goes on one side stream, so a
-clear and the load that reuses its slot or pages can never land out of order. Weights come from pinned host
-memory, so a copy issued while a step runs (`execute`'s `overlap`) overlaps that step. Before a slot is
+clear and the load that reuses its slot or pages can never land out of order. Weights come packed and pinned
+from the host tier (`server/adapter_packer.py`: packing is the loader threads' work, a load here only issues
+copies), so a copy issued while a step runs (`execute`'s `overlap`) overlaps that step. Before a slot is
 cleared, the side stream waits for an event recorded on the compute stream after the last step that read the
-slot (`mark_read`), and the compute stream waits for the side stream before the next step reads what it wrote.
+slot (`mark_read`); the first step that reads a loaded slot waits for an event recorded after its load, and
+no step waits for copies it does not read.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from adapters_store import LoraAdapter
 from kernels import PageTable
-from kernels.paging import SliceWeights
+from kernels.paging import PageRows
+from server.adapter_packer import PackedAdapter
 from server.adapter_pool import ClearSlot, LoadAdapter, PoolWrite, written_rank
 from server.lora_linear import LoRALinear
 from server.model import KVCache, Transformer
@@ -98,6 +100,8 @@ class ModelRunner:
         self._table_width = 0
         self._decode_splits: dict[int, int] = {}
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Per slot, an event on the side stream after its latest load's copies, until a step has waited for it.
+        self._loaded: dict[int, torch.cuda.Event] = {}
 
     @property
     def copies_overlap_compute(self) -> bool:
@@ -115,25 +119,22 @@ class ModelRunner:
         else:
             raise TypeError(f"not a pool write: {write!r}")
 
-    def load_adapter(self, slot: int, pages: Collection[int], adapter: LoraAdapter) -> None:
-        """Write `adapter` into `pages` of every LoRA layer, then point `slot`'s page-table row at them.
+    def load_adapter(self, slot: int, pages: Collection[int], adapter: PackedAdapter) -> None:
+        """Copy `adapter` into `pages` of every LoRA layer, then point `slot`'s page-table row at them.
 
-        `slot` and `pages` must be free (cleared). Should a layer refuse the weights, the row stays empty, so the
-        slot reads as no adapter rather than half of one."""
-        pages = list(pages)
+        `slot` and `pages` must be free (cleared). The adapter was packed off this thread (`AdapterPacker`), so
+        this only issues copies. On CUDA the step that first reads `slot` waits for them (`_await_loads`), no
+        other step does. Should a layer refuse the weights, the row stays empty, so the slot reads as no adapter
+        rather than half of one."""
+        if adapter.dtype != self.dtype:
+            raise ValueError(f"adapter {adapter.adapter_id!r} was packed in {adapter.dtype}, not {self.dtype}")
         with self._copying():
-            index = torch.tensor(pages, dtype=torch.int64).to(self.device, non_blocking=True)
+            rows = PageRows(list(pages), self.device)
             for layer_index, module in self._layers:
-                slices: list[SliceWeights] = []
-                for name in module.slice_names:
-                    weight = adapter.weights.get((layer_index, name))
-                    # The scale is folded in fp32 before `pack` casts to the layer's dtype once.
-                    slices.append(None if weight is None else (weight.a, weight.b * weight.scale))
-                packed = module.pack(slices, len(pages))
-                if self._copy_stream is not None:
-                    packed = (packed[0].pin_memory(), packed[1].pin_memory())  # so the copy is asynchronous
-                module.write_pages(index, packed)
-            self.table.assign(slot, written_rank(adapter), pages)
+                module.write_pages(rows, [adapter.weights.get((layer_index, name)) for name in module.slice_names])
+            self.table.assign(slot, written_rank(adapter), rows.pages)
+            if self._copy_stream is not None:
+                self._loaded[slot] = self._copy_stream.record_event()
 
     def clear_slot(self, slot: int) -> None:
         """Point `slot`'s row at the zero page once the last step that read it has run; its pages are free after."""
@@ -155,17 +156,29 @@ class ModelRunner:
 
     @contextmanager
     def _copying(self) -> Iterator[None]:
-        """Device writes on the side stream (CUDA), ordered before everything the compute stream does next.
+        """Device writes on the side stream (CUDA), in the order they are issued.
 
         They wait for no queued compute except a freed slot's last reader (`clear_slot` waits on that event): a
         step in flight pins every adapter it reads, so what a load overwrites is either free or was freed by a
-        `clear_slot` earlier on this same stream."""
+        `clear_slot` earlier on this same stream. The compute stream waits only where it reads what they wrote:
+        the first step that reads a loaded slot waits for that load's event (`_await_loads`); a clear is read by
+        no step (a cleared slot is unpinned, and reloaded before a step reads it again)."""
         if self._copy_stream is None:
             yield
             return
         with torch.cuda.stream(self._copy_stream):
             yield
-        torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+
+    def _await_loads(self, plan: list[ScheduledChunk]) -> None:
+        """Have the compute stream wait for the copies of each adapter `plan` reads that no step waited for yet,
+        and for no other copy: a prefetch still copying delays only the step that needs it."""
+        if not self._loaded:
+            return
+        compute = torch.cuda.current_stream(self.device)
+        for slot in {chunk.seq.slot for chunk in plan}:
+            event = self._loaded.pop(slot, None)
+            if event is not None:
+                compute.wait_event(event)
 
     # ---- steps -------------------------------------------------------------------------------------
 
@@ -180,6 +193,7 @@ class ModelRunner:
         step's one wait for the device. A decode step that fits a prepared size runs padded to it, through the
         fixed-address inputs: replaying its CUDA graph where one was captured, eagerly otherwise."""
         size = self._padded_size(plan)
+        self._await_loads(plan)
         try:
             if size is None:
                 host = host_step(plan, self.block_size)

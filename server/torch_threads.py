@@ -18,6 +18,8 @@ workers, uvicorn's), so the thread that started the engine sets one again once t
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -42,9 +44,18 @@ def limit_current_thread() -> None:
     torch.set_num_threads(1)
 
 
-def single_threaded_executor(max_workers: int, thread_name_prefix: str) -> ThreadPoolExecutor:
-    """A thread pool whose threads run torch with one intra-op thread, whenever they are created."""
-    return ThreadPoolExecutor(max_workers, thread_name_prefix=thread_name_prefix, initializer=limit_current_thread)
+def single_threaded_executor(max_workers: int, thread_name_prefix: str, background: bool = False) -> ThreadPoolExecutor:
+    """A thread pool whose threads run torch with one intra-op thread, whenever they are created. `background`
+    threads also run at a lower scheduling priority (Linux), so that where cores are short the engine thread
+    runs first and their work takes the time left over."""
+    initializer = _background_thread if background else limit_current_thread
+    return ThreadPoolExecutor(max_workers, thread_name_prefix=thread_name_prefix, initializer=initializer)
+
+
+def _background_thread() -> None:
+    limit_current_thread()
+    if sys.platform == "linux":  # there `who` may name a thread; elsewhere it would name a process
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
 
 
 def engine_threads(setting: int | None) -> int:

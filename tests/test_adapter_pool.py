@@ -10,6 +10,7 @@ import torch
 from adapters_store import TARGET_MODULES
 from kernels import PageTable
 from kernels.paging import PAGE_RANK, ZERO_PAGE
+from server.adapter_packer import AdapterPacker, PackedAdapter
 from server.adapter_pool import AdapterSlotPool
 from server.demo import build_demo_model
 from server.model_runner import ModelRunner, adapter_page_bytes
@@ -23,8 +24,10 @@ def model():
     return build_demo_model()[0].to(torch.float32)
 
 
-def adapter(model, name: str, rank: int, seed: int = 0):
-    return make_adapter(name, model.args, rank, 2.0 * rank, TARGET_MODULES, seed=seed)
+def adapter(model, name: str, rank: int, seed: int = 0) -> PackedAdapter:
+    """Packed for `model`'s pages, as the host tier holds it."""
+    packer = AdapterPacker(model.output.weight.dtype)
+    return packer.pack(make_adapter(name, model.args, rank, 2.0 * rank, TARGET_MODULES, seed=seed))
 
 
 def pool_of(model, num_slots: int, pages: int | None) -> AdapterSlotPool:

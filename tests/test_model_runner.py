@@ -14,9 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from adapters_store import LoraAdapter
+from adapters_store import TARGET_MODULES, LoraAdapter
 from kernels import LoRABatch, PageTable
-from kernels.paging import ZERO_PAGE, pages_for_rank
+from kernels.paging import ZERO_PAGE, PageRows, pages_for_rank
+from server.adapter_packer import AdapterPacker, PackedWeight
 from server.adapter_pool import AdapterSlotPool
 from server.demo import build_demo_model
 from server.engine import EngineStats
@@ -55,7 +56,8 @@ DEVICE_MODULES = {
     "memory_profile.py": "startup: runs the largest step through a scratch runner and reads device memory counters",
     "checkpoint.py": "startup: fills the model's weights from a checkpoint (and writes one back, to the CPU)",
     "demo.py": "startup: draws the demo model's weights, on the CPU",
-    "adapter_registry.py": "pins adapter weights in host memory (the host tier), so the runner's copies are async",
+    "adapter_packer.py": "casts adapter weights to the serving dtype and pins them in host memory (the host tier, "
+                         "on the loader threads), so the runner's copies only copy, asynchronously",
 }
 # Modules that must stay free of device work, whatever the list above says.
 DECIDERS = ("scheduler.py", "engine.py", "adapter_pool.py", "metrics.py", "kv_blocks.py")
@@ -114,6 +116,7 @@ def test_the_scan_sees_device_work():
 MAX_RANK = 16
 BLOCK_SIZE = 16
 STEPS = 4  # the prefill's token, then decodes
+PACKER = AdapterPacker(torch.float32)  # the host tier's form of an adapter, for the float32 model below
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +187,7 @@ def alone_with_merged_weights(model: Transformer, adapter: LoraAdapter | None, p
 
 def test_a_mixed_adapter_batch_gives_each_sequence_its_merged_weights_tokens(model, adapters):
     runner, pool = runner_and_pool(model, num_slots=3)
-    slots = {name: pool.acquire(name, adapter) for name, adapter in adapters.items()}
+    slots = {name: pool.acquire(name, PACKER.pack(adapter)) for name, adapter in adapters.items()}
     for write in pool.take_writes():
         runner.apply(write)
     cases = [(None, prompt(1, 9)), ("a0", prompt(2, 23)), ("a2", prompt(3, 5)), ("mlp", prompt(4, 14)),
@@ -202,7 +205,7 @@ def test_load_adapter_then_clear_slot_round_trip(model, adapters):
     adapter = adapters["a2"]
     rank = ADAPTER_SPECS["a2"][0]
     pages = list(range(1, 1 + pages_for_rank(rank)))
-    runner.load_adapter(1, pages, adapter)
+    runner.load_adapter(1, pages, PACKER.pack(adapter))
     assert runner.table.ranks[1].item() == rank and runner.table.host_pages[1] == tuple(pages)
     assert runner.table.ranks[0].item() == 0  # the other slot untouched
     ffn = model.layers[0].feed_forward.w_down
@@ -214,6 +217,38 @@ def test_load_adapter_then_clear_slot_round_trip(model, adapters):
     assert runner.table.ranks[1].item() == 0 and runner.table.pages[1].tolist() == [ZERO_PAGE] * pages_for_rank(16)
     cleared = run_greedy(runner, [sequence(0, prompt(7, 12), slot=1)])[0]
     assert cleared == alone_with_merged_weights(model, None, prompt(7, 12)) != with_adapter
+
+
+def test_a_load_into_pages_another_adapter_filled_leaves_nothing_of_it(model, adapters):
+    """A load writes only the rank rows an adapter has; every other row of its pages (modules it does not target,
+    ranks past its own) reads as zero, whatever the pages held before."""
+    runner, _ = runner_and_pool(model, num_slots=1)
+    full = make_adapter("full", model.args, 16, 16.0, TARGET_MODULES, seed=14, std=0.2)
+    runner.load_adapter(0, [1], PACKER.pack(full))
+    runner.clear_slot(0)
+    runner.load_adapter(0, [1], PACKER.pack(adapters["mlp"]))  # rank 4, MLP only: into the same page
+    reused = run_greedy(runner, [sequence(0, prompt(8, 10), slot=0)])[0]
+    assert reused == alone_with_merged_weights(model, adapters["mlp"], prompt(8, 10))
+
+
+@pytest.mark.gpu
+def test_a_step_waits_only_for_the_loads_of_adapters_it_reads():
+    """A copy still queued on the side stream (a prefetch) holds back the step that reads its slot, not the
+    others: the side stream here sleeps before the load, and a base-model step finishes meanwhile."""
+    cuda_model = build_demo_model()[0].to("cuda", torch.float32)
+    runner, _ = runner_and_pool(cuda_model, num_slots=2)
+    adapter = make_adapter("a0", cuda_model.args, *ADAPTER_SPECS["a0"], seed=11, std=0.2)
+    run_greedy(runner, [sequence(0, prompt(1, 9), slot=-1)])  # warm: the CUDA libraries' set-up is done
+    with torch.cuda.stream(runner._copy_stream):
+        torch.cuda._sleep(4_000_000_000)  # seconds of work ahead of the copy
+    runner.load_adapter(1, [1], AdapterPacker(torch.float32, pin_memory=True).pack(adapter))
+    loaded = runner._copy_stream.record_event()
+    base = run_greedy(runner, [sequence(1, prompt(2, 9), slot=-1)])[0]  # each step syncs on its tokens
+    assert not loaded.query(), "a step that reads no loaded slot waited for the copy"
+    with_adapter = run_greedy(runner, [sequence(2, prompt(3, 9), slot=1)])[0]
+    assert loaded.query()
+    assert with_adapter == alone_with_merged_weights(cuda_model, adapter, prompt(3, 9))
+    assert base == alone_with_merged_weights(cuda_model, None, prompt(2, 9))
 
 
 class Int8Linear(nn.Module):
@@ -248,7 +283,7 @@ def test_lora_linear_adds_the_same_delta_over_any_base_layer():
     context.table.assign(0, rank, pages)
     for layer in layers:
         layer.allocate_pages(2, torch.float32, "cpu")
-        layer.write_pages(torch.tensor(pages), layer.pack(slices, len(pages)))
+        layer.write_pages(PageRows(pages, "cpu"), [PackedWeight(a, b.T.contiguous()) for a, b in slices])
     x = torch.randn(3, 16, generator=gen)
     context.batch = LoRABatch.from_token_slots([0, -1, 0])  # the middle token has no adapter
     over_quantized, over_linear = (layer(x) for layer in layers)

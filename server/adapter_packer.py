@@ -1,0 +1,64 @@
+"""Packing an adapter for the device tier, done by the threads that read it, never by the engine thread.
+
+A parsed and checked `LoraAdapter` holds each module's A [r, d_in] and B [d_out, r] in fp32 with its LoRA scale
+apart. The adapter pages (`kernels.paging`) hold, per rank row, A's row and B's column with the scale folded in,
+in the serving dtype. `AdapterPacker.pack` makes that form on the loader thread (and on the upload thread for an
+upload): per (layer, module), A's rank rows and B transposed with the scale folded in (in fp32, then one cast),
+contiguous, pinned on CUDA so the runner's host-to-device copies are asynchronous. The host tier holds this
+`PackedAdapter`, so a load on the engine thread only issues copies (`ModelRunner.load_adapter`).
+
+Why per module and only the adapter's own rank rows rather than whole pages (`kernels.paging.pack_pages`): whole
+pages pad every rank up to a multiple of 16 and hold zeros for every module the adapter does not target, and the
+host tier would hold (and count) those zeros: a rank-8 adapter of q_proj and v_proj takes 10.6x its weights'
+bytes as whole pages on SmolLM2-135M. This form takes exactly the weights' bytes in the serving dtype (half of
+them in bf16); the device write zeroes the rest of the pages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from adapters_store import LoraAdapter
+
+
+@dataclass(frozen=True, eq=False)
+class PackedWeight:
+    """One module's rank rows as the adapter pages hold them."""
+
+    a: torch.Tensor  # [r, d_in]: A
+    b_t: torch.Tensor  # [r, d_out]: B transposed, the LoRA scale folded in
+
+
+@dataclass(frozen=True, eq=False)
+class PackedAdapter:
+    """An adapter ready to copy into device pages; what the host tier holds."""
+
+    adapter_id: str
+    rank: int  # max rank over its modules, as declared
+    dtype: torch.dtype  # the serving dtype it was packed in
+    weights: Mapping[tuple[int, str], PackedWeight]  # (layer index, module name) -> rows
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(w.a.nbytes + w.b_t.nbytes for w in self.weights.values())
+
+
+class AdapterPacker:
+    """Packs adapters in the serving dtype, pinned in host memory when the device is a GPU."""
+
+    def __init__(self, dtype: torch.dtype, pin_memory: bool = False) -> None:
+        self.dtype = dtype
+        self.pin_memory = pin_memory
+
+    def pack(self, adapter: LoraAdapter) -> PackedAdapter:
+        weights = {key: PackedWeight(self._host(w.a), self._host((w.b * w.scale).T))
+                   for key, w in adapter.weights.items()}
+        return PackedAdapter(adapter.adapter_id, adapter.rank, self.dtype, weights)
+
+    def _host(self, tensor: torch.Tensor) -> torch.Tensor:
+        packed = tensor.to(self.dtype).contiguous()
+        # Page-locked memory lets the runner's host -> device copies run asynchronously on the side stream.
+        return packed.pin_memory() if self.pin_memory else packed
