@@ -47,6 +47,8 @@ RESULTS = Path(__file__).parent / "results"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SHAPES = {  # real models' shapes (their config.json), for random-weight checkpoints; vocab 128,256 unless given
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, intermediate_size=128, vocab_size=320),
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, intermediate_size=1536,
+                         vocab_size=49152, tie_word_embeddings=True),
     "llama3.2-1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, head_dim=64, intermediate_size=8192,
                         rope_theta=500000.0, tie_word_embeddings=True),
     # Llama-3-8B's, and Llama-3.1-8B's but for its longer RoPE
