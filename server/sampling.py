@@ -139,7 +139,7 @@ def _sample_rows(logits: torch.Tensor, states: list[SamplerState]) -> torch.Tens
 
 def _choose_tokens(adjusted: torch.Tensor, states: list[SamplerState]) -> torch.Tensor:
     sampled_rows = _rows(states, lambda s: not s.params.greedy)
-    if len(sampled_rows) == len(states):
+    if sampled_rows and len(sampled_rows) == len(states):
         return _sample_rows(adjusted, states)
     tokens = adjusted.argmax(dim=-1)
     if sampled_rows:

@@ -16,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 
 import server.model_runner as model_runner_module
 from adapters_store import LoraAdapter
+from server.adapter_packer import AdapterPacker
 from server.adapter_pool import AdapterSlotPool
 from server.demo import build_demo_model
 from server.model import Transformer
@@ -54,7 +55,8 @@ def loaded_runner(model: Transformer, adapters: dict[str, LoraAdapter]) -> tuple
     pool = AdapterSlotPool(len(adapters), MAX_RANK, adapter_page_bytes(model))
     runner = ModelRunner(model, num_kv_blocks=32, block_size=BLOCK_SIZE, num_slots=pool.num_slots,
                          max_rank=pool.max_rank, num_pages=pool.num_pages)
-    slots = {name: pool.acquire(name, adapter) for name, adapter in adapters.items()}
+    packer = AdapterPacker(model.output.weight.dtype)  # the host tier's form of an adapter
+    slots = {name: pool.acquire(name, packer.pack(adapter)) for name, adapter in adapters.items()}
     for write in pool.take_writes():
         runner.apply(write)
     return runner, slots

@@ -161,3 +161,8 @@ def test_sampling_waits_for_the_device_once_per_call(
                                 transfers.append(_method), _original(tensor, *args))[1])
     sample(logits, states)
     assert transfers == ["tolist"]
+
+
+def test_a_step_that_samples_no_row_returns_nothing() -> None:
+    """A step of prefill chunks that all stop short of their prompt's end has no row to sample."""
+    assert sample(torch.zeros(0, 50), []) == ([], [])
