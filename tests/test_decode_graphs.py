@@ -24,13 +24,12 @@ from server.model_runner import ModelRunner, adapter_page_bytes, decode_graph_si
 from server.sampling import SamplerState
 from server.scheduler import ScheduledChunk, Sequence
 from server.step_builder import StepBuffers, host_step
-from server.tokenizer import IncrementalDetokenizer, build_byte_tokenizer
-from tests.support.engines import ADAPTER_SPECS, MLP, greedy, make_adapter, prompt, start_engine
+from tests.support.engines import ADAPTER_SPECS, MLP, make_adapter, prompt, start_engine
+from tests.support.runner_steps import STEPS, run_greedy, sequence, step_all
 
 BLOCK_SIZE = 16
 MAX_RANK = 16
 MAX_MODEL_LEN = 64
-STEPS = 4  # the prefill's token, then decodes
 REPO = Path(__file__).resolve().parents[1]
 # Tensor methods that read device memory into Python, and the constructor that copies Python data up (on CUDA a
 # blocking copy from pageable memory): each is a wait for the device.
@@ -62,35 +61,10 @@ def loaded_runner(model: Transformer, adapters: dict[str, LoraAdapter]) -> tuple
     return runner, slots
 
 
-def sequence(seq_id: int, prompt_ids: tuple[int, ...], slot: int) -> Sequence:
-    params = greedy(prompt_ids, STEPS).params
-    blocks = [2 * seq_id, 2 * seq_id + 1]  # 32 tokens each, disjoint
-    return Sequence(seq_id, f"r{seq_id}", 0, list(prompt_ids), len(prompt_ids), None,
-                    SamplerState(params, torch.Generator()), IncrementalDetokenizer(build_byte_tokenizer(), (), False),
-                    blocks=blocks, slot=slot)
-
-
 def mixed_sequences(slots: dict[str, int], count: int) -> list[Sequence]:
     names = [None, "a0", "a2", "mlp", "a0"]
     return [sequence(i, prompt(i + 1, 3 + 4 * i % 17), -1 if names[i % 5] is None else slots[names[i % 5]])
             for i in range(count)]
-
-
-def step_all(runner: ModelRunner, seqs: list[Sequence]) -> list[ScheduledChunk]:
-    """One step of every sequence's pending tokens, applied as the engine applies it."""
-    plan = [ScheduledChunk(seq, seq.num_pending) for seq in seqs]
-    output = runner.execute(plan)
-    for chunk in plan:
-        chunk.seq.num_computed += chunk.num_tokens
-    for chunk, token in zip(output.chunks, output.tokens, strict=True):
-        chunk.seq.token_ids.append(token)
-    return plan
-
-
-def run_greedy(runner: ModelRunner, seqs: list[Sequence]) -> list[list[int]]:
-    for _ in range(STEPS):
-        step_all(runner, seqs)
-    return [seq.output_ids for seq in seqs]
 
 
 class CallCounter(TorchFunctionMode):

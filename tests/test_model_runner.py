@@ -25,9 +25,6 @@ from server.lora_linear import LoRAContext, LoRALinear, fused_linear
 from server.model import Transformer
 from server.model_runner import ModelRunner, adapter_page_bytes
 from server.requests import EngineStepError
-from server.sampling import SamplerState
-from server.scheduler import ScheduledChunk, Sequence
-from server.tokenizer import IncrementalDetokenizer, build_byte_tokenizer
 from tests.support.engines import (
     ADAPTER_SPECS,
     MLP,
@@ -40,6 +37,7 @@ from tests.support.engines import (
     prompt,
     start_engine,
 )
+from tests.support.runner_steps import run_greedy, sequence
 
 SERVER = Path(__file__).resolve().parents[1] / "server"
 
@@ -115,7 +113,6 @@ def test_the_scan_sees_device_work():
 
 MAX_RANK = 16
 BLOCK_SIZE = 16
-STEPS = 4  # the prefill's token, then decodes
 PACKER = AdapterPacker(torch.float32)  # the host tier's form of an adapter, for the float32 model below
 
 
@@ -138,27 +135,6 @@ def runner_and_pool(model: Transformer, num_slots: int) -> tuple[ModelRunner, Ad
     runner = ModelRunner(model, num_kv_blocks=32, block_size=BLOCK_SIZE, num_slots=pool.num_slots,
                          max_rank=pool.max_rank, num_pages=pool.num_pages)
     return runner, pool
-
-
-def sequence(seq_id: int, prompt_ids: tuple[int, ...], slot: int) -> Sequence:
-    tokenizer = build_byte_tokenizer()
-    params = greedy(prompt_ids, STEPS).params
-    blocks = [2 * seq_id, 2 * seq_id + 1]  # 32 tokens each, disjoint
-    return Sequence(seq_id, f"r{seq_id}", 0, list(prompt_ids), len(prompt_ids), None,
-                    SamplerState(params, torch.Generator()), IncrementalDetokenizer(tokenizer, (), False),
-                    blocks=blocks, slot=slot)
-
-
-def run_greedy(runner: ModelRunner, seqs: list[Sequence]) -> list[list[int]]:
-    """STEPS tokens for each of `seqs`, stepped together as the engine does (prefill, then one decode a step)."""
-    for _ in range(STEPS):
-        plan = [ScheduledChunk(seq, seq.num_pending) for seq in seqs]
-        output = runner.execute(plan)
-        for chunk in plan:
-            chunk.seq.num_computed += chunk.num_tokens
-        for chunk, token in zip(output.chunks, output.tokens, strict=True):
-            chunk.seq.token_ids.append(token)
-    return [seq.output_ids for seq in seqs]
 
 
 def merged(model: Transformer, adapter: LoraAdapter | None) -> Transformer:
