@@ -35,6 +35,8 @@ class AttentionBatch:
     # captured in a CUDA graph fixes it, since the longest context changes between replays.
     decode_splits: int | None = None
     _tiles: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    # What the torch reference derives once per step and reads in every layer (its decode groups' blocks, masks).
+    cache: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_sequences(

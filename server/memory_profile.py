@@ -20,6 +20,7 @@ from functools import partial
 
 import torch
 
+from kernels.attention_reference import DECODE_GROUP_KEYS
 from kernels.paging import PAGE_RANK, pages_for_rank
 from server.adapter_pool import AdapterSlotPool
 from server.api.protocol import MAX_LOGPROBS
@@ -149,16 +150,20 @@ def estimate_step_bytes(args: ModelArgs, shapes: list[ChunkShape], max_lora_rank
     qkv_out = tokens * (q_width + 2 * kv_width) * s
     norm = tokens * args.dim * (2 * f32 + s)
     qkv = qkv_out + lora(args.dim, q_width + 2 * kv_width, 3) + 4 * tokens * (q_width + kv_width) * s
-    # Paged attention holds one sequence's problem at a time (`kernels.attention_reference`): its gathered K/V
-    # and their transposed copies, its [queries, keys] mask and fp32 scores per head, its queries and output.
+    # Paged attention (`kernels.attention_reference`) holds one prompt's problem at a time: its gathered K/V and
+    # their transposed copies, its [queries, keys] mask and fp32 scores per head, its queries and output; or one
+    # decode group's: gathered K/V of at most DECODE_GROUP_KEYS padded keys, their copies, the mask.
     # The Triton decode holds fp32 partials per split of at most 256 keys instead.
     one_sequence = max(
         4 * c.context_len * kv_width * s + c.num_tokens * c.context_len * (2 * args.n_heads * f32 + 1)
         + 3 * c.num_tokens * q_width * s
         for c in shapes
     )
+    decode_keys = min(DECODE_GROUP_KEYS, sum(-(-c.context_len // 16) * 16 for c in shapes if c.num_tokens == 1))
+    decode_group = decode_keys * (4 * kv_width * s + 2) + 3 * tokens * q_width * s
     decode_partials = tokens * args.n_heads * -(-max_context // 256) * (args.head_dim + 1) * f32
-    attention = qkv_out + 2 * tokens * q_width * s + max(one_sequence, decode_partials) + lora(q_width, args.dim, 1)
+    attention = (qkv_out + 2 * tokens * q_width * s + max(one_sequence, decode_group, decode_partials)
+                 + lora(q_width, args.dim, 1))
     mlp = tokens * (4 * args.intermediate_size + args.dim) * s + lora(args.dim, 2 * args.intermediate_size, 2)
     # Logits in the model's dtype and in fp32, then the sampler: bias/penalty copy, tempered logits, sort
     # (values + int64 ids), softmax, two cumsums, the mass before each token, masks, log-softmax.

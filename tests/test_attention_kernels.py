@@ -141,25 +141,47 @@ def test_reference_matches_naive(
     assert_close(case.run_reference(), naive_attention(case), dtype)
 
 
-def test_reference_masks_only_what_sdpa_needs(torch_gen: torch.Generator, monkeypatch: pytest.MonkeyPatch) -> None:
-    """One SDPA call per sequence, over the keys its queries can see; a mask only for a prefix or a window, and
-    then [new tokens, keys seen]: nothing grows with batch x longest context."""
+def recorded_sdpa_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """(batch, queries, keys, mask shape, is_causal) of each SDPA call the reference makes from now on."""
     calls = []
     sdpa = attention_reference.F.scaled_dot_product_attention
 
     def recording_sdpa(q, k, v, attn_mask=None, is_causal=False, **kwargs):
-        assert q.dim() == k.dim() == 4 and q.shape[0] == 1  # 4-D: SDPA's fused CPU kernel, not its math fallback
-        calls.append((q.shape[2], k.shape[2], None if attn_mask is None else tuple(attn_mask.shape), is_causal))
+        assert q.dim() == k.dim() == 4  # 4-D: SDPA's fused CPU kernel, not its math fallback
+        mask = None if attn_mask is None else tuple(attn_mask.shape)
+        calls.append((q.shape[0], q.shape[2], k.shape[2], mask, is_causal))
         return sdpa(q, k, v, attn_mask=attn_mask, is_causal=is_causal, **kwargs)
 
     monkeypatch.setattr(attention_reference.F, "scaled_dot_product_attention", recording_sdpa)
-    seqs = [(1, 1), (40, 1), (17, 17), (45, 12)]
+    return calls
+
+
+def test_reference_batches_decode_and_masks_only_what_sdpa_needs(torch_gen: torch.Generator,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neighbouring decode sequences: one SDPA call over their blocks padded to the widest, masked. Prompts: one
+    call each over the keys their queries can see, a mask only for a prefix or a window, and then [new tokens,
+    keys seen]."""
+    calls = recorded_sdpa_calls(monkeypatch)
+    seqs = [(1, 1), (40, 1), (17, 17), (45, 12), (20, 1)]
     make_case(torch_gen, seqs, 4, 64, torch.float32).run_reference()
-    assert calls == [(1, 1, None, False), (1, 40, None, False), (17, 17, None, True), (12, 45, (12, 45), False)]
+    assert calls == [(2, 1, 48, (2, 1, 1, 48), False), (1, 1, 32, (1, 1, 1, 32), False),
+                     (1, 17, 17, None, True), (1, 12, 45, (12, 45), False)]
     calls.clear()
     make_case(torch_gen, seqs, 4, 64, torch.float32, window=5).run_reference()
-    # Keys before the window of a sequence's first query are not even gathered.
-    assert calls == [(1, 1, None, False), (1, 5, None, False), (17, 17, (17, 17), False), (12, 16, (12, 16), False)]
+    # Keys before the window of a prompt's first query are not even gathered.
+    assert calls == [(2, 1, 48, (2, 1, 1, 48), False), (1, 1, 32, (1, 1, 1, 32), False),
+                     (1, 17, 17, (17, 17), False), (1, 12, 16, (12, 16), False)]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+def test_decode_groups_stay_within_their_key_budget(torch_gen: torch.Generator, monkeypatch: pytest.MonkeyPatch,
+                                                    window: int | None) -> None:
+    """With room for 64 padded keys a group holds two 2-block sequences; a 4-block one is a group of its own."""
+    monkeypatch.setattr(attention_reference, "DECODE_GROUP_KEYS", 64)
+    calls = recorded_sdpa_calls(monkeypatch)
+    case = make_case(torch_gen, [(20, 1), (30, 1), (17, 1), (50, 1), (3, 1)], 4, 64, torch.float32, window)
+    assert_close(case.run_reference(), naive_attention(case), torch.float32)
+    assert [(batch, keys) for batch, _, keys, _, _ in calls] == [(2, 32), (1, 32), (1, 64), (1, 16)]
 
 
 # --------------------------------------------------------------------------------------------- triton
