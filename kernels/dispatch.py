@@ -14,7 +14,7 @@ import functools
 import importlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Literal
 
@@ -130,13 +130,15 @@ def add_lora(
     slice_widths: tuple[int, ...],
     table: PageTable,
     backend: BackendSetting = "auto",
+    targets: Mapping[int, tuple[int, ...]] | None = None,
 ) -> None:
     """y += per-token LoRA delta (shrink then multi-slice expand), in place.
 
     `lora_a`/`lora_b` are paged buffers and `table` each slot's pages and rank (`kernels.paging`). A step
-    whose tokens all use slot -1 returns at once: base-model traffic launches no LoRA kernel. Triton does
-    rank-r work for a rank-r adapter; the reference reads zero pages past it. "auto" resolves per call from
-    the tensors (for direct callers; the engine passes an already resolved backend).
+    whose tokens all use slot -1 returns at once: base-model traffic launches no LoRA kernel. Both backends do
+    rank-r work for a rank-r adapter; the reference also skips the slices an adapter does not target, as
+    `targets` (`reference.add_lora`) tells. "auto" resolves per call from the tensors (for direct callers; the
+    engine passes an already resolved backend).
     """
     if not batch.has_lora or x.shape[0] == 0:
         return
@@ -150,8 +152,7 @@ def add_lora(
             raise RuntimeError("the Triton LoRA backend was requested but triton is not installed")
         ops.add_lora(y, x, lora_a, lora_b, batch, slice_widths, table)
         return
-    v = reference.shrink(x, lora_a, batch, table)
-    reference.expand(y, v, lora_b, batch, slice_widths, table)
+    reference.add_lora(y, x, lora_a, lora_b, batch, slice_widths, table, targets)
 
 
 def paged_attention(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -47,6 +47,8 @@ class LoRABatch:
     tile_rows: int
     by_slot: torch.Tensor  # [T'] int64, T' the tokens with a slot
     slot_runs: tuple[tuple[int, int, int], ...]
+    # What the torch reference derives once per step and reads in every layer (`kernels.reference`).
+    cache: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def has_lora(self) -> bool:

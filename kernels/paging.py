@@ -37,12 +37,13 @@ def pages_for_rank(rank: int) -> int:
 @dataclass(frozen=True)
 class PageTable:
     """Each slot's adapter rank and pages, on the model's device; updated in place by the slot pool, so a
-    captured step sees the current values. `host_pages` mirrors each slot's pages in host memory, for the
-    torch reference, which reads them without a device round trip."""
+    captured step sees the current values. `host_pages` and `host_ranks` mirror each slot's pages and rank in
+    host memory, for the torch reference, which reads them without a device round trip."""
 
     ranks: torch.Tensor  # [num_slots] int32; 0 for an empty slot
     pages: torch.Tensor  # [num_slots, max_pages] int32; ZERO_PAGE past the slot's rank
     host_pages: list[tuple[int, ...]]  # each slot's own pages, none past its rank
+    host_ranks: list[int]  # each slot's rank
 
     @classmethod
     def empty(cls, num_slots: int, max_rank: int, device: torch.device | str = "cpu") -> PageTable:
@@ -50,10 +51,11 @@ class PageTable:
             ranks=torch.zeros(num_slots, dtype=torch.int32, device=device),
             pages=torch.full((num_slots, pages_for_rank(max_rank)), ZERO_PAGE, dtype=torch.int32, device=device),
             host_pages=[()] * num_slots,
+            host_ranks=[0] * num_slots,
         )
 
     def to(self, device: torch.device | str) -> PageTable:
-        return PageTable(self.ranks.to(device), self.pages.to(device), list(self.host_pages))
+        return PageTable(self.ranks.to(device), self.pages.to(device), list(self.host_pages), list(self.host_ranks))
 
     @property
     def max_rank(self) -> int:
@@ -66,6 +68,7 @@ class PageTable:
             self.pages[slot, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.ranks[slot] = rank
         self.host_pages[slot] = tuple(pages[: pages_for_rank(rank)])
+        self.host_ranks[slot] = rank
 
     def clear(self, slot: int) -> None:
         self.assign(slot, 0, [])

@@ -14,9 +14,19 @@ expand: y[t, off_k : off_k + d_k] += v[t, k*R : (k+1)*R] @ B_k[slot[t]]^T
 The tokens with a slot are gathered once per call, grouped by slot (`LoRABatch.by_slot`), so each adapter's
 rows are one contiguous block: the work is one pair of GEMMs per adapter present in the batch on its own
 pages, with one gather and one scatter for the whole batch, not a [T, R, d_in] gather of weights.
+
+`add_lora` is the two fused, as the model calls them, in one of two ways. Per adapter: v never leaves the
+adapter's block of rows, and each adapter's GEMMs cover only the slices it targets (`targets`) and only its own
+rank, not its pages' multiple of PAGE_RANK (a rank-8 adapter on q and v of a fused q|k|v does half a page of two
+slices, not a page of three). Or all at once: every token against every page of the batch's adapters in one
+shrink GEMM and one expand GEMM per slice, the pages of other adapters masked to zero. On a CPU each torch op
+costs microseconds whatever its size, so where adapters are many and the layer small the few large GEMMs win
+despite their wasted flops; `DENSE_FLOPS_PER_SAVED_OP` prices that trade per call.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 
@@ -94,3 +104,105 @@ def expand(
                          out=delta[start:end, offset : offset + width])
             offset += width
     y.index_add_(0, batch.by_slot, delta.to(y.dtype))
+
+
+# Wasted flops the all-at-once path may spend per torch op it saves against the per-adapter path: roughly what a
+# CPU core computes in the few microseconds an op costs to dispatch.
+DENSE_FLOPS_PER_SAVED_OP = 200_000
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    batch: LoRABatch,
+    slice_widths: tuple[int, ...],
+    table: PageTable,
+    targets: Mapping[int, tuple[int, ...]] | None = None,
+) -> None:
+    """y += expand(shrink(x)), in place (the module's contract), doing only each adapter's own work.
+
+    `targets[page]` lists the fused slices that the adapter whose first page is `page` targets; it must hold zeros
+    in the others, which the per-adapter path then skips (an adapter missing from `targets` targets none). None:
+    every slot targets every slice."""
+    if not batch.has_lora:
+        return
+    acc = accumulation_dtype(x.dtype)
+    grouped_x = x[batch.by_slot].to(acc)
+    if _dense_is_cheaper(batch, table, x.shape[1], slice_widths):
+        delta = _all_adapters_at_once(grouped_x, lora_a, lora_b, batch, slice_widths, table)
+    else:
+        delta = _adapter_by_adapter(grouped_x, lora_a, lora_b, batch, slice_widths, table, targets)
+    y.index_add_(0, batch.by_slot, delta.to(y.dtype))
+
+
+def _dense_is_cheaper(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple[int, ...]) -> bool:
+    """Whether the all-at-once path's wasted flops cost less than the ops the per-adapter path would add."""
+    slots = [slot for slot, _, _ in batch.slot_runs]
+    if len(slots) < 2:
+        return False
+    own_rows = sum((end - start) * len(table.host_pages[slot]) for slot, start, end in batch.slot_runs)
+    all_rows = len(batch.by_slot) * sum(len(table.host_pages[slot]) for slot in slots)
+    wasted_flops = 2 * (all_rows - own_rows) * PAGE_RANK * (len(slice_widths) * d_in + sum(slice_widths))
+    saved_ops = (len(slots) - 1) * (5 + len(slice_widths))
+    return wasted_flops < saved_ops * DENSE_FLOPS_PER_SAVED_OP
+
+
+def _batch_pages(batch: LoRABatch, table: PageTable, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pages [P], owned [T', P]) of the step: the pages of its adapters, slot after slot, and which of them each
+    grouped token's own adapter holds (1, else 0). Made once per step (cached on the batch) for every layer."""
+    key = ("dense", dtype)
+    if key not in batch.cache:
+        pages = [page for slot, _, _ in batch.slot_runs for page in table.host_pages[slot]]
+        owned = torch.zeros(len(batch.by_slot), len(pages), dtype=dtype)
+        first = 0
+        for slot, start, end in batch.slot_runs:
+            count = len(table.host_pages[slot])
+            owned[start:end, first : first + count] = 1
+            first += count
+        device = batch.by_slot.device
+        batch.cache[key] = (torch.tensor(pages, dtype=torch.int64).to(device), owned.to(device))
+    return batch.cache[key]
+
+
+def _all_adapters_at_once(grouped_x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch,
+                          slice_widths: tuple[int, ...], table: PageTable) -> torch.Tensor:
+    """[T', D]: every grouped token against every page of the step, other adapters' pages masked out."""
+    pages, owned = _batch_pages(batch, table, grouped_x.dtype)
+    num_pages, num_slices, tokens = len(pages), len(slice_widths), len(grouped_x)
+    a = lora_a[pages].to(grouped_x.dtype).view(num_pages * num_slices * PAGE_RANK, lora_a.shape[-1])
+    v = (grouped_x @ a.T).view(tokens, num_pages, num_slices, PAGE_RANK) * owned[:, :, None, None]
+    v = v.transpose(1, 2).reshape(tokens, num_slices, num_pages * PAGE_RANK)  # slice k: its ranks of every page
+    b = lora_b[pages].to(grouped_x.dtype).view(num_pages * PAGE_RANK, lora_b.shape[-1])
+    delta = torch.empty(tokens, b.shape[1], dtype=grouped_x.dtype, device=grouped_x.device)
+    offset = 0
+    for k, width in enumerate(slice_widths):
+        torch.matmul(v[:, k], b[:, offset : offset + width], out=delta[:, offset : offset + width])
+        offset += width
+    return delta
+
+
+def _adapter_by_adapter(grouped_x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch,
+                        slice_widths: tuple[int, ...], table: PageTable,
+                        targets: Mapping[int, tuple[int, ...]] | None) -> torch.Tensor:
+    """[T', D]: each adapter's block of grouped tokens against its own rank of the slices it targets."""
+    acc = grouped_x.dtype
+    delta = torch.zeros(len(grouped_x), sum(slice_widths), dtype=acc, device=grouped_x.device)
+    offsets = [sum(slice_widths[:k]) for k in range(len(slice_widths))]
+    every_slice = tuple(range(len(slice_widths)))
+    for slot, start, end in batch.slot_runs:
+        rank = table.host_ranks[slot]
+        if not rank:
+            continue
+        slices = every_slice if targets is None else targets.get(table.host_pages[slot][0], ())
+        if not slices:
+            continue
+        a = slot_a(lora_a, table, slot)  # [K, pages * PAGE_RANK, d_in]
+        a = a.flatten(0, 1) if slices == every_slice and rank == a.shape[1] else a[list(slices), :rank].flatten(0, 1)
+        v = grouped_x[start:end] @ a.to(acc).T  # [n, len(slices) * rank]
+        b = slot_b(lora_b, table, slot)[:rank].to(acc)  # [rank, D]
+        for j, k in enumerate(slices):
+            columns = slice(offsets[k], offsets[k] + slice_widths[k])
+            torch.matmul(v[:, j * rank : (j + 1) * rank], b[:, columns], out=delta[start:end, columns])
+    return delta

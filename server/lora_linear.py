@@ -71,6 +71,8 @@ class LoRALinear(nn.Module):
         self.context = context
         self.lora_a: torch.Tensor | None = None  # [pages, K * PAGE_RANK, d_in]
         self.lora_b: torch.Tensor | None = None  # [pages, PAGE_RANK, sum(widths)]
+        # The slices each adapter written here targets, by its first page, so the torch reference skips the rest.
+        self.targets: dict[int, tuple[int, ...]] = {}
 
     def page_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of one page of A and B in `dtype`."""
@@ -90,6 +92,8 @@ class LoRALinear(nn.Module):
         if not all(w is not None and w.a.shape[0] == full_rank for w in slices):  # else every row is written
             self.lora_a.index_fill_(0, pages.index, 0)
             self.lora_b.index_fill_(0, pages.index, 0)
+        if pages.pages:
+            self.targets[pages.pages[0]] = tuple(k for k, weight in enumerate(slices) if weight is not None)
         a_rows = self.lora_a.view(-1, self.d_in)
         b_rows = self.lora_b.view(-1, sum(self.slice_widths))
         offset = 0
@@ -106,5 +110,6 @@ class LoRALinear(nn.Module):
         batch = self.context.batch
         if batch is not None and self.lora_a is not None:
             assert self.context.table is not None, "the slot pool publishes the page table"
-            add_lora(y, x, self.lora_a, self.lora_b, batch, self.slice_widths, self.context.table, self.context.backend)
+            add_lora(y, x, self.lora_a, self.lora_b, batch, self.slice_widths, self.context.table, self.context.backend,
+                     self.targets)
         return y

@@ -15,6 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import LoRABatch, PageTable, add_lora, reference
 from kernels.paging import ZERO_PAGE
@@ -126,6 +127,48 @@ def test_rank_one_and_max_rank_with_zero_padding(torch_gen: torch.Generator, dev
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_targets_skip_the_slices_an_adapter_leaves_alone(torch_gen: torch.Generator, device: str) -> None:
+    ranks = [[1, 1, 1], [16, 16, 16], [3, 0, 0], [2, 0, 5], [0, 0, 0]]
+    slots = [0, 0, 1, 1, 1, 2, 3, 3, -1, 0, 2, 4]
+    case = make_case(
+        torch_gen, slots, num_slots=5, max_rank=16, d_in=48, widths=(32, 16, 16), ranks=ranks, device=device
+    )
+    y = case.y.clone()
+    add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table, targets=case.targets)
+    assert_matches_naive(case, y)
+
+
+class MatmulShapes(TorchDispatchMode):
+    """Records the (input, weight) shapes of every aten matmul run while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+            self.shapes.append((tuple(args[-2].shape), tuple(args[-1].shape)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_reference_does_an_adapters_own_rank_on_its_own_slices(torch_gen: torch.Generator,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adapter by adapter, a rank-8 adapter on q and v of a fused q|k|v: one shrink of 2 x 8 rows, two expands of
+    8 ranks; a slot whose adapter targets nothing in this layer does no work; a missing entry in `targets` means
+    the same."""
+    monkeypatch.setattr(reference, "DENSE_FLOPS_PER_SAVED_OP", 0)
+    case = make_case(torch_gen, [0, 0, 1, 0, 1], num_slots=2, max_rank=32, d_in=24, widths=(16, 8, 8),
+                     ranks=[[8, 0, 8], [0, 0, 0]])
+    with MatmulShapes() as recorded:
+        add_lora(case.y.clone(), case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table,
+                 targets=case.targets)
+    assert recorded.shapes == [((3, 24), (24, 16)), ((3, 8), (8, 16)), ((3, 8), (8, 8))]
+    with MatmulShapes() as recorded:
+        add_lora(case.y.clone(), case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table, targets={})
+    assert recorded.shapes == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_ranks_over_several_pages(torch_gen: torch.Generator, device: str) -> None:
     # 40 ranks take three pages; 33 on one slice and 17 on another end inside their last page.
     ranks = [[40, 33, 17], [5, 0, 20], [48, 48, 48]]
@@ -225,15 +268,40 @@ def lora_cases(draw: st.DrawFn) -> tuple[int, list[int], int, int, int, tuple[in
     return seed, token_slots, num_slots, max_rank, d_in, widths, ranks
 
 
+REFERENCE_PATHS = {"adapter by adapter": 0, "all at once": float("inf")}  # DENSE_FLOPS_PER_SAVED_OP forcing each
+
+
+@pytest.mark.parametrize("path", REFERENCE_PATHS)
 @settings(max_examples=60, deadline=None)
 @given(lora_cases())
 def test_add_lora_matches_naive_on_any_shape(
-    params: tuple[int, list[int], int, int, int, tuple[int, ...], list[list[int]]],
+    path: str, params: tuple[int, list[int], int, int, int, tuple[int, ...], list[list[int]]],
 ) -> None:
     seed, token_slots, num_slots, max_rank, d_in, widths, ranks = params
     gen = torch.Generator().manual_seed(seed)
     case = make_case(gen, token_slots, num_slots, max_rank, d_in, widths, ranks=ranks)
-    assert_matches_naive(case, run_add_lora(case))
+    with pytest.MonkeyPatch.context() as patch:  # hypothesis runs many examples per test: no function fixture
+        patch.setattr(reference, "DENSE_FLOPS_PER_SAVED_OP", REFERENCE_PATHS[path])
+        y = case.y.clone()
+        add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table, targets=case.targets)
+    assert_matches_naive(case, y)
+
+
+def test_the_reference_takes_every_adapter_at_once_where_ops_cost_more_than_flops(
+    torch_gen: torch.Generator,
+) -> None:
+    """Eight rank-16 adapters on a 32-wide layer: one shrink over all eight pages and one expand per slice, not
+    a GEMM per adapter; with a single adapter, or wide layers, each adapter alone."""
+    slots = [t % 8 for t in range(16)]
+    narrow = make_case(torch_gen, slots, num_slots=8, max_rank=16, d_in=32, widths=(32, 16))
+    with MatmulShapes() as recorded:
+        y = run_add_lora(narrow)
+    assert recorded.shapes == [((16, 32), (32, 8 * 2 * 16)), ((16, 8 * 16), (8 * 16, 32)), ((16, 8 * 16), (8 * 16, 16))]
+    assert_matches_naive(narrow, y)
+    wide = make_case(torch_gen, slots, num_slots=8, max_rank=16, d_in=2048, widths=(2048,))
+    with MatmulShapes() as recorded:
+        run_add_lora(wide)
+    assert len(recorded.shapes) == 2 * 8
 
 
 # -------------------------------------------------------------------------------------- LoRABatch

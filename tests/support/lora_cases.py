@@ -40,6 +40,12 @@ class LoraCase:
     def pages_of(self, slot: int) -> list[int]:
         return [p for p in self.table.pages[slot].tolist() if p != ZERO_PAGE]
 
+    @property
+    def targets(self) -> dict[int, tuple[int, ...]]:
+        """The slices each slot's adapter targets, by its first page (`kernels.reference.add_lora`)."""
+        return {pages[0]: tuple(k for k, a_k in enumerate(self.a[slot]) if a_k is not None)
+                for slot, pages in enumerate(self.table.host_pages) if pages}
+
 
 def make_case(
     gen: torch.Generator,
