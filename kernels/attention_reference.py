@@ -40,7 +40,7 @@ def visible_keys(context_len: int, query_len: int, window: int | None) -> int:
 def gather_keys(cache: torch.Tensor, blocks: torch.Tensor, first: int, end: int) -> torch.Tensor:
     """[end - first, Hkv, D]: the cache rows of positions first ... end - 1 of one sequence."""
     block_size = cache.shape[1]
-    rows = cache[blocks[first // block_size : -(-end // block_size)]].flatten(0, 1)
+    rows = cache.index_select(0, blocks[first // block_size : -(-end // block_size)]).flatten(0, 1)
     offset = first - first // block_size * block_size
     return rows[offset : offset + end - first]
 
@@ -102,11 +102,17 @@ def decode_group_inputs(batch: AttentionBatch, seqs: range, block_size: int,
     return batch.cache[key]
 
 
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """[n, w * P, Hkv, D]: the cache rows of blocks [n, w], sequence by sequence. `index_select` copies whole
+    blocks; indexing with a tensor (`cache[blocks]`) copies element by element, 3-5x slower on a CPU."""
+    return cache.index_select(0, blocks.flatten()).view(blocks.shape[0], -1, *cache.shape[2:])
+
+
 def attend_decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
                         unwritten: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[n, H, D]: decode queries q [n, H, D] over their blocks [n, w] of the cache (`decode_group_inputs`)."""
-    k = k_cache[blocks].flatten(1, 2).masked_fill_(unwritten, 0).transpose(1, 2)  # [n, Hkv, keys, D]
-    v = v_cache[blocks].flatten(1, 2).masked_fill_(unwritten, 0).transpose(1, 2)
+    k = gather_blocks(k_cache, blocks).masked_fill_(unwritten, 0).transpose(1, 2)  # [n, Hkv, keys, D]
+    v = gather_blocks(v_cache, blocks).masked_fill_(unwritten, 0).transpose(1, 2)
     return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
 
 
