@@ -128,12 +128,12 @@ def add_lora(
     every slot targets every slice."""
     if not batch.has_lora:
         return
+    if _dense_is_cheaper(batch, table, x.shape[1], slice_widths):
+        _all_adapters_at_once(y, x, lora_a, lora_b, batch, slice_widths, table)
+        return
     acc = accumulation_dtype(x.dtype)
     grouped_x = x.index_select(0, batch.by_slot).to(acc)  # whole rows: faster than x[by_slot] on a CPU
-    if _dense_is_cheaper(batch, table, x.shape[1], slice_widths):
-        delta = _all_adapters_at_once(grouped_x, lora_a, lora_b, batch, slice_widths, table)
-    else:
-        delta = _adapter_by_adapter(grouped_x, lora_a, lora_b, batch, slice_widths, table, targets)
+    delta = _adapter_by_adapter(grouped_x, lora_a, lora_b, batch, slice_widths, table, targets)
     y.index_add_(0, batch.by_slot, delta.to(y.dtype))
 
 
@@ -143,44 +143,51 @@ def _dense_is_cheaper(batch: LoRABatch, table: PageTable, d_in: int, slice_width
     if len(slots) < 2:
         return False
     own_rows = sum((end - start) * len(table.host_pages[slot]) for slot, start, end in batch.slot_runs)
-    all_rows = len(batch.by_slot) * sum(len(table.host_pages[slot]) for slot in slots)
+    all_rows = len(batch.token_slots) * sum(len(table.host_pages[slot]) for slot in slots)
     wasted_flops = 2 * (all_rows - own_rows) * PAGE_RANK * (len(slice_widths) * d_in + sum(slice_widths))
     saved_ops = (len(slots) - 1) * (5 + len(slice_widths))
     return wasted_flops < saved_ops * DENSE_FLOPS_PER_SAVED_OP
 
 
-def _batch_pages(batch: LoRABatch, table: PageTable, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pages [P], owned [T', P]) of the step: the pages of its adapters, slot after slot, and which of them each
-    grouped token's own adapter holds (1, else 0). Made once per step (cached on the batch) for every layer."""
+def _batch_pages(batch: LoRABatch, table: PageTable, dtype: torch.dtype) -> tuple[slice | torch.Tensor, torch.Tensor]:
+    """(pages, owned [T, P]) of the step: its adapters' P pages, slot after slot (a slice when consecutive, so
+    reading them copies nothing), and which of them each token's own adapter holds (1, else 0; all 0 for a token
+    without one). Made once per step (cached on the batch) for every layer."""
     key = ("dense", dtype)
     if key not in batch.cache:
         pages = [page for slot, _, _ in batch.slot_runs for page in table.host_pages[slot]]
-        owned = torch.zeros(len(batch.by_slot), len(pages), dtype=dtype)
-        first = 0
-        for slot, start, end in batch.slot_runs:
-            count = len(table.host_pages[slot])
-            owned[start:end, first : first + count] = 1
-            first += count
-        device = batch.by_slot.device
-        batch.cache[key] = (torch.tensor(pages, dtype=torch.int64).to(device), owned.to(device))
+        owner = [slot for slot, _, _ in batch.slot_runs for _ in table.host_pages[slot]]
+        device = batch.token_slots.device
+        owned = (batch.token_slots[:, None] == torch.tensor(owner, device=device)[None, :]).to(dtype)
+        consecutive = pages == list(range(pages[0], pages[0] + len(pages))) if pages else True
+        index = slice(pages[0] if pages else 0, (pages[0] if pages else 0) + len(pages)) if consecutive else (
+            torch.tensor(pages, dtype=torch.int64).to(device))
+        batch.cache[key] = (index, owned)
     return batch.cache[key]
 
 
-def _all_adapters_at_once(grouped_x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch,
-                          slice_widths: tuple[int, ...], table: PageTable) -> torch.Tensor:
-    """[T', D]: every grouped token against every page of the step, other adapters' pages masked out."""
-    pages, owned = _batch_pages(batch, table, grouped_x.dtype)
-    num_pages, num_slices, tokens = len(pages), len(slice_widths), len(grouped_x)
-    a = lora_a.index_select(0, pages).to(grouped_x.dtype).view(num_pages * num_slices * PAGE_RANK, lora_a.shape[-1])
-    v = (grouped_x @ a.T).view(tokens, num_pages, num_slices, PAGE_RANK) * owned[:, :, None, None]
-    v = v.transpose(1, 2).reshape(tokens, num_slices, num_pages * PAGE_RANK)  # slice k: its ranks of every page
-    b = lora_b.index_select(0, pages).to(grouped_x.dtype).view(num_pages * PAGE_RANK, lora_b.shape[-1])
-    delta = torch.empty(tokens, b.shape[1], dtype=grouped_x.dtype, device=grouped_x.device)
+def _all_adapters_at_once(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                          batch: LoRABatch, slice_widths: tuple[int, ...], table: PageTable) -> None:
+    """y += every token against every page of the step's adapters, other adapters' pages masked out: one shrink
+    GEMM and one expand GEMM per slice, in token order (no gather, no scatter)."""
+    acc = accumulation_dtype(x.dtype)
+    pages, owned = _batch_pages(batch, table, acc)
+    tokens, num_pages, num_slices = x.shape[0], owned.shape[1], len(slice_widths)
+    a = (lora_a[pages] if isinstance(pages, slice) else lora_a.index_select(0, pages)).to(acc)
+    b = (lora_b[pages] if isinstance(pages, slice) else lora_b.index_select(0, pages)).to(acc)
+    v = x.to(acc) @ a.view(num_pages * num_slices * PAGE_RANK, x.shape[1]).T  # [T, P * K * PAGE_RANK], page-major
+    # Masked and laid out slice-major in one op: slice k's ranks of every page are then one [T, P * 16] matrix.
+    masked = torch.empty(tokens, num_slices, num_pages, PAGE_RANK, dtype=acc, device=x.device)
+    torch.mul(v.view(tokens, num_pages, num_slices, PAGE_RANK).transpose(1, 2), owned[:, None, :, None], out=masked)
+    b = b.view(num_pages * PAGE_RANK, y.shape[1])
     offset = 0
     for k, width in enumerate(slice_widths):
-        torch.matmul(v[:, k], b[:, offset : offset + width], out=delta[:, offset : offset + width])
+        columns = slice(offset, offset + width)
+        if y.dtype == acc:
+            y[:, columns].addmm_(masked[:, k].view(tokens, num_pages * PAGE_RANK), b[:, columns])
+        else:
+            y[:, columns] += (masked[:, k].view(tokens, num_pages * PAGE_RANK) @ b[:, columns]).to(y.dtype)
         offset += width
-    return delta
 
 
 def _adapter_by_adapter(grouped_x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch,

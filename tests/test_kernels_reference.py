@@ -22,6 +22,7 @@ from kernels.paging import ZERO_PAGE
 from tests.support.lora_cases import TOLERANCES, LoraCase, make_case, naive_lora, naive_shrink
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+REFERENCE_PATHS = {"adapter by adapter": 0, "all at once": float("inf")}  # DENSE_FLOPS_PER_SAVED_OP forcing each
 
 
 def run_add_lora(case: LoraCase) -> torch.Tensor:
@@ -63,8 +64,11 @@ def test_mix_of_slots_and_no_adapter(torch_gen: torch.Generator, device: str) ->
     assert_matches_naive(case, run_add_lora(case))
 
 
-def test_consecutive_pages_are_read_as_views_and_give_the_same_delta(torch_gen: torch.Generator) -> None:
+@pytest.mark.parametrize("path", REFERENCE_PATHS)
+def test_consecutive_pages_are_read_as_views_and_give_the_same_delta(torch_gen: torch.Generator, path: str,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The reference slices an adapter's pages when they are consecutive (no copy) and gathers them otherwise."""
+    monkeypatch.setattr(reference, "DENSE_FLOPS_PER_SAVED_OP", REFERENCE_PATHS[path])
     slots = [0, 1, 1, -1, 2, 0, 2, 2]
     scattered = make_case(torch_gen, slots, num_slots=3, max_rank=48, d_in=24, widths=(16, 8, 8))
     assert_matches_naive(scattered, run_add_lora(scattered))
@@ -146,7 +150,7 @@ class MatmulShapes(TorchDispatchMode):
         self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
             self.shapes.append((tuple(args[-2].shape), tuple(args[-1].shape)))
         return func(*args, **(kwargs or {}))
 
@@ -266,9 +270,6 @@ def lora_cases(draw: st.DrawFn) -> tuple[int, list[int], int, int, int, tuple[in
     )
     seed = draw(st.integers(0, 2**32 - 1))
     return seed, token_slots, num_slots, max_rank, d_in, widths, ranks
-
-
-REFERENCE_PATHS = {"adapter by adapter": 0, "all at once": float("inf")}  # DENSE_FLOPS_PER_SAVED_OP forcing each
 
 
 @pytest.mark.parametrize("path", REFERENCE_PATHS)
