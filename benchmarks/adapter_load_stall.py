@@ -40,6 +40,7 @@ from server.config import Settings
 from server.engine import Engine
 from server.requests import GenerationRequest, SamplingParams
 from server.runtime import build_engine
+from server.torch_threads import limit_current_thread
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -138,6 +139,8 @@ def summary(runs: list[dict]) -> dict:
 
 
 def main() -> None:
+    # As `lorahive serve` does: this thread never owns an OpenMP team beside the engine's (server/torch_threads.py).
+    limit_current_thread()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="smollm2-135m")
     parser.add_argument("--batch", type=int, default=16)

@@ -42,6 +42,7 @@ from server.model import ModelArgs, Transformer
 from server.requests import GenerationRequest, SamplingParams
 from server.runtime import build_engine
 from server.tokenizer import Tokenizer, build_byte_tokenizer
+from server.torch_threads import limit_current_thread
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -212,6 +213,8 @@ def print_table(rows: list[dict]) -> None:
 
 
 def main() -> None:
+    # As `lorahive serve` does: this thread never owns an OpenMP team beside the engine's (server/torch_threads.py).
+    limit_current_thread()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--shape", choices=sorted(SHAPES), default=None,

@@ -29,6 +29,7 @@ from engine_throughput import RESULTS, run_workload, synthetic_adapters, write_r
 
 from server.config import Settings
 from server.runtime import build_engine
+from server.torch_threads import limit_current_thread
 
 
 class SyncCounter:
@@ -96,6 +97,8 @@ def profile_decode_steps(engine, requests: int, adapters: int, output_len: int) 
 
 
 def main() -> None:
+    # As `lorahive serve` does: this thread never owns an OpenMP team beside the engine's (server/torch_threads.py).
+    limit_current_thread()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", required=True, help="names this run in the JSON (e.g. before / after)")
     parser.add_argument("--shape", default="smollm2-135m")

@@ -158,10 +158,10 @@ def _batch_pages(batch: LoRABatch, table: PageTable, dtype: torch.dtype) -> tupl
         pages = [page for slot, _, _ in batch.slot_runs for page in table.host_pages[slot]]
         owner = [slot for slot, _, _ in batch.slot_runs for _ in table.host_pages[slot]]
         device = batch.token_slots.device
-        owned = (batch.token_slots[:, None] == torch.tensor(owner, device=device)[None, :]).to(dtype)
+        owned = (batch.token_slots[:, None] == torch.tensor(owner).to(device, non_blocking=True)[None, :]).to(dtype)
         consecutive = pages == list(range(pages[0], pages[0] + len(pages))) if pages else True
         index = slice(pages[0] if pages else 0, (pages[0] if pages else 0) + len(pages)) if consecutive else (
-            torch.tensor(pages, dtype=torch.int64).to(device))
+            torch.tensor(pages, dtype=torch.int64).to(device, non_blocking=True))
         batch.cache[key] = (index, owned)
     return batch.cache[key]
 
