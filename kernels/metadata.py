@@ -47,6 +47,8 @@ class LoRABatch:
     tile_rows: int
     by_slot: torch.Tensor  # [T'] int64, T' the tokens with a slot
     slot_runs: tuple[tuple[int, int, int], ...]
+    # Where `by_slot` is the run first, first + 1, ... (the tokens already grouped by slot): first; else None.
+    grouped_from: int | None = None
     # What the torch reference derives once per step and reads in every layer (`kernels.reference`).
     cache: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict, compare=False, repr=False)
 
@@ -84,6 +86,7 @@ class HostLoRAMetadata:
     active_slots: tuple[int, ...]
     slot_runs: tuple[tuple[int, int, int], ...]
     tile_rows: int
+    grouped_from: int | None
 
     @classmethod
     def build(cls, token_slots: np.ndarray, fixed_shape: bool = False) -> HostLoRAMetadata:
@@ -108,6 +111,7 @@ class HostLoRAMetadata:
         grouped = token_slots[by_slot]
         firsts = run_starts(grouped)
         active, ends = grouped[firsts], np.append(firsts, len(grouped))[1:]
+        in_place = len(by_slot) > 0 and np.array_equal(by_slot, np.arange(by_slot[0], by_slot[0] + len(by_slot)))
         return cls(
             token_slots=token_slots,
             segment_starts=starts,
@@ -117,6 +121,7 @@ class HostLoRAMetadata:
             active_slots=tuple(active.tolist()),
             slot_runs=tuple(zip(active.tolist(), firsts.tolist(), ends.tolist(), strict=True)),
             tile_rows=tile_rows,
+            grouped_from=int(by_slot[0]) if in_place else None,
         )
 
     def on_device(
@@ -133,4 +138,5 @@ class HostLoRAMetadata:
             tile_rows=self.tile_rows,
             by_slot=by_slot,
             slot_runs=self.slot_runs,
+            grouped_from=self.grouped_from,
         )

@@ -132,9 +132,19 @@ def add_lora(
         _all_adapters_at_once(y, x, lora_a, lora_b, batch, slice_widths, table)
         return
     acc = accumulation_dtype(x.dtype)
-    grouped_x = x.index_select(0, batch.by_slot).to(acc)  # whole rows: faster than x[by_slot] on a CPU
-    delta = _adapter_by_adapter(grouped_x, lora_a, lora_b, batch, slice_widths, table, targets)
-    y.index_add_(0, batch.by_slot, delta.to(y.dtype))
+    grouped = batch.grouped_from is not None  # the tokens with a slot already one block, grouped by slot
+    rows = slice(batch.grouped_from, batch.grouped_from + len(batch.by_slot)) if grouped else slice(0)
+    # index_select copies whole rows: faster on a CPU than x[by_slot]
+    grouped_x = (x[rows] if grouped else x.index_select(0, batch.by_slot)).to(acc)
+    if grouped and y.dtype == acc:  # updated where they are: no delta, no scatter
+        _adapter_by_adapter(y[rows], grouped_x, lora_a, lora_b, batch, slice_widths, table, targets)
+        return
+    delta = torch.zeros(len(batch.by_slot), y.shape[1], dtype=acc, device=y.device)
+    _adapter_by_adapter(delta, grouped_x, lora_a, lora_b, batch, slice_widths, table, targets)
+    if grouped:
+        y[rows] += delta.to(y.dtype)
+    else:
+        y.index_add_(0, batch.by_slot, delta.to(y.dtype))
 
 
 def _dense_is_cheaper(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple[int, ...]) -> bool:
@@ -190,12 +200,11 @@ def _all_adapters_at_once(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor
         offset += width
 
 
-def _adapter_by_adapter(grouped_x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, batch: LoRABatch,
-                        slice_widths: tuple[int, ...], table: PageTable,
-                        targets: Mapping[int, tuple[int, ...]] | None) -> torch.Tensor:
-    """[T', D]: each adapter's block of grouped tokens against its own rank of the slices it targets."""
+def _adapter_by_adapter(out: torch.Tensor, grouped_x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                        batch: LoRABatch, slice_widths: tuple[int, ...], table: PageTable,
+                        targets: Mapping[int, tuple[int, ...]] | None) -> None:
+    """out [T', D] += each adapter's block of grouped tokens against its own rank of the slices it targets."""
     acc = grouped_x.dtype
-    delta = torch.zeros(len(grouped_x), sum(slice_widths), dtype=acc, device=grouped_x.device)
     offsets = [sum(slice_widths[:k]) for k in range(len(slice_widths))]
     every_slice = tuple(range(len(slice_widths)))
     for slot, start, end in batch.slot_runs:
@@ -211,5 +220,4 @@ def _adapter_by_adapter(grouped_x: torch.Tensor, lora_a: torch.Tensor, lora_b: t
         b = slot_b(lora_b, table, slot)[:rank].to(acc)  # [rank, D]
         for j, k in enumerate(slices):
             columns = slice(offsets[k], offsets[k] + slice_widths[k])
-            torch.matmul(v[:, j * rank : (j + 1) * rank], b[:, columns], out=delta[start:end, columns])
-    return delta
+            out[start:end, columns].addmm_(v[:, j * rank : (j + 1) * rank], b[:, columns])

@@ -48,13 +48,14 @@ def host_step(
     plan: list[ScheduledChunk], block_size: int, pad_to: int | None = None, table_width: int | None = None,
     scratch_block: int = 0,
 ) -> HostStep:
-    """The step's inputs as host arrays. Tokens are laid out grouped by adapter slot so each adapter's tokens form
-    long segments, each sequence's tokens one after another; attention reads every sequence's keys through its
-    block table (`table_width` columns; default: the longest table of the step).
+    """The step's inputs as host arrays. Each sequence's tokens are laid out one after another, grouped by adapter
+    slot, so each adapter's tokens form one segment (which the LoRA reference updates in place), and within a slot
+    decode sequences first (runs of them are one call of the attention reference). Attention reads every
+    sequence's keys through its block table (`table_width` columns; default: the longest table of the step).
 
     `pad_to` pads a decode-only step (one token per sequence, each sampled) with rows that use no adapter and
     read and write only `scratch_block`, a KV block no sequence owns; every row's logits are then returned."""
-    ordered = sorted(plan, key=lambda c: c.seq.slot)
+    ordered = sorted(plan, key=lambda c: (c.seq.slot, c.num_tokens > 1))
     num_seqs = len(ordered)
     computed = np.fromiter((c.seq.num_computed for c in ordered), dtype=np.int64, count=num_seqs)
     query_lens = np.fromiter((c.num_tokens for c in ordered), dtype=np.int64, count=num_seqs)

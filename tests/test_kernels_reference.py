@@ -308,6 +308,22 @@ def test_the_reference_takes_every_adapter_at_once_where_ops_cost_more_than_flop
 # -------------------------------------------------------------------------------------- LoRABatch
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_tokens_already_grouped_by_slot_are_updated_where_they_are(torch_gen: torch.Generator,
+                                                                  dtype: torch.dtype) -> None:
+    slots = [-1, 0, 0, 1, 1, 1, 3, -1]
+    case = make_case(torch_gen, slots, num_slots=4, max_rank=8, d_in=24, widths=(16, 8), dtype=dtype)
+    assert case.batch.grouped_from == 1
+    assert_matches_naive(case, run_add_lora(case))
+
+
+@pytest.mark.parametrize(("token_slots", "grouped_from"), [
+    ([-1, 0, 0, 2, 2, -1], 1), ([0, 0], 0), ([2, 0], None), ([0, -1, 0], None), ([0, 2, 1, 3], None), ([-1], None),
+])
+def test_lora_batch_knows_when_its_tokens_are_grouped_by_slot(token_slots: list[int], grouped_from: int | None) -> None:
+    assert LoRABatch.from_token_slots(token_slots).grouped_from == grouped_from
+
+
 def test_lora_batch_segments_and_active_slots() -> None:
     batch = LoRABatch.from_token_slots([3, 3, -1, -1, 0, 3, 3, 3, -1])
     assert batch.token_slots.tolist() == [3, 3, -1, -1, 0, 3, 3, 3, -1]

@@ -37,7 +37,7 @@ from tests.support.engines import (
     prompt,
     start_engine,
 )
-from tests.support.runner_steps import run_greedy, sequence
+from tests.support.runner_steps import run_greedy, sequence, step_all
 
 SERVER = Path(__file__).resolve().parents[1] / "server"
 
@@ -174,6 +174,29 @@ def test_a_mixed_adapter_batch_gives_each_sequence_its_merged_weights_tokens(mod
     assert batched == alone
     base = [alone_with_merged_weights(model, None, p) for name, p in cases if name is not None]
     assert all(a != b for a, b in zip(alone[1:], base, strict=True))  # every adapter steers: the check has teeth
+
+
+def test_a_step_runs_each_adapters_rows_together_decode_rows_first(model, adapters):
+    """Whatever the plan's order, the forward sees the tokens grouped by adapter slot (the LoRA reference then
+    updates them in place), decode tokens first within a slot, and each sampled token still goes to its chunk."""
+    runner, pool = runner_and_pool(model, num_slots=3)
+    slot = {name: pool.acquire(name, PACKER.pack(adapters[name])) for name in ("a0", "a2")}
+    for write in pool.take_writes():
+        runner.apply(write)
+    seqs = [sequence(i, prompt(i, 6), s) for i, s in enumerate([slot["a2"], -1, slot["a0"], slot["a2"], slot["a0"]])]
+    step_all(runner, seqs)  # every prompt prefilled: the next step decodes each sequence
+    newcomer = sequence(len(seqs), prompt(9, 7), slot["a0"])
+    seen = []
+    hook = model.layers[0].attention.wqkv.register_forward_pre_hook(
+        lambda module, _: seen.append((module.context.batch.token_slots.tolist(), module.context.batch.grouped_from)))
+    try:
+        plan = step_all(runner, [*seqs, newcomer])
+    finally:
+        hook.remove()
+    a0, a2 = slot["a0"], slot["a2"]
+    assert seen == [([-1, a0, a0, *[a0] * 7, a2, a2] if a0 < a2 else [-1, a2, a2, a0, a0, *[a0] * 7], 1)]
+    assert len(plan) == 6 and all(len(seq.output_ids) == 2 for seq in seqs)
+    assert newcomer.output_ids == run_greedy(runner, [sequence(0, prompt(9, 7), slot["a0"])])[0][:1]
 
 
 def test_load_adapter_then_clear_slot_round_trip(model, adapters):
