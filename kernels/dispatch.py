@@ -130,7 +130,7 @@ def add_lora(
     slice_widths: tuple[int, ...],
     table: PageTable,
     backend: BackendSetting = "auto",
-    targets: Mapping[int, tuple[int, ...]] | None = None,
+    targets: Mapping[int, reference.AdapterSlices] | None = None,
 ) -> None:
     """y += per-token LoRA delta (shrink then multi-slice expand), in place.
 

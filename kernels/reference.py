@@ -27,6 +27,7 @@ despite their wasted flops; `DENSE_FLOPS_PER_SAVED_OP` prices that trade per cal
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -106,6 +107,32 @@ def expand(
     y.index_add_(0, batch.by_slot, delta.to(y.dtype))
 
 
+@dataclass(frozen=True)
+class AdapterSlices:
+    """One adapter in one layer, as the per-adapter path of `add_lora` reads it: the fused slices it targets (its
+    pages hold zeros in the others) and, where given, those slices' weights laid out for its GEMMs (`a_t`: A of
+    every targeted slice, `rank` rows each, transposed to [d_in, n * rank]; `b`: B^T [rank, width] per slice).
+    Read from the pages instead, they cost a handful of view and copy ops per adapter, layer and step, which on a
+    CPU is most of the LoRA time of a small model; `adapter_slices` makes them once, when the adapter is loaded."""
+
+    slices: tuple[int, ...]
+    rank: int = 0
+    a_t: torch.Tensor | None = None
+    b: tuple[torch.Tensor, ...] = ()
+
+
+def adapter_slices(lora_a: torch.Tensor, lora_b: torch.Tensor, pages: list[int], slices: tuple[int, ...], rank: int,
+                   slice_widths: tuple[int, ...]) -> AdapterSlices:
+    """The `AdapterSlices` of the adapter of rank `rank` (at most) written in `pages`, its weights copied out."""
+    num_slices = len(slice_widths)
+    a = lora_a[pages].view(len(pages), num_slices, PAGE_RANK, -1).transpose(0, 1).flatten(1, 2)  # [K, n * 16, d_in]
+    a_t = a[list(slices), :rank].flatten(0, 1).T.contiguous()
+    b = lora_b[pages].flatten(0, 1)[:rank]
+    offsets = [sum(slice_widths[:k]) for k in range(num_slices)]
+    return AdapterSlices(slices, rank, a_t, tuple(b[:, offsets[k] : offsets[k] + slice_widths[k]].contiguous()
+                                                  for k in slices))
+
+
 # Wasted flops the all-at-once path may spend per torch op it saves against the per-adapter path: roughly what a
 # CPU core computes in the few microseconds an op costs to dispatch.
 DENSE_FLOPS_PER_SAVED_OP = 200_000
@@ -119,13 +146,13 @@ def add_lora(
     batch: LoRABatch,
     slice_widths: tuple[int, ...],
     table: PageTable,
-    targets: Mapping[int, tuple[int, ...]] | None = None,
+    targets: Mapping[int, AdapterSlices] | None = None,
 ) -> None:
     """y += expand(shrink(x)), in place (the module's contract), doing only each adapter's own work.
 
-    `targets[page]` lists the fused slices that the adapter whose first page is `page` targets; it must hold zeros
-    in the others, which the per-adapter path then skips (an adapter missing from `targets` targets none). None:
-    every slot targets every slice."""
+    `targets[page]` describes the adapter whose first page is `page` (`AdapterSlices`): the per-adapter path skips
+    the slices it does not target, and reads its weights from there where given (an adapter missing from
+    `targets` targets none). None: every slot targets every slice, weights read from the pages."""
     if not batch.has_lora:
         return
     if _dense_is_cheaper(batch, table, x.shape[1], slice_widths):
@@ -202,22 +229,25 @@ def _all_adapters_at_once(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor
 
 def _adapter_by_adapter(out: torch.Tensor, grouped_x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                         batch: LoRABatch, slice_widths: tuple[int, ...], table: PageTable,
-                        targets: Mapping[int, tuple[int, ...]] | None) -> None:
+                        targets: Mapping[int, AdapterSlices] | None) -> None:
     """out [T', D] += each adapter's block of grouped tokens against its own rank of the slices it targets."""
     acc = grouped_x.dtype
     offsets = [sum(slice_widths[:k]) for k in range(len(slice_widths))]
-    every_slice = tuple(range(len(slice_widths)))
+    every_slice = AdapterSlices(tuple(range(len(slice_widths))))
     for slot, start, end in batch.slot_runs:
-        rank = table.host_ranks[slot]
-        if not rank:
+        if not table.host_ranks[slot]:
             continue
-        slices = every_slice if targets is None else targets.get(table.host_pages[slot][0], ())
-        if not slices:
+        adapter = every_slice if targets is None else targets.get(table.host_pages[slot][0], AdapterSlices(()))
+        if not adapter.slices:
             continue
-        a = slot_a(lora_a, table, slot)  # [K, pages * PAGE_RANK, d_in]
-        a = a.flatten(0, 1) if slices == every_slice and rank == a.shape[1] else a[list(slices), :rank].flatten(0, 1)
-        v = grouped_x[start:end] @ a.to(acc).T  # [n, len(slices) * rank]
-        b = slot_b(lora_b, table, slot)[:rank].to(acc)  # [rank, D]
-        for j, k in enumerate(slices):
-            columns = slice(offsets[k], offsets[k] + slice_widths[k])
-            out[start:end, columns].addmm_(v[:, j * rank : (j + 1) * rank], b[:, columns])
+        if adapter.a_t is not None:
+            rank, a_t, b = adapter.rank, adapter.a_t.to(acc), [b_k.to(acc) for b_k in adapter.b]
+        else:
+            rank = table.host_ranks[slot]
+            a = slot_a(lora_a, table, slot)  # [K, pages * PAGE_RANK, d_in]
+            a_t = a[list(adapter.slices), :rank].flatten(0, 1).T.to(acc)
+            b_all = slot_b(lora_b, table, slot)[:rank].to(acc)  # [rank, D]
+            b = [b_all[:, offsets[k] : offsets[k] + slice_widths[k]] for k in adapter.slices]
+        v = grouped_x[start:end] @ a_t  # [n, len(slices) * rank]
+        for j, k in enumerate(adapter.slices):
+            out[start:end, offsets[k] : offsets[k] + slice_widths[k]].addmm_(v[:, j * rank : (j + 1) * rank], b[j])

@@ -16,6 +16,7 @@ from torch import nn
 
 from kernels import LoRABatch, PageTable, add_lora
 from kernels.paging import PAGE_RANK, PageRows, allocate_buffers, page_bytes
+from kernels.reference import AdapterSlices, adapter_slices
 from server.adapter_packer import PackedWeight
 
 
@@ -71,8 +72,8 @@ class LoRALinear(nn.Module):
         self.context = context
         self.lora_a: torch.Tensor | None = None  # [pages, K * PAGE_RANK, d_in]
         self.lora_b: torch.Tensor | None = None  # [pages, PAGE_RANK, sum(widths)]
-        # The slices each adapter written here targets, by its first page, so the torch reference skips the rest.
-        self.targets: dict[int, tuple[int, ...]] = {}
+        # Each adapter written here, by its first page, as the torch reference reads it (`AdapterSlices`).
+        self.targets: dict[int, AdapterSlices] = {}
 
     def page_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of one page of A and B in `dtype`."""
@@ -92,8 +93,6 @@ class LoRALinear(nn.Module):
         if not all(w is not None and w.a.shape[0] == full_rank for w in slices):  # else every row is written
             self.lora_a.index_fill_(0, pages.index, 0)
             self.lora_b.index_fill_(0, pages.index, 0)
-        if pages.pages:
-            self.targets[pages.pages[0]] = tuple(k for k, weight in enumerate(slices) if weight is not None)
         a_rows = self.lora_a.view(-1, self.d_in)
         b_rows = self.lora_b.view(-1, sum(self.slice_widths))
         offset = 0
@@ -104,6 +103,21 @@ class LoRALinear(nn.Module):
                 b_rows[:, offset : offset + width].index_copy_(
                     0, pages.b_rows(rank), weight.b_t.to(device, non_blocking=True))
             offset += width
+        if pages.pages:
+            self.targets[pages.pages[0]] = self._adapter_slices(pages.pages, slices)
+
+    def _adapter_slices(self, pages: list[int], slices: Sequence[PackedWeight | None]) -> AdapterSlices:
+        """What the torch reference reads of the adapter just written: on a CPU its weights too, copied out of
+        the pages (the CPU's device tier then holds an adapter twice), elsewhere only the slices it targets."""
+        targeted = tuple(k for k, weight in enumerate(slices) if weight is not None)
+        if self.lora_a.device.type != "cpu" or not targeted:
+            return AdapterSlices(targeted)
+        rank = max(slices[k].a.shape[0] for k in targeted)
+        return adapter_slices(self.lora_a, self.lora_b, pages, targeted, rank, self.slice_widths)
+
+    def forget(self, first_page: int) -> None:
+        """Drop what `write_pages` kept of the adapter whose first page is `first_page` (its slot was cleared)."""
+        self.targets.pop(first_page, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

@@ -143,6 +143,9 @@ class ModelRunner:
             if last_use is not None:  # nothing may overwrite the slot's row or pages before its last reader ran
                 self._copy_stream.wait_event(last_use)
                 self._last_use[slot] = None
+            if self.table.host_pages[slot]:
+                for _, module in self._layers:
+                    module.forget(self.table.host_pages[slot][0])
             self.table.clear(slot)
 
     def mark_read(self, slots: Collection[int]) -> None:

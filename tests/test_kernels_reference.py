@@ -130,15 +130,18 @@ def test_rank_one_and_max_rank_with_zero_padding(torch_gen: torch.Generator, dev
     assert_matches_naive(case, run_add_lora(case))
 
 
+@pytest.mark.parametrize("with_weights", [False, True], ids=["pages", "weights kept"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_targets_skip_the_slices_an_adapter_leaves_alone(torch_gen: torch.Generator, device: str) -> None:
+def test_targets_skip_the_slices_an_adapter_leaves_alone(torch_gen: torch.Generator, device: str,
+                                                         with_weights: bool) -> None:
     ranks = [[1, 1, 1], [16, 16, 16], [3, 0, 0], [2, 0, 5], [0, 0, 0]]
     slots = [0, 0, 1, 1, 1, 2, 3, 3, -1, 0, 2, 4]
     case = make_case(
         torch_gen, slots, num_slots=5, max_rank=16, d_in=48, widths=(32, 16, 16), ranks=ranks, device=device
     )
     y = case.y.clone()
-    add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table, targets=case.targets)
+    add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table,
+             targets=case.targets(with_weights))
     assert_matches_naive(case, y)
 
 
@@ -155,7 +158,8 @@ class MatmulShapes(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_reference_does_an_adapters_own_rank_on_its_own_slices(torch_gen: torch.Generator,
+@pytest.mark.parametrize("with_weights", [False, True], ids=["pages", "weights kept"])
+def test_the_reference_does_an_adapters_own_rank_on_its_own_slices(torch_gen: torch.Generator, with_weights: bool,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Adapter by adapter, a rank-8 adapter on q and v of a fused q|k|v: one shrink of 2 x 8 rows, two expands of
     8 ranks; a slot whose adapter targets nothing in this layer does no work; a missing entry in `targets` means
@@ -165,7 +169,7 @@ def test_the_reference_does_an_adapters_own_rank_on_its_own_slices(torch_gen: to
                      ranks=[[8, 0, 8], [0, 0, 0]])
     with MatmulShapes() as recorded:
         add_lora(case.y.clone(), case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table,
-                 targets=case.targets)
+                 targets=case.targets(with_weights))
     assert recorded.shapes == [((3, 24), (24, 16)), ((3, 8), (8, 16)), ((3, 8), (8, 8))]
     with MatmulShapes() as recorded:
         add_lora(case.y.clone(), case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table, targets={})
@@ -272,11 +276,12 @@ def lora_cases(draw: st.DrawFn) -> tuple[int, list[int], int, int, int, tuple[in
     return seed, token_slots, num_slots, max_rank, d_in, widths, ranks
 
 
+@pytest.mark.parametrize("with_weights", [False, True], ids=["pages", "weights kept"])
 @pytest.mark.parametrize("path", REFERENCE_PATHS)
 @settings(max_examples=60, deadline=None)
 @given(lora_cases())
 def test_add_lora_matches_naive_on_any_shape(
-    path: str, params: tuple[int, list[int], int, int, int, tuple[int, ...], list[list[int]]],
+    path: str, with_weights: bool, params: tuple[int, list[int], int, int, int, tuple[int, ...], list[list[int]]],
 ) -> None:
     seed, token_slots, num_slots, max_rank, d_in, widths, ranks = params
     gen = torch.Generator().manual_seed(seed)
@@ -284,7 +289,8 @@ def test_add_lora_matches_naive_on_any_shape(
     with pytest.MonkeyPatch.context() as patch:  # hypothesis runs many examples per test: no function fixture
         patch.setattr(reference, "DENSE_FLOPS_PER_SAVED_OP", REFERENCE_PATHS[path])
         y = case.y.clone()
-        add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table, targets=case.targets)
+        add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table,
+                 targets=case.targets(with_weights))
     assert_matches_naive(case, y)
 
 

@@ -209,13 +209,16 @@ def test_load_adapter_then_clear_slot_round_trip(model, adapters):
     assert runner.table.ranks[0].item() == 0  # the other slot untouched
     ffn = model.layers[0].feed_forward.w_down
     assert ffn.lora_b[pages].abs().sum() > 0 and ffn.lora_b[ZERO_PAGE].abs().sum() == 0
-    # a2 targets o_proj and the MLP: the fused q|k|v layer records that the reference has nothing to do there.
+    # a2 targets o_proj and the MLP: the fused q|k|v layer records that the reference has nothing to do there;
+    # o_proj keeps the weights the reference reads on a CPU, until the slot is cleared.
     attention = model.layers[0].attention
-    assert attention.wqkv.targets[pages[0]] == () and attention.wo.targets[pages[0]] == (0,)
+    assert attention.wqkv.targets[pages[0]].slices == () and attention.wo.targets[pages[0]].slices == (0,)
+    assert attention.wo.targets[pages[0]].a_t.shape == (attention.wo.d_in, rank)
     with_adapter = run_greedy(runner, [sequence(0, prompt(7, 12), slot=1)])[0]
     assert with_adapter == alone_with_merged_weights(model, adapter, prompt(7, 12))
 
     runner.clear_slot(1)
+    assert pages[0] not in attention.wo.targets
     assert runner.table.ranks[1].item() == 0 and runner.table.pages[1].tolist() == [ZERO_PAGE] * pages_for_rank(16)
     cleared = run_greedy(runner, [sequence(0, prompt(7, 12), slot=1)])[0]
     assert cleared == alone_with_merged_weights(model, None, prompt(7, 12)) != with_adapter

@@ -9,6 +9,7 @@ import torch
 
 from kernels import LoRABatch, PageTable
 from kernels.paging import ZERO_PAGE, allocate_buffers, pack_pages, pages_for_rank
+from kernels.reference import AdapterSlices, adapter_slices
 
 # float64 is held to float64 accuracy (the reference accumulates in the wider of the input dtype and fp32);
 # the others to their own rounding. Any indexing or slicing mistake shows up as an O(1) error.
@@ -40,11 +41,18 @@ class LoraCase:
     def pages_of(self, slot: int) -> list[int]:
         return [p for p in self.table.pages[slot].tolist() if p != ZERO_PAGE]
 
-    @property
-    def targets(self) -> dict[int, tuple[int, ...]]:
-        """The slices each slot's adapter targets, by its first page (`kernels.reference.add_lora`)."""
-        return {pages[0]: tuple(k for k, a_k in enumerate(self.a[slot]) if a_k is not None)
-                for slot, pages in enumerate(self.table.host_pages) if pages}
+    def targets(self, with_weights: bool = False) -> dict[int, AdapterSlices]:
+        """Each slot's adapter by its first page (`kernels.reference.add_lora`): the slices it targets, and with
+        `with_weights` their weights copied out of the pages as a CPU model runner keeps them."""
+        targets = {}
+        for slot, pages in enumerate(self.table.host_pages):
+            slices = tuple(k for k, a_k in enumerate(self.a[slot]) if a_k is not None)
+            if pages and with_weights and slices:
+                rank = max(self.a[slot][k].shape[0] for k in slices)
+                targets[pages[0]] = adapter_slices(self.lora_a, self.lora_b, list(pages), slices, rank, self.widths)
+            elif pages:
+                targets[pages[0]] = AdapterSlices(slices)
+        return targets
 
 
 def make_case(
