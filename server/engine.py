@@ -100,8 +100,9 @@ class EngineStats:
 class RequestStream:
     """The async side of one request: its choices' deltas, in order, until every choice finished."""
 
-    def __init__(self, request_id: str, prompt_tokens: int, n: int, engine: Engine):
+    def __init__(self, request_id: str, prompt_tokens: int, n: int, engine: Engine, incremental: bool = True):
         self.request_id = request_id
+        self.incremental = incremental  # GenerationRequest.incremental
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = 0
         self._unfinished = n
@@ -181,6 +182,7 @@ class Engine:
         registry.on_retired = lambda version: self._post("retire", version)
         registry.on_loaded = lambda version: self._post("loaded", version)
         self._streams: dict[str, RequestStream] = {}
+        self._held: dict[Sequence, list[ChoiceDelta]] = {}  # deltas of choices whose stream wants them whole
         self._sequences: dict[str, list[Sequence]] = {}
         self._inbox: list[tuple[str, object]] = []
         self._wake = threading.Condition()
@@ -228,7 +230,7 @@ class Engine:
         except RequestError:
             self.waiting_quota.leave(request_id)
             raise
-        stream = RequestStream(request_id, len(request.prompt_token_ids), request.n, self)
+        stream = RequestStream(request_id, len(request.prompt_token_ids), request.n, self, request.incremental)
         seqs = [self._new_sequence(request, request_id, i, adapter) for i in range(request.n)]
         self.metrics.request_submitted(request.adapter_id, len(request.prompt_token_ids))
         self._post("add", (stream, seqs))
@@ -414,6 +416,7 @@ class Engine:
         elif kind == "abort":
             self.waiting_quota.leave(payload)
             for seq in self._sequences.pop(payload, []):
+                self._held.pop(seq, None)
                 if not seq.finished:
                     self.metrics.sequence_finished("abort")
                 self.scheduler.finish(seq)
@@ -543,9 +546,24 @@ class Engine:
             self.metrics.sequence_finished(finish, now - seq.arrival_time, tpot)
             self.scheduler.finish(seq)
             self._forget_if_done(seq.request_id)
-        if stream is not None:
-            self._push(stream, ChoiceDelta(seq.choice_index, text, [token], None if logprob is None else [logprob],
-                                           finish))
+        if stream is None:
+            return
+        delta = ChoiceDelta(seq.choice_index, text, [token], None if logprob is None else [logprob], finish)
+        if not stream.incremental:
+            delta = self._whole_choice(seq, delta)
+        if delta is not None:
+            self._push(stream, delta)
+
+    def _whole_choice(self, seq: Sequence, delta: ChoiceDelta) -> ChoiceDelta | None:
+        """For a stream that wants whole choices: None while `seq` runs; once it finished, all its deltas in one."""
+        held = self._held.setdefault(seq, [])
+        held.append(delta)
+        if delta.finish_reason is None:
+            return None
+        del self._held[seq]
+        logprobs = None if delta.logprobs is None else [item for d in held for item in d.logprobs or ()]
+        return ChoiceDelta(delta.index, "".join(d.text for d in held), [t for d in held for t in d.token_ids],
+                           logprobs, delta.finish_reason)
 
     def _forget_if_done(self, request_id: str) -> None:
         if all(s.finished for s in self._sequences.get(request_id, [])):
@@ -556,6 +574,7 @@ class Engine:
         """End the request with `error`; its unfinished choices count as finished for `reason`."""
         self.waiting_quota.leave(request_id)
         for seq in self._sequences.pop(request_id, []):
+            self._held.pop(seq, None)
             if not seq.finished:
                 self.metrics.sequence_finished(reason)
             self.scheduler.finish(seq)

@@ -49,6 +49,10 @@ class GenerationRequest:
     adapter_id: str | None = None  # None: the base model alone
     request_id: str = ""
     tenant: str | None = None  # who sent it (None when the server runs without keys): the fair-share key
+    # Deltas as tokens come; False: each choice's whole output in one delta when it finishes. A non-streaming
+    # response needs nothing sooner, and its event loop then wakes once per choice rather than once per token,
+    # time it would take from the engine thread (they share the GIL).
+    incremental: bool = True
 
 
 @dataclass(frozen=True)

@@ -83,6 +83,7 @@ def test_completion_defaults(fake_api: TestClient, fake_engine: FakeEngine) -> N
     assert (params.temperature, params.top_p, params.top_k, params.logprobs) == (1.0, 1.0, 0, None)
     request = fake_engine.requests[0]
     assert request.adapter_id is None and request.n == 1
+    assert not request.incremental  # a non-streaming response takes each choice whole
     assert request.prompt_token_ids == tuple(FakeTokenizer().encode("hi"))
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 16, "total_tokens": 19}
 
@@ -438,10 +439,11 @@ def test_chat_stream_shape(fake_api: TestClient) -> None:
         assert "".join(c["delta"]["content"] for c in middle) == choice_text(ALPHABET, index, 4)
 
 
-def test_completion_stream_n(fake_api: TestClient) -> None:
+def test_completion_stream_n(fake_api: TestClient, fake_engine: FakeEngine) -> None:
     chunks = stream_chunks(
         completion(fake_api, n=3, max_tokens=4, stream=True), "CreateCompletionStreamResponse"
     )
+    assert fake_engine.requests[0].incremental
     assert all("usage" not in c for c in chunks)
     texts = {
         i: "".join(c["choices"][0]["text"] for c in chunks if c["choices"][0]["index"] == i) for i in range(3)

@@ -402,6 +402,38 @@ def test_logprobs(engine: Engine, temperature: float) -> None:
     assert_idle(engine)
 
 
+def test_a_request_for_whole_choices_gets_each_in_one_delta(engine: Engine) -> None:
+    """What a non-streaming response asks for: the same choices as deltas would build, one delta each."""
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=5, logprobs=2, stop=["ab"], ignore_eos=True)
+    incremental = GenerationRequest(prompt(80, 9), params, n=2, adapter_id="a1")
+
+    async def deltas_of(request: GenerationRequest) -> list:
+        return [delta async for delta in engine.submit(request)]
+
+    deltas = asyncio.run(asyncio.wait_for(deltas_of(replace(incremental, incremental=False)), TIMEOUT_S))
+    assert sorted(d.index for d in deltas) == [0, 1] and all(d.finish_reason for d in deltas)
+    whole = {d.index: (d.text, d.token_ids, d.logprobs, d.finish_reason) for d in deltas}
+    expected = generate(engine, [incremental])[0]
+    assert [whole[i] for i in (0, 1)] == [(c.text, c.token_ids, c.logprobs, c.finish_reason) for c in expected]
+    assert_idle(engine)
+
+
+def test_an_aborted_request_for_whole_choices_leaves_nothing_held(engine: Engine) -> None:
+    request = greedy(prompt(81, 12), 400, "a0", ignore_eos=True)
+
+    async def scenario() -> None:
+        stream = engine.submit(replace(request, incremental=False))
+        steps = engine.steps
+        while engine.steps < steps + 5:  # it has produced tokens, held back for the choice's end
+            await asyncio.sleep(0.01)
+        stream.abort()
+        await collect(engine.submit(greedy(prompt(82, 4), 1)))  # the abort has been handled (inbox in order)
+
+    asyncio.run(asyncio.wait_for(scenario(), TIMEOUT_S))
+    assert engine._held == {}
+    assert_idle(engine)
+
+
 # ------------------------------------------------------------------------------- abort and failures
 
 

@@ -83,7 +83,8 @@ def submit_job(
     try:
         for i, prompt in enumerate(prompts):
             request = GenerationRequest(
-                tuple(prompt.token_ids), params, n, adapter.id, f"{job_id}-{i}", tenant=tenant
+                tuple(prompt.token_ids), params, n, adapter.id, f"{job_id}-{i}", tenant=tenant,
+                incremental=bool(body.stream),
             )
             streams.append(engine.submit(request))
     except BaseException as exc:
