@@ -10,8 +10,9 @@ head_dim 64, fp32, cache blocks of 16), run two ways on the same cache and queri
              gathered into padded dense [B, Lk, Hkv, D] copies and one masked SDPA per group.
     after    what the model runs now: the step's `AttentionBatch` (block tables, context lengths, query
              offsets) and `kernels.paged_attention` with the torch reference (the backend a CPU serves with):
-             per sequence, the keys its queries can see and one SDPA. (On CUDA the Triton kernels read the
-             blocks in place and allocate only the output and the decode's split partials.)
+             neighbouring decodes gathered together, padded, up to DECODE_GROUP_KEYS keys a group, and one
+             SDPA per group; per prompt chunk, the keys its queries can see and one SDPA. (On CUDA the Triton
+             kernels read the blocks in place and allocate only the output and the decode's split partials.)
 
 Steps: "decode" is B sequences of `context` tokens, one new token each; "prefill" is B - 1 of those decodes
 plus one chunk of 256 new tokens on a cached prefix (context - 256 tokens), in one step.

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import server.model
-from kernels import AttentionShape, self_check
+from kernels import AttentionShape, attention_reference, self_check
 from server.cli import settings_from
 from server.config import Settings
 from server.demo import build_demo_model
@@ -144,10 +144,13 @@ def test_the_engine_checks_the_attention_kernels_on_its_own_model(
     assert "a test disagreement" in caplog.text
 
 
-def test_attention_memory_benchmark_smoke(tmp_path: Path) -> None:
+def test_attention_memory_benchmark_smoke(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """benchmarks/attention_memory.py runs end to end (tiny shapes); the paged path agrees with the dense
-    baseline, and its temporaries follow one sequence's context while the baseline's follow batch x context."""
+    baseline, and its temporaries follow one decode group's keys (here one sequence's 48: the budget is cut to
+    that) while the baseline's follow batch x context."""
     from benchmarks.attention_memory import main
+
+    monkeypatch.setattr(attention_reference, "DECODE_GROUP_KEYS", 48)  # the smoke's contexts of 40, padded
 
     out = tmp_path / "attention_memory.json"
     result = main(["--smoke", "--out", str(out)])
