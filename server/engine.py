@@ -458,19 +458,12 @@ class Engine:
     def _try_step(self, plan: list[ScheduledChunk]) -> None:
         """One forward pass and sampling over `plan`, then its tokens. Raises, having changed nothing a retry
         depends on, if the pass or the sampling fails: the sequences' computed counts only move on success
-        (so a retry writes the same KV-cache slots again, never appends twice) and the seeded generators
-        are put back to where they were (so a retry draws the same numbers)."""
+        (so a retry writes the same KV-cache slots again, never appends twice), and a seeded sequence's n-th
+        token always takes the n-th number of its stream (`server/sampling.py`), so a retry draws the same."""
         start = time.perf_counter()
-        generators = [c.seq.sampler.generator for c in plan if not c.seq.sampler.params.greedy]
-        generator_states = [g.get_state() for g in generators]
         # The forward is queued on the GPU while `overlap` runs: copy the next adapters then.
         overlap = self._prefetch_adapters if self.runner.copies_overlap_compute else None
-        try:
-            output = self.runner.execute(plan, overlap)
-        except Exception:
-            for generator, state in zip(generators, generator_states, strict=True):
-                generator.set_state(state)
-            raise
+        output = self.runner.execute(plan, overlap)
         self.steps += 1
         self.metrics.step(time.perf_counter() - start, len(plan), sum(c.num_tokens for c in plan))
         for chunk in plan:
