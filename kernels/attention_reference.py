@@ -122,14 +122,12 @@ def paged_attention(
     """Attention of every query over its sequence's cached keys (see the module's contract)."""
     out = torch.empty_like(q)
     block_size = k_cache.shape[1]
-    grouped: set[int] = set()
     for seqs in decode_groups(batch, block_size):
         rows = slice(batch.host_query_starts[seqs.start], batch.host_query_starts[seqs.stop])
         inputs = decode_group_inputs(batch, seqs, block_size, window)
         out[rows] = attend_decode_group(q[rows], k_cache, v_cache, *inputs)
-        grouped.update(seqs)
     for seq in range(batch.num_seqs):
-        if seq in grouped:
+        if batch.query_len(seq) == 1:  # attended with its decode group above
             continue
         start, end = batch.host_query_starts[seq], batch.host_query_starts[seq + 1]
         context_len, query_len = batch.host_context_lens[seq], end - start

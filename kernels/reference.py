@@ -26,7 +26,7 @@ despite their wasted flops; `DENSE_FLOPS_PER_SAVED_OP` prices that trade per cal
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -40,13 +40,18 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _slot_pages(table: PageTable, slot: int) -> slice | list[int]:
-    """An index of the pages that hold the slot's adapter (those past its rank would only add zeros): a slice
-    when they are consecutive, as one page always is, so that indexing the buffers copies nothing."""
-    pages = table.host_pages[slot]
+def _as_slice(pages: Sequence[int]) -> slice | None:
+    """`pages` as a slice when they are consecutive (indexing the buffers with it copies nothing), else None."""
     if pages and list(pages) == list(range(pages[0], pages[0] + len(pages))):
         return slice(pages[0], pages[0] + len(pages))
-    return list(pages)
+    return None
+
+
+def _slot_pages(table: PageTable, slot: int) -> slice | list[int]:
+    """An index of the pages that hold the slot's adapter (those past its rank would only add zeros): a slice
+    when they are consecutive, as one page always is."""
+    pages = table.host_pages[slot]
+    return _as_slice(pages) or list(pages)
 
 
 def slot_a(lora_a: torch.Tensor, table: PageTable, slot: int) -> torch.Tensor:
@@ -123,11 +128,12 @@ class AdapterSlices:
 
 def adapter_slices(lora_a: torch.Tensor, lora_b: torch.Tensor, pages: list[int], slices: tuple[int, ...], rank: int,
                    slice_widths: tuple[int, ...]) -> AdapterSlices:
-    """The `AdapterSlices` of the adapter of rank `rank` (at most) written in `pages`, its weights copied out."""
-    num_slices = len(slice_widths)
+    """The `AdapterSlices` of the adapter of rank `rank` (at most) written in `pages`, its weights copied out in
+    the accumulation dtype, so that a step reads them as they are."""
+    num_slices, acc = len(slice_widths), accumulation_dtype(lora_a.dtype)
     a = lora_a[pages].view(len(pages), num_slices, PAGE_RANK, -1).transpose(0, 1).flatten(1, 2)  # [K, n * 16, d_in]
-    a_t = a[list(slices), :rank].flatten(0, 1).T.contiguous()
-    b = lora_b[pages].flatten(0, 1)[:rank]
+    a_t = a[list(slices), :rank].flatten(0, 1).T.to(acc).contiguous()
+    b = lora_b[pages].flatten(0, 1)[:rank].to(acc)
     offsets = [sum(slice_widths[:k]) for k in range(num_slices)]
     return AdapterSlices(slices, rank, a_t, tuple(b[:, offsets[k] : offsets[k] + slice_widths[k]].contiguous()
                                                   for k in slices))
@@ -196,9 +202,7 @@ def _batch_pages(batch: LoRABatch, table: PageTable, dtype: torch.dtype) -> tupl
         owner = [slot for slot, _, _ in batch.slot_runs for _ in table.host_pages[slot]]
         device = batch.token_slots.device
         owned = (batch.token_slots[:, None] == torch.tensor(owner).to(device, non_blocking=True)[None, :]).to(dtype)
-        consecutive = pages == list(range(pages[0], pages[0] + len(pages))) if pages else True
-        index = slice(pages[0] if pages else 0, (pages[0] if pages else 0) + len(pages)) if consecutive else (
-            torch.tensor(pages, dtype=torch.int64).to(device, non_blocking=True))
+        index = _as_slice(pages) or torch.tensor(pages, dtype=torch.int64).to(device, non_blocking=True)
         batch.cache[key] = (index, owned)
     return batch.cache[key]
 
@@ -241,7 +245,7 @@ def _adapter_by_adapter(out: torch.Tensor, grouped_x: torch.Tensor, lora_a: torc
         if not adapter.slices:
             continue
         if adapter.a_t is not None:
-            rank, a_t, b = adapter.rank, adapter.a_t.to(acc), [b_k.to(acc) for b_k in adapter.b]
+            rank, a_t, b = adapter.rank, adapter.a_t, adapter.b
         else:
             rank = table.host_ranks[slot]
             a = slot_a(lora_a, table, slot)  # [K, pages * PAGE_RANK, d_in]
