@@ -31,8 +31,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from adapters_store import LoraAdapter
 from adapters_store.peft_export import to_peft_files
 from benchmarks.engine_throughput import describe_device, synthetic_adapters, write_random_checkpoint
@@ -156,8 +154,6 @@ def main() -> None:
     parser.add_argument("--tag", default="", help="suffix of the JSON file (e.g. before)")
     args = parser.parse_args()
 
-    # The main thread runs no parallel torch region, so the engine thread's OpenMP team is the only one.
-    torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="lorahive-stall-") as scratch:
         checkpoint = write_random_checkpoint(args.shape, Path(scratch) / "model")
         engine = build_engine(Settings(

@@ -42,7 +42,7 @@ from server.model import ModelArgs, Transformer
 from server.requests import GenerationRequest, SamplingParams
 from server.runtime import build_engine
 from server.tokenizer import Tokenizer, build_byte_tokenizer
-from server.torch_threads import limit_current_thread
+from server.torch_threads import engine_threads, limit_current_thread
 
 RESULTS = Path(__file__).parent / "results"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -135,7 +135,7 @@ async def run_workload(engine: Engine, adapter_ids: list[str | None], prompt_len
 def describe_device(engine: Engine) -> str:
     if engine.device.type == "cuda":
         return torch.cuda.get_device_name(engine.device)
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"cpu ({platform.machine()}, engine on {engine_threads(engine.config.engine_threads)} torch threads)"
 
 
 @dataclass(frozen=True)
