@@ -79,40 +79,56 @@ def decode_groups(batch: AttentionBatch, block_size: int) -> list[range]:
 
 def decode_group_inputs(batch: AttentionBatch, seqs: range, block_size: int,
                         window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(blocks [n, w], unwritten [n, w * block_size, 1, 1], mask [n, 1, 1, w * block_size]) of a decode group:
-    its block tables cut to its widest context, the gathered key positions past each sequence's context, and
-    where each sequence's query sees a key. Made once per step (cached on the batch) for every layer.
+    """(blocks [n, w], stale_rows [k], mask [n, 1, 1, w * block_size]) of a decode group: its block tables cut to
+    its widest context, the gathered rows that may hold another sequence's keys, and where each sequence's query
+    sees a key. Made once per step (cached on the batch) for every layer.
 
-    Positions past a context hold whatever the cache held (NaN, say), and a masked NaN still poisons SDPA's
-    sum, so they are zeroed once gathered; table entries past a sequence's blocks may name any block, even
-    none, so they are pointed at its first block."""
+    A masked key still enters SDPA's weighted sum as 0 x value, so a NaN there would poison the output. Table
+    entries past a sequence's blocks may name any block, even none, so they are pointed at its first block; then
+    only slots past its context can hold someone else's keys (a recycled block): those rows are zeroed once
+    gathered (`stale_key_rows`, a few per sequence, not a pass over every key)."""
     key = ("decode", seqs.start, seqs.stop, window)
     if key not in batch.cache:
         context = batch.context_lens[seqs.start : seqs.stop, None]
-        width = -(-max(batch.host_context_lens[seqs.start : seqs.stop]) // block_size)
+        host_context = batch.host_context_lens[seqs.start : seqs.stop]
+        width = -(-max(host_context) // block_size)
         blocks = batch.block_tables[seqs.start : seqs.stop, :width].long()
         own_blocks = torch.arange(width, device=blocks.device)[None, :] * block_size < context
         blocks = torch.where(own_blocks, blocks, blocks[:, :1])
-        position = torch.arange(width * block_size, device=blocks.device)[None, :]
+        keys = width * block_size
+        stale_rows = stale_key_rows(host_context, width, block_size).to(blocks.device, non_blocking=True)
+        position = torch.arange(keys, device=blocks.device)[None, :]
         mask = position < context
-        unwritten = ~mask
         if window is not None:
             mask &= position >= context - window
-        batch.cache[key] = (blocks, unwritten[:, :, None, None], mask[:, None, None, :])
+        batch.cache[key] = (blocks, stale_rows, mask[:, None, None, :])
     return batch.cache[key]
 
 
-def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """[n, w * P, Hkv, D]: the cache rows of blocks [n, w], sequence by sequence. `index_select` copies whole
-    blocks; indexing with a tensor (`cache[blocks]`) copies element by element, 3-5x slower on a CPU."""
-    return cache.index_select(0, blocks.flatten()).view(blocks.shape[0], -1, *cache.shape[2:])
+def stale_key_rows(context_lens: list[int], width: int, block_size: int) -> torch.Tensor:
+    """Rows of a decode group's gathered keys (flattened [n * width * block_size]) that come from slots past
+    their sequence's context: the rest of its last block, and in the padding entries (copies of its first
+    block) the slots of that block past the context. Built on the host: no device sync."""
+    position = torch.arange(width * block_size)[None, :]
+    context = torch.tensor(context_lens)[:, None]
+    own_keys = -(-context // block_size) * block_size
+    source = torch.where(position < own_keys, position, position % block_size)  # the slot each row copies
+    return torch.nonzero((source >= context).flatten()).flatten()
+
+
+def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, stale_rows: torch.Tensor) -> torch.Tensor:
+    """[n, w * P, Hkv, D]: the cache rows of blocks [n, w], sequence by sequence, with `stale_rows` (of the
+    flattened result) zeroed. `index_select` copies whole blocks; indexing with a tensor (`cache[blocks]`) copies
+    element by element, 3-5x slower on a CPU."""
+    rows = cache.index_select(0, blocks.flatten()).flatten(0, 1).index_fill_(0, stale_rows, 0)
+    return rows.view(blocks.shape[0], -1, *cache.shape[2:])
 
 
 def attend_decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-                        unwritten: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                        stale_rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[n, H, D]: decode queries q [n, H, D] over their blocks [n, w] of the cache (`decode_group_inputs`)."""
-    k = gather_blocks(k_cache, blocks).masked_fill_(unwritten, 0).transpose(1, 2)  # [n, Hkv, keys, D]
-    v = gather_blocks(v_cache, blocks).masked_fill_(unwritten, 0).transpose(1, 2)
+    k = gather_blocks(k_cache, blocks, stale_rows).transpose(1, 2)  # [n, Hkv, keys, D]
+    v = gather_blocks(v_cache, blocks, stale_rows).transpose(1, 2)
     return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
 
 

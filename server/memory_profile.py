@@ -152,7 +152,8 @@ def estimate_step_bytes(args: ModelArgs, shapes: list[ChunkShape], max_lora_rank
     qkv = qkv_out + lora(args.dim, q_width + 2 * kv_width, 3) + 4 * tokens * (q_width + kv_width) * s
     # Paged attention (`kernels.attention_reference`) holds one prompt's problem at a time: its gathered K/V and
     # their transposed copies, its [queries, keys] mask and fp32 scores per head, its queries and output; or one
-    # decode group's: gathered K/V of at most DECODE_GROUP_KEYS padded keys, their copies, the mask.
+    # decode group's: gathered K/V of at most DECODE_GROUP_KEYS padded keys, their copies, the mask, and at worst
+    # an int64 row index per key (`stale_key_rows`).
     # The Triton decode holds fp32 partials per split of at most 256 keys instead.
     one_sequence = max(
         4 * c.context_len * kv_width * s + c.num_tokens * c.context_len * (2 * args.n_heads * f32 + 1)
@@ -160,7 +161,7 @@ def estimate_step_bytes(args: ModelArgs, shapes: list[ChunkShape], max_lora_rank
         for c in shapes
     )
     decode_keys = min(DECODE_GROUP_KEYS, sum(-(-c.context_len // 16) * 16 for c in shapes if c.num_tokens == 1))
-    decode_group = decode_keys * (4 * kv_width * s + 2) + 3 * tokens * q_width * s
+    decode_group = decode_keys * (4 * kv_width * s + 1 + i64) + 3 * tokens * q_width * s
     decode_partials = tokens * args.n_heads * -(-max_context // 256) * (args.head_dim + 1) * f32
     attention = (qkv_out + 2 * tokens * q_width * s + max(one_sequence, decode_group, decode_partials)
                  + lora(q_width, args.dim, 1))
