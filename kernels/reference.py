@@ -15,13 +15,15 @@ The tokens with a slot are gathered once per call, grouped by slot (`LoRABatch.b
 rows are one contiguous block: the work is one pair of GEMMs per adapter present in the batch on its own
 pages, with one gather and one scatter for the whole batch, not a [T, R, d_in] gather of weights.
 
-`add_lora` is the two fused, as the model calls them, in one of two ways. Per adapter: v never leaves the
-adapter's block of rows, and each adapter's GEMMs cover only the slices it targets (`targets`) and only its own
-rank, not its pages' multiple of PAGE_RANK (a rank-8 adapter on q and v of a fused q|k|v does half a page of two
-slices, not a page of three). Or all at once: every token against every page of the batch's adapters in one
-shrink GEMM and one expand GEMM per slice, the pages of other adapters masked to zero. On a CPU each torch op
-costs microseconds whatever its size, so where adapters are many and the layer small the few large GEMMs win
-despite their wasted flops; `DENSE_FLOPS_PER_SAVED_OP` prices that trade per call.
+`add_lora` is the two fused, as the model calls them, in one of three ways (`lora_path` prices them per call).
+Per adapter: v never leaves the adapter's block of rows, and each adapter's GEMMs cover only the slices it
+targets (`targets`) and only its own rank, not its pages' multiple of PAGE_RANK (a rank-8 adapter on q and v of
+a fused q|k|v does half a page of two slices, not a page of three). All at once: every token against every page
+of the batch's adapters in one shrink GEMM and one expand GEMM per slice, the pages of other adapters masked to
+zero. Stacked: the batch's adapters' weights stacked once (`LayerAdapters` keeps them while the batch keeps the
+same adapters) and each adapter's tokens, padded to the longest run, through two batched GEMMs (`bmm`), B laid
+out block-diagonally so that one expand feeds every slice. On a CPU each torch op costs microseconds whatever
+its size, so the few large GEMMs win where adapters are many and the layer small, despite their wasted flops.
 """
 
 from __future__ import annotations
@@ -139,9 +141,60 @@ def adapter_slices(lora_a: torch.Tensor, lora_b: torch.Tensor, pages: list[int],
                                                   for k in slices))
 
 
-# Wasted flops the all-at-once path may spend per torch op it saves against the per-adapter path: roughly what a
-# CPU core computes in the few microseconds an op costs to dispatch.
-DENSE_FLOPS_PER_SAVED_OP = 200_000
+@dataclass(frozen=True)
+class StackedAdapters:
+    """Adapters of one layer, in a batch's slot-run order, stacked for batched GEMMs: `a_t` [S, d_in, K * R] (slice
+    k's ranks in columns k*R ...) and `b` [S, K * R, D], block-diagonal (slice k's ranks feed only slice k's
+    columns), R the largest rank among them; zeros wherever an adapter has no weight."""
+
+    adapters: tuple[AdapterSlices, ...]
+    a_t: torch.Tensor
+    b: torch.Tensor
+
+
+class LayerAdapters(dict[int, AdapterSlices]):
+    """One layer's `AdapterSlices` by first page, and the last batch's adapters stacked (`StackedAdapters`), kept
+    while batches keep the same adapters: in a decode-heavy stream the stack is built once per change of the
+    batch's adapters, not per step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stacked: StackedAdapters | None = None
+
+    def stacked_for(self, adapters: tuple[AdapterSlices, ...], d_in: int, slice_widths: tuple[int, ...],
+                    like: torch.Tensor) -> StackedAdapters:
+        if self.stacked is None or not _same_objects(self.stacked.adapters, adapters):
+            self.stacked = None  # its memory goes before the new stack takes its own
+            self.stacked = stack_adapters(adapters, d_in, slice_widths, like)
+        return self.stacked
+
+
+def _same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
+    """Identity, not equality: an adapter reloaded into the same pages is a new `AdapterSlices`."""
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+
+
+def stack_adapters(adapters: tuple[AdapterSlices, ...], d_in: int, slice_widths: tuple[int, ...],
+                   like: torch.Tensor) -> StackedAdapters:
+    """`StackedAdapters` of `adapters` (each with its weights, or targeting nothing) in `like`'s accumulation dtype,
+    on its device."""
+    rank = max((a.rank for a in adapters if a.a_t is not None), default=0)
+    num_slices = len(slice_widths)
+    like = like.new_empty(0, dtype=accumulation_dtype(like.dtype))
+    offsets = [sum(slice_widths[:k]) for k in range(num_slices)]
+    a_t = like.new_zeros(len(adapters), d_in, num_slices * rank)
+    b = like.new_zeros(len(adapters), num_slices * rank, sum(slice_widths))
+    for s, adapter in enumerate(adapters):
+        r = adapter.rank
+        for j, k in enumerate(adapter.slices if adapter.a_t is not None else ()):
+            a_t[s, :, k * rank : k * rank + r] = adapter.a_t[:, j * r : (j + 1) * r]
+            b[s, k * rank : k * rank + r, offsets[k] : offsets[k] + slice_widths[k]] = adapter.b[j]
+    return StackedAdapters(adapters, a_t, b)
+
+
+# What a CPU core computes in the few microseconds a torch op costs to dispatch: `lora_path` prices an op at this
+# many flops.
+FLOPS_PER_OP = 200_000
 
 
 def add_lora(
@@ -161,12 +214,17 @@ def add_lora(
     `targets` targets none). None: every slot targets every slice, weights read from the pages."""
     if not batch.has_lora:
         return
-    if _dense_is_cheaper(batch, table, x.shape[1], slice_widths):
+    path = lora_path(batch, table, x.shape[1], slice_widths, targets)
+    if path == "dense":
         _all_adapters_at_once(y, x, lora_a, lora_b, batch, slice_widths, table)
         return
     acc = accumulation_dtype(x.dtype)
     grouped = batch.grouped_from is not None  # the tokens with a slot already one block, grouped by slot
     rows = slice(batch.grouped_from, batch.grouped_from + len(batch.by_slot)) if grouped else slice(0)
+    if path == "stacked":
+        stacked = targets.stacked_for(_batch_adapters(batch, table, targets), x.shape[1], slice_widths, x)
+        _stacked(y, x, rows if grouped else None, batch, stacked)
+        return
     # index_select copies whole rows: faster on a CPU than x[by_slot]
     grouped_x = (x[rows] if grouped else x.index_select(0, batch.by_slot)).to(acc)
     if grouped and y.dtype == acc:  # updated where they are: no delta, no scatter
@@ -180,16 +238,87 @@ def add_lora(
         y.index_add_(0, batch.by_slot, delta.to(y.dtype))
 
 
-def _dense_is_cheaper(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple[int, ...]) -> bool:
-    """Whether the all-at-once path's wasted flops cost less than the ops the per-adapter path would add."""
-    slots = [slot for slot, _, _ in batch.slot_runs]
-    if len(slots) < 2:
-        return False
-    own_rows = sum((end - start) * len(table.host_pages[slot]) for slot, start, end in batch.slot_runs)
-    all_rows = len(batch.token_slots) * sum(len(table.host_pages[slot]) for slot in slots)
-    wasted_flops = 2 * (all_rows - own_rows) * PAGE_RANK * (len(slice_widths) * d_in + sum(slice_widths))
-    saved_ops = (len(slots) - 1) * (5 + len(slice_widths))
-    return wasted_flops < saved_ops * DENSE_FLOPS_PER_SAVED_OP
+def _adapter_of(table: PageTable, slot: int, targets: Mapping[int, AdapterSlices] | None,
+                num_slices: int) -> AdapterSlices:
+    """What `targets` says of the slot's adapter (where `targets` is None: every slice, weights in the pages)."""
+    if not table.host_ranks[slot]:
+        return AdapterSlices(())
+    if targets is None:
+        return AdapterSlices(tuple(range(num_slices)))
+    return targets.get(table.host_pages[slot][0], AdapterSlices(()))
+
+
+def _batch_adapters(batch: LoRABatch, table: PageTable,
+                    targets: Mapping[int, AdapterSlices]) -> tuple[AdapterSlices, ...]:
+    return tuple(_adapter_of(table, slot, targets, 0) for slot, _, _ in batch.slot_runs)
+
+
+def lora_path(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple[int, ...],
+              targets: Mapping[int, AdapterSlices] | None) -> str:
+    """"adapter", "dense" or "stacked": the way of `add_lora` whose flops plus ops (`FLOPS_PER_OP` each) cost
+    least for this call. Stacked needs every adapter's weights kept (`LayerAdapters` of `AdapterSlices` with
+    weights: a CPU model runner's); building its stack counts too when the batch's adapters changed."""
+    if len(batch.slot_runs) < 2:  # one adapter: its own GEMMs, nothing wasted
+        return "adapter"
+    num_slices, width = len(slice_widths), sum(slice_widths)
+    adapters = [(end - start, _adapter_of(table, slot, targets, num_slices)) for slot, start, end in batch.slot_runs]
+    costs = {  # an adapter's rank: its own where its weights are kept, else its pages' slot's
+        "adapter": sum(2 * n * (a.rank or table.host_ranks[slot]) * (len(a.slices) * d_in + sum(
+            slice_widths[k] for k in a.slices)) + (3 + len(a.slices)) * FLOPS_PER_OP
+            for (n, a), (slot, _, _) in zip(adapters, batch.slot_runs, strict=True) if a.slices),
+        "dense": 2 * len(batch.token_slots) * sum(len(table.host_pages[slot]) for slot, _, _ in batch.slot_runs)
+        * PAGE_RANK * (num_slices * d_in + width) + (2 + num_slices) * FLOPS_PER_OP,
+    }
+    kept = [a for _, a in adapters if a.a_t is not None]
+    if isinstance(targets, LayerAdapters) and kept and all(a.a_t is not None or not a.slices for _, a in adapters):
+        rank, longest = max(a.rank for a in kept), max(n for n, _ in adapters)
+        stack = len(adapters) * num_slices * rank * (d_in + width)
+        stale = targets.stacked is None or not _same_objects(targets.stacked.adapters, tuple(a for _, a in adapters))
+        costs["stacked"] = 2 * longest * stack + 3 * FLOPS_PER_OP + (4 * stack if stale else 0)
+    return min(costs, key=costs.get)
+
+
+def _stacked_rows(batch: LoRABatch) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
+    """(longest run, gather [S * longest], keep [T']) of the stacked path: the rows of the grouped tokens each
+    adapter's padded block reads (a run shorter than the longest repeats its first row), and which rows of the
+    padded result are real, in `by_slot` order; both None when every run is as long as the longest (no padding).
+    Made once per step (cached on the batch) for every layer."""
+    key = ("stacked",)
+    if key not in batch.cache:
+        lengths = [end - start for _, start, end in batch.slot_runs]
+        longest = max(lengths)
+        if all(n == longest for n in lengths):
+            batch.cache[key] = (longest, None, None)
+        else:
+            gather = [start + min(j, end - start - 1) for _, start, end in batch.slot_runs for j in range(longest)]
+            keep = [s * longest + j for s, n in enumerate(lengths) for j in range(n)]
+            device = batch.by_slot.device
+            batch.cache[key] = (longest, torch.tensor(gather).to(device, non_blocking=True),
+                                torch.tensor(keep).to(device, non_blocking=True))
+    return batch.cache[key]
+
+
+def _stacked(y: torch.Tensor, x: torch.Tensor, rows: slice | None, batch: LoRABatch,
+             stacked: StackedAdapters) -> None:
+    """y += each adapter's tokens through the stacked weights: one bmm shrink, one bmm expand. `rows`: where the
+    tokens with a slot lie in x and y when they are one block grouped by slot (None: gathered by `by_slot`)."""
+    acc = stacked.a_t.dtype
+    num_adapters = len(batch.slot_runs)
+    longest, gather, keep = _stacked_rows(batch)
+    grouped_x = x[rows] if rows is not None else x.index_select(0, batch.by_slot)
+    if gather is not None:
+        grouped_x = grouped_x.index_select(0, gather)
+    v = torch.bmm(grouped_x.to(acc).view(num_adapters, longest, -1), stacked.a_t)  # [S, longest, K * R]
+    if rows is not None and gather is None and y.dtype == acc:  # updated where they are
+        y[rows].view(num_adapters, longest, -1).baddbmm_(v, stacked.b)
+        return
+    delta = torch.bmm(v, stacked.b).flatten(0, 1)
+    if keep is not None:
+        delta = delta.index_select(0, keep)
+    if rows is not None:
+        y[rows] += delta.to(y.dtype)
+    else:
+        y.index_add_(0, batch.by_slot, delta.to(y.dtype))
 
 
 def _batch_pages(batch: LoRABatch, table: PageTable, dtype: torch.dtype) -> tuple[slice | torch.Tensor, torch.Tensor]:

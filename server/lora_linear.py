@@ -16,7 +16,7 @@ from torch import nn
 
 from kernels import LoRABatch, PageTable, add_lora
 from kernels.paging import PAGE_RANK, PageRows, allocate_buffers, page_bytes
-from kernels.reference import AdapterSlices, adapter_slices
+from kernels.reference import AdapterSlices, LayerAdapters, adapter_slices
 from server.adapter_packer import PackedWeight
 
 
@@ -73,7 +73,7 @@ class LoRALinear(nn.Module):
         self.lora_a: torch.Tensor | None = None  # [pages, K * PAGE_RANK, d_in]
         self.lora_b: torch.Tensor | None = None  # [pages, PAGE_RANK, sum(widths)]
         # Each adapter written here, by its first page, as the torch reference reads it (`AdapterSlices`).
-        self.targets: dict[int, AdapterSlices] = {}
+        self.targets = LayerAdapters()
 
     def page_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of one page of A and B in `dtype`."""
@@ -118,6 +118,7 @@ class LoRALinear(nn.Module):
     def forget(self, first_page: int) -> None:
         """Drop what `write_pages` kept of the adapter whose first page is `first_page` (its slot was cleared)."""
         self.targets.pop(first_page, None)
+        self.targets.stacked = None  # it may hold the adapter: rebuilt for the next batch that wants it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

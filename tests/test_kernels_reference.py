@@ -22,7 +22,14 @@ from kernels.paging import ZERO_PAGE
 from tests.support.lora_cases import TOLERANCES, LoraCase, make_case, naive_lora, naive_shrink
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-REFERENCE_PATHS = {"adapter by adapter": 0, "all at once": float("inf")}  # DENSE_FLOPS_PER_SAVED_OP forcing each
+REFERENCE_PATHS = {"adapter by adapter": "adapter", "all at once": "dense"}  # the paths that read pages alone
+# Every path of the reference, with whether it needs the adapters' weights kept (`AdapterSlices` with weights).
+PATHS_AND_WEIGHTS = [(path, with_weights) for path in ("adapter", "dense") for with_weights in (False, True)] + [
+    ("stacked", True)]
+
+
+def force_path(patch: pytest.MonkeyPatch, path: str) -> None:
+    patch.setattr(reference, "lora_path", lambda *args: path)
 
 
 def run_add_lora(case: LoraCase) -> torch.Tensor:
@@ -68,7 +75,7 @@ def test_mix_of_slots_and_no_adapter(torch_gen: torch.Generator, device: str) ->
 def test_consecutive_pages_are_read_as_views_and_give_the_same_delta(torch_gen: torch.Generator, path: str,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """The reference slices an adapter's pages when they are consecutive (no copy) and gathers them otherwise."""
-    monkeypatch.setattr(reference, "DENSE_FLOPS_PER_SAVED_OP", REFERENCE_PATHS[path])
+    force_path(monkeypatch, REFERENCE_PATHS[path])
     slots = [0, 1, 1, -1, 2, 0, 2, 2]
     scattered = make_case(torch_gen, slots, num_slots=3, max_rank=48, d_in=24, widths=(16, 8, 8))
     assert_matches_naive(scattered, run_add_lora(scattered))
@@ -153,7 +160,8 @@ class MatmulShapes(TorchDispatchMode):
         self.shapes: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_):
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.addmm_, torch.ops.aten.bmm,
+                                   torch.ops.aten.baddbmm_):
             self.shapes.append((tuple(args[-2].shape), tuple(args[-1].shape)))
         return func(*args, **(kwargs or {}))
 
@@ -164,7 +172,7 @@ def test_the_reference_does_an_adapters_own_rank_on_its_own_slices(torch_gen: to
     """Adapter by adapter, a rank-8 adapter on q and v of a fused q|k|v: one shrink of 2 x 8 rows, two expands of
     8 ranks; a slot whose adapter targets nothing in this layer does no work; a missing entry in `targets` means
     the same."""
-    monkeypatch.setattr(reference, "DENSE_FLOPS_PER_SAVED_OP", 0)
+    force_path(monkeypatch, "adapter")
     case = make_case(torch_gen, [0, 0, 1, 0, 1], num_slots=2, max_rank=32, d_in=24, widths=(16, 8, 8),
                      ranks=[[8, 0, 8], [0, 0, 0]])
     with MatmulShapes() as recorded:
@@ -276,8 +284,7 @@ def lora_cases(draw: st.DrawFn) -> tuple[int, list[int], int, int, int, tuple[in
     return seed, token_slots, num_slots, max_rank, d_in, widths, ranks
 
 
-@pytest.mark.parametrize("with_weights", [False, True], ids=["pages", "weights kept"])
-@pytest.mark.parametrize("path", REFERENCE_PATHS)
+@pytest.mark.parametrize(("path", "with_weights"), PATHS_AND_WEIGHTS)
 @settings(max_examples=60, deadline=None)
 @given(lora_cases())
 def test_add_lora_matches_naive_on_any_shape(
@@ -287,7 +294,7 @@ def test_add_lora_matches_naive_on_any_shape(
     gen = torch.Generator().manual_seed(seed)
     case = make_case(gen, token_slots, num_slots, max_rank, d_in, widths, ranks=ranks)
     with pytest.MonkeyPatch.context() as patch:  # hypothesis runs many examples per test: no function fixture
-        patch.setattr(reference, "DENSE_FLOPS_PER_SAVED_OP", REFERENCE_PATHS[path])
+        force_path(patch, path)
         y = case.y.clone()
         add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table,
                  targets=case.targets(with_weights))
@@ -309,6 +316,36 @@ def test_the_reference_takes_every_adapter_at_once_where_ops_cost_more_than_flop
     with MatmulShapes() as recorded:
         run_add_lora(wide)
     assert len(recorded.shapes) == 2 * 8
+
+
+@pytest.mark.parametrize("slots", [[t // 2 for t in range(16)], [-1, 0, 0, 0, 1, 2, 2, -1, 3, 4, 5, 6, 7, 7]],
+                         ids=["grouped, runs of two", "scattered runs of one to three"])
+def test_many_small_adapters_with_kept_weights_go_stacked_through_two_batched_gemms(
+    torch_gen: torch.Generator, slots: list[int],
+) -> None:
+    """Eight rank-16 adapters (one of rank 8, one targeting only the second slice) on a 32-wide layer, weights kept:
+    one bmm shrink and one bmm expand over the adapters stacked, each adapter's tokens padded to the longest run;
+    the stack is built once and reused while the batch holds the same adapters, and rebuilt when one is reloaded."""
+    ranks = [[16, 16]] * 6 + [[8, 8], [0, 16]]
+    case = make_case(torch_gen, slots, num_slots=8, max_rank=16, d_in=32, widths=(32, 16), ranks=ranks)
+    targets = case.targets(with_weights=True)
+    longest = max(slots.count(slot) for slot in range(8))
+    assert reference.lora_path(case.batch, case.table, 32, case.widths, targets) == "stacked"
+
+    def run() -> torch.Tensor:
+        y = case.y.clone()
+        add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table, targets=targets)
+        return y
+
+    with MatmulShapes() as recorded:
+        y = run()
+    assert recorded.shapes == [((8, longest, 32), (8, 32, 2 * 16)), ((8, longest, 2 * 16), (8, 2 * 16, 48))]
+    assert_matches_naive(case, y)
+    stack = targets.stacked
+    assert torch.equal(run(), y) and targets.stacked is stack
+    first_page = case.table.host_pages[3][0]
+    targets[first_page] = dataclasses.replace(targets[first_page])  # the same weights, loaded again
+    assert torch.equal(run(), y) and targets.stacked is not stack
 
 
 # -------------------------------------------------------------------------------------- LoRABatch

@@ -9,7 +9,7 @@ import torch
 
 from kernels import LoRABatch, PageTable
 from kernels.paging import ZERO_PAGE, allocate_buffers, pack_pages, pages_for_rank
-from kernels.reference import AdapterSlices, adapter_slices
+from kernels.reference import AdapterSlices, LayerAdapters, adapter_slices
 
 # float64 is held to float64 accuracy (the reference accumulates in the wider of the input dtype and fp32);
 # the others to their own rounding. Any indexing or slicing mistake shows up as an O(1) error.
@@ -41,10 +41,10 @@ class LoraCase:
     def pages_of(self, slot: int) -> list[int]:
         return [p for p in self.table.pages[slot].tolist() if p != ZERO_PAGE]
 
-    def targets(self, with_weights: bool = False) -> dict[int, AdapterSlices]:
+    def targets(self, with_weights: bool = False) -> LayerAdapters:
         """Each slot's adapter by its first page (`kernels.reference.add_lora`): the slices it targets, and with
         `with_weights` their weights copied out of the pages as a CPU model runner keeps them."""
-        targets = {}
+        targets = LayerAdapters()
         for slot, pages in enumerate(self.table.host_pages):
             slices = tuple(k for k, a_k in enumerate(self.a[slot]) if a_k is not None)
             if pages and with_weights and slices:
