@@ -126,6 +126,7 @@ class AdapterSlices:
     rank: int = 0
     a_t: torch.Tensor | None = None
     b: tuple[torch.Tensor, ...] = ()
+    flops_per_token: int = 0  # of its shrink and expands, where its weights are given (`lora_path` reads it)
 
 
 def adapter_slices(lora_a: torch.Tensor, lora_b: torch.Tensor, pages: list[int], slices: tuple[int, ...], rank: int,
@@ -137,8 +138,9 @@ def adapter_slices(lora_a: torch.Tensor, lora_b: torch.Tensor, pages: list[int],
     a_t = a[list(slices), :rank].flatten(0, 1).T.to(acc).contiguous()
     b = lora_b[pages].flatten(0, 1)[:rank].to(acc)
     offsets = [sum(slice_widths[:k]) for k in range(num_slices)]
+    flops = 2 * rank * (len(slices) * a.shape[2] + sum(slice_widths[k] for k in slices))
     return AdapterSlices(slices, rank, a_t, tuple(b[:, offsets[k] : offsets[k] + slice_widths[k]].contiguous()
-                                                  for k in slices))
+                                                  for k in slices), flops)
 
 
 @dataclass(frozen=True)
@@ -193,8 +195,9 @@ def stack_adapters(adapters: tuple[AdapterSlices, ...], d_in: int, slice_widths:
 
 
 # What a CPU core computes in the few microseconds a torch op costs to dispatch: `lora_path` prices an op at this
-# many flops.
-FLOPS_PER_OP = 200_000
+# many flops. `benchmarks/lora_paths.py` times the three ways on real layer shapes and reports which constant's
+# choices lose least against the fastest way (on a 2-core CPU: 0.5-1 million).
+FLOPS_PER_OP = 500_000
 
 
 def add_lora(
@@ -238,43 +241,75 @@ def add_lora(
         y.index_add_(0, batch.by_slot, delta.to(y.dtype))
 
 
-def _adapter_of(table: PageTable, slot: int, targets: Mapping[int, AdapterSlices] | None,
-                num_slices: int) -> AdapterSlices:
-    """What `targets` says of the slot's adapter (where `targets` is None: every slice, weights in the pages)."""
-    if not table.host_ranks[slot]:
-        return AdapterSlices(())
-    if targets is None:
-        return AdapterSlices(tuple(range(num_slices)))
-    return targets.get(table.host_pages[slot][0], AdapterSlices(()))
+_TARGETS_NOTHING = AdapterSlices(())
 
 
 def _batch_adapters(batch: LoRABatch, table: PageTable,
                     targets: Mapping[int, AdapterSlices]) -> tuple[AdapterSlices, ...]:
-    return tuple(_adapter_of(table, slot, targets, 0) for slot, _, _ in batch.slot_runs)
+    """What `targets` holds of each run's adapter (one with no pages, or missing there, targets nothing)."""
+    return tuple(targets.get(page, _TARGETS_NOTHING) for page in _run_shape(batch, table).first_pages)
+
+
+@dataclass(frozen=True)
+class _RunShape:
+    """What `lora_path` reads of a step's runs, the same in every layer (cached on the batch)."""
+
+    lengths: tuple[int, ...]  # tokens per run
+    ranks: tuple[int, ...]  # each run's slot's rank
+    first_pages: tuple[int, ...]  # each run's slot's first page; -1 for a slot without pages
+    pages: int  # pages of all runs' slots
+    pages_consecutive: bool  # whether the all-at-once path reads them as a view
+
+
+def _run_shape(batch: LoRABatch, table: PageTable) -> _RunShape:
+    key = ("runs",)
+    if key not in batch.cache:
+        slots = [slot for slot, _, _ in batch.slot_runs]
+        pages = [page for slot in slots for page in table.host_pages[slot]]
+        batch.cache[key] = _RunShape(
+            tuple(end - start for _, start, end in batch.slot_runs), tuple(table.host_ranks[s] for s in slots),
+            tuple(table.host_pages[s][0] if table.host_pages[s] else -1 for s in slots), len(pages),
+            _as_slice(pages) is not None)
+    return batch.cache[key]
+
+
+# Flops-equivalent of copying one element: a gather of pages, or building a stack.
+COPY_FLOPS = 4
 
 
 def lora_path(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple[int, ...],
               targets: Mapping[int, AdapterSlices] | None) -> str:
-    """"adapter", "dense" or "stacked": the way of `add_lora` whose flops plus ops (`FLOPS_PER_OP` each) cost
-    least for this call. Stacked needs every adapter's weights kept (`LayerAdapters` of `AdapterSlices` with
-    weights: a CPU model runner's); building its stack counts too when the batch's adapters changed."""
+    """"adapter", "dense" or "stacked": the way of `add_lora` whose flops, copies (`COPY_FLOPS` per element) and
+    ops (`FLOPS_PER_OP` each) cost least for this call. Stacked needs every adapter's weights kept (`LayerAdapters`
+    of `AdapterSlices` with weights: a CPU model runner's); building its stack counts when the batch's adapters
+    changed. Called in every layer of every step, so it reads what the step shares from `_run_shape`."""
     if len(batch.slot_runs) < 2:  # one adapter: its own GEMMs, nothing wasted
         return "adapter"
+    runs = _run_shape(batch, table)
     num_slices, width = len(slice_widths), sum(slice_widths)
-    adapters = [(end - start, _adapter_of(table, slot, targets, num_slices)) for slot, start, end in batch.slot_runs]
-    costs = {  # an adapter's rank: its own where its weights are kept, else its pages' slot's
-        "adapter": sum(2 * n * (a.rank or table.host_ranks[slot]) * (len(a.slices) * d_in + sum(
-            slice_widths[k] for k in a.slices)) + (3 + len(a.slices)) * FLOPS_PER_OP
-            for (n, a), (slot, _, _) in zip(adapters, batch.slot_runs, strict=True) if a.slices),
-        "dense": 2 * len(batch.token_slots) * sum(len(table.host_pages[slot]) for slot, _, _ in batch.slot_runs)
-        * PAGE_RANK * (num_slices * d_in + width) + (2 + num_slices) * FLOPS_PER_OP,
+    every_slice = AdapterSlices(tuple(range(num_slices)))
+    adapters = _batch_adapters(batch, table, targets) if targets is not None else (every_slice,) * len(runs.lengths)
+    adapter_cost, kept_rank, stackable = 0, 0, isinstance(targets, LayerAdapters)
+    for n, adapter, rank in zip(runs.lengths, adapters, runs.ranks, strict=True):
+        if not adapter.slices or not rank:
+            continue
+        if adapter.a_t is not None:
+            kept_rank = max(kept_rank, adapter.rank)
+            per_token = adapter.flops_per_token
+        else:
+            stackable = False
+            per_token = 2 * rank * (len(adapter.slices) * d_in + sum(slice_widths[k] for k in adapter.slices))
+        adapter_cost += n * per_token + (3 + len(adapter.slices)) * FLOPS_PER_OP
+    dense_rows = runs.pages * PAGE_RANK * (num_slices * d_in + width)
+    costs = {
+        "adapter": adapter_cost,
+        "dense": 2 * len(batch.token_slots) * dense_rows + (2 + num_slices) * FLOPS_PER_OP
+        + (0 if runs.pages_consecutive else COPY_FLOPS * dense_rows),
     }
-    kept = [a for _, a in adapters if a.a_t is not None]
-    if isinstance(targets, LayerAdapters) and kept and all(a.a_t is not None or not a.slices for _, a in adapters):
-        rank, longest = max(a.rank for a in kept), max(n for n, _ in adapters)
-        stack = len(adapters) * num_slices * rank * (d_in + width)
-        stale = targets.stacked is None or not _same_objects(targets.stacked.adapters, tuple(a for _, a in adapters))
-        costs["stacked"] = 2 * longest * stack + 3 * FLOPS_PER_OP + (4 * stack if stale else 0)
+    if stackable and kept_rank:
+        stack = len(adapters) * num_slices * kept_rank * (d_in + width)
+        built = targets.stacked is not None and _same_objects(targets.stacked.adapters, adapters)
+        costs["stacked"] = 2 * max(runs.lengths) * stack + 3 * FLOPS_PER_OP + (0 if built else COPY_FLOPS * stack)
     return min(costs, key=costs.get)
 
 
