@@ -77,17 +77,18 @@ def decode_groups(batch: AttentionBatch, block_size: int) -> list[range]:
     return groups
 
 
-def decode_group_inputs(batch: AttentionBatch, seqs: range, block_size: int,
-                        window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(blocks [n, w], stale_rows [k], mask [n, 1, 1, w * block_size]) of a decode group: its block tables cut to
-    its widest context, the gathered rows that may hold another sequence's keys, and where each sequence's query
-    sees a key. Made once per step (cached on the batch) for every layer.
+def decode_group_inputs(batch: AttentionBatch, seqs: range, block_size: int, window: int | None,
+                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(blocks [n, w], stale_rows [k], bias [n, 1, 1, w * block_size]) of a decode group: its block tables cut to
+    its widest context, the gathered rows that may hold another sequence's keys, and 0 where each sequence's query
+    sees a key, -inf elsewhere, in the queries' dtype (SDPA would turn a boolean mask into that in every layer).
+    Made once per step (cached on the batch) for every layer.
 
     A masked key still enters SDPA's weighted sum as 0 x value, so a NaN there would poison the output. Table
     entries past a sequence's blocks may name any block, even none, so they are pointed at its first block; then
     only slots past its context can hold someone else's keys (a recycled block): those rows are zeroed once
     gathered (`stale_key_rows`, a few per sequence, not a pass over every key)."""
-    key = ("decode", seqs.start, seqs.stop, window)
+    key = ("decode", seqs.start, seqs.stop, window, dtype)
     if key not in batch.cache:
         context = batch.context_lens[seqs.start : seqs.stop, None]
         host_context = batch.host_context_lens[seqs.start : seqs.stop]
@@ -101,7 +102,8 @@ def decode_group_inputs(batch: AttentionBatch, seqs: range, block_size: int,
         mask = position < context
         if window is not None:
             mask &= position >= context - window
-        batch.cache[key] = (blocks, stale_rows, mask[:, None, None, :])
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        batch.cache[key] = (blocks, stale_rows, bias[:, None, None, :])
     return batch.cache[key]
 
 
@@ -125,11 +127,11 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, stale_rows: torch.T
 
 
 def attend_decode_group(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blocks: torch.Tensor,
-                        stale_rows: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+                        stale_rows: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """[n, H, D]: decode queries q [n, H, D] over their blocks [n, w] of the cache (`decode_group_inputs`)."""
     k = gather_blocks(k_cache, blocks, stale_rows).transpose(1, 2)  # [n, Hkv, keys, D]
     v = gather_blocks(v_cache, blocks, stale_rows).transpose(1, 2)
-    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=mask, enable_gqa=True)[:, :, 0]
+    return F.scaled_dot_product_attention(q[:, :, None], k, v, attn_mask=bias, enable_gqa=True)[:, :, 0]
 
 
 def paged_attention(
@@ -140,7 +142,7 @@ def paged_attention(
     block_size = k_cache.shape[1]
     for seqs in decode_groups(batch, block_size):
         rows = slice(batch.host_query_starts[seqs.start], batch.host_query_starts[seqs.stop])
-        inputs = decode_group_inputs(batch, seqs, block_size, window)
+        inputs = decode_group_inputs(batch, seqs, block_size, window, q.dtype)
         out[rows] = attend_decode_group(q[rows], k_cache, v_cache, *inputs)
     for seq in range(batch.num_seqs):
         if batch.query_len(seq) == 1:  # attended with its decode group above
