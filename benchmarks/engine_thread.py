@@ -15,8 +15,15 @@
     sampling time the engine's step metric observes, and the interval between consecutive steps (the whole loop:
     detokenizing, pushing tokens to the event loop, and waiting for the GIL).
 
-    python benchmarks/engine_thread.py                      # both; writes benchmarks/results/engine_thread-cpu.json
+(c) Python beside the engine: the same in-process decode while other pure-Python work (a stand-in for the event
+    loop's HTTP, JSON and SSE work) takes `--beside-share` of a core, in a thread of the engine's process (it
+    shares the engine's GIL, as the API server does today) or in another process (as it would beside an engine
+    core process of its own). The engine runs `--engine-threads` torch threads: with 1 a core is left for the
+    other work, so what slows the engine is the GIL, not the cores.
+
+    python benchmarks/engine_thread.py                      # all; writes benchmarks/results/engine_thread-cpu.json
     python benchmarks/engine_thread.py --only lora --repeats 3
+    python benchmarks/engine_thread.py --only beside --engine-threads 1
 
 No assertions: it prints tables. On a shared machine the numbers move; `--repeats` runs each case that often.
 """
@@ -257,9 +264,66 @@ def print_steps(rows: list[dict], max_tokens: int) -> None:
               f"{row['interval_mean_ms']:>11.2f} ms {row['interval_vs_in_process']:>13.2f}x")
 
 
+# ---- (c) Python beside the engine ----------------------------------------------------------------------------
+
+BESIDE = ("alone", "thread", "process")
+BESIDE_PERIOD_S = 0.005  # the other work's duty cycle: busy for share x this, then asleep for the rest
+
+
+def python_work(share: float, stop) -> None:
+    """Pure-Python work (it holds the GIL while it runs) for `share` of each period, until `stop` is set."""
+    while not stop.is_set():
+        start = time.perf_counter()
+        while time.perf_counter() - start < BESIDE_PERIOD_S * share:
+            sum(i * i for i in range(200))
+        time.sleep(BESIDE_PERIOD_S * (1 - share))
+
+
+def run_beside(engine_threads: int | None, max_tokens: int, rounds: int, share: float) -> list[dict]:
+    import multiprocessing
+
+    _, engine = demo_engine(engine_threads)
+    engine.start()
+    rows = []
+    try:
+        asyncio.run(in_process(engine, 8))  # warm-up
+        for round_ in range(rounds):
+            for mode in BESIDE:
+                stop = multiprocessing.get_context("fork").Event() if mode == "process" else threading.Event()
+                worker = None
+                if mode == "thread":
+                    worker = threading.Thread(target=python_work, args=(share, stop))
+                elif mode == "process":  # forked before the step: its own interpreter, its own GIL
+                    worker = multiprocessing.get_context("fork").Process(target=python_work, args=(share, stop))
+                if worker is not None:
+                    worker.start()
+                recorder = StepRecorder(engine, CLIENTS)
+                asyncio.run(in_process(engine, max_tokens))
+                stop.set()
+                if worker is not None:
+                    worker.join()
+                rows.append({"beside": mode, "round": round_, "share": share, "engine_threads": engine.torch_threads}
+                            | recorder.summary())
+    finally:
+        engine.shutdown()
+    return rows
+
+
+def print_beside(rows: list[dict]) -> None:
+    print(f"\n(c) demo model, {CLIENTS} requests decoding in process, engine thread at {rows[0]['engine_threads']} "
+          f"torch threads; pure-Python work taking {rows[0]['share']:.0%} of a core beside it")
+    print(f"{'beside':<8} {'round':>5} {'steps':>5} {'step median':>12} {'interval median':>16} {'vs alone':>9}")
+    for row in rows:
+        alone = next(r for r in rows if r["beside"] == "alone" and r["round"] == row["round"])
+        row["interval_vs_alone"] = row["interval_median_ms"] / alone["interval_median_ms"]
+        print(f"{row['beside']:<8} {row['round']:>5} {row['steps']:>5} {row['step_median_ms']:>9.2f} ms "
+              f"{row['interval_median_ms']:>13.2f} ms {row['interval_vs_alone']:>8.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=("lora", "steps"), default=None)
+    parser.add_argument("--only", choices=("lora", "steps", "beside"), default=None)
+    parser.add_argument("--beside-share", type=float, default=0.3, help="(c): the other work's share of a core")
     parser.add_argument("--repeats", type=int, default=30, help="timed LoRA steps per case")
     parser.add_argument("--rounds", type=int, default=3, help="times each case runs")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -283,6 +347,9 @@ def main() -> None:
     if args.only in (None, "steps"):
         result["steps"] = run_steps(args.engine_threads, args.max_tokens, args.rounds)
         print_steps(result["steps"], args.max_tokens)
+    if args.only in (None, "beside"):
+        result["beside"] = run_beside(args.engine_threads, args.max_tokens, args.rounds, args.beside_share)
+        print_beside(result["beside"])
     result["load_after"] = os.getloadavg()[0]
     print(f"load average after: {result['load_after']:.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
