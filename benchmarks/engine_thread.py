@@ -18,8 +18,9 @@
 (c) Python beside the engine: the same in-process decode while other pure-Python work (a stand-in for the event
     loop's HTTP, JSON and SSE work) takes `--beside-share` of a core, in a thread of the engine's process (it
     shares the engine's GIL, as the API server does today) or in another process (as it would beside an engine
-    core process of its own). The engine runs `--engine-threads` torch threads: with 1 a core is left for the
-    other work, so what slows the engine is the GIL, not the cores.
+    core process of its own). Then the same with the model runner in a worker process (`--model-runner-process`):
+    the Python work then shares its GIL with the engine's scheduling only. The engine runs `--engine-threads` torch
+    threads: with 1 a core is left for the other work, so what slows the engine is the GIL, not the cores.
 
     python benchmarks/engine_thread.py                      # all; writes benchmarks/results/engine_thread-cpu.json
     python benchmarks/engine_thread.py --only lora --repeats 3
@@ -177,11 +178,12 @@ class StepRecorder:
                 "interval_mean_ms": statistics.mean(gaps) * 1e3, "interval_median_ms": statistics.median(gaps) * 1e3}
 
 
-def demo_engine(engine_threads: int | None):
+def demo_engine(engine_threads: int | None, model_runner_process: bool = False):
     from server.config import Settings
     from server.runtime import build_engine
 
-    settings = Settings(device="cpu", dtype="float32", max_num_seqs=CLIENTS, engine_threads=engine_threads)
+    settings = Settings(device="cpu", dtype="float32", max_num_seqs=CLIENTS, engine_threads=engine_threads,
+                        model_runner_process=model_runner_process)
     return settings, build_engine(settings)
 
 
@@ -279,11 +281,13 @@ def python_work(share: float, stop) -> None:
         time.sleep(BESIDE_PERIOD_S * (1 - share))
 
 
-def run_beside(engine_threads: int | None, max_tokens: int, rounds: int, share: float) -> list[dict]:
+def run_beside(engine_threads: int | None, max_tokens: int, rounds: int, share: float,
+               model_runner_process: bool = False) -> list[dict]:
     import multiprocessing
 
-    _, engine = demo_engine(engine_threads)
+    _, engine = demo_engine(engine_threads, model_runner_process)
     engine.start()
+    threads = engine_threads or os.cpu_count()  # the engine thread's, or with a worker process the worker's
     rows = []
     try:
         asyncio.run(in_process(engine, 8))  # warm-up
@@ -302,22 +306,25 @@ def run_beside(engine_threads: int | None, max_tokens: int, rounds: int, share: 
                 stop.set()
                 if worker is not None:
                     worker.join()
-                rows.append({"beside": mode, "round": round_, "share": share, "engine_threads": engine.torch_threads}
-                            | recorder.summary())
+                rows.append({"runner": "process" if model_runner_process else "engine thread", "beside": mode,
+                             "round": round_, "share": share, "torch_threads": threads} | recorder.summary())
     finally:
         engine.shutdown()
     return rows
 
 
 def print_beside(rows: list[dict]) -> None:
-    print(f"\n(c) demo model, {CLIENTS} requests decoding in process, engine thread at {rows[0]['engine_threads']} "
-          f"torch threads; pure-Python work taking {rows[0]['share']:.0%} of a core beside it")
-    print(f"{'beside':<8} {'round':>5} {'steps':>5} {'step median':>12} {'interval median':>16} {'vs alone':>9}")
+    print(f"\n(c) demo model, {CLIENTS} requests decoding in process, torch at {rows[0]['torch_threads']} threads; "
+          f"pure-Python work taking {rows[0]['share']:.0%} of a core beside the engine")
+    print(f"{'model runner':<14} {'beside':<8} {'round':>5} {'steps':>5} {'step median':>12} {'interval median':>16} "
+          f"{'vs alone':>9}")
     for row in rows:
-        alone = next(r for r in rows if r["beside"] == "alone" and r["round"] == row["round"])
+        alone = next(r for r in rows if r["beside"] == "alone" and r["round"] == row["round"]
+                     and r["runner"] == row["runner"])
         row["interval_vs_alone"] = row["interval_median_ms"] / alone["interval_median_ms"]
-        print(f"{row['beside']:<8} {row['round']:>5} {row['steps']:>5} {row['step_median_ms']:>9.2f} ms "
-              f"{row['interval_median_ms']:>13.2f} ms {row['interval_vs_alone']:>8.2f}x")
+        print(f"{row['runner']:<14} {row['beside']:<8} {row['round']:>5} {row['steps']:>5} "
+              f"{row['step_median_ms']:>9.2f} ms {row['interval_median_ms']:>13.2f} ms "
+              f"{row['interval_vs_alone']:>8.2f}x")
 
 
 def main() -> None:
@@ -348,7 +355,8 @@ def main() -> None:
         result["steps"] = run_steps(args.engine_threads, args.max_tokens, args.rounds)
         print_steps(result["steps"], args.max_tokens)
     if args.only in (None, "beside"):
-        result["beside"] = run_beside(args.engine_threads, args.max_tokens, args.rounds, args.beside_share)
+        result["beside"] = [row for process in (False, True) for row in run_beside(
+            args.engine_threads, args.max_tokens, args.rounds, args.beside_share, model_runner_process=process)]
         print_beside(result["beside"])
     result["load_after"] = os.getloadavg()[0]
     print(f"load average after: {result['load_after']:.2f}")

@@ -89,9 +89,9 @@ def write_random_checkpoint(shape: str, directory: Path, dtype: torch.dtype = to
 def synthetic_adapters(engine: Engine, count: int, rank: int) -> list[LoraAdapter]:
     """`count` adapters of `rank` on every target module, sharing one set of random weights (only their cost
     is measured, and one set keeps 64 adapters of an 8B model quick to build)."""
-    args = engine.model.args
+    args = engine.args
     gen = torch.Generator().manual_seed(0)
-    dtype = engine.model.output.weight.dtype
+    dtype = engine.runner.model.output.weight.dtype
     weights = {
         (layer, module): LoraWeight(
             a=(torch.randn(rank, d_in, generator=gen) * 0.02).to(dtype),

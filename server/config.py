@@ -68,6 +68,11 @@ class Settings(BaseModel):
         "reference on the device at start) and the torch reference elsewhere; triton without CUDA runs Triton's "
         "interpreter (slow, for tests)"
     )
+    model_runner_process: bool = Field(
+        False, description="run the model (its forward passes, sampling and device memory) in a process of its own, "
+        "so that the server's HTTP work never holds up a step (each torch op of a step otherwise waits for Python's "
+        "lock whenever the HTTP side runs: benchmarks/engine_thread.py measures it)"
+    )
     enforce_eager: bool = Field(
         False, description="run every step eagerly: no CUDA graphs of decode steps (captured at start on CUDA "
         "with the Triton kernels, for batches of 1, 2, 4, 8, 16, 24, ... up to --max-num-seqs, at most 256)"

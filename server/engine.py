@@ -23,16 +23,18 @@ import secrets
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
-from server.adapter_pool import AdapterSlotPool, LoadAdapter
+from server.adapter_pool import AdapterSlotPool, LoadAdapter, PoolWrite
 from server.adapter_registry import AdapterRegistry, AdapterVersion
 from server.kv_blocks import BlockAllocator
 from server.metrics import Metrics
-from server.model import Transformer
-from server.model_runner import ModelRunner, adapter_page_bytes
+from server.model import ModelArgs
+from server.model_runner import StepOutput
 from server.requests import (
     AdapterBrokenError,
     AdapterChangedError,
@@ -144,10 +146,33 @@ def _deliver(items: list[Delivery]) -> None:
         stream._queue.put_nowait(item)
 
 
+class ModelRunnerAPI(Protocol):
+    """What the engine asks of a model runner: `server.model_runner.ModelRunner`, or
+    `server.runner_process.ProcessRunner` for one in a process of its own."""
+
+    device: torch.device
+
+    @property
+    def copies_overlap_compute(self) -> bool: ...
+    @property
+    def can_capture_graphs(self) -> bool: ...
+    def prepare_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> tuple[int, ...]: ...
+    def execute(self, plan: list[ScheduledChunk], overlap: Callable[[], None] | None = None) -> StepOutput: ...
+    def apply(self, write: PoolWrite) -> None: ...
+    def readiness_problems(self) -> list[str]: ...
+    def close(self) -> None: ...
+
+
+# (num_kv_blocks, block_size, num_slots, max_rank, num_pages) -> the model runner, sized for the engine's pools
+RunnerFactory = Callable[[int, int, int, int, int], ModelRunnerAPI]
+
+
 class Engine:
     def __init__(
         self,
-        model: Transformer,
+        args: ModelArgs,
+        page_bytes: int,
+        make_runner: RunnerFactory,
         tokenizer: Tokenizer,
         config: EngineConfig,
         registry: AdapterRegistry,
@@ -155,20 +180,22 @@ class Engine:
         model_description: str,
         metrics: Metrics | None = None,
     ):
-        self.model = model
+        """`args`: the model's shape; `page_bytes`: one adapter page over every LoRA layer of it (the pool's unit);
+        `make_runner`: the model runner, built once the pools are sized."""
+        self.args = args
         self.tokenizer = tokenizer
         self.config = config
         self.model_name = model_name
         self.model_description = model_description
-        self.base_config = model.args.to_hf_config()  # published on the base model's card
+        self.base_config = args.to_hf_config()  # published on the base model's card
         self.max_model_len = config.max_model_len
         self.created = int(time.time())
         self.registry = registry
         self.allocator = BlockAllocator(config.num_kv_blocks, config.block_size)
-        self.pool = AdapterSlotPool(config.max_gpu_adapters, config.max_lora_rank, adapter_page_bytes(model),
+        self.pool = AdapterSlotPool(config.max_gpu_adapters, config.max_lora_rank, page_bytes,
                                     config.max_gpu_adapter_bytes)
-        self.runner = ModelRunner(model, config.num_kv_blocks, config.block_size, self.pool.num_slots,
-                                  self.pool.max_rank, self.pool.num_pages)
+        self.runner = make_runner(config.num_kv_blocks, config.block_size, self.pool.num_slots, self.pool.max_rank,
+                                  self.pool.num_pages)
         self.device = self.runner.device
         if not config.enforce_eager and self.runner.can_capture_graphs:  # after the KV cache, as vLLM does
             self.runner.prepare_decode_graphs(config.max_num_seqs, config.max_model_len)
@@ -250,6 +277,7 @@ class Engine:
         """
         problems = []
         busy_since = self._busy_since
+        problems += self.runner.readiness_problems()
         if not self._thread.is_alive():
             problems.append("the engine thread is not running")
         elif busy_since is not None and time.monotonic() - busy_since > STALLED_STEP_S:
@@ -358,6 +386,7 @@ class Engine:
             self._wake.notify()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        self.runner.close()
 
     # ---- engine thread -----------------------------------------------------------------------------
 

@@ -103,6 +103,12 @@ class ModelRunner:
         # Per slot, an event on the side stream after its latest load's copies, until a step has waited for it.
         self._loaded: dict[int, torch.cuda.Event] = {}
 
+    def readiness_problems(self) -> list[str]:
+        return []  # in the engine's process: alive as long as the engine is
+
+    def close(self) -> None:
+        """Nothing to let go of: the device memory goes with the model."""
+
     @property
     def copies_overlap_compute(self) -> bool:
         """Whether adapter weights go up on a side stream, so deciding loads while a step runs is worth doing."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import shutil
 import tempfile
@@ -19,12 +20,14 @@ from server.adapter_registry import AdapterRegistry
 from server.checkpoint import load_weights, read_config
 from server.config import Settings, StartupError
 from server.demo import DEMO_DESCRIPTION, DEMO_MODEL_NAME, build_demo_model
-from server.engine import Engine, EngineConfig
+from server.engine import Engine, EngineConfig, RunnerFactory
 from server.memory_profile import StepLimits, estimate_decode_graph_pool, estimate_largest_step, measure_largest_step
 from server.metrics import Metrics
 from server.model import ModelArgs, Transformer
+from server.model_runner import ModelRunner, adapter_page_bytes
+from server.runner_process import ProcessRunner, RunnerInfo
 from server.startup_import import import_adapters
-from server.tokenizer import Tokenizer
+from server.tokenizer import Tokenizer, build_byte_tokenizer
 from server.torch_threads import engine_threads, limit_current_thread, run_on_exiting_thread
 
 log = logging.getLogger("lorahive.runtime")
@@ -70,27 +73,56 @@ def _building_on(device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
-def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer, str, str]:
-    """The model, its tokenizer, its served name and a one-line description."""
+def load_tokenizer(settings: Settings) -> tuple[Tokenizer, str, str]:
+    """The model's tokenizer, its served name and a one-line description (no weights are read)."""
     if settings.model is None:
-        model, tokenizer = build_demo_model(settings.seed)
-        demo_len = model.args.max_position_embeddings  # its rotary table ends there: no position past it exists
-        if max_model_len(settings, model.args) > demo_len:
-            raise StartupError(f"--max-model-len {settings.max_model_len}: the demo model's positions end at "
-                               f"{demo_len}; lower --max-model-len, or serve a checkpoint with --model")
-        return model.to(device, dtype), tokenizer, settings.served_model_name or DEMO_MODEL_NAME, DEMO_DESCRIPTION
+        return build_byte_tokenizer(), settings.served_model_name or DEMO_MODEL_NAME, DEMO_DESCRIPTION
     model_dir = Path(settings.model)
     try:
         args = read_config(model_dir)
         tokenizer = Tokenizer.from_dir(model_dir)
+    except ValueError as exc:  # what the checkpoint's files get wrong; each message names the file
+        raise StartupError(f"--model {model_dir}: {exc}") from None
+    # The description reaches every tenant through /v1/models: no server path in it.
+    return tokenizer, settings.served_model_name or model_dir.resolve().name, f"{args.architecture} checkpoint"
+
+
+def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """The model's weights on `device` in `dtype`."""
+    if settings.model is None:
+        model, _ = build_demo_model(settings.seed)
+        demo_len = model.args.max_position_embeddings  # its rotary table ends there: no position past it exists
+        if max_model_len(settings, model.args) > demo_len:
+            raise StartupError(f"--max-model-len {settings.max_model_len}: the demo model's positions end at "
+                               f"{demo_len}; lower --max-model-len, or serve a checkpoint with --model")
+        return model.to(device, dtype)
+    model_dir = Path(settings.model)
+    try:
+        args = read_config(model_dir)
         with _building_on(device, dtype):
             model = Transformer(args, max_seq_len=max_model_len(settings, args))
         load_weights(model, model_dir)
     except ValueError as exc:  # what the checkpoint's files get wrong; each message names the file
         raise StartupError(f"--model {model_dir}: {exc}") from None
-    name = settings.served_model_name or model_dir.resolve().name
-    # The description reaches every tenant through /v1/models: no server path in it.
-    return model.eval(), tokenizer, name, f"{args.architecture} checkpoint"
+    return model.eval()
+
+
+def load_runner_model(settings: Settings) -> tuple[Transformer, RunnerInfo]:
+    """The model runner's half of start-up: the model on its device with its kernels chosen, and the KV-cache
+    blocks that fit beside it."""
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    model = load_model(settings, device, dtype)
+    model.lora.backend = resolve_backend(settings.lora_backend, device, dtype)
+    args = model.args
+    model.attention_context.backend = resolve_attention_backend(
+        settings.attention_backend, device, dtype,
+        AttentionShape(args.n_heads, args.n_kv_heads, args.head_dim, settings.block_size, args.sliding_window),
+    )
+    description = (f"{device} ({dtype}), LoRA backend {model.lora.backend}, attention backend "
+                   f"{model.attention_context.backend}")
+    blocks = kv_cache_blocks(settings, model, device, dtype)
+    return model, RunnerInfo(args, adapter_page_bytes(model), blocks, str(device), dtype, description)
 
 
 def max_model_len(settings: Settings, args: ModelArgs) -> int:
@@ -280,42 +312,45 @@ def open_store(settings: Settings) -> AdapterStore:
 def build_engine(settings: Settings) -> Engine:
     """The engine `settings` describe; StartupError names the flag of a setting it cannot start with.
 
-    The calling thread runs torch with one thread from here on; the building (weights, backends' self-checks,
-    the memory profile, the KV cache) gets the engine's threads, on a thread that exits when it is done
-    (server/torch_threads.py)."""
+    The calling thread runs torch with one thread from here on. In process, the building (weights, backends'
+    self-checks, the memory profile, the KV cache) gets the engine's threads, on a thread that exits when it is done
+    (server/torch_threads.py); with --model-runner-process the worker process does it (server/runner_process.py)."""
     limit_current_thread()
-    return run_on_exiting_thread(lambda: _build_engine(settings), "lorahive-build",
-                                 engine_threads(settings.engine_threads))
-
-
-def _build_engine(settings: Settings) -> Engine:
     check_paths(settings)
-    device = pick_device(settings.device)
-    dtype = pick_dtype(settings.dtype, device)
-    model, tokenizer, name, description = load_model(settings, device, dtype)
-    model.lora.backend = resolve_backend(settings.lora_backend, device, dtype)
-    args = model.args
-    model.attention_context.backend = resolve_attention_backend(
-        settings.attention_backend, device, dtype,
-        AttentionShape(args.n_heads, args.n_kv_heads, args.head_dim, settings.block_size, args.sliding_window),
-    )
+    if settings.model_runner_process:
+        worker = ProcessRunner.start(settings)
+        try:
+            return _engine(settings, worker.info, worker.attach)
+        except BaseException:
+            worker.close()
+            raise
+    model, info = run_on_exiting_thread(lambda: load_runner_model(settings), "lorahive-build",
+                                        engine_threads(settings.engine_threads))
+    return _engine(settings, info, functools.partial(ModelRunner, model))
+
+
+def _engine(settings: Settings, info: RunnerInfo, make_runner: RunnerFactory) -> Engine:
+    """The engine around the model runner `make_runner` builds, whose model `info` describes: the adapter registry
+    (and the start-up import), the engine's settings, its metrics."""
+    tokenizer, name, description = load_tokenizer(settings)
+    args = info.args
     registry = AdapterRegistry(
         open_store(settings),
         BaseModelShape(num_layers=args.n_layers, module_dims=args.lora_module_dims),
         max_rank=settings.max_lora_rank,
         host_budget_bytes=settings.max_host_adapter_bytes,
-        pin_memory=device.type == "cuda",
+        pin_memory=torch.device(info.device).type == "cuda",
         pinned_ids=frozenset(settings.pin),
         max_adapter_bytes=settings.max_adapter_bytes,
         revalidate_s=settings.store_revalidate_seconds,
-        serving_dtype=dtype,
+        serving_dtype=info.dtype,
         reserved_ids=frozenset({name}),
     )
     if settings.adapters is not None:
         import_adapters(registry, settings.adapters)
     config = EngineConfig(
         max_model_len=max_model_len(settings, args),
-        num_kv_blocks=kv_cache_blocks(settings, model, device, dtype),
+        num_kv_blocks=info.num_kv_blocks,
         block_size=settings.block_size,
         max_gpu_adapters=settings.max_gpu_adapters,
         max_lora_rank=settings.max_lora_rank,
@@ -324,10 +359,11 @@ def _build_engine(settings: Settings) -> Engine:
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_waiting_requests=settings.max_waiting_requests,
         enforce_eager=settings.enforce_eager,
-        engine_threads=settings.engine_threads,
+        # With the model runner in its own process the engine thread runs no torch work worth a thread team.
+        engine_threads=1 if settings.model_runner_process else settings.engine_threads,
     )
-    log.info("serving %s on %s (%s), KV cache %d blocks of %d tokens, LoRA backend %s, attention backend %s", name,
-             device, dtype, config.num_kv_blocks, config.block_size, model.lora.backend,
-             model.attention_context.backend)
+    log.info("serving %s on %s, KV cache %d blocks of %d tokens%s", name, info.description, config.num_kv_blocks,
+             config.block_size, ", model runner in its own process" if settings.model_runner_process else "")
     metrics = Metrics(top_adapters=settings.metrics_top_adapters)
-    return Engine(model, tokenizer, config, registry, name, description, metrics=metrics)
+    return Engine(args, info.page_bytes, make_runner, tokenizer, config, registry, name, description,
+                  metrics=metrics)

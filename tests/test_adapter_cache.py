@@ -42,7 +42,7 @@ def engines(tmp_path: Path) -> Iterator[Callable[..., Engine]]:
     def start(**settings: Any) -> Engine:
         engine = build_engine(Settings(**(ENGINE_SETTINGS | {"store": tmp_path} | settings)))
         for i in range(NUM_ADAPTERS):
-            engine.registry.add(make_adapter(f"t{i}", engine.model.args, 4, 8.0, TARGET_MODULES, seed=100 + i))
+            engine.registry.add(make_adapter(f"t{i}", engine.args, 4, 8.0, TARGET_MODULES, seed=100 + i))
         engine.start()
         started.append(engine)
         return engine
@@ -104,7 +104,7 @@ def test_device_byte_budget_with_mixed_ranks_gives_the_alone_outputs(tmp_path: P
     def start(store: Path, **extra: Any) -> Engine:
         engine = build_engine(Settings(**(settings | {"store": store} | extra)))
         for i, rank in enumerate(ranks):
-            engine.registry.add(make_adapter(f"m{i}", engine.model.args, rank, 2.0 * rank, TARGET_MODULES,
+            engine.registry.add(make_adapter(f"m{i}", engine.args, rank, 2.0 * rank, TARGET_MODULES,
                                              seed=200 + i))
         engine.start()
         return engine
@@ -209,7 +209,7 @@ def test_a_request_on_an_adapter_only_on_disk_survives_a_replace_or_delete_befor
     loaded them, the request is still served with them. (It used to fail with a 500: its load found the
     files gone. The soak, tests/test_soak.py, found it.)"""
     engine = build_engine(Settings(**(ENGINE_SETTINGS | {"store": tmp_path})))
-    old = make_adapter("cold", engine.model.args, 8, 16.0, TARGET_MODULES, seed=1)
+    old = make_adapter("cold", engine.args, 8, 16.0, TARGET_MODULES, seed=1)
     _store_cold(engine, old)
     engine.registry.add(replace(old, adapter_id="reference"))
     request = greedy(prompt(3, 9), 8)
@@ -217,7 +217,7 @@ def test_a_request_on_an_adapter_only_on_disk_survives_a_replace_or_delete_befor
     async def scenario():
         bound = engine.submit(replace(request, adapter_id="cold"))  # the engine has not started yet
         if change == "replace":
-            new = make_adapter("cold", engine.model.args, 8, 16.0, TARGET_MODULES, seed=2)
+            new = make_adapter("cold", engine.args, 8, 16.0, TARGET_MODULES, seed=2)
             engine.registry.replace("cold", *to_peft_files(new))
         else:
             engine.registry.delete("cold")
@@ -245,7 +245,7 @@ def test_a_load_whose_files_a_replace_removes_does_not_fail_the_bound_requests(t
     failure must not be reported (the engine would fail those requests); after it, there is none to report."""
     engine = build_engine(Settings(**(ENGINE_SETTINGS | {"store": tmp_path})))  # never started: no engine thread
     registry, store = engine.registry, engine.registry.store
-    old = make_adapter("cold", engine.model.args, 8, 16.0, TARGET_MODULES, seed=1)
+    old = make_adapter("cold", engine.args, 8, 16.0, TARGET_MODULES, seed=1)
     _store_cold(engine, old)
     version = registry.bind("cold")
     assert version.weights is None
@@ -280,7 +280,7 @@ def test_a_load_whose_files_a_replace_removes_does_not_fail_the_bound_requests(t
     monkeypatch.setattr(store, "replace", replace_then_let_the_load_fail)
     try:
         registry.request_load(version)
-        registry.replace("cold", *to_peft_files(make_adapter("cold", engine.model.args, 8, 16.0, TARGET_MODULES,
+        registry.replace("cold", *to_peft_files(make_adapter("cold", engine.args, 8, 16.0, TARGET_MODULES,
                                                              seed=2)))
         assert load_reported.wait(TIMEOUT_S)
         assert errors_seen == [None] and not version.broken
@@ -297,7 +297,7 @@ def test_a_delete_racing_a_replace_leaves_no_adapter_behind(tmp_path, monkeypatc
     undone by it: the registry served a version whose files were gone. Now the delete waits for the replace."""
     engine = build_engine(Settings(**(ENGINE_SETTINGS | {"store": tmp_path})))  # never started: no engine thread
     registry, store = engine.registry, engine.registry.store
-    registry.add(make_adapter("raced", engine.model.args, 4, 8.0, TARGET_MODULES, seed=1))
+    registry.add(make_adapter("raced", engine.args, 4, 8.0, TARGET_MODULES, seed=1))
     deleter = threading.Thread(target=registry.delete, args=("raced",))
     store_replace = store.replace
 
@@ -309,7 +309,7 @@ def test_a_delete_racing_a_replace_leaves_no_adapter_behind(tmp_path, monkeypatc
 
     monkeypatch.setattr(store, "replace", replace_then_delete)
     try:
-        registry.replace("raced", *to_peft_files(make_adapter("raced", engine.model.args, 4, 8.0, TARGET_MODULES,
+        registry.replace("raced", *to_peft_files(make_adapter("raced", engine.args, 4, 8.0, TARGET_MODULES,
                                                               seed=2)))
         deleter.join(TIMEOUT_S)
         assert "raced" not in store.ids() and not registry.exists("raced")

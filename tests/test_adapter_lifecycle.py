@@ -159,7 +159,7 @@ def test_listing_is_paginated(client, server):
 
 def _bad_uploads(engine: Engine) -> dict[str, dict]:
     config, weights = peft_files(engine, seed=40)
-    nan = make_adapter("x", engine.model.args, 4, 8.0, ("q_proj",), seed=41)
+    nan = make_adapter("x", engine.args, 4, 8.0, ("q_proj",), seed=41)
     nan.weights[(0, "q_proj")].a[0, 0] = float("nan")
     wrong_shape = save({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 7),
                         "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(7, 4)})

@@ -31,7 +31,7 @@ ABORTS = re.compile(r'^lorahive_requests_finished_total\{finish_reason="abort"\}
 @pytest.fixture(scope="module")
 def live() -> Iterator[tuple[str, Engine]]:
     with serving_engine(Settings(**ENGINE_SETTINGS)) as (url, engine):
-        engine.registry.add(make_adapter(ADAPTER, engine.model.args, 8, 16.0, ("q_proj", "v_proj"), seed=7))
+        engine.registry.add(make_adapter(ADAPTER, engine.args, 8, 16.0, ("q_proj", "v_proj"), seed=7))
         yield url, engine
 
 

@@ -80,14 +80,14 @@ def test_not_ready_while_a_step_hangs(
     monkeypatch.setattr(server.engine, "STALLED_STEP_S", 0.0)  # any step under way counts as hung
     assert not_ready_reasons(client) == []  # an idle engine waits for work: healthy, however long
     inside, release = threading.Event(), threading.Event()
-    forward = engine.model.forward
+    forward = engine.runner.model.forward
 
     def hanging_forward(*args: Any, **kwargs: Any) -> Any:
         inside.set()
         assert release.wait(60)
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", hanging_forward)
+    monkeypatch.setattr(engine.runner.model, "forward", hanging_forward)
     request = GenerationRequest((1, 2, 3), SamplingParams(max_tokens=2, temperature=0.0))
 
     async def generate() -> None:

@@ -106,7 +106,7 @@ def alone(engine: Engine) -> Callable[[GenerationRequest], Choice]:
 def merged_transformers_model(engine: Engine, adapter: LoraAdapter | None, directory: Path) -> Any:
     """The demo model in `transformers`, with W' = W + scale * B @ A merged into every target projection."""
     transformers = pytest.importorskip("transformers")
-    save_checkpoint(engine.model, directory)
+    save_checkpoint(engine.runner.model, directory)
     hf = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     if adapter is not None:
         with torch.no_grad():
@@ -476,7 +476,7 @@ def test_failed_step_fails_only_its_batch(
     after = greedy(prompt(82, 7), 6, "a2")
     expected_bystander, expected_after = alone(bystander), alone(after)
 
-    forward = engine.model.forward
+    forward = engine.runner.model.forward
     calls = 0
 
     def fail_first_call(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -488,7 +488,7 @@ def test_failed_step_fails_only_its_batch(
 
     # One sequence per batch, so the bystander cannot share the failing step with the victim.
     monkeypatch.setattr(engine.scheduler, "max_num_seqs", 1)
-    monkeypatch.setattr(engine.model, "forward", fail_first_call)
+    monkeypatch.setattr(engine.runner.model, "forward", fail_first_call)
 
     async def scenario() -> list[list[Choice] | BaseException]:
         streams = [engine.submit(victim), engine.submit(bystander)]
@@ -509,7 +509,7 @@ def test_failed_step_is_a_500_carrying_the_logged_error_id(
 ) -> None:
     """Over HTTP: the failed batch's request gets OpenAI's 500 body (in-band when streamed) naming the id under
     which the engine logged the cause with its traceback; the next request is served."""
-    forward = engine.model.forward
+    forward = engine.runner.model.forward
     calls = 0
 
     def fail_first_call(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -519,7 +519,7 @@ def test_failed_step_is_a_500_carrying_the_logged_error_id(
             raise RuntimeError("injected failure")
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine.model, "forward", fail_first_call)
+    monkeypatch.setattr(engine.runner.model, "forward", fail_first_call)
     # ignore_eos: the served request must run to its length, whatever the sampled tokens.
     body = {"model": engine.model_name, "prompt": "hello", "max_tokens": 3, "stream": stream, "ignore_eos": True}
     with TestClient(build_app(engine), raise_server_exceptions=False) as client:

@@ -127,7 +127,7 @@ def test_logits_match_transformers_and_peft(checkpoint: Checkpoint, adapter: str
         slot = engine.pool.acquire(version, version.weights)
         for write in engine.pool.take_writes():
             engine.runner.apply(write)
-    ours = _our_logits(engine.model, PROMPT, slot)
+    ours = _our_logits(engine.runner.model, PROMPT, slot)
     with torch.no_grad():
         theirs = _hf_with_adapter(checkpoint, adapter)(torch.tensor([PROMPT])).logits[0].float()
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
@@ -179,7 +179,7 @@ def test_greedy_generation_matches_peft_generate(checkpoint: Checkpoint, backend
     engine = build_engine(Settings(model=checkpoint.model_dir, adapters=checkpoint.adapters_dir, device=device,
                                    dtype="float32", lora_backend=backend, attention_backend=backend,
                                    max_num_batched_tokens=16))
-    assert (engine.model.lora.backend, engine.model.attention_context.backend) == (backend, backend)
+    assert (engine.runner.model.lora.backend, engine.runner.model.attention_context.backend) == (backend, backend)
     kinds = _StepKinds()
     kinds.watch(engine)
     max_tokens = 12

@@ -422,7 +422,7 @@ def test_engine_with_triton_backend_matches_torch_backend() -> None:
     for backend in ("torch", "triton"):
         engine = start_engine(adapters, lora_backend=backend, device="cpu" if ops.INTERPRETED else "cuda")
         try:
-            assert engine.model.lora.backend == backend
+            assert engine.runner.model.lora.backend == backend
             outputs[backend] = [[c.token_ids for c in choices] for choices in generate(engine, requests)]
             assert_idle(engine)
             # The runner published each resident adapter's rank for the kernels (a1: 4, a2: 16).

@@ -136,10 +136,10 @@ def test_the_engine_checks_the_attention_kernels_on_its_own_model(
     settings = ENGINE_SETTINGS | {"device": device, "block_size": 8, "attention_backend": "triton"}
     with caplog.at_level("WARNING", logger="lorahive.kernels"):
         engine = build_engine(Settings(**settings))
-    args = engine.model.args
+    args = engine.args
     assert checked == [(device, torch.float32, AttentionShape(args.n_heads, args.n_kv_heads, args.head_dim, 8,
                                                               args.sliding_window))]
-    assert engine.model.attention_context.backend == "torch"
+    assert engine.runner.model.attention_context.backend == "torch"
     assert "attention backend: using the torch reference instead of Triton" in caplog.text
     assert "a test disagreement" in caplog.text
 

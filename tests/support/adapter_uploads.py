@@ -16,7 +16,7 @@ MAX_RANK = 16  # the --max-lora-rank of the servers these adapters go to
 
 
 def peft_files(engine: Engine, seed: int, rank: int = 8, std: float = 0.1) -> tuple[bytes, bytes]:
-    return to_peft_files(make_adapter("x", engine.model.args, rank, 2.0 * rank, TARGET_MODULES, seed, std))
+    return to_peft_files(make_adapter("x", engine.args, rank, 2.0 * rank, TARGET_MODULES, seed, std))
 
 
 def multipart(config: bytes, weights: bytes) -> dict:
@@ -28,7 +28,7 @@ def upload(client: httpx.Client, adapter_id: str, files: tuple[bytes, bytes]) ->
 
 
 def peft_multipart(engine: Engine, seed: int) -> dict[str, tuple[str, bytes]]:
-    return multipart(*to_peft_files(make_adapter("x", engine.model.args, 2, 4.0, ("q_proj", "v_proj"), seed)))
+    return multipart(*to_peft_files(make_adapter("x", engine.args, 2, 4.0, ("q_proj", "v_proj"), seed)))
 
 
 DEMO_ARGS = build_demo_model()[0].args
