@@ -159,7 +159,8 @@ def main() -> None:
         engine = build_engine(Settings(
             model=checkpoint, store=Path(scratch) / "store", max_gpu_adapters=args.resident + args.loads,
             max_lora_rank=args.rank, max_num_seqs=args.batch + args.loads,
-            max_model_len=args.prompt_len + args.output_len))
+            max_model_len=args.prompt_len + args.output_len,
+            model_runner_process=False))  # times the runner's own calls: it must be in this process
         (weights,) = synthetic_adapters(engine, 1, args.rank)  # one set of weights under every id
         for i in range(args.resident):
             engine.registry.add(renamed(weights, f"resident-{i}"))

@@ -11,7 +11,8 @@
               the ops on a `TorchThread` with the default count, as the engine thread now starts
     Target: `after` within 1.1x of `main`.
 (b) Engine steps: the demo model's engine decoding 64 requests, submitted in process (no HTTP) vs streamed to 64
-    HTTP clients (a client process beside the server, SSE). Per full decode step (64 sequences): the forward +
+    HTTP clients (a client process beside the server, SSE); with the model runner on the engine thread and in a
+    worker process (`--model-runner-process`). Per full decode step (64 sequences): the forward +
     sampling time the engine's step metric observes, and the interval between consecutive steps (the whole loop:
     detokenizing, pushing tokens to the event loop, and waiting for the GIL).
 
@@ -234,9 +235,11 @@ async def http_clients(url: str, max_tokens: int) -> None:
         await asyncio.gather(*(one() for _ in range(CLIENTS)))
 
 
-def run_steps(engine_threads: int | None, max_tokens: int, rounds: int) -> list[dict]:
-    settings, engine = demo_engine(engine_threads)
+def run_steps(engine_threads: int | None, max_tokens: int, rounds: int, model_runner_process: bool = False
+              ) -> list[dict]:
+    settings, engine = demo_engine(engine_threads, model_runner_process)
     engine.start()
+    runner = "process" if model_runner_process else "engine thread"
     rows = []
     try:
         asyncio.run(in_process(engine, 8))  # warm-up
@@ -246,8 +249,8 @@ def run_steps(engine_threads: int | None, max_tokens: int, rounds: int) -> list[
                 work = in_process(engine, max_tokens) if mode == "in-process" else over_http(engine, settings,
                                                                                              max_tokens)
                 asyncio.run(work)
-                rows.append({"mode": mode, "round": round_, "engine_threads": engine.torch_threads}
-                            | recorder.summary())
+                rows.append({"runner": runner, "mode": mode, "round": round_,
+                             "torch_threads": engine_threads or os.cpu_count()} | recorder.summary())
     finally:
         engine.shutdown()
     return rows
@@ -255,15 +258,16 @@ def run_steps(engine_threads: int | None, max_tokens: int, rounds: int) -> list[
 
 def print_steps(rows: list[dict], max_tokens: int) -> None:
     print(f"\n(b) demo model, {CLIENTS} requests x {max_tokens} tokens decoding together; full decode steps of "
-          f"{CLIENTS} sequences; engine thread at {rows[0]['engine_threads']} torch threads")
-    print(f"{'mode':<11} {'round':>5} {'steps':>5} {'step median':>12} {'step mean':>10} {'interval median':>16} "
-          f"{'interval mean':>14} {'vs in-process':>14}")
+          f"{CLIENTS} sequences; torch at {rows[0]['torch_threads']} threads")
+    print(f"{'model runner':<14} {'mode':<11} {'round':>5} {'steps':>5} {'step median':>12} {'interval median':>16} "
+          f"{'vs in-process':>14}")
     for row in rows:
-        base = next(r for r in rows if r["mode"] == "in-process" and r["round"] == row["round"])
+        base = next(r for r in rows if r["mode"] == "in-process" and r["round"] == row["round"]
+                    and r["runner"] == row["runner"])
         row["interval_vs_in_process"] = row["interval_median_ms"] / base["interval_median_ms"]
-        print(f"{row['mode']:<11} {row['round']:>5} {row['steps']:>5} {row['step_median_ms']:>9.2f} ms "
-              f"{row['step_mean_ms']:>7.2f} ms {row['interval_median_ms']:>13.2f} ms "
-              f"{row['interval_mean_ms']:>11.2f} ms {row['interval_vs_in_process']:>13.2f}x")
+        print(f"{row['runner']:<14} {row['mode']:<11} {row['round']:>5} {row['steps']:>5} "
+              f"{row['step_median_ms']:>9.2f} ms {row['interval_median_ms']:>13.2f} ms "
+              f"{row['interval_vs_in_process']:>13.2f}x")
 
 
 # ---- (c) Python beside the engine ----------------------------------------------------------------------------
@@ -352,7 +356,8 @@ def main() -> None:
         result["lora"] = run_lora_cases(args.repeats, args.rounds)
         print_lora(result["lora"])
     if args.only in (None, "steps"):
-        result["steps"] = run_steps(args.engine_threads, args.max_tokens, args.rounds)
+        result["steps"] = [row for process in (False, True) for row in run_steps(
+            args.engine_threads, args.max_tokens, args.rounds, model_runner_process=process)]
         print_steps(result["steps"], args.max_tokens)
     if args.only in (None, "beside"):
         result["beside"] = [row for process in (False, True) for row in run_beside(

@@ -235,7 +235,8 @@ def main() -> None:
     started = time.perf_counter()  # the budget counts the set-up too: what a caller's time limit sees
     settings = dict(max_gpu_adapters=max(max(args.adapters), 1), max_lora_rank=args.rank,
                     max_num_seqs=max(args.requests), max_model_len=max(args.prompt_len) + args.output_len,
-                    enforce_eager=args.enforce_eager)
+                    enforce_eager=args.enforce_eager,
+                    model_runner_process=False)  # submits in process and reads the runner's model: no HTTP to fend off
     if args.shape is None:
         engine = build_engine(Settings(model=args.model, **settings))
     else:  # the checkpoint (16 GB for 8B) goes once its weights are loaded

@@ -110,7 +110,8 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = dict(device="cpu", max_gpu_adapters=args.adapters, max_lora_rank=args.rank,
-                    max_num_seqs=args.requests, max_model_len=16 + args.output_len + 8)
+                    max_num_seqs=args.requests, max_model_len=16 + args.output_len + 8,
+                    model_runner_process=False)  # profiles the runner's own calls: it must be in this process
     with tempfile.TemporaryDirectory(prefix="lorahive-bench-") as scratch:
         engine = build_engine(Settings(model=write_random_checkpoint(args.shape, Path(scratch)), **settings))
     for adapter in synthetic_adapters(engine, args.adapters, args.rank):

@@ -23,6 +23,7 @@ SDPA's own `is_causal` cannot express the rule (a cached prefix, or a window), f
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -111,11 +112,11 @@ def stale_key_rows(context_lens: list[int], width: int, block_size: int) -> torc
     """Rows of a decode group's gathered keys (flattened [n * width * block_size]) that come from slots past
     their sequence's context: the rest of its last block, and in the padding entries (copies of its first
     block) the slots of that block past the context. Built on the host: no device sync."""
-    position = torch.arange(width * block_size)[None, :]
-    context = torch.tensor(context_lens)[:, None]
+    position = np.arange(width * block_size)[None, :]
+    context = np.asarray(context_lens, dtype=np.int64)[:, None]
     own_keys = -(-context // block_size) * block_size
-    source = torch.where(position < own_keys, position, position % block_size)  # the slot each row copies
-    return torch.nonzero((source >= context).flatten()).flatten()
+    source = np.where(position < own_keys, position, position % block_size)  # the slot each row copies
+    return torch.from_numpy(np.flatnonzero(source >= context))
 
 
 def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, stale_rows: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kernels.metadata import LoRABatch
@@ -328,9 +329,14 @@ def _stacked_rows(batch: LoRABatch) -> tuple[int, torch.Tensor | None, torch.Ten
             gather = [start + min(j, end - start - 1) for _, start, end in batch.slot_runs for j in range(longest)]
             keep = [s * longest + j for s, n in enumerate(lengths) for j in range(n)]
             device = batch.by_slot.device
-            batch.cache[key] = (longest, torch.tensor(gather).to(device, non_blocking=True),
-                                torch.tensor(keep).to(device, non_blocking=True))
+            batch.cache[key] = (longest, _host_index(gather).to(device, non_blocking=True),
+                                _host_index(keep).to(device, non_blocking=True))
     return batch.cache[key]
+
+
+def _host_index(values: list[int]) -> torch.Tensor:
+    """An int64 index built on the host (numpy, not `torch.tensor`: nothing here waits for a device)."""
+    return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
 def _stacked(y: torch.Tensor, x: torch.Tensor, rows: slice | None, batch: LoRABatch,

@@ -69,9 +69,10 @@ class Settings(BaseModel):
         "interpreter (slow, for tests)"
     )
     model_runner_process: bool = Field(
-        False, description="run the model (its forward passes, sampling and device memory) in a process of its own, "
+        True, description="run the model (its forward passes, sampling and device memory) in a process of its own, "
         "so that the server's HTTP work never holds up a step (each torch op of a step otherwise waits for Python's "
-        "lock whenever the HTTP side runs: benchmarks/engine_thread.py measures it)"
+        "lock whenever the HTTP side runs: benchmarks/engine_thread.py measures it); false keeps it in the server's "
+        "process"
     )
     enforce_eager: bool = Field(
         False, description="run every step eagerly: no CUDA graphs of decode steps (captured at start on CUDA "

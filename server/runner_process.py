@@ -177,8 +177,8 @@ class ProcessRunner:
 
     def apply(self, write: PoolWrite) -> None:
         if isinstance(write, LoadAdapter):
-            # Copies, so that sharing them through shared memory leaves the host tier's (maybe pinned) ones alone.
-            weights = {key: (w.a.clone(), w.b_t.clone()) for key, w in write.adapter.weights.items()}
+            # Plain copies go through shared memory; the host tier's own (pinned, on a GPU server) stay as they are.
+            weights = {key: (_plain_copy(w.a), _plain_copy(w.b_t)) for key, w in write.adapter.weights.items()}
             adapter = (write.adapter.adapter_id, write.adapter.rank, write.adapter.dtype, weights)
             self._call("load", (write.slot, write.pages, adapter))
         elif isinstance(write, ClearSlot):
@@ -210,6 +210,11 @@ class ProcessRunner:
         if status != "ok":
             raise RunnerProcessError(answer)
         return answer
+
+
+def _plain_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy in ordinary (pageable) host memory, which torch's pickling moves to shared memory for the worker."""
+    return torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
 
 
 # ---- the worker's side ---------------------------------------------------------------------------------------

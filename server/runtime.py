@@ -339,7 +339,9 @@ def _engine(settings: Settings, info: RunnerInfo, make_runner: RunnerFactory) ->
         BaseModelShape(num_layers=args.n_layers, module_dims=args.lora_module_dims),
         max_rank=settings.max_lora_rank,
         host_budget_bytes=settings.max_host_adapter_bytes,
-        pin_memory=torch.device(info.device).type == "cuda",
+        # Pinned host copies speed up copies to a GPU in this process; a worker gets them through shared memory, and
+        # pinning here would open a CUDA context in this process too.
+        pin_memory=torch.device(info.device).type == "cuda" and not settings.model_runner_process,
         pinned_ids=frozenset(settings.pin),
         max_adapter_bytes=settings.max_adapter_bytes,
         revalidate_s=settings.store_revalidate_seconds,

@@ -91,7 +91,8 @@ def test_start_up_import_skips_a_directory_named_as_the_base_model(tmp_path, cap
         (adapters / name / "adapter_config.json").write_bytes(config)
         (adapters / name / "adapter_model.safetensors").write_bytes(weights)
     with caplog.at_level(logging.INFO):
-        engine = build_engine(Settings(store=tmp_path / "store", adapters=adapters, max_lora_rank=MAX_RANK))
+        engine = build_engine(Settings(store=tmp_path / "store", adapters=adapters, max_lora_rank=MAX_RANK,
+                                       model_runner_process=False))  # never started: the import alone
     try:
         assert engine.adapter_ids() == ["imported"]
         assert any(DEMO_MODEL_NAME in r.getMessage() and "served name" in r.getMessage() for r in caplog.records)

@@ -79,7 +79,7 @@ def test_oversubscribed_slots_give_the_alone_outputs_with_bounded_loads(engines)
 
 
 def test_host_budget_evicts_and_reloads_from_disk(engines):
-    one_adapter = make_adapter("probe", build_engine(Settings(**ENGINE_SETTINGS)).model.args, 4, 8.0,
+    one_adapter = make_adapter("probe", build_engine(Settings(**ENGINE_SETTINGS)).args, 4, 8.0,
                                TARGET_MODULES, seed=1).num_bytes
     requests = _requests()
     roomy = engines(max_gpu_adapters=NUM_ADAPTERS)

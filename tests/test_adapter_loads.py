@@ -24,7 +24,7 @@ def test_the_engine_thread_packs_no_adapter(tmp_path: Path, monkeypatch: pytest.
     settings = Settings(**(ENGINE_SETTINGS | {"store": tmp_path}))
     writer = build_engine(settings)  # stores the adapters; the engine below starts with a cold host tier
     for i, name in enumerate(ADAPTER_SPECS):
-        writer.registry.add(make_adapter(name, writer.model.args, *ADAPTER_SPECS[name], seed=40 + i))
+        writer.registry.add(make_adapter(name, writer.args, *ADAPTER_SPECS[name], seed=40 + i))
     writer.shutdown()
 
     packing_threads: list[tuple[str, int]] = []

@@ -119,7 +119,8 @@ def _our_logits(model: Transformer, tokens: list[int], slot: int) -> torch.Tenso
 
 @pytest.mark.parametrize("adapter", [None, *ADAPTERS])
 def test_logits_match_transformers_and_peft(checkpoint: Checkpoint, adapter: str | None):
-    engine = build_engine(Settings(model=checkpoint.model_dir, adapters=checkpoint.adapters_dir))
+    engine = build_engine(Settings(model=checkpoint.model_dir, adapters=checkpoint.adapters_dir,
+                                   model_runner_process=False))  # reads the model's logits directly
     assert engine.registry.ids() == sorted(ADAPTERS)  # every adapter imported, none skipped
     slot = -1
     if adapter is not None:
@@ -178,7 +179,7 @@ def test_greedy_generation_matches_peft_generate(checkpoint: Checkpoint, backend
     device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
     engine = build_engine(Settings(model=checkpoint.model_dir, adapters=checkpoint.adapters_dir, device=device,
                                    dtype="float32", lora_backend=backend, attention_backend=backend,
-                                   max_num_batched_tokens=16))
+                                   max_num_batched_tokens=16, model_runner_process=False))
     assert (engine.runner.model.lora.backend, engine.runner.model.attention_context.backend) == (backend, backend)
     kinds = _StepKinds()
     kinds.watch(engine)

@@ -86,7 +86,7 @@ def test_kv_cache_tokens_beyond_the_gpu_budget_is_refused() -> None:
 def test_a_kv_cache_beyond_the_host_memory_is_refused_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runtime, "_host_available_bytes", lambda: 64 * 2**20)
     with pytest.raises(StartupError) as refused:
-        build_engine(Settings(device="cpu", kv_cache_tokens=2048, max_num_seqs=4))
+        build_engine(Settings(device="cpu", kv_cache_tokens=2048, max_num_seqs=4, model_runner_process=False))
     message = str(refused.value)
     assert message.startswith("--kv-cache-tokens 2048 takes 8 MiB and the largest step (--max-num-batched-tokens "
                               "2048, --max-num-seqs 4) up to ")
@@ -95,7 +95,7 @@ def test_a_kv_cache_beyond_the_host_memory_is_refused_on_the_cpu(monkeypatch: py
 
 def test_an_explicit_cache_below_the_models_default_context_still_starts() -> None:
     # No --max-model-len: the operator chose the cache; requests longer than it are refused one by one.
-    engine = build_engine(Settings(device="cpu", kv_cache_tokens=512, block_size=16))
+    engine = build_engine(Settings(device="cpu", kv_cache_tokens=512, block_size=16, model_runner_process=False))
     assert engine.max_model_len == 2048 and engine.allocator.num_blocks == 32
 
 

@@ -46,7 +46,8 @@ def weights_sha256(registry: AdapterRegistry, adapter_id: str) -> str:
 
 def test_a_directory_that_is_one_adapter_is_served_under_its_name(tmp_path: Path) -> None:
     single = write_adapter(tmp_path / "house-style", seed=1)
-    engine = build_engine(Settings(store=tmp_path / "store", adapters=single, max_lora_rank=8))
+    engine = build_engine(Settings(store=tmp_path / "store", adapters=single, max_lora_rank=8,
+                                   model_runner_process=False))  # never started: the import alone
     assert engine.registry.ids() == ["house-style"]
     manifest = engine.registry.store.manifest("house-style")
     assert manifest.public and manifest.owner is None

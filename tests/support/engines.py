@@ -25,8 +25,10 @@ from server.runtime import build_engine
 # Generous: a healthy engine finishes each scenario in well under a second or two. The timeout only turns
 # a dead engine thread (a stream that will never end) into a failure instead of a hung suite.
 TIMEOUT_S = 60.0
+# The engine's own model runner: its tests start in a tenth of a second and reach the model; the worker process
+# (the server's default) has tests/test_runner_process.py, and every `lorahive serve` a test starts uses it.
 ENGINE_SETTINGS: dict[str, Any] = {
-    "device": "cpu", "dtype": "float32", "max_lora_rank": 16, "kv_cache_tokens": 1536
+    "device": "cpu", "dtype": "float32", "max_lora_rank": 16, "kv_cache_tokens": 1536, "model_runner_process": False,
 }
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
