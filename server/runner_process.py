@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing
+import signal
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -155,12 +156,14 @@ class ProcessRunner:
     def execute(self, plan: list[ScheduledChunk], overlap: Callable[[], None] | None = None) -> StepOutput:
         finished = [seq_id for seq_id, seq in self._sequences.items() if seq.finished]
         for seq_id in finished:
-            del self._sequences[seq_id], self._sent[seq_id]
+            del self._sequences[seq_id]
+            self._sent.pop(seq_id, None)
         chunks = [self._chunk_input(chunk) for chunk in plan]
-        positions, tokens, logprobs = self._call("step", StepRequest(chunks, finished))
-        for chunk in plan:  # only now: a failed step leaves the worker's view as it was, for the retry
-            self._sent[chunk.seq.seq_id] = len(chunk.seq.token_ids)
+        for chunk in plan:  # the worker mirrors them from now on, even should this step fail
             self._sequences[chunk.seq.seq_id] = chunk.seq
+        positions, tokens, logprobs = self._call("step", StepRequest(chunks, finished))
+        for chunk in plan:
+            self._sent[chunk.seq.seq_id] = len(chunk.seq.token_ids)
         if overlap is not None:
             overlap()
         return StepOutput([plan[i] for i in positions], tokens, logprobs)
@@ -225,6 +228,10 @@ def _worker_main(settings: Settings, connection: Any) -> None:
     from server.runtime import load_runner_model
     from server.torch_threads import engine_threads
 
+    # Signals are the server's to handle: a drain after SIGTERM still needs this process, and a Ctrl-C reaches the
+    # whole process group. The worker ends when the server closes the pipe, or dies with it (EOF).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[runner]: %(message)s")
     torch.set_num_threads(engine_threads(settings.engine_threads))  # this process's one torch thread: all cores
@@ -265,7 +272,10 @@ class _Worker:
             except Exception as exc:
                 log.error("model runner: %s failed\n%s", kind, traceback.format_exc())
                 answer = ("error", f"{type(exc).__name__}: {exc}")
-            self.connection.send(answer)
+            try:
+                self.connection.send(answer)
+            except OSError:  # the engine's process died while this ran
+                return
 
     def _attach(self, sizes: tuple[int, int, int, int, int]) -> bool:
         self.runner = ModelRunner(self.model, *sizes)

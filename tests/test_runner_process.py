@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 
 from adapters_store.peft_export import to_peft_files
@@ -102,3 +105,33 @@ def test_a_dead_worker_fails_requests_and_readiness_and_the_engine_goes_on_answe
 def test_a_setting_the_worker_cannot_start_with_is_a_startup_error_naming_its_flag() -> None:
     with pytest.raises(StartupError, match="--max-model-len"):
         build_engine(Settings(device="cpu", max_model_len=10**6, model_runner_process=True))
+
+
+def _alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from /proc (Linux)")
+def test_the_worker_ends_with_its_server_and_ignores_the_signals_the_server_handles(start_server) -> None:
+    """SIGTERM reaches a whole process group under many supervisors: the worker leaves it to the server, which
+    drains with it. A server killed outright (no chance to close the pipe) takes its worker along: no orphan keeps
+    the model's memory."""
+    server = start_server(drain_timeout=5)
+    pid = server.process.pid
+    (worker,) = [int(child) for task in os.listdir(f"/proc/{pid}/task")
+                 for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    os.kill(worker, signal.SIGTERM)
+    os.kill(worker, signal.SIGINT)
+    response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=TIMEOUT_S)
+    assert response.status_code == 200 and _alive(worker)
+    os.kill(pid, signal.SIGKILL)
+    server.process.wait()
+    deadline = time.monotonic() + TIMEOUT_S
+    while _alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(worker)
