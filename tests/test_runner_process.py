@@ -123,8 +123,10 @@ def test_the_worker_ends_with_its_server_and_ignores_the_signals_the_server_hand
     the model's memory."""
     server = start_server(drain_timeout=5)
     pid = server.process.pid
-    (worker,) = [int(child) for task in os.listdir(f"/proc/{pid}/task")
-                 for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    children = [int(child) for task in os.listdir(f"/proc/{pid}/task")
+                for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    # Beside multiprocessing's resource tracker: the child it spawned.
+    (worker,) = [child for child in children if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()]
     os.kill(worker, signal.SIGTERM)
     os.kill(worker, signal.SIGINT)
     response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "hi", "max_tokens": 3}, timeout=TIMEOUT_S)
