@@ -179,11 +179,11 @@ class StepRecorder:
                 "interval_mean_ms": statistics.mean(gaps) * 1e3, "interval_median_ms": statistics.median(gaps) * 1e3}
 
 
-def demo_engine(engine_threads: int | None, model_runner_process: bool = False):
+def demo_engine(engine_threads: int | None, model_runner_process: bool = False, device: str = "cpu"):
     from server.config import Settings
     from server.runtime import build_engine
 
-    settings = Settings(device="cpu", dtype="float32", max_num_seqs=CLIENTS, engine_threads=engine_threads,
+    settings = Settings(device=device, dtype="float32", max_num_seqs=CLIENTS, engine_threads=engine_threads,
                         model_runner_process=model_runner_process)
     return settings, build_engine(settings)
 
@@ -235,9 +235,9 @@ async def http_clients(url: str, max_tokens: int) -> None:
         await asyncio.gather(*(one() for _ in range(CLIENTS)))
 
 
-def run_steps(engine_threads: int | None, max_tokens: int, rounds: int, model_runner_process: bool = False
-              ) -> list[dict]:
-    settings, engine = demo_engine(engine_threads, model_runner_process)
+def run_steps(engine_threads: int | None, max_tokens: int, rounds: int, model_runner_process: bool = False,
+              device: str = "cpu") -> list[dict]:
+    settings, engine = demo_engine(engine_threads, model_runner_process, device)
     engine.start()
     runner = "process" if model_runner_process else "engine thread"
     rows = []
@@ -286,10 +286,10 @@ def python_work(share: float, stop) -> None:
 
 
 def run_beside(engine_threads: int | None, max_tokens: int, rounds: int, share: float,
-               model_runner_process: bool = False) -> list[dict]:
+               model_runner_process: bool = False, device: str = "cpu") -> list[dict]:
     import multiprocessing
 
-    _, engine = demo_engine(engine_threads, model_runner_process)
+    _, engine = demo_engine(engine_threads, model_runner_process, device)
     engine.start()
     threads = engine_threads or os.cpu_count()  # the engine thread's, or with a worker process the worker's
     rows = []
@@ -339,6 +339,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="times each case runs")
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--engine-threads", type=int, default=None)
+    parser.add_argument("--device", default="cpu", help="(b) and (c): the demo model's device")
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_thread-cpu.json")
     parser.add_argument("--lora-case", choices=LORA_CASES, help=argparse.SUPPRESS)  # one case, in a child
     parser.add_argument("--client", help=argparse.SUPPRESS)  # the HTTP clients, in a child
@@ -357,11 +358,12 @@ def main() -> None:
         print_lora(result["lora"])
     if args.only in (None, "steps"):
         result["steps"] = [row for process in (False, True) for row in run_steps(
-            args.engine_threads, args.max_tokens, args.rounds, model_runner_process=process)]
+            args.engine_threads, args.max_tokens, args.rounds, model_runner_process=process, device=args.device)]
         print_steps(result["steps"], args.max_tokens)
     if args.only in (None, "beside"):
         result["beside"] = [row for process in (False, True) for row in run_beside(
-            args.engine_threads, args.max_tokens, args.rounds, args.beside_share, model_runner_process=process)]
+            args.engine_threads, args.max_tokens, args.rounds, args.beside_share, model_runner_process=process,
+            device=args.device)]
         print_beside(result["beside"])
     result["load_after"] = os.getloadavg()[0]
     print(f"load average after: {result['load_after']:.2f}")
