@@ -159,7 +159,7 @@ class ModelRunnerAPI(Protocol):
     def prepare_decode_graphs(self, max_num_seqs: int, max_model_len: int) -> tuple[int, ...]: ...
     def execute(self, plan: list[ScheduledChunk], overlap: Callable[[], None] | None = None) -> StepOutput: ...
     def apply(self, write: PoolWrite) -> None: ...
-    def readiness_problems(self) -> list[str]: ...
+    def liveness_problems(self) -> list[str]: ...  # what no wait cures
     def close(self) -> None: ...
 
 
@@ -270,14 +270,18 @@ class Engine:
         """End every request the engine holds now with `error` (a drain ran out of time); it keeps serving."""
         self._post("abort_all", error)
 
+    def liveness_problems(self) -> list[str]:
+        """Why the engine can never serve again (its model runner's process exited), one phrase each; a probe that
+        sees one should restart the server. Empty while it can serve, now or once busy work is done."""
+        return self.runner.liveness_problems()
+
     def readiness_problems(self) -> list[str]:
         """Why the engine cannot serve, one phrase each; empty when it can. Cheap enough for a probe.
 
         The model needs no check: an engine exists only once its weights are loaded.
         """
-        problems = []
+        problems = self.liveness_problems()
         busy_since = self._busy_since
-        problems += self.runner.readiness_problems()
         if not self._thread.is_alive():
             problems.append("the engine thread is not running")
         elif busy_since is not None and time.monotonic() - busy_since > STALLED_STEP_S:

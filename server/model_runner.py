@@ -103,8 +103,8 @@ class ModelRunner:
         # Per slot, an event on the side stream after its latest load's copies, until a step has waited for it.
         self._loaded: dict[int, torch.cuda.Event] = {}
 
-    def readiness_problems(self) -> list[str]:
-        return []  # in the engine's process: alive as long as the engine is
+    def liveness_problems(self) -> list[str]:
+        return []  # in the engine's process: alive as long as the process is
 
     def close(self) -> None:
         """Nothing to let go of: the device memory goes with the model."""

@@ -189,7 +189,7 @@ class ProcessRunner:
         else:
             raise TypeError(f"not a pool write: {write!r}")
 
-    def readiness_problems(self) -> list[str]:
+    def liveness_problems(self) -> list[str]:
         if not self._process.is_alive():
             return [f"the model runner process exited (exit code {self._process.exitcode})"]
         return []

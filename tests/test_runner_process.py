@@ -12,8 +12,10 @@ from pathlib import Path
 
 import httpx
 import pytest
+from fastapi.testclient import TestClient
 
 from adapters_store.peft_export import to_peft_files
+from server.api.app import build_app
 from server.config import Settings, StartupError
 from server.engine import Engine
 from server.requests import EngineStepError, GenerationRequest, SamplingParams
@@ -111,7 +113,7 @@ def test_a_replaced_adapter_reaches_the_worker() -> None:
         engine.shutdown()
 
 
-def test_a_dead_worker_fails_requests_and_readiness_and_the_engine_goes_on_answering() -> None:
+def test_a_dead_worker_fails_requests_readiness_and_liveness_and_the_engine_goes_on_answering() -> None:
     engine = start_engine({}, model_runner_process=True)
     try:
         os.kill(engine.runner._process.pid, signal.SIGKILL)
@@ -119,6 +121,10 @@ def test_a_dead_worker_fails_requests_and_readiness_and_the_engine_goes_on_answe
         with pytest.raises(EngineStepError, match="engine failed on this request"):
             generate(engine, [greedy(prompt(1, 4), 4)])
         assert any("model runner process exited" in problem for problem in engine.readiness_problems())
+        with TestClient(build_app(engine)) as client:  # a liveness probe restarts it; a readiness one stops traffic
+            health, ready = client.get("/health"), client.get("/ready")
+        assert health.status_code == 503 and "model runner process exited" in health.json()["reasons"][0]
+        assert ready.status_code == 503
     finally:
         engine.shutdown()
 

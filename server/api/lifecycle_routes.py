@@ -4,7 +4,7 @@ that turns new requests away with 503 while the server drains after SIGTERM (ser
 
 from __future__ import annotations
 
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -36,8 +36,14 @@ class ReadinessProbe(Protocol):
     def readiness_problems(self) -> list[str]: ...
 
 
+@runtime_checkable
+class LivenessProbe(Protocol):
+    def liveness_problems(self) -> list[str]: ...
+
+
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "failed"] = "ok"
+    reasons: list[str] | None = None  # what the server can never recover from; only when failed
 
 
 class Readiness(BaseModel):
@@ -45,10 +51,16 @@ class Readiness(BaseModel):
     reasons: list[str] | None = None  # what stops the server from serving; only when not ready
 
 
-@router.get("/health", response_model=Health)
-async def health() -> Health:
-    """The process is alive and answers HTTP; nothing more (a liveness probe must not fail on load)."""
-    return Health()
+@router.get("/health", response_model=Health,
+            responses={503: {"model": Health, "description": "Failed for good (restart it); `reasons` says why."}})
+async def health(request: Request) -> JSONResponse:
+    """200 while the process answers HTTP and can serve, now or once busy (a liveness probe must not fail on load);
+    503 once it never can again: its model runner's process exited."""
+    engine = request.app.state.engine
+    reasons = engine.liveness_problems() if isinstance(engine, LivenessProbe) else []
+    if reasons:
+        return JSONResponse(Health(status="failed", reasons=reasons).model_dump(), status_code=503)
+    return JSONResponse(Health().model_dump(exclude_none=True))
 
 
 @router.get("/ready", response_model=Readiness,
