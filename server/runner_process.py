@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import multiprocessing
 import signal
 import traceback
@@ -180,10 +181,7 @@ class ProcessRunner:
 
     def apply(self, write: PoolWrite) -> None:
         if isinstance(write, LoadAdapter):
-            # Plain copies go through shared memory; the host tier's own (pinned, on a GPU server) stay as they are.
-            weights = {key: (_plain_copy(w.a), _plain_copy(w.b_t)) for key, w in write.adapter.weights.items()}
-            adapter = (write.adapter.adapter_id, write.adapter.rank, write.adapter.dtype, weights)
-            self._call("load", (write.slot, write.pages, adapter))
+            self._call("load", (write.slot, write.pages, _flattened(write.adapter)))
         elif isinstance(write, ClearSlot):
             self._call("clear", write.slot)
         else:
@@ -215,9 +213,35 @@ class ProcessRunner:
         return answer
 
 
-def _plain_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """A copy in ordinary (pageable) host memory, which torch's pickling moves to shared memory for the worker."""
-    return torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor)
+@dataclass(frozen=True)
+class FlatAdapter:
+    """A `PackedAdapter` in one buffer, which torch's pickling sends through one shared-memory file (a tensor each
+    would take a file descriptor each: two per module and layer, past common limits for a large model), copied
+    out of the host tier's own tensors (pinned, on a GPU server), which stay as they are."""
+
+    adapter_id: str
+    rank: int
+    buffer: torch.Tensor
+    layout: list[tuple[tuple[int, str], tuple[int, ...], tuple[int, ...]]]  # (key, A's shape, B^T's shape)
+
+    def unpacked(self) -> PackedAdapter:
+        weights, offset = {}, 0
+        for key, a_shape, b_shape in self.layout:
+            tensors = []
+            for shape in (a_shape, b_shape):
+                size = math.prod(shape)
+                tensors.append(self.buffer[offset : offset + size].view(shape))
+                offset += size
+            weights[key] = PackedWeight(*tensors)
+        return PackedAdapter(self.adapter_id, self.rank, self.buffer.dtype, weights)
+
+
+def _flattened(adapter: PackedAdapter) -> FlatAdapter:
+    items = list(adapter.weights.items())
+    buffer = torch.cat([t.flatten() for _, w in items for t in (w.a, w.b_t)]) if items else torch.empty(
+        0, dtype=adapter.dtype)
+    layout = [(key, tuple(w.a.shape), tuple(w.b_t.shape)) for key, w in items]
+    return FlatAdapter(adapter.adapter_id, adapter.rank, buffer, layout)
 
 
 # ---- the worker's side ---------------------------------------------------------------------------------------
@@ -301,10 +325,9 @@ class _Worker:
         position = {id(chunk): i for i, chunk in enumerate(plan)}
         return [position[id(chunk)] for chunk in output.chunks], output.tokens, output.logprobs
 
-    def _load(self, payload: tuple) -> None:
-        slot, pages, (adapter_id, rank, dtype, weights) = payload
-        packed = {key: PackedWeight(a, b_t) for key, (a, b_t) in weights.items()}
-        self.runner.load_adapter(slot, pages, PackedAdapter(adapter_id, rank, dtype, packed))
+    def _load(self, payload: tuple[int, tuple[int, ...], FlatAdapter]) -> None:
+        slot, pages, adapter = payload
+        self.runner.load_adapter(slot, pages, adapter.unpacked())
 
     def _clear(self, slot: int) -> None:
         self.runner.clear_slot(slot)

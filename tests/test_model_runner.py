@@ -56,8 +56,6 @@ DEVICE_MODULES = {
     "demo.py": "startup: draws the demo model's weights, on the CPU",
     "adapter_packer.py": "casts adapter weights to the serving dtype and pins them in host memory (the host tier, "
                          "on the loader threads), so the runner's copies only copy, asynchronously",
-    "runner_process.py": "the model runner's worker process, and the copies of adapter weights in ordinary host "
-                         "memory it is sent",
 }
 # Modules that must stay free of device work, whatever the list above says.
 DECIDERS = ("scheduler.py", "engine.py", "adapter_pool.py", "metrics.py", "kv_blocks.py")
