@@ -4,7 +4,8 @@ A parsed and checked `LoraAdapter` holds each module's A [r, d_in] and B [d_out,
 apart. The adapter pages (`kernels.paging`) hold, per rank row, A's row and B's column with the scale folded in,
 in the serving dtype. `AdapterPacker.pack` makes that form on the loader thread (and on the upload thread for an
 upload): per (layer, module), A's rank rows and B transposed with the scale folded in (in fp32, then one cast),
-contiguous, pinned on CUDA so the runner's host-to-device copies are asynchronous. The host tier holds this
+contiguous, all in one buffer: pinned on CUDA so the runner's host-to-device copies are asynchronous, in shared
+memory for a model runner in another process. The host tier holds this
 `PackedAdapter`, so a load on the engine thread only issues copies (`ModelRunner.load_adapter`).
 
 Why per module and only the adapter's own rank rows rather than whole pages (`kernels.paging.pack_pages`): whole
@@ -40,6 +41,9 @@ class PackedAdapter:
     rank: int  # max rank over its modules, as declared
     dtype: torch.dtype  # the serving dtype it was packed in
     weights: Mapping[tuple[int, str], PackedWeight]  # (layer index, module name) -> rows
+    # The one flat buffer every weight views, A then B^T of each module in `weights`' order (None: apart). One
+    # buffer is one pinning, or one shared-memory file for a model runner in another process.
+    buffer: torch.Tensor | None = None
 
     @property
     def num_bytes(self) -> int:
@@ -47,18 +51,28 @@ class PackedAdapter:
 
 
 class AdapterPacker:
-    """Packs adapters in the serving dtype, pinned in host memory when the device is a GPU."""
+    """Packs adapters in the serving dtype into one buffer each: pinned in host memory when the device is a GPU
+    in this process (the runner's host -> device copies then run asynchronously on the side stream), in shared
+    memory when the model runner is another process (it then receives the buffer without a copy)."""
 
-    def __init__(self, dtype: torch.dtype, pin_memory: bool = False) -> None:
+    def __init__(self, dtype: torch.dtype, pin_memory: bool = False, share_memory: bool = False) -> None:
         self.dtype = dtype
         self.pin_memory = pin_memory
+        self.share_memory = share_memory
 
     def pack(self, adapter: LoraAdapter) -> PackedAdapter:
-        weights = {key: PackedWeight(self._host(w.a), self._host((w.b * w.scale).T))
-                   for key, w in adapter.weights.items()}
-        return PackedAdapter(adapter.adapter_id, adapter.rank, self.dtype, weights)
-
-    def _host(self, tensor: torch.Tensor) -> torch.Tensor:
-        packed = tensor.to(self.dtype).contiguous()
-        # Page-locked memory lets the runner's host -> device copies run asynchronously on the side stream.
-        return packed.pin_memory() if self.pin_memory else packed
+        parts = [(key, w.a, (w.b * w.scale).T) for key, w in adapter.weights.items()]
+        buffer = torch.empty(sum(a.numel() + b_t.numel() for _, a, b_t in parts), dtype=self.dtype,
+                             pin_memory=self.pin_memory)
+        if self.share_memory:
+            buffer.share_memory_()
+        weights, offset = {}, 0
+        for key, *tensors in parts:
+            views = []
+            for tensor in tensors:
+                view = buffer[offset : offset + tensor.numel()].view(tensor.shape)
+                view.copy_(tensor)  # one cast, from the fp32 product
+                views.append(view)
+                offset += tensor.numel()
+            weights[key] = PackedWeight(*views)
+        return PackedAdapter(adapter.adapter_id, adapter.rank, self.dtype, weights, buffer)

@@ -97,6 +97,7 @@ class AdapterRegistry:
         max_rank: int,
         host_budget_bytes: int,
         pin_memory: bool = False,
+        share_memory: bool = False,
         pinned_ids: frozenset[str] = frozenset(),
         max_adapter_bytes: int = 512 * 2**20,
         revalidate_s: float = 1.0,
@@ -111,7 +112,7 @@ class AdapterRegistry:
         self.max_rank = max_rank
         self.serving_dtype = serving_dtype
         self.reserved_ids = reserved_ids
-        self._packer = AdapterPacker(serving_dtype, pin_memory)
+        self._packer = AdapterPacker(serving_dtype, pin_memory, share_memory)
         self.max_adapter_bytes = max_adapter_bytes
         self.revalidate_s = revalidate_s  # a cached manifest older than this is read again (0: at every lookup)
         self._clock = clock

@@ -215,9 +215,9 @@ class ProcessRunner:
 
 @dataclass(frozen=True)
 class FlatAdapter:
-    """A `PackedAdapter` in one buffer, which torch's pickling sends through one shared-memory file (a tensor each
-    would take a file descriptor each: two per module and layer, past common limits for a large model), copied
-    out of the host tier's own tensors (pinned, on a GPU server), which stay as they are."""
+    """A `PackedAdapter` as one buffer and its layout, which torch's pickling sends through one shared-memory file
+    (a tensor each would take a file descriptor each: two per module and layer, past common limits for a large
+    model)."""
 
     adapter_id: str
     rank: int
@@ -237,9 +237,12 @@ class FlatAdapter:
 
 
 def _flattened(adapter: PackedAdapter) -> FlatAdapter:
+    """The adapter's own buffer where the packer made one (in shared memory: no copy), else its weights joined."""
     items = list(adapter.weights.items())
-    buffer = torch.cat([t.flatten() for _, w in items for t in (w.a, w.b_t)]) if items else torch.empty(
-        0, dtype=adapter.dtype)
+    buffer = adapter.buffer
+    if buffer is None:
+        parts = [t.flatten() for _, w in items for t in (w.a, w.b_t)]
+        buffer = torch.cat(parts) if parts else torch.empty(0, dtype=adapter.dtype)
     layout = [(key, tuple(w.a.shape), tuple(w.b_t.shape)) for key, w in items]
     return FlatAdapter(adapter.adapter_id, adapter.rank, buffer, layout)
 

@@ -342,6 +342,7 @@ def _engine(settings: Settings, info: RunnerInfo, make_runner: RunnerFactory) ->
         # Pinned host copies speed up copies to a GPU in this process; a worker gets them through shared memory, and
         # pinning here would open a CUDA context in this process too.
         pin_memory=torch.device(info.device).type == "cuda" and not settings.model_runner_process,
+        share_memory=settings.model_runner_process,  # the worker then receives them without a copy
         pinned_ids=frozenset(settings.pin),
         max_adapter_bytes=settings.max_adapter_bytes,
         revalidate_s=settings.store_revalidate_seconds,
