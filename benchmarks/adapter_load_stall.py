@@ -12,10 +12,11 @@ thread does between them (scheduling, adapter writes, the forward, sampling): wh
 between two tokens. Of the `--window` steps after the arrival, the decode steps (no arriving request's
 prefill in them, whose cost is the same in both runs but spread over more steps in the loads run) give the
 median and p90; max is over every step of the window, and "engine ms/load" is the median time the engine
-thread spent in the runner's `load_adapter`. Each statistic is the best of `--repeats` (the runs alternate,
+thread spent in the runner's `apply` of a load. Each statistic is the best of `--repeats` (the runs alternate,
 and this machine is shared). Target: decode steps with loads within 1.2x of resident.
 
-    python benchmarks/adapter_load_stall.py
+    python benchmarks/adapter_load_stall.py                          # the model runner in a worker (the default)
+    python benchmarks/adapter_load_stall.py --no-model-runner-process --tag in-process
     PYTHONPATH=/tmp/loads-base python benchmarks/adapter_load_stall.py --tag before  # another tree's server
 
 Prints a table and writes JSON to benchmarks/results/adapter_load_stall-<device>[-tag].json.
@@ -34,6 +35,7 @@ from pathlib import Path
 from adapters_store import LoraAdapter
 from adapters_store.peft_export import to_peft_files
 from benchmarks.engine_throughput import describe_device, synthetic_adapters, write_random_checkpoint
+from server.adapter_pool import LoadAdapter
 from server.config import Settings
 from server.engine import Engine
 from server.requests import GenerationRequest, SamplingParams
@@ -45,13 +47,14 @@ RESULTS = Path(__file__).parent / "results"
 
 class StepClock:
     """When each engine step ended (the runner's `execute` returned), and how long each adapter load took the
-    engine thread (the runner's `load_adapter`)."""
+    engine thread (the runner's `apply` of a load: the copies in this process, or with the model runner in a
+    worker, handing it the adapter and its answer)."""
 
     def __init__(self, engine: Engine) -> None:
         self.ends: list[float] = []
         self.decode_only: list[bool] = []  # per step: every chunk one token (no prefill of an arriving request)
         self.load_s: list[float] = []
-        execute, load_adapter = engine.runner.execute, engine.runner.load_adapter
+        execute, apply = engine.runner.execute, engine.runner.apply
 
         def timed_execute(plan, overlap=None):
             output = execute(plan, overlap)
@@ -59,13 +62,14 @@ class StepClock:
             self.decode_only.append(all(chunk.num_tokens == 1 for chunk in plan))
             return output
 
-        def timed_load(slot, pages, adapter):
+        def timed_apply(write):
             start = time.perf_counter()
-            load_adapter(slot, pages, adapter)
-            self.load_s.append(time.perf_counter() - start)
+            apply(write)
+            if isinstance(write, LoadAdapter):
+                self.load_s.append(time.perf_counter() - start)
 
         engine.runner.execute = timed_execute
-        engine.runner.load_adapter = timed_load
+        engine.runner.apply = timed_apply
 
     def intervals_after(self, moment: float, count: int) -> tuple[list[float], list[float]]:
         """Step times (end to end) of the first `count` steps that ended after `moment`: of every one, and of
@@ -152,6 +156,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=48, help="steps after the arrival that are measured")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--tag", default="", help="suffix of the JSON file (e.g. before)")
+    parser.add_argument("--model-runner-process", action=argparse.BooleanOptionalAction, default=True,
+                        help="the model runner in a worker process, as `lorahive serve` runs it (default)")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="lorahive-stall-") as scratch:
@@ -159,8 +165,7 @@ def main() -> None:
         engine = build_engine(Settings(
             model=checkpoint, store=Path(scratch) / "store", max_gpu_adapters=args.resident + args.loads,
             max_lora_rank=args.rank, max_num_seqs=args.batch + args.loads,
-            max_model_len=args.prompt_len + args.output_len,
-            model_runner_process=False))  # times the runner's own calls: it must be in this process
+            max_model_len=args.prompt_len + args.output_len, model_runner_process=args.model_runner_process))
         (weights,) = synthetic_adapters(engine, 1, args.rank)  # one set of weights under every id
         for i in range(args.resident):
             engine.registry.add(renamed(weights, f"resident-{i}"))

@@ -18,6 +18,7 @@ pipe: the engine thread is the only caller.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import math
@@ -143,7 +144,11 @@ class ProcessRunner:
         if kind != "ok":
             process.join(5)
             raise RuntimeError(f"the model runner process failed to start: {payload}")
-        return cls(process, ours, payload)
+        runner = cls(process, ours, payload)
+        # Before multiprocessing's own exit hook (registered earlier, so it runs later), which would terminate the
+        # worker with the SIGTERM it ignores and wait for it forever, should nobody have shut the engine down.
+        atexit.register(runner.close)
+        return runner
 
     def attach(self, num_kv_blocks: int, block_size: int, num_slots: int, max_rank: int,
                num_pages: int) -> ProcessRunner:
@@ -193,6 +198,9 @@ class ProcessRunner:
         return []
 
     def close(self, timeout: float = 10.0) -> None:
+        """Ask the worker to exit, and kill it if it has not within `timeout`. Idempotent."""
+        if self._connection.closed:
+            return
         if self._process.is_alive():
             with contextlib.suppress(OSError):  # it died meanwhile
                 self._connection.send(("close", None))

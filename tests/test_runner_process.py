@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -164,3 +166,13 @@ def test_the_worker_ends_with_its_server_and_ignores_the_signals_the_server_hand
     while _alive(worker) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(worker)
+
+
+def test_a_process_that_never_shut_its_engine_down_still_exits() -> None:
+    """multiprocessing's exit hook would terminate the worker with the SIGTERM it ignores and wait for it forever;
+    the runner closes it first."""
+    script = "from server.config import Settings; from server.runtime import build_engine; " \
+             "build_engine(Settings(device='cpu')).start()"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=TIMEOUT_S,
+                          env=os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
