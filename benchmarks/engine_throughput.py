@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import tempfile
 import time
@@ -40,6 +41,7 @@ from server.config import Settings
 from server.engine import Engine
 from server.model import ModelArgs, Transformer
 from server.requests import GenerationRequest, SamplingParams
+from server.runner_process import ProcessRunner
 from server.runtime import build_engine
 from server.tokenizer import Tokenizer, build_byte_tokenizer
 from server.torch_threads import engine_threads, limit_current_thread
@@ -91,7 +93,7 @@ def synthetic_adapters(engine: Engine, count: int, rank: int) -> list[LoraAdapte
     is measured, and one set keeps 64 adapters of an 8B model quick to build)."""
     args = engine.args
     gen = torch.Generator().manual_seed(0)
-    dtype = engine.runner.model.output.weight.dtype
+    dtype = engine.registry.serving_dtype
     weights = {
         (layer, module): LoraWeight(
             a=(torch.randn(rank, d_in, generator=gen) * 0.02).to(dtype),
@@ -135,6 +137,8 @@ async def run_workload(engine: Engine, adapter_ids: list[str | None], prompt_len
 def describe_device(engine: Engine) -> str:
     if engine.device.type == "cuda":
         return torch.cuda.get_device_name(engine.device)
+    if isinstance(engine.runner, ProcessRunner):
+        return f"cpu ({platform.machine()}, {os.cpu_count()} cores, model runner in a worker process)"
     return f"cpu ({platform.machine()}, engine on {engine_threads(engine.config.engine_threads)} torch threads)"
 
 
