@@ -25,6 +25,7 @@ import math
 import multiprocessing
 import signal
 import traceback
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,8 +119,10 @@ class ProcessRunner:
         self.info = info
         self.device = torch.device(info.device)
         self.can_capture_graphs = False  # the worker's model runner's answer, once `attach` built it
-        self._sent: dict[int, int] = {}  # seq_id -> tokens of it the worker has
-        self._sequences: dict[int, Sequence] = {}  # what the worker mirrors, to tell it when they finish
+        self._sent: dict[int, int] = {}  # seq_id -> tokens of it the worker has; its keys: what the worker mirrors
+        # The engine's sequences behind them, weakly: once one finished (or is gone) the worker may forget it; a
+        # finished request's sequences must not stay alive here until the next step.
+        self._sequences: weakref.WeakValueDictionary[int, Sequence] = weakref.WeakValueDictionary()
 
     @classmethod
     def start(cls, settings: Settings) -> ProcessRunner:
@@ -160,13 +163,14 @@ class ProcessRunner:
         return self._call("graphs", (max_num_seqs, max_model_len))
 
     def execute(self, plan: list[ScheduledChunk], overlap: Callable[[], None] | None = None) -> StepOutput:
-        finished = [seq_id for seq_id, seq in self._sequences.items() if seq.finished]
+        finished = [seq_id for seq_id in self._sent if getattr(self._sequences.get(seq_id), "finished", True)]
         for seq_id in finished:
-            del self._sequences[seq_id]
-            self._sent.pop(seq_id, None)
+            self._sequences.pop(seq_id, None)
+            del self._sent[seq_id]
         chunks = [self._chunk_input(chunk) for chunk in plan]
         for chunk in plan:  # the worker mirrors them from now on, even should this step fail
             self._sequences[chunk.seq.seq_id] = chunk.seq
+            self._sent.setdefault(chunk.seq.seq_id, 0)
         positions, tokens, logprobs = self._call("step", StepRequest(chunks, finished))
         for chunk in plan:
             self._sent[chunk.seq.seq_id] = len(chunk.seq.token_ids)
@@ -176,10 +180,9 @@ class ProcessRunner:
 
     def _chunk_input(self, chunk: ScheduledChunk) -> ChunkInput:
         seq = chunk.seq
-        sent = self._sent.get(seq.seq_id)
+        sent = self._sent.get(seq.seq_id, 0)
         start = None
-        if sent is None:
-            sent = 0
+        if not sent:  # the worker may not have it yet (or only from a step that failed): all of it, from the start
             start = (seq.num_prompt_tokens, seq.sampler.params, seq.sampler.generator.get_state())
         return ChunkInput(seq.seq_id, chunk.num_tokens, seq.num_computed, seq.slot, tuple(seq.blocks), sent,
                           tuple(seq.token_ids[sent:]), start)
