@@ -239,7 +239,7 @@ def run_steps(engine_threads: int | None, max_tokens: int, rounds: int, model_ru
               device: str = "cpu") -> list[dict]:
     settings, engine = demo_engine(engine_threads, model_runner_process, device)
     engine.start()
-    runner = "process" if model_runner_process else "engine thread"
+    runner = runner_label(model_runner_process)
     rows = []
     try:
         asyncio.run(in_process(engine, 8))  # warm-up
@@ -257,17 +257,27 @@ def run_steps(engine_threads: int | None, max_tokens: int, rounds: int, model_ru
 
 
 def print_steps(rows: list[dict], max_tokens: int) -> None:
-    print(f"\n(b) demo model, {CLIENTS} requests x {max_tokens} tokens decoding together; full decode steps of "
-          f"{CLIENTS} sequences; torch at {rows[0]['torch_threads']} threads")
-    print(f"{'model runner':<14} {'mode':<11} {'round':>5} {'steps':>5} {'step median':>12} {'interval median':>16} "
-          f"{'vs in-process':>14}")
+    print_intervals(f"(b) demo model, {CLIENTS} requests x {max_tokens} tokens decoding together; full decode steps "
+                    f"of {CLIENTS} sequences; torch at {rows[0]['torch_threads']} threads", rows, "mode", "in-process",
+                    "interval_vs_in_process")
+
+
+def print_intervals(title: str, rows: list[dict], case: str, baseline: str, ratio: str) -> None:
+    """A table of runs: each one's `case`, step and interval medians, and its interval over that of the `baseline`
+    case with the same runner and round (also kept in the row, under `ratio`)."""
+    print(f"\n{title}")
+    print(f"{'model runner':<14} {case:<11} {'round':>5} {'steps':>5} {'step median':>12} {'interval median':>16} "
+          f"{'vs ' + baseline:>14}")
     for row in rows:
-        base = next(r for r in rows if r["mode"] == "in-process" and r["round"] == row["round"]
+        base = next(r for r in rows if r[case] == baseline and r["round"] == row["round"]
                     and r["runner"] == row["runner"])
-        row["interval_vs_in_process"] = row["interval_median_ms"] / base["interval_median_ms"]
-        print(f"{row['runner']:<14} {row['mode']:<11} {row['round']:>5} {row['steps']:>5} "
-              f"{row['step_median_ms']:>9.2f} ms {row['interval_median_ms']:>13.2f} ms "
-              f"{row['interval_vs_in_process']:>13.2f}x")
+        row[ratio] = row["interval_median_ms"] / base["interval_median_ms"]
+        print(f"{row['runner']:<14} {row[case]:<11} {row['round']:>5} {row['steps']:>5} "
+              f"{row['step_median_ms']:>9.2f} ms {row['interval_median_ms']:>13.2f} ms {row[ratio]:>13.2f}x")
+
+
+def runner_label(model_runner_process: bool) -> str:
+    return "process" if model_runner_process else "engine thread"
 
 
 # ---- (c) Python beside the engine ----------------------------------------------------------------------------
@@ -310,7 +320,7 @@ def run_beside(engine_threads: int | None, max_tokens: int, rounds: int, share: 
                 stop.set()
                 if worker is not None:
                     worker.join()
-                rows.append({"runner": "process" if model_runner_process else "engine thread", "beside": mode,
+                rows.append({"runner": runner_label(model_runner_process), "beside": mode,
                              "round": round_, "share": share, "torch_threads": threads} | recorder.summary())
     finally:
         engine.shutdown()
@@ -318,17 +328,9 @@ def run_beside(engine_threads: int | None, max_tokens: int, rounds: int, share: 
 
 
 def print_beside(rows: list[dict]) -> None:
-    print(f"\n(c) demo model, {CLIENTS} requests decoding in process, torch at {rows[0]['torch_threads']} threads; "
-          f"pure-Python work taking {rows[0]['share']:.0%} of a core beside the engine")
-    print(f"{'model runner':<14} {'beside':<8} {'round':>5} {'steps':>5} {'step median':>12} {'interval median':>16} "
-          f"{'vs alone':>9}")
-    for row in rows:
-        alone = next(r for r in rows if r["beside"] == "alone" and r["round"] == row["round"]
-                     and r["runner"] == row["runner"])
-        row["interval_vs_alone"] = row["interval_median_ms"] / alone["interval_median_ms"]
-        print(f"{row['runner']:<14} {row['beside']:<8} {row['round']:>5} {row['steps']:>5} "
-              f"{row['step_median_ms']:>9.2f} ms {row['interval_median_ms']:>13.2f} ms "
-              f"{row['interval_vs_alone']:>8.2f}x")
+    print_intervals(f"(c) demo model, {CLIENTS} requests decoding in process, torch at {rows[0]['torch_threads']} "
+                    f"threads; pure-Python work taking {rows[0]['share']:.0%} of a core beside the engine", rows,
+                    "beside", "alone", "interval_vs_alone")
 
 
 def main() -> None:

@@ -411,7 +411,7 @@ def _adapter_by_adapter(out: torch.Tensor, grouped_x: torch.Tensor, lora_a: torc
     for slot, start, end in batch.slot_runs:
         if not table.host_ranks[slot]:
             continue
-        adapter = every_slice if targets is None else targets.get(table.host_pages[slot][0], AdapterSlices(()))
+        adapter = every_slice if targets is None else targets.get(table.host_pages[slot][0], _TARGETS_NOTHING)
         if not adapter.slices:
             continue
         if adapter.a_t is not None:

@@ -272,7 +272,7 @@ def _worker_main(settings: Settings, connection: Any) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s[runner]: %(message)s")
-    torch.set_num_threads(engine_threads(settings.engine_threads))  # this process's one torch thread: all cores
+    torch.set_num_threads(engine_threads(settings.engine_threads))  # its main thread is the engine's torch thread
     try:
         model, info = load_runner_model(settings)
     except StartupError as exc:

@@ -324,8 +324,12 @@ def build_engine(settings: Settings) -> Engine:
         except BaseException:
             worker.close()
             raise
-    model, info = run_on_exiting_thread(lambda: load_runner_model(settings), "lorahive-build",
-                                        engine_threads(settings.engine_threads))
+    return run_on_exiting_thread(lambda: _engine_in_process(settings), "lorahive-build",
+                                 engine_threads(settings.engine_threads))
+
+
+def _engine_in_process(settings: Settings) -> Engine:
+    model, info = load_runner_model(settings)
     return _engine(settings, info, functools.partial(ModelRunner, model))
 
 
