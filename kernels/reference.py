@@ -121,27 +121,14 @@ class AdapterSlices:
     pages hold zeros in the others) and, where given, those slices' weights laid out for its GEMMs (`a_t`: A of
     every targeted slice, `rank` rows each, transposed to [d_in, n * rank]; `b`: B^T [rank, width] per slice).
     Read from the pages instead, they cost a handful of view and copy ops per adapter, layer and step, which on a
-    CPU is most of the LoRA time of a small model; `adapter_slices` makes them once, when the adapter is loaded."""
+    CPU is most of the LoRA time of a small model; a CPU model runner gives them once, when it loads the adapter
+    (`server.lora_linear.LoRALinear.hold`: views of the host tier's buffer)."""
 
     slices: tuple[int, ...]
     rank: int = 0
     a_t: torch.Tensor | None = None
     b: tuple[torch.Tensor, ...] = ()
     flops_per_token: int = 0  # of its shrink and expands, where its weights are given (`lora_path` reads it)
-
-
-def adapter_slices(lora_a: torch.Tensor, lora_b: torch.Tensor, pages: list[int], slices: tuple[int, ...], rank: int,
-                   slice_widths: tuple[int, ...]) -> AdapterSlices:
-    """The `AdapterSlices` of the adapter of rank `rank` (at most) written in `pages`, its weights copied out in
-    the accumulation dtype, so that a step reads them as they are."""
-    num_slices, acc = len(slice_widths), accumulation_dtype(lora_a.dtype)
-    a = lora_a[pages].view(len(pages), num_slices, PAGE_RANK, -1).transpose(0, 1).flatten(1, 2)  # [K, n * 16, d_in]
-    a_t = a[list(slices), :rank].flatten(0, 1).T.to(acc).contiguous()
-    b = lora_b[pages].flatten(0, 1)[:rank].to(acc)
-    offsets = [sum(slice_widths[:k]) for k in range(num_slices)]
-    flops = 2 * rank * (len(slices) * a.shape[2] + sum(slice_widths[k] for k in slices))
-    return AdapterSlices(slices, rank, a_t, tuple(b[:, offsets[k] : offsets[k] + slice_widths[k]].contiguous()
-                                                  for k in slices), flops)
 
 
 @dataclass(frozen=True)
@@ -156,7 +143,7 @@ class StackedAdapters:
 
 
 class LayerAdapters(dict[int, AdapterSlices]):
-    """One layer's `AdapterSlices` by first page, and the last batch's adapters stacked (`StackedAdapters`), kept
+    """One layer's `AdapterSlices` by slot, and the last batch's adapters stacked (`StackedAdapters`), kept
     while batches keep the same adapters: in a decode-heavy stream the stack is built once per change of the
     batch's adapters, not per step."""
 
@@ -213,12 +200,13 @@ def add_lora(
 ) -> None:
     """y += expand(shrink(x)), in place (the module's contract), doing only each adapter's own work.
 
-    `targets[page]` describes the adapter whose first page is `page` (`AdapterSlices`): the per-adapter path skips
-    the slices it does not target, and reads its weights from there where given (an adapter missing from
-    `targets` targets none). None: every slot targets every slice, weights read from the pages."""
+    `targets[slot]` describes the slot's adapter (`AdapterSlices`): the per-adapter path skips the slices it does
+    not target, and reads its weights from there where given (an adapter missing from `targets` targets none).
+    None: every slot targets every slice, weights read from the pages. Without pages (`lora_a` and `lora_b` None:
+    a CPU model runner reading the host tier's buffers) every adapter in `targets` must have its weights."""
     if not batch.has_lora:
         return
-    path = lora_path(batch, table, x.shape[1], slice_widths, targets)
+    path = lora_path(batch, table, x.shape[1], slice_widths, targets, lora_a is not None)
     if path == "dense":
         _all_adapters_at_once(y, x, lora_a, lora_b, batch, slice_widths, table)
         return
@@ -247,8 +235,8 @@ _TARGETS_NOTHING = AdapterSlices(())
 
 def _batch_adapters(batch: LoRABatch, table: PageTable,
                     targets: Mapping[int, AdapterSlices]) -> tuple[AdapterSlices, ...]:
-    """What `targets` holds of each run's adapter (one with no pages, or missing there, targets nothing)."""
-    return tuple(targets.get(page, _TARGETS_NOTHING) for page in _run_shape(batch, table).first_pages)
+    """What `targets` holds of each run's adapter (one missing there targets nothing)."""
+    return tuple(targets.get(slot, _TARGETS_NOTHING) for slot, _, _ in batch.slot_runs)
 
 
 @dataclass(frozen=True)
@@ -257,7 +245,6 @@ class _RunShape:
 
     lengths: tuple[int, ...]  # tokens per run
     ranks: tuple[int, ...]  # each run's slot's rank
-    first_pages: tuple[int, ...]  # each run's slot's first page; -1 for a slot without pages
     pages: int  # pages of all runs' slots
     pages_consecutive: bool  # whether the all-at-once path reads them as a view
 
@@ -269,8 +256,7 @@ def _run_shape(batch: LoRABatch, table: PageTable) -> _RunShape:
         pages = [page for slot in slots for page in table.host_pages[slot]]
         batch.cache[key] = _RunShape(
             tuple(end - start for _, start, end in batch.slot_runs), tuple(table.host_ranks[s] for s in slots),
-            tuple(table.host_pages[s][0] if table.host_pages[s] else -1 for s in slots), len(pages),
-            _as_slice(pages) is not None)
+            len(pages), _as_slice(pages) is not None)
     return batch.cache[key]
 
 
@@ -279,11 +265,12 @@ COPY_FLOPS = 4
 
 
 def lora_path(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple[int, ...],
-              targets: Mapping[int, AdapterSlices] | None) -> str:
+              targets: Mapping[int, AdapterSlices] | None, has_pages: bool = True) -> str:
     """"adapter", "dense" or "stacked": the way of `add_lora` whose flops, copies (`COPY_FLOPS` per element) and
-    ops (`FLOPS_PER_OP` each) cost least for this call. Stacked needs every adapter's weights kept (`LayerAdapters`
-    of `AdapterSlices` with weights: a CPU model runner's); building its stack counts when the batch's adapters
-    changed. Called in every layer of every step, so it reads what the step shares from `_run_shape`."""
+    ops (`FLOPS_PER_OP` each) cost least for this call. Dense reads the pages (`has_pages`). Stacked needs every
+    adapter's weights kept (`LayerAdapters` of `AdapterSlices` with weights: a CPU model runner's); building its
+    stack counts when the batch's adapters changed. Called in every layer of every step, so it reads what the step
+    shares from `_run_shape`."""
     if len(batch.slot_runs) < 2:  # one adapter: its own GEMMs, nothing wasted
         return "adapter"
     runs = _run_shape(batch, table)
@@ -301,12 +288,11 @@ def lora_path(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple
             stackable = False
             per_token = 2 * rank * (len(adapter.slices) * d_in + sum(slice_widths[k] for k in adapter.slices))
         adapter_cost += n * per_token + (3 + len(adapter.slices)) * FLOPS_PER_OP
-    dense_rows = runs.pages * PAGE_RANK * (num_slices * d_in + width)
-    costs = {
-        "adapter": adapter_cost,
-        "dense": 2 * len(batch.token_slots) * dense_rows + (2 + num_slices) * FLOPS_PER_OP
-        + (0 if runs.pages_consecutive else COPY_FLOPS * dense_rows),
-    }
+    costs = {"adapter": adapter_cost}
+    if has_pages:
+        dense_rows = runs.pages * PAGE_RANK * (num_slices * d_in + width)
+        costs["dense"] = (2 * len(batch.token_slots) * dense_rows + (2 + num_slices) * FLOPS_PER_OP
+                          + (0 if runs.pages_consecutive else COPY_FLOPS * dense_rows))
     if stackable and kept_rank:
         stack = len(adapters) * num_slices * kept_rank * (d_in + width)
         built = targets.stacked is not None and _same_objects(targets.stacked.adapters, adapters)
@@ -411,7 +397,7 @@ def _adapter_by_adapter(out: torch.Tensor, grouped_x: torch.Tensor, lora_a: torc
     for slot, start, end in batch.slot_runs:
         if not table.host_ranks[slot]:
             continue
-        adapter = every_slice if targets is None else targets.get(table.host_pages[slot][0], _TARGETS_NOTHING)
+        adapter = every_slice if targets is None else targets.get(slot, _TARGETS_NOTHING)
         if not adapter.slices:
             continue
         if adapter.a_t is not None:

@@ -4,9 +4,10 @@ A parsed and checked `LoraAdapter` holds each module's A [r, d_in] and B [d_out,
 apart. The adapter pages (`kernels.paging`) hold, per rank row, A's row and B's column with the scale folded in,
 in the serving dtype. `AdapterPacker.pack` makes that form on the loader thread (and on the upload thread for an
 upload): per (layer, module), A's rank rows and B transposed with the scale folded in (in fp32, then one cast),
-contiguous, all in one buffer: pinned on CUDA so the runner's host-to-device copies are asynchronous, in shared
-memory for a model runner in another process. The host tier holds this
-`PackedAdapter`, so a load on the engine thread only issues copies (`ModelRunner.load_adapter`).
+contiguous, all in one buffer (per layer every A, then every B^T): pinned on CUDA so the runner's host-to-device
+copies are asynchronous, in shared memory for a model runner in another process. The host tier holds this
+`PackedAdapter`, so a load on the engine thread only issues copies (`ModelRunner.load_adapter`); a CPU model runner
+copies nothing and reads it where it is (`LoRALinear.hold`).
 
 Why per module and only the adapter's own rank rows rather than whole pages (`kernels.paging.pack_pages`): whole
 pages pad every rank up to a multiple of 16 and hold zeros for every module the adapter does not target, and the
@@ -17,12 +18,13 @@ them in bf16); the device write zeroes the rest of the pages.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from adapters_store import LoraAdapter
+from adapters_store import TARGET_MODULES, LoraAdapter
 
 
 @dataclass(frozen=True, eq=False)
@@ -61,18 +63,25 @@ class AdapterPacker:
         self.share_memory = share_memory
 
     def pack(self, adapter: LoraAdapter) -> PackedAdapter:
-        parts = [(key, w.a, (w.b * w.scale).T) for key, w in adapter.weights.items()]
-        buffer = torch.empty(sum(a.numel() + b_t.numel() for _, a, b_t in parts), dtype=self.dtype,
+        keys = sorted(adapter.weights, key=lambda key: (key[0], TARGET_MODULES.index(key[1])))
+        # Per layer, every module's A, then every module's B^T, in module order: the A rows of the modules one
+        # fused layer (q|k|v, gate|up) holds are then one block, which a CPU model runner reads as it is.
+        order: list[tuple[tuple[int, str], int]] = []  # (key, 0 for A or 1 for B^T), in buffer order
+        for _, group in itertools.groupby(keys, key=lambda key: key[0]):
+            layer_keys = list(group)
+            order += [(key, 0) for key in layer_keys] + [(key, 1) for key in layer_keys]
+        tensors = {key: (w.a, (w.b * w.scale).T) for key, w in adapter.weights.items()}
+        buffer = torch.empty(sum(a.numel() + b_t.numel() for a, b_t in tensors.values()), dtype=self.dtype,
                              pin_memory=self.pin_memory)
         if self.share_memory:
             buffer.share_memory_()
-        weights, offset = {}, 0
-        for key, *tensors in parts:
-            views = []
-            for tensor in tensors:
-                view = buffer[offset : offset + tensor.numel()].view(tensor.shape)
-                view.copy_(tensor)  # one cast, from the fp32 product
-                views.append(view)
-                offset += tensor.numel()
-            weights[key] = PackedWeight(*views)
+        views: dict[tuple[int, str], list[torch.Tensor]] = {key: [] for key in keys}
+        offset = 0
+        for key, part in order:
+            tensor = tensors[key][part]
+            view = buffer[offset : offset + tensor.numel()].view(tensor.shape)
+            view.copy_(tensor)  # one cast, from the fp32 product
+            views[key].append(view)
+            offset += tensor.numel()
+        weights = {key: PackedWeight(*views[key]) for key in keys}
         return PackedAdapter(adapter.adapter_id, adapter.rank, self.dtype, weights, buffer)

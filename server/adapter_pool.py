@@ -1,11 +1,18 @@
-"""The device tier of adapters: slots (rows of the page table), the pages they occupy, LRU eviction, pins.
+"""The device tier of adapters: slots (rows of the page table), the memory they occupy, LRU eviction, pins.
 
-An adapter of rank r is written into `pages_for_rank(r)` pages of every `LoRALinear` at once (`kernels.paging`
-has the layout), with the LoRA scale folded into B so the kernels do no scaling. The tier has two limits:
-`num_slots`, the distinct adapters resident at once, and pages, the device bytes (`max_bytes`, by default
-enough for every slot to hold a max-rank adapter). Both are spent by rank, so a byte budget that fits 8
-rank-64 adapters fits 32 rank-16 ones. A slot is pinned while any scheduled sequence uses it and is never
-evicted then.
+The tier is sized by memory, not by a count: `max_bytes` (by default what start-up gives it, see
+`server/runtime.py`), spent by what each adapter really needs, and slots are as many as that memory could hold
+of the smallest adapters (`num_slots` caps them where given), so hundreds of small adapters are resident at
+once and a batch may mix as many as it has sequences. A slot is pinned while any scheduled sequence uses it and
+is never evicted then.
+
+Two ways to hold an adapter, as the model runner says (`paged`):
+- in pages (a GPU, or the Triton kernels anywhere): an adapter of rank r is written into `pages_for_rank(r)`
+  pages of every `LoRALinear` at once (`kernels.paging` has the layout), with the LoRA scale folded into B so the
+  kernels do no scaling; memory is spent in pages of `page_bytes`, so a budget that fits 8 rank-64 adapters fits
+  32 rank-16 ones.
+- as the host tier's own buffer (a CPU with the torch kernels, where device memory is host memory): the runner
+  reads the packed weights where they are, nothing is copied, and memory is spent by the adapter's packed bytes.
 
 Slots are keyed by an opaque, identity-hashed key (the engine uses the adapter *version*), so a replaced
 adapter never aliases the slot of its previous version, and a retired version can be discarded at once.
@@ -22,7 +29,7 @@ from collections import OrderedDict
 from collections.abc import Collection, Hashable
 from dataclasses import dataclass
 
-from kernels.paging import pages_for_rank
+from kernels.paging import PAGE_RANK, pages_for_rank
 from server.adapter_packer import PackedAdapter
 
 
@@ -51,25 +58,41 @@ def written_rank(adapter: PackedAdapter) -> int:
     return max((w.a.shape[0] for w in adapter.weights.values()), default=0)
 
 
+# Slots of a tier that holds adapters as host buffers when no cap is given: page-table rows cost a few bytes.
+HOST_TIER_SLOTS = 4096
+
+
 class AdapterSlotPool:
     """Host-side bookkeeping of the device tier; `page_bytes` is one page across every LoRA layer of the model
-    (`server.model_runner.adapter_page_bytes`)."""
+    (`server.model_runner.adapter_page_bytes`). `max_bytes` None: enough pages for `num_slots` max-rank adapters."""
 
-    def __init__(self, num_slots: int, max_rank: int, page_bytes: int, max_bytes: int | None = None):
-        self.num_slots = num_slots
+    def __init__(self, num_slots: int | None, max_rank: int, page_bytes: int, max_bytes: int | None = None,
+                 paged: bool = True):
+        if max_bytes is None and num_slots is None:
+            raise ValueError("the device tier needs a byte budget or a slot count")
         self.max_rank = max_rank
         self.page_bytes = page_bytes
-        max_pages_per_adapter = pages_for_rank(max_rank)
-        self.num_pages = num_slots * max_pages_per_adapter if max_bytes is None else max_bytes // self.page_bytes
-        if self.num_pages < max_pages_per_adapter:
+        self.paged = paged
+        # The memory unit: a page, or a byte of packed weights.
+        self.unit_bytes = page_bytes if paged else 1
+        max_rank_adapter = pages_for_rank(max_rank) if paged else max_rank * page_bytes // PAGE_RANK
+        if max_bytes is None:
+            max_bytes = num_slots * pages_for_rank(max_rank) * page_bytes
+        self.capacity_units = max_bytes // self.unit_bytes
+        if self.capacity_units < max_rank_adapter:
             raise ValueError(
-                f"--max-gpu-adapter-bytes {max_bytes} holds {self.num_pages} pages of {self.page_bytes} bytes, but "
-                f"one adapter of --max-lora-rank {max_rank} needs {max_pages_per_adapter}"
+                f"--max-gpu-adapter-bytes {max_bytes} holds {self.capacity_units * self.unit_bytes} bytes of adapter "
+                f"{'pages' if paged else 'weights'}, but one adapter of --max-lora-rank {max_rank} on every module "
+                f"needs {max_rank_adapter * self.unit_bytes}"
             )
-        self._free_pages = list(range(self.num_pages, 0, -1))  # pop() hands out low page numbers first
-        self._slot_pages: list[list[int]] = [[] for _ in range(num_slots)]
-        self._keys: list[Hashable | None] = [None] * num_slots
-        self._pins = [0] * num_slots
+        most = self.capacity_units if paged else HOST_TIER_SLOTS  # a paged adapter takes a page at least
+        self.num_slots = min(num_slots, most) if num_slots is not None else most
+        self._free_units = self.capacity_units
+        self._free_pages = list(range(self.capacity_units, 0, -1)) if paged else []  # pop() hands out low pages first
+        self._slot_pages: list[list[int]] = [[] for _ in range(self.num_slots)]
+        self._slot_units = [0] * self.num_slots
+        self._free_slots = list(range(self.num_slots - 1, -1, -1))  # pop() hands out low slots first
+        self._pins = [0] * self.num_slots
         self._lru: OrderedDict[Hashable, int] = OrderedDict()  # key -> slot, least recently used first
         self._writes: list[PoolWrite] = []  # decided, not yet handed to the model runner
         self.loads = 0  # every load, prefetches included
@@ -77,17 +100,28 @@ class AdapterSlotPool:
         self.evictions = 0
 
     @property
+    def num_pages(self) -> int:
+        """Pages of every LoRA layer the model runner allocates (0: it holds host buffers instead)."""
+        return self.capacity_units if self.paged else 0
+
+    @property
     def capacity_bytes(self) -> int:
-        return self.num_pages * self.page_bytes
+        return self.capacity_units * self.unit_bytes
 
     @property
     def resident_bytes(self) -> int:
-        """Device bytes the resident adapters occupy: whole pages, so a rank-8 adapter counts a 16-rank page."""
-        return (self.num_pages - len(self._free_pages)) * self.page_bytes
+        """Device bytes the resident adapters occupy: whole pages where paged (a rank-8 adapter counts a 16-rank
+        page), else their packed bytes."""
+        return (self.capacity_units - self._free_units) * self.unit_bytes
 
     @property
     def resident_count(self) -> int:
         return len(self._lru)
+
+    @property
+    def resident_keys(self) -> list[Hashable]:
+        """The keys of the resident adapters, least recently used first."""
+        return list(self._lru)
 
     def slot_of(self, key: Hashable) -> int | None:
         return self._lru.get(key)
@@ -101,11 +135,11 @@ class AdapterSlotPool:
         if slot is None:
             if adapter is None:
                 raise ValueError("adapter weights are needed to load a slot")
-            rank = self._rank_of(adapter)
-            slot = self._make_room(pages_for_rank(rank))
+            units = self._units_of(adapter)
+            slot = self._make_room(units)
             if slot is None:
                 return None
-            self._load(slot, key, adapter, rank)
+            self._load(slot, key, adapter, units)
         self._lru.move_to_end(key)
         self._pins[slot] += 1
         return slot
@@ -116,11 +150,11 @@ class AdapterSlotPool:
         Decided while a step runs, so on CUDA the runner's copy overlaps that step. Not pinned."""
         if key in self._lru:
             return True
-        rank = self._rank_of(adapter)
-        slot = self._make_room(pages_for_rank(rank), keep)
+        units = self._units_of(adapter)
+        slot = self._make_room(units, keep)
         if slot is None:
             return False
-        self._load(slot, key, adapter, rank)
+        self._load(slot, key, adapter, units)
         self.prefetches += 1
         return True
 
@@ -149,44 +183,46 @@ class AdapterSlotPool:
         writes, self._writes = self._writes, []
         return writes
 
-    def _rank_of(self, adapter: PackedAdapter) -> int:
-        """The rank rows actually written (the max over modules): the kernels skip every row past it."""
+    def _units_of(self, adapter: PackedAdapter) -> int:
+        """What the adapter takes of the tier: pages for the rank rows it writes (the max over modules; the kernels
+        skip every row past it), or its packed bytes."""
         rank = written_rank(adapter)
         if max(rank, adapter.rank) > self.max_rank:
             raise ValueError(f"adapter {adapter.adapter_id!r} has rank {max(rank, adapter.rank)} > max rank "
                              f"{self.max_rank}")
-        return rank
+        return pages_for_rank(rank) if self.paged else adapter.num_bytes
 
-    def _make_room(self, pages_needed: int, keep: Collection[Hashable] = ()) -> int | None:
-        """A free slot with `pages_needed` free pages, evicting least recently used unpinned adapters not in
+    def _make_room(self, units_needed: int, keep: Collection[Hashable] = ()) -> int | None:
+        """A free slot with `units_needed` free units, evicting least recently used unpinned adapters not in
         `keep`; None (evicting nothing) when even evicting every one of them would not make enough room."""
-        free_pages = len(self._free_pages)
-        has_slot = None in self._keys
+        free_units = self._free_units
+        has_slot = bool(self._free_slots)
         victims: list[Hashable] = []
         for key, slot in self._lru.items():  # least recently used first
-            if free_pages >= pages_needed and has_slot:
+            if free_units >= units_needed and has_slot:
                 break
             if self._pins[slot] == 0 and key not in keep:
                 victims.append(key)
-                free_pages += len(self._slot_pages[slot])
+                free_units += self._slot_units[slot]
                 has_slot = True
-        if free_pages < pages_needed or not has_slot:
+        if free_units < units_needed or not has_slot:
             return None
         for key in victims:
             self._clear(self._lru.pop(key))
             self.evictions += 1
-        return self._keys.index(None)
+        return self._free_slots.pop()
 
     def _clear(self, slot: int) -> None:
         self._writes.append(ClearSlot(slot))
         self._free_pages.extend(reversed(self._slot_pages[slot]))
-        self._slot_pages[slot] = []
-        self._keys[slot] = None
+        self._free_units += self._slot_units[slot]
+        self._slot_pages[slot], self._slot_units[slot] = [], 0
+        self._free_slots.append(slot)
 
-    def _load(self, slot: int, key: Hashable, adapter: PackedAdapter, rank: int) -> None:
-        pages = [self._free_pages.pop() for _ in range(pages_for_rank(rank))]
+    def _load(self, slot: int, key: Hashable, adapter: PackedAdapter, units: int) -> None:
+        pages = [self._free_pages.pop() for _ in range(units)] if self.paged else []
         self._writes.append(LoadAdapter(slot, tuple(pages), adapter, key))
-        self._slot_pages[slot] = pages
-        self._keys[slot] = key
+        self._slot_pages[slot], self._slot_units[slot] = pages, units
+        self._free_units -= units
         self._lru[key] = slot
         self.loads += 1

@@ -28,11 +28,20 @@ class Settings(BaseModel):
     device: str = Field("auto", description="torch device; auto picks cuda when available")
     served_model_name: str | None = Field(None, description="name of the base model in the API")
     max_model_len: int | None = Field(None, gt=0, description="longest prompt + output in tokens")
-    max_gpu_adapters: int = Field(8, gt=0, description="adapter slots on the device")
+    max_gpu_adapters: int | None = Field(
+        None, gt=0, description="cap on the adapters resident on the device at once; none: as many as "
+        "--max-gpu-adapter-bytes holds"
+    )
     max_lora_rank: int = Field(64, gt=0, description="largest adapter rank served")
     max_gpu_adapter_bytes: ByteSize | None = Field(
-        None, gt=0, description="device memory for adapter weights, spent by rank in pages of 16 ranks; default "
-        "fits --max-gpu-adapters adapters of --max-lora-rank"
+        None, gt=0, description="device memory for adapter weights, spent by rank in pages of 16 ranks (on a CPU, "
+        "by the adapters' own bytes); default: on a GPU --adapter-memory-share of what the KV cache and adapters "
+        "get, or pages for --max-gpu-adapters adapters of --max-lora-rank where that is given; on a CPU "
+        "--max-host-adapter-bytes, because adapters there are served from host memory where they already are"
+    )
+    adapter_memory_share: float = Field(
+        0.1, gt=0, lt=1, description="on a GPU, the share of the memory left after the weights, activations and "
+        "CUDA graphs that goes to adapter pages rather than the KV cache, when --max-gpu-adapter-bytes is not given"
     )
     store: Path | None = Field(
         None, description="adapter store directory; none keeps uploads in a temporary directory for this run"

@@ -69,11 +69,11 @@ class EngineConfig:
     max_model_len: int
     num_kv_blocks: int
     block_size: int
-    max_gpu_adapters: int
+    max_gpu_adapters: int | None  # cap on resident adapters; None: as many as the bytes hold
     max_lora_rank: int
     max_num_seqs: int
     max_num_batched_tokens: int
-    max_gpu_adapter_bytes: int | None = None  # None: every slot can hold a max-rank adapter
+    max_gpu_adapter_bytes: int | None = None  # None: pages for max_gpu_adapters max-rank adapters
     max_waiting_requests: int = 1024  # requests accepted but not yet admitted (server/waiting_quota.py)
     enforce_eager: bool = False  # True: no padded decode steps, no CUDA graphs
     engine_threads: int | None = None  # torch intra-op threads of the engine thread; None: torch's default
@@ -179,9 +179,11 @@ class Engine:
         model_name: str,
         model_description: str,
         metrics: Metrics | None = None,
+        paged: bool = True,
     ):
-        """`args`: the model's shape; `page_bytes`: one adapter page over every LoRA layer of it (the pool's unit);
-        `make_runner`: the model runner, built once the pools are sized."""
+        """`args`: the model's shape; `page_bytes`: one adapter page over every LoRA layer of it; `paged`: whether
+        the runner holds adapters in pages, or reads host buffers (`server/adapter_pool.py`); `make_runner`: the model
+        runner, built once the pools are sized."""
         self.args = args
         self.tokenizer = tokenizer
         self.config = config
@@ -193,7 +195,7 @@ class Engine:
         self.registry = registry
         self.allocator = BlockAllocator(config.num_kv_blocks, config.block_size)
         self.pool = AdapterSlotPool(config.max_gpu_adapters, config.max_lora_rank, page_bytes,
-                                    config.max_gpu_adapter_bytes)
+                                    config.max_gpu_adapter_bytes, paged)
         self.runner = make_runner(config.num_kv_blocks, config.block_size, self.pool.num_slots, self.pool.max_rank,
                                   self.pool.num_pages)
         self.device = self.runner.device

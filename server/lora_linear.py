@@ -4,7 +4,8 @@ Following vLLM's layering: the layer wraps a base layer (`y = base(x)`: today an
 tensor-parallel linear plugs in the same way, LoRA untouched) and holds one paged buffer of A and one of B
 (`kernels.paging`); the model runner writes an adapter's packed rows into pages (`write_pages`), keeps the page
 table and publishes the step's token -> slot metadata once in the shared `LoRAContext`; `forward` runs the base layer
-and then one shrink + one expand over all fused output slices.
+and then one shrink + one expand over all fused output slices. A CPU model runner with the torch kernels allocates
+no pages: it hands the layer the host tier's packed weights (`hold`), which the torch reference reads where they are.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kernels import LoRABatch, PageTable, add_lora
 from kernels.paging import PAGE_RANK, PageRows, allocate_buffers, page_bytes
-from kernels.reference import AdapterSlices, LayerAdapters, adapter_slices
+from kernels.reference import AdapterSlices, LayerAdapters, accumulation_dtype
 from server.adapter_packer import PackedWeight
 
 
@@ -72,7 +74,7 @@ class LoRALinear(nn.Module):
         self.context = context
         self.lora_a: torch.Tensor | None = None  # [pages, K * PAGE_RANK, d_in]
         self.lora_b: torch.Tensor | None = None  # [pages, PAGE_RANK, sum(widths)]
-        # Each adapter written here, by its first page, as the torch reference reads it (`AdapterSlices`).
+        # Each adapter written or held here, by slot, as the torch reference reads it (`AdapterSlices`).
         self.targets = LayerAdapters()
 
     def page_bytes(self, dtype: torch.dtype) -> int:
@@ -83,8 +85,13 @@ class LoRALinear(nn.Module):
         """Reserve zeroed A/B buffers of `num_pages` pages (page 0, the zero page, included)."""
         self.lora_a, self.lora_b = allocate_buffers(num_pages, self.d_in, self.slice_widths, dtype, device)
 
-    def write_pages(self, pages: PageRows, slices: Sequence[PackedWeight | None]) -> None:
-        """Write one adapter into `pages`: per fused slice its packed rank rows, None where it does not target
+    def drop_adapters(self) -> None:
+        """Forget every adapter and free the pages (a new model runner, or the memory profile, is done with them)."""
+        self.lora_a = self.lora_b = None
+        self.targets = LayerAdapters()
+
+    def write_pages(self, slot: int, pages: PageRows, slices: Sequence[PackedWeight | None]) -> None:
+        """Write `slot`'s adapter into `pages`: per fused slice its packed rank rows, None where it does not target
         the slice. Everything else in those pages (untargeted slices, rows past a slice's rank) becomes zero,
         so that whatever a freed page held before cannot leak in."""
         assert self.lora_a is not None and self.lora_b is not None, "allocate_pages first"
@@ -103,28 +110,55 @@ class LoRALinear(nn.Module):
                 b_rows[:, offset : offset + width].index_copy_(
                     0, pages.b_rows(rank), weight.b_t.to(device, non_blocking=True))
             offset += width
-        if pages.pages:
-            self.targets[pages.pages[0]] = self._adapter_slices(pages.pages, slices)
+        self.targets[slot] = AdapterSlices(tuple(k for k, weight in enumerate(slices) if weight is not None))
 
-    def _adapter_slices(self, pages: list[int], slices: Sequence[PackedWeight | None]) -> AdapterSlices:
-        """What the torch reference reads of the adapter just written: on a CPU its weights too, copied out of
-        the pages (the CPU's device tier then holds an adapter twice), elsewhere only the slices it targets."""
+    def hold(self, slot: int, slices: Sequence[PackedWeight | None]) -> None:
+        """Serve `slot`'s adapter from its packed weights as they are (per fused slice its rows, None where it does
+        not target the slice): views of the host tier's buffer, copied only where the slices' A rows are not one
+        block there (different ranks) or the weights are narrower than the accumulation dtype."""
         targeted = tuple(k for k, weight in enumerate(slices) if weight is not None)
-        if self.lora_a.device.type != "cpu" or not targeted:
-            return AdapterSlices(targeted)
-        rank = max(slices[k].a.shape[0] for k in targeted)
-        return adapter_slices(self.lora_a, self.lora_b, pages, targeted, rank, self.slice_widths)
+        if not targeted:
+            self.targets[slot] = AdapterSlices(())
+            return
+        acc = accumulation_dtype(slices[targeted[0]].a.dtype)
+        ranks = {slices[k].a.shape[0] for k in targeted}
+        rank = max(ranks)
+        if len(ranks) == 1:
+            a = _as_one_block([slices[k].a for k in targeted])
+            b = tuple(slices[k].b_t for k in targeted)
+        else:  # ranks differ per module (PEFT's rank_pattern): each padded with zero rows to the largest
+            a = torch.cat([F.pad(slices[k].a, (0, 0, 0, rank - slices[k].a.shape[0])) for k in targeted])
+            b = tuple(F.pad(slices[k].b_t, (0, 0, 0, rank - slices[k].b_t.shape[0])) for k in targeted)
+        flops = 2 * rank * (len(targeted) * self.d_in + sum(self.slice_widths[k] for k in targeted))
+        self.targets[slot] = AdapterSlices(targeted, rank, a.to(acc).T, tuple(w.to(acc) for w in b), flops)
 
-    def forget(self, first_page: int) -> None:
-        """Drop what `write_pages` kept of the adapter whose first page is `first_page` (its slot was cleared)."""
-        self.targets.pop(first_page, None)
-        self.targets.stacked = None  # it may hold the adapter: rebuilt for the next batch that wants it
+    def forget(self, slot: int) -> None:
+        """Drop what `write_pages` or `hold` kept of `slot`'s adapter (its slot was cleared)."""
+        forgotten = self.targets.pop(slot, None)
+        stacked = self.targets.stacked
+        if stacked is not None and any(adapter is forgotten for adapter in stacked.adapters):
+            self.targets.stacked = None  # rebuilt for the next batch that wants its adapters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
         batch = self.context.batch
-        if batch is not None and self.lora_a is not None:
+        if batch is not None and (self.lora_a is not None or self.targets):
             assert self.context.table is not None, "the slot pool publishes the page table"
             add_lora(y, x, self.lora_a, self.lora_b, batch, self.slice_widths, self.context.table, self.context.backend,
                      self.targets)
         return y
+
+
+def _as_one_block(rows: list[torch.Tensor]) -> torch.Tensor:
+    """The row blocks stacked: a view where each follows the one before it in their buffer (the packer lays a
+    layer's A blocks out so), else a copy."""
+    first = rows[0]
+    storage = first.untyped_storage().data_ptr()
+    follows = all(r.is_contiguous() and r.untyped_storage().data_ptr() == storage for r in rows)
+    offset = first.storage_offset()
+    for r in rows:
+        follows = follows and r.storage_offset() == offset
+        offset += r.numel()
+    if not follows:
+        return torch.cat(rows)
+    return first.as_strided((sum(r.shape[0] for r in rows), first.shape[1]), (first.shape[1], 1))

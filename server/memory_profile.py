@@ -22,10 +22,10 @@ import torch
 
 from kernels.attention_reference import DECODE_GROUP_KEYS
 from kernels.paging import PAGE_RANK, pages_for_rank
-from server.adapter_pool import AdapterSlotPool
+from server.adapter_packer import PackedAdapter, PackedWeight
 from server.api.protocol import MAX_LOGPROBS
 from server.model import ModelArgs, Transformer
-from server.model_runner import ModelRunner, adapter_page_bytes, decode_graph_sizes
+from server.model_runner import ModelRunner, decode_graph_sizes
 from server.requests import SamplingParams
 from server.sampling import SamplerState
 from server.scheduler import ScheduledChunk, Sequence
@@ -43,9 +43,13 @@ class StepLimits:
     max_num_seqs: int
     max_model_len: int
     block_size: int
-    max_gpu_adapters: int
+    max_gpu_adapters: int | None  # the cap on resident adapters, if any
     max_lora_rank: int
-    max_gpu_adapter_bytes: int | None = None
+
+    @property
+    def distinct_adapters(self) -> int:
+        """The most adapters one step can mix: one per sequence, within the cap."""
+        return min(self.max_num_seqs, self.max_gpu_adapters or self.max_num_seqs)
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def fake_plan(shapes: list[ChunkShape], limits: StepLimits) -> list[ScheduledChu
             sampler=SamplerState(_WORST_SAMPLING, torch.Generator().manual_seed(i), output_ids=[0, 1, 2]),
             num_computed=shape.context_len - shape.num_tokens,
             blocks=[0] * -(-shape.context_len // limits.block_size),
-            slot=i % limits.max_gpu_adapters,
+            slot=i % limits.distinct_adapters,
         )
         plan.append(ScheduledChunk(seq, shape.num_tokens))
     return plan
@@ -109,22 +113,32 @@ def peak_bytes_of(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def measure_largest_step(model: Transformer, limits: StepLimits) -> int:
-    """Peak activation bytes of the largest candidate step, run on the model with every adapter slot at max rank.
+    """Peak activation bytes of the largest candidate step, run on the model with as many adapters as a step can
+    mix, each of max rank on every module (all of them the same zeros: only their shapes matter here).
 
-    Leaves the model without LoRA pages, as it was before the engine's own model runner allocates them."""
-    pool = AdapterSlotPool(limits.max_gpu_adapters, limits.max_lora_rank, adapter_page_bytes(model),
-                           limits.max_gpu_adapter_bytes)
-    runner = ModelRunner(model, num_kv_blocks=1, block_size=limits.block_size, num_slots=pool.num_slots,
-                         max_rank=pool.max_rank, num_pages=pool.num_pages)
-    pages = list(range(1, pages_for_rank(limits.max_lora_rank) + 1))  # zeros: only their shapes matter here
-    for slot in range(limits.max_gpu_adapters):  # every slot at max rank, without writing any weights
-        runner.table.assign(slot, limits.max_lora_rank, pages)
+    Leaves the model without LoRA pages or adapters, as it was before the engine's own model runner loads them."""
+    slots, rank = limits.distinct_adapters, limits.max_lora_rank
+    runner = ModelRunner(model, num_kv_blocks=1, block_size=limits.block_size, num_slots=slots, max_rank=rank,
+                         num_pages=pages_for_rank(rank))
+    zeros = _zero_adapter(model.args, rank, runner.dtype)
+    for slot in range(slots):
+        if runner.paged:  # every slot on the same pages, nothing written
+            runner.table.assign(slot, rank, list(range(1, pages_for_rank(rank) + 1)))
+        else:
+            runner.load_adapter(slot, (), zeros)
     plans = [fake_plan(shapes, limits) for shapes in largest_steps(limits)]
     peak = max(peak_bytes_of(partial(runner.execute, plan), runner.device) for plan in plans)
     model.lora.table = None
-    for layer in model.lora_layers():  # the pages go back before the KV cache is sized
-        layer.lora_a = layer.lora_b = None
+    for layer in model.lora_layers():  # the pages and adapters go back before the KV cache is sized
+        layer.drop_adapters()
     return peak
+
+
+def _zero_adapter(args: ModelArgs, rank: int, dtype: torch.dtype) -> PackedAdapter:
+    """An adapter of `rank` on every module of every layer, all zeros."""
+    weights = {(layer, name): PackedWeight(torch.zeros(rank, d_in, dtype=dtype), torch.zeros(rank, d_out, dtype=dtype))
+               for layer in range(args.n_layers) for name, (d_in, d_out) in args.lora_module_dims.items()}
+    return PackedAdapter("profile", rank, dtype, weights)
 
 
 def estimate_step_bytes(args: ModelArgs, shapes: list[ChunkShape], max_lora_rank: int, dtype: torch.dtype) -> int:

@@ -50,6 +50,13 @@ def decode_graph_sizes(max_num_seqs: int) -> tuple[int, ...]:
     return (*ladder, largest)
 
 
+def holds_adapters_in_pages(model: Transformer) -> bool:
+    """Whether the runner writes adapters into pages: on a GPU, and wherever the Triton kernels run. On a CPU the
+    torch kernels read the host tier's packed weights where they are: device memory is host memory there, and a
+    copy would only double it."""
+    return model.output.weight.device.type != "cpu" or model.lora.backend != "torch"
+
+
 def adapter_page_bytes(model: Transformer) -> int:
     """Device bytes of one adapter page across every LoRA layer of `model` (the pool's unit of memory); pages
     are in the model's dtype (that of its output head, which no quantization touches)."""
@@ -68,10 +75,12 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(
-        self, model: Transformer, num_kv_blocks: int, block_size: int, num_slots: int, max_rank: int, num_pages: int
+        self, model: Transformer, num_kv_blocks: int, block_size: int, num_slots: int, max_rank: int, num_pages: int,
+        paged: bool | None = None,
     ):
         """`num_kv_blocks` KV-cache blocks of `block_size` tokens; `num_slots` adapter slots of up to `max_rank`
-        over `num_pages` adapter pages (the adapter pool's sizes)."""
+        over `num_pages` adapter pages (the adapter pool's sizes). `paged`: whether adapters go into pages (None:
+        `holds_adapters_in_pages`; without pages the runner needs the torch kernels)."""
         self.model = model
         self.block_size = block_size
         weight = model.output.weight
@@ -86,8 +95,11 @@ class ModelRunner:
             (i, module) for i, block in enumerate(model.layers) for module in block.modules()
             if isinstance(module, LoRALinear)
         ]
+        self.paged = holds_adapters_in_pages(model) if paged is None else paged
         for _, module in self._layers:
-            module.allocate_pages(1 + num_pages, self.dtype, self.device)  # + the zero page
+            module.drop_adapters()  # a runner before this one may have left some
+            if self.paged:
+                module.allocate_pages(1 + num_pages, self.dtype, self.device)  # + the zero page
         self.table = PageTable.empty(num_slots, max_rank, self.device)
         model.lora.table = self.table
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -126,7 +138,8 @@ class ModelRunner:
             raise TypeError(f"not a pool write: {write!r}")
 
     def load_adapter(self, slot: int, pages: Collection[int], adapter: PackedAdapter) -> None:
-        """Copy `adapter` into `pages` of every LoRA layer, then point `slot`'s page-table row at them.
+        """Copy `adapter` into `pages` of every LoRA layer, then point `slot`'s page-table row at them; without
+        pages (`paged` False), hand every layer its weights as they are.
 
         `slot` and `pages` must be free (cleared). The adapter was packed off this thread (`AdapterPacker`), so
         this only issues copies. On CUDA the step that first reads `slot` waits for them (`_await_loads`), no
@@ -137,7 +150,11 @@ class ModelRunner:
         with self._copying():
             rows = PageRows(list(pages), self.device)
             for layer_index, module in self._layers:
-                module.write_pages(rows, [adapter.weights.get((layer_index, name)) for name in module.slice_names])
+                slices = [adapter.weights.get((layer_index, name)) for name in module.slice_names]
+                if self.paged:
+                    module.write_pages(slot, rows, slices)
+                else:
+                    module.hold(slot, slices)
             self.table.assign(slot, written_rank(adapter), rows.pages)
             if self._copy_stream is not None:
                 self._loaded[slot] = self._copy_stream.record_event()
@@ -149,9 +166,8 @@ class ModelRunner:
             if last_use is not None:  # nothing may overwrite the slot's row or pages before its last reader ran
                 self._copy_stream.wait_event(last_use)
                 self._last_use[slot] = None
-            if self.table.host_pages[slot]:
-                for _, module in self._layers:
-                    module.forget(self.table.host_pages[slot][0])
+            for _, module in self._layers:
+                module.forget(slot)
             self.table.clear(slot)
 
     def mark_read(self, slots: Collection[int]) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import itertools
 import logging
 import math
 import multiprocessing
@@ -52,6 +53,8 @@ class RunnerInfo:
 
     args: ModelArgs
     page_bytes: int  # one adapter page across every LoRA layer (`adapter_page_bytes`)
+    paged: bool  # whether the runner holds adapters in pages (`holds_adapters_in_pages`)
+    adapter_bytes: int  # the adapter tier's memory, as start-up sized it
     num_kv_blocks: int
     device: str
     dtype: torch.dtype
@@ -233,28 +236,31 @@ class FlatAdapter:
     adapter_id: str
     rank: int
     buffer: torch.Tensor
-    layout: list[tuple[tuple[int, str], tuple[int, ...], tuple[int, ...]]]  # (key, A's shape, B^T's shape)
+    # (key, A's offset and shape, B^T's offset and shape), offsets in elements of `buffer`
+    layout: list[tuple[tuple[int, str], int, tuple[int, ...], int, tuple[int, ...]]]
 
     def unpacked(self) -> PackedAdapter:
-        weights, offset = {}, 0
-        for key, a_shape, b_shape in self.layout:
-            tensors = []
-            for shape in (a_shape, b_shape):
-                size = math.prod(shape)
-                tensors.append(self.buffer[offset : offset + size].view(shape))
-                offset += size
-            weights[key] = PackedWeight(*tensors)
-        return PackedAdapter(self.adapter_id, self.rank, self.buffer.dtype, weights)
+        """The adapter over this buffer, each weight where the packer put it (`server/adapter_packer.py`)."""
+        def view(offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+            return self.buffer[offset : offset + math.prod(shape)].view(shape)
+
+        weights = {key: PackedWeight(view(a_at, a_shape), view(b_at, b_shape))
+                   for key, a_at, a_shape, b_at, b_shape in self.layout}
+        return PackedAdapter(self.adapter_id, self.rank, self.buffer.dtype, weights, self.buffer)
 
 
 def _flattened(adapter: PackedAdapter) -> FlatAdapter:
     """The adapter's own buffer where the packer made one (in shared memory: no copy), else its weights joined."""
-    items = list(adapter.weights.items())
+    weights = list(adapter.weights.items())
     buffer = adapter.buffer
     if buffer is None:
-        parts = [t.flatten() for _, w in items for t in (w.a, w.b_t)]
-        buffer = torch.cat(parts) if parts else torch.empty(0, dtype=adapter.dtype)
-    layout = [(key, tuple(w.a.shape), tuple(w.b_t.shape)) for key, w in items]
+        parts = [t for _, w in weights for t in (w.a, w.b_t)]
+        buffer = torch.cat([t.flatten() for t in parts]) if parts else torch.empty(0, dtype=adapter.dtype)
+        starts = list(itertools.accumulate((t.numel() for t in parts), initial=0))
+    else:
+        starts = [t.storage_offset() - buffer.storage_offset() for _, w in weights for t in (w.a, w.b_t)]
+    layout = [(key, starts[2 * i], tuple(w.a.shape), starts[2 * i + 1], tuple(w.b_t.shape))
+              for i, (key, w) in enumerate(weights)]
     return FlatAdapter(adapter.adapter_id, adapter.rank, buffer, layout)
 
 

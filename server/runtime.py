@@ -8,7 +8,7 @@ import logging
 import shutil
 import tempfile
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,7 +24,7 @@ from server.engine import Engine, EngineConfig, RunnerFactory
 from server.memory_profile import StepLimits, estimate_decode_graph_pool, estimate_largest_step, measure_largest_step
 from server.metrics import Metrics
 from server.model import ModelArgs, Transformer
-from server.model_runner import ModelRunner, adapter_page_bytes
+from server.model_runner import ModelRunner, adapter_page_bytes, holds_adapters_in_pages
 from server.runner_process import ProcessRunner, RunnerInfo
 from server.startup_import import import_adapters
 from server.tokenizer import Tokenizer, build_byte_tokenizer
@@ -121,22 +121,40 @@ def load_runner_model(settings: Settings) -> tuple[Transformer, RunnerInfo]:
     )
     description = (f"{device} ({dtype}), LoRA backend {model.lora.backend}, attention backend "
                    f"{model.attention_context.backend}")
-    blocks = kv_cache_blocks(settings, model, device, dtype)
-    return model, RunnerInfo(args, adapter_page_bytes(model), blocks, str(device), dtype, description)
+    paged = holds_adapters_in_pages(model)
+    blocks, adapter_bytes = kv_cache_blocks(settings, model, device, dtype, paged)
+    return model, RunnerInfo(args, adapter_page_bytes(model), paged, adapter_bytes, blocks, str(device), dtype,
+                             description)
 
 
 def max_model_len(settings: Settings, args: ModelArgs) -> int:
     return settings.max_model_len or args.max_position_embeddings
 
 
-def lora_pool_bytes(settings: Settings, args: ModelArgs, dtype: torch.dtype) -> int:
-    """Device bytes of the adapter pages: the budget, or enough for every slot to hold a max-rank adapter."""
+def lora_pool_bytes(settings: Settings, args: ModelArgs, dtype: torch.dtype, paged: bool = True) -> int | None:
+    """Device bytes of the adapter tier that the settings fix: --max-gpu-adapter-bytes; else, held in host buffers
+    (`paged` False), --max-host-adapter-bytes, the memory they are in; else pages for --max-gpu-adapters max-rank
+    adapters. None: nothing fixes them (on a GPU a share of its memory then, `adapter_share_bytes`)."""
     if settings.max_gpu_adapter_bytes is not None:
         return settings.max_gpu_adapter_bytes
+    if not paged:  # room for one max-rank adapter at least, however small the host tier (which then re-reads)
+        return max(settings.max_host_adapter_bytes, max_rank_adapter_bytes(settings, args, dtype, paged))
+    if settings.max_gpu_adapters is None:
+        return None
+    return settings.max_gpu_adapters * max_rank_adapter_bytes(settings, args, dtype)
+
+
+def max_rank_adapter_bytes(settings: Settings, args: ModelArgs, dtype: torch.dtype, paged: bool = True) -> int:
+    """What one adapter of --max-lora-rank on every module takes of the device tier: its pages, or its bytes."""
     # A rank row of every module in every layer: A's row [d_in] plus B's column [d_out].
     rank_row = sum(d_in + d_out for d_in, d_out in args.lora_module_dims.values()) * args.n_layers
-    pages = settings.max_gpu_adapters * pages_for_rank(settings.max_lora_rank)
-    return pages * PAGE_RANK * rank_row * torch.finfo(dtype).bits // 8
+    ranks = pages_for_rank(settings.max_lora_rank) * PAGE_RANK if paged else settings.max_lora_rank
+    return ranks * rank_row * torch.finfo(dtype).bits // 8
+
+
+# Pages for this many adapters of --max-lora-rank where nothing sizes a paged tier in host memory (the Triton
+# kernels run by the interpreter on a CPU, for tests): every one of those pages is allocated at start.
+CPU_PAGED_ADAPTERS = 8
 
 
 def step_limits(settings: Settings, args: ModelArgs) -> StepLimits:
@@ -148,12 +166,13 @@ def step_limits(settings: Settings, args: ModelArgs) -> StepLimits:
         block_size=settings.block_size,
         max_gpu_adapters=settings.max_gpu_adapters,
         max_lora_rank=settings.max_lora_rank,
-        max_gpu_adapter_bytes=settings.max_gpu_adapter_bytes,
     )
 
 
-def kv_cache_blocks(settings: Settings, model: Transformer, device: torch.device, dtype: torch.dtype) -> int:
-    """Blocks of KV cache that fit beside the weights, the adapter pool and the largest step's activations.
+def kv_cache_blocks(settings: Settings, model: Transformer, device: torch.device, dtype: torch.dtype,
+                    paged: bool = True) -> tuple[int, int]:
+    """Blocks of KV cache that fit beside the weights, the adapter tier and the largest step's activations, and the
+    adapter tier's bytes (`lora_pool_bytes`; on a GPU without a setting, --adapter-memory-share of what is left).
 
     StartupError, naming the flags to change, when that memory is not there or holds less than one sequence of
     --max-model-len tokens."""
@@ -176,15 +195,23 @@ def kv_cache_blocks(settings: Settings, model: Transformer, device: torch.device
                  estimate_largest_step(args, limits, dtype) / 2**30)
         # The decode graphs are captured after the cache is allocated (as vLLM does): their pool is set aside now.
         graph_pool = 0 if settings.enforce_eager else estimate_decode_graph_pool(args, limits, dtype)
-        budget = GpuBudget(total, total - free, lora_pool_bytes(settings, args, dtype), peak, graph_pool)
+        budget = GpuBudget(total, total - free, 0, peak, graph_pool)
+        adapter_bytes = lora_pool_bytes(settings, args, dtype, paged)
+        if adapter_bytes is None:  # a share of what the KV cache and the adapters divide, one max-rank adapter at least
+            adapter_bytes = max(int(settings.adapter_memory_share * max(budget.for_kv_cache(
+                settings.gpu_memory_utilization), 0)), max_rank_adapter_bytes(settings, args, dtype))
+        budget = replace(budget, adapter_pool=adapter_bytes)
         tokens = cuda_kv_tokens(settings, budget, bytes_per_token)
     else:
+        adapter_bytes = lora_pool_bytes(settings, args, dtype, paged)
+        if adapter_bytes is None:
+            adapter_bytes = CPU_PAGED_ADAPTERS * max_rank_adapter_bytes(settings, args, dtype)
         tokens = settings.kv_cache_tokens or max(CPU_KV_CACHE_TOKENS, limits.max_model_len)
         check_host_headroom(settings, tokens, tokens * bytes_per_token, estimate_largest_step(args, limits, dtype))
     check_holds_one_sequence(settings, tokens, limits.max_model_len)
     if tokens < settings.block_size:  # only an explicit --kv-cache-tokens gets here: sizing never leaves this little
         raise StartupError(f"--kv-cache-tokens {tokens} is less than one block (--block-size {settings.block_size})")
-    return tokens // settings.block_size
+    return tokens // settings.block_size, adapter_bytes
 
 
 @dataclass(frozen=True)
@@ -361,7 +388,7 @@ def _engine(settings: Settings, info: RunnerInfo, make_runner: RunnerFactory) ->
         block_size=settings.block_size,
         max_gpu_adapters=settings.max_gpu_adapters,
         max_lora_rank=settings.max_lora_rank,
-        max_gpu_adapter_bytes=settings.max_gpu_adapter_bytes,
+        max_gpu_adapter_bytes=info.adapter_bytes,
         max_num_seqs=settings.max_num_seqs,
         max_num_batched_tokens=settings.max_num_batched_tokens,
         max_waiting_requests=settings.max_waiting_requests,
@@ -373,4 +400,4 @@ def _engine(settings: Settings, info: RunnerInfo, make_runner: RunnerFactory) ->
              config.block_size, ", model runner in its own process" if settings.model_runner_process else "")
     metrics = Metrics(top_adapters=settings.metrics_top_adapters)
     return Engine(args, info.page_bytes, make_runner, tokenizer, config, registry, name, description,
-                  metrics=metrics)
+                  metrics=metrics, paged=info.paged)

@@ -193,10 +193,11 @@ class Scheduler:
         return slot
 
     def _prefetch(self) -> None:
-        """Start disk -> host loads for the adapters the next waiting sequences need."""
+        """Start disk -> host loads for the adapters the next waiting sequences need: as many as one step could
+        admit, so a burst of cold adapters is read in waves, not all at once into the host tier."""
         seen = 0
         for seq in self.waiting:
-            if seen >= self.pool.num_slots:
+            if seen >= min(self.pool.num_slots, self.max_num_seqs):
                 break
             version = seq.adapter
             if version is not None and version.weights is None and self.pool.slot_of(version) is None:

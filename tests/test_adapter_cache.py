@@ -232,7 +232,7 @@ def test_a_request_on_an_adapter_only_on_disk_survives_a_replace_or_delete_befor
         assert served == reference  # the old weights
         # Its last user gone, the retired version left host memory and (one engine round later) its slot.
         generate(engine, [greedy(prompt(4, 3), 1)])
-        assert all(key is None or key.adapter_id != "cold" or not key.retired for key in engine.pool._keys)
+        assert all(key.adapter_id != "cold" or not key.retired for key in engine.pool.resident_keys)
         assert all(v.adapter_id != "cold" or not v.retired for v in engine.registry._host_lru)
         assert_idle(engine)
     finally:

@@ -138,7 +138,7 @@ def test_delete_during_a_running_request_frees_every_tier_after_it(client, serve
     engine_idle = complete(client, None, 2)  # one more engine round handles the slot release
     assert engine_idle
     assert all(v.adapter_id != "doomed" for v in engine.registry._host_lru)
-    assert all(key is None or key.adapter_id != "doomed" for key in engine.pool._keys)
+    assert all(key.adapter_id != "doomed" for key in engine.pool.resident_keys)
 
 
 def test_listing_is_paginated(client, server):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from server import runtime
+from server.adapter_pool import AdapterSlotPool
 from server.config import Settings, StartupError
 from server.demo import build_demo_model
 from server.memory_profile import (
@@ -16,6 +17,7 @@ from server.memory_profile import (
     measure_largest_step,
     peak_bytes_of,
 )
+from server.model_runner import adapter_page_bytes
 from server.runtime import GpuBudget, build_engine, check_holds_one_sequence, cuda_kv_tokens, step_limits
 from tests.support.cli_runs import serve_error
 
@@ -64,13 +66,31 @@ def test_on_cuda_the_cache_gets_what_the_weights_pool_and_measured_peak_leave(
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 * GIB, 10 * GIB))
     monkeypatch.setattr(runtime, "measure_largest_step", lambda m, limits: profiled.append(limits) or GIB)
     with caplog.at_level("INFO", logger="lorahive.runtime"):
-        blocks = runtime.kv_cache_blocks(settings, model, torch.device("cuda"), torch.float32)
+        blocks, pool = runtime.kv_cache_blocks(settings, model, torch.device("cuda"), torch.float32)
     assert profiled == [step_limits(settings, model.args)]
-    token_bytes = 4 * 2 * 4 * 32 * 4  # the demo: layers x (K, V) x kv heads x head dim x fp32
-    pool = runtime.lora_pool_bytes(settings, model.args, torch.float32)
+    assert pool == runtime.lora_pool_bytes(settings, model.args, torch.float32)  # pages for 2 adapters of rank 16
     graphs = runtime.estimate_decode_graph_pool(model.args, step_limits(settings, model.args), torch.float32)
-    assert blocks == (int(10 * GIB * 0.9) - 2 * GIB - pool - GIB - graphs) // token_bytes // 16
+    assert blocks == (int(10 * GIB * 0.9) - 2 * GIB - pool - GIB - graphs) // DEMO_TOKEN_BYTES // 16
     assert "1.00 GiB largest step" in caplog.text and "left for the KV cache" in caplog.text
+
+
+DEMO_TOKEN_BYTES = 4 * 2 * 4 * 32 * 4  # the demo: layers x (K, V) x kv heads x head dim x fp32
+
+
+def test_on_cuda_the_adapter_tier_gets_its_share_of_the_memory_the_kv_cache_would_get(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, _ = build_demo_model()
+    settings = Settings(max_num_batched_tokens=512, max_num_seqs=16, max_lora_rank=16, adapter_memory_share=0.25)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (8 * GIB, 10 * GIB))
+    monkeypatch.setattr(runtime, "measure_largest_step", lambda m, limits: GIB)
+    blocks, pool = runtime.kv_cache_blocks(settings, model, torch.device("cuda"), torch.float32)
+    graphs = runtime.estimate_decode_graph_pool(model.args, step_limits(settings, model.args), torch.float32)
+    shared = int(10 * GIB * 0.9) - 2 * GIB - GIB - graphs
+    assert pool == int(0.25 * shared) and blocks == (shared - pool) // DEMO_TOKEN_BYTES // 16
+    # Slots follow the memory: every page can hold a small adapter, thousands of them on this toy model.
+    tier = AdapterSlotPool(None, 16, adapter_page_bytes(model), pool)
+    assert tier.num_slots == pool // adapter_page_bytes(model) > 1000
 
 
 def test_kv_cache_tokens_beyond_the_gpu_budget_is_refused() -> None:

@@ -20,7 +20,7 @@ from kernels.paging import ZERO_PAGE, PageRows, pages_for_rank
 from server.adapter_packer import AdapterPacker, PackedWeight
 from server.adapter_pool import AdapterSlotPool
 from server.demo import build_demo_model
-from server.engine import EngineStats
+from server.engine import Engine, EngineStats
 from server.lora_linear import LoRAContext, LoRALinear, fused_linear
 from server.model import Transformer
 from server.model_runner import ModelRunner, adapter_page_bytes
@@ -130,10 +130,12 @@ def adapters(model) -> dict[str, LoraAdapter]:
     }
 
 
-def runner_and_pool(model: Transformer, num_slots: int) -> tuple[ModelRunner, AdapterSlotPool]:
-    pool = AdapterSlotPool(num_slots, MAX_RANK, adapter_page_bytes(model))
+def runner_and_pool(model: Transformer, num_slots: int, paged: bool = False) -> tuple[ModelRunner, AdapterSlotPool]:
+    """A runner with its pool: adapters read from the host buffers, as a CPU runner does, or (`paged`) written into
+    pages, as on a GPU (the torch kernels then read the pages)."""
+    pool = AdapterSlotPool(num_slots, MAX_RANK, adapter_page_bytes(model), paged=paged)
     runner = ModelRunner(model, num_kv_blocks=32, block_size=BLOCK_SIZE, num_slots=pool.num_slots,
-                         max_rank=pool.max_rank, num_pages=pool.num_pages)
+                         max_rank=pool.max_rank, num_pages=pool.num_pages, paged=paged)
     return runner, pool
 
 
@@ -161,8 +163,9 @@ def alone_with_merged_weights(model: Transformer, adapter: LoraAdapter | None, p
     return run_greedy(runner, [sequence(0, prompt_ids, slot=-1)])[0]
 
 
-def test_a_mixed_adapter_batch_gives_each_sequence_its_merged_weights_tokens(model, adapters):
-    runner, pool = runner_and_pool(model, num_slots=3)
+@pytest.mark.parametrize("paged", [False, True])
+def test_a_mixed_adapter_batch_gives_each_sequence_its_merged_weights_tokens(model, adapters, paged):
+    runner, pool = runner_and_pool(model, num_slots=3, paged=paged)
     slots = {name: pool.acquire(name, PACKER.pack(adapter)) for name, adapter in adapters.items()}
     for write in pool.take_writes():
         runner.apply(write)
@@ -199,35 +202,54 @@ def test_a_step_runs_each_adapters_rows_together_decode_rows_first(model, adapte
     assert newcomer.output_ids == run_greedy(runner, [sequence(0, prompt(9, 7), slot["a0"])])[0][:1]
 
 
-def test_load_adapter_then_clear_slot_round_trip(model, adapters):
-    runner, pool = runner_and_pool(model, num_slots=2)
+@pytest.mark.parametrize("paged", [False, True])
+def test_load_adapter_then_clear_slot_round_trip(model, adapters, paged):
+    runner, pool = runner_and_pool(model, num_slots=2, paged=paged)
     adapter = adapters["a2"]
     rank = ADAPTER_SPECS["a2"][0]
-    pages = list(range(1, 1 + pages_for_rank(rank)))
-    runner.load_adapter(1, pages, PACKER.pack(adapter))
+    pages = list(range(1, 1 + pages_for_rank(rank))) if paged else []
+    packed = PACKER.pack(adapter)
+    runner.load_adapter(1, pages, packed)
     assert runner.table.ranks[1].item() == rank and runner.table.host_pages[1] == tuple(pages)
     assert runner.table.ranks[0].item() == 0  # the other slot untouched
     ffn = model.layers[0].feed_forward.w_down
-    assert ffn.lora_b[pages].abs().sum() > 0 and ffn.lora_b[ZERO_PAGE].abs().sum() == 0
-    # a2 targets o_proj and the MLP: the fused q|k|v layer records that the reference has nothing to do there;
-    # o_proj keeps the weights the reference reads on a CPU, until the slot is cleared.
+    # a2 targets o_proj and the MLP: the fused q|k|v layer records that the reference has nothing to do there.
     attention = model.layers[0].attention
-    assert attention.wqkv.targets[pages[0]].slices == () and attention.wo.targets[pages[0]].slices == (0,)
-    assert attention.wo.targets[pages[0]].a_t.shape == (attention.wo.d_in, rank)
+    assert attention.wqkv.targets[1].slices == () and attention.wo.targets[1].slices == (0,)
+    if paged:
+        assert ffn.lora_b[pages].abs().sum() > 0 and ffn.lora_b[ZERO_PAGE].abs().sum() == 0
+    else:  # o_proj reads the packed weights where the host tier holds them: no pages, no copy
+        assert ffn.lora_a is None and attention.wo.targets[1].a_t.shape == (attention.wo.d_in, rank)
+        assert attention.wo.targets[1].a_t.untyped_storage().data_ptr() == packed.buffer.untyped_storage().data_ptr()
     with_adapter = run_greedy(runner, [sequence(0, prompt(7, 12), slot=1)])[0]
     assert with_adapter == alone_with_merged_weights(model, adapter, prompt(7, 12))
 
     runner.clear_slot(1)
-    assert pages[0] not in attention.wo.targets
+    assert 1 not in attention.wo.targets
     assert runner.table.ranks[1].item() == 0 and runner.table.pages[1].tolist() == [ZERO_PAGE] * pages_for_rank(16)
     cleared = run_greedy(runner, [sequence(0, prompt(7, 12), slot=1)])[0]
     assert cleared == alone_with_merged_weights(model, None, prompt(7, 12)) != with_adapter
 
 
+def test_a_cpu_runner_reads_each_fused_layer_of_an_adapter_as_views_of_the_host_buffer(model):
+    """The packer lays a layer's A blocks out one after the other, so even q|k|v's three slices are one view."""
+    runner, _ = runner_and_pool(model, num_slots=1)
+    packed = PACKER.pack(make_adapter("full", model.args, 8, 16.0, TARGET_MODULES, seed=15, std=0.2))
+    runner.load_adapter(0, [], packed)
+    buffer = packed.buffer.untyped_storage().data_ptr()
+    for module in model.lora_layers():
+        held = module.targets[0]
+        assert held.slices == tuple(range(len(module.slice_names)))
+        assert held.a_t.shape == (module.d_in, 8 * len(held.slices))
+        assert all(t.untyped_storage().data_ptr() == buffer for t in (held.a_t, *held.b))
+    assert run_greedy(runner, [sequence(0, prompt(6, 9), slot=0)])[0] == alone_with_merged_weights(
+        model, make_adapter("full", model.args, 8, 16.0, TARGET_MODULES, seed=15, std=0.2), prompt(6, 9))
+
+
 def test_a_load_into_pages_another_adapter_filled_leaves_nothing_of_it(model, adapters):
     """A load writes only the rank rows an adapter has; every other row of its pages (modules it does not target,
     ranks past its own) reads as zero, whatever the pages held before."""
-    runner, _ = runner_and_pool(model, num_slots=1)
+    runner, _ = runner_and_pool(model, num_slots=1, paged=True)
     full = make_adapter("full", model.args, 16, 16.0, TARGET_MODULES, seed=14, std=0.2)
     runner.load_adapter(0, [1], PACKER.pack(full))
     runner.clear_slot(0)
@@ -241,7 +263,7 @@ def test_a_step_waits_only_for_the_loads_of_adapters_it_reads():
     """A copy still queued on the side stream (a prefetch) holds back the step that reads its slot, not the
     others: the side stream here sleeps before the load, and a base-model step finishes meanwhile."""
     cuda_model = build_demo_model()[0].to("cuda", torch.float32)
-    runner, _ = runner_and_pool(cuda_model, num_slots=2)
+    runner, _ = runner_and_pool(cuda_model, num_slots=2, paged=True)
     adapter = make_adapter("a0", cuda_model.args, *ADAPTER_SPECS["a0"], seed=11, std=0.2)
     run_greedy(runner, [sequence(0, prompt(1, 9), slot=-1)])  # warm: the CUDA libraries' set-up is done
     with torch.cuda.stream(runner._copy_stream):
@@ -288,7 +310,7 @@ def test_lora_linear_adds_the_same_delta_over_any_base_layer():
     context.table.assign(0, rank, pages)
     for layer in layers:
         layer.allocate_pages(2, torch.float32, "cpu")
-        layer.write_pages(PageRows(pages, "cpu"), [PackedWeight(a, b.T.contiguous()) for a, b in slices])
+        layer.write_pages(0, PageRows(pages, "cpu"), [PackedWeight(a, b.T.contiguous()) for a, b in slices])
     x = torch.randn(3, 16, generator=gen)
     context.batch = LoRABatch.from_token_slots([0, -1, 0])  # the middle token has no adapter
     over_quantized, over_linear = (layer(x) for layer in layers)
@@ -320,7 +342,7 @@ def test_engine_stats_reflect_a_running_request():
         assert first.kv_blocks_used == engine.allocator.blocks_for(40)  # the prompt's, at its prefill
         assert first.kv_blocks_total == engine.allocator.num_blocks
         assert (first.adapters_resident, first.adapters_pinned, first.adapter_loads) == (1, 1, 1)
-        assert first.adapter_bytes_resident == pool_bytes(engine.pool, ADAPTER_SPECS["a0"][0]) > 0
+        assert first.adapter_bytes_resident == resident_bytes(engine, "a0", ADAPTER_SPECS["a0"][0]) > 0
         after = engine.stats()
         assert (after.running, after.kv_blocks_used, after.adapters_pinned) == (0, 0, 0)
         assert after.adapters_resident == 1 and after.steps == len(during_step) >= 3
@@ -328,8 +350,11 @@ def test_engine_stats_reflect_a_running_request():
         engine.shutdown()
 
 
-def pool_bytes(pool: AdapterSlotPool, rank: int) -> int:
-    return pages_for_rank(rank) * pool.page_bytes
+def resident_bytes(engine: Engine, adapter_id: str, rank: int) -> int:
+    """What one resident adapter of `rank` takes of the device tier: its pages, or (a CPU's) its packed bytes."""
+    if engine.pool.paged:
+        return pages_for_rank(rank) * engine.pool.page_bytes
+    return engine.registry.version(adapter_id).weights.num_bytes
 
 
 def test_an_adapter_the_runner_cannot_write_fails_its_request_alone(monkeypatch: pytest.MonkeyPatch):

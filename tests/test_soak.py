@@ -797,7 +797,7 @@ def metric(values: dict, name: str, **labels: str) -> float:
 def engine_settled(soak: Soak) -> bool:
     """Every client gone and every piece of their work dropped, including retired versions' slots."""
     engine = soak.engine
-    retired_in_slots = any(key is not None and key.retired for key in list(engine.pool._keys))
+    retired_in_slots = any(key.retired for key in engine.pool.resident_keys)
     return (not engine.scheduler.has_work() and not engine._streams and not engine._sequences
             and len(engine.waiting_quota) == 0 and not retired_in_slots and not engine._inbox)
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from kernels import LoRABatch, PageTable
-from kernels.paging import ZERO_PAGE, allocate_buffers, pack_pages, pages_for_rank
-from kernels.reference import AdapterSlices, LayerAdapters, adapter_slices
+from kernels.paging import PAGE_RANK, ZERO_PAGE, allocate_buffers, pack_pages, pages_for_rank
+from kernels.reference import AdapterSlices, LayerAdapters, accumulation_dtype
 
 # float64 is held to float64 accuracy (the reference accumulates in the wider of the input dtype and fp32);
 # the others to their own rounding. Any indexing or slicing mistake shows up as an O(1) error.
@@ -42,17 +42,31 @@ class LoraCase:
         return [p for p in self.table.pages[slot].tolist() if p != ZERO_PAGE]
 
     def targets(self, with_weights: bool = False) -> LayerAdapters:
-        """Each slot's adapter by its first page (`kernels.reference.add_lora`): the slices it targets, and with
+        """Each slot's adapter (`kernels.reference.add_lora`): the slices it targets, and with
         `with_weights` their weights copied out of the pages as a CPU model runner keeps them."""
         targets = LayerAdapters()
         for slot, pages in enumerate(self.table.host_pages):
             slices = tuple(k for k, a_k in enumerate(self.a[slot]) if a_k is not None)
             if pages and with_weights and slices:
                 rank = max(self.a[slot][k].shape[0] for k in slices)
-                targets[pages[0]] = adapter_slices(self.lora_a, self.lora_b, list(pages), slices, rank, self.widths)
+                targets[slot] = adapter_slices(self.lora_a, self.lora_b, list(pages), slices, rank, self.widths)
             elif pages:
-                targets[pages[0]] = AdapterSlices(slices)
+                targets[slot] = AdapterSlices(slices)
         return targets
+
+
+def adapter_slices(lora_a: torch.Tensor, lora_b: torch.Tensor, pages: list[int], slices: tuple[int, ...], rank: int,
+                   slice_widths: tuple[int, ...]) -> AdapterSlices:
+    """The `AdapterSlices` of the adapter of rank `rank` (at most) written in `pages`, with its weights (copied out
+    of the pages in the accumulation dtype), as a CPU model runner gives them."""
+    num_slices, acc = len(slice_widths), accumulation_dtype(lora_a.dtype)
+    a = lora_a[pages].view(len(pages), num_slices, PAGE_RANK, -1).transpose(0, 1).flatten(1, 2)  # [K, n * 16, d_in]
+    a_t = a[list(slices), :rank].flatten(0, 1).T.to(acc).contiguous()
+    b = lora_b[pages].flatten(0, 1)[:rank].to(acc)
+    offsets = [sum(slice_widths[:k]) for k in range(num_slices)]
+    flops = 2 * rank * (len(slices) * a.shape[2] + sum(slice_widths[k] for k in slices))
+    return AdapterSlices(slices, rank, a_t, tuple(b[:, offsets[k] : offsets[k] + slice_widths[k]].contiguous()
+                                                  for k in slices), flops)
 
 
 def make_case(

@@ -1,0 +1,126 @@
+"""Throughput as the number of distinct adapters grows: one server, up to thousands of adapters (S-LoRA's scale).
+
+Starts `lorahive serve` on the embedded demo model or on a random-weight checkpoint of a real model's shape
+(`--shape smollm2-135m`; benchmarks/engine_throughput.py's SHAPES), provisions `--provision` synthetic adapters
+over REST, and runs the load tester's sweep over the number of adapters the traffic spreads across
+(`lorahive-loadtest sweep --vary adapters`), once per popularity (zipf:1.0, as S-LoRA's traces, and uniform).
+Closed loop: `--concurrency` clients, `--requests` requests of `--input-len` prompt and `--output-len` generated
+tokens per point. Each point is compared with the first (one adapter): output tok/s and median TTFT ratios.
+
+    PYTHONPATH=. python benchmarks/adapter_scale.py                       # the demo model, 1 ... 2000 adapters
+    PYTHONPATH=. python benchmarks/adapter_scale.py --shape smollm2-135m --values 1,100,1000 --provision 1000 \
+        --target-modules q_proj,v_proj
+    PYTHONPATH=. python benchmarks/adapter_scale.py --tag slots16 --serve-flag=--max-gpu-adapters=16
+
+Prints a table and writes JSON to benchmarks/results/adapter_scale-<shape>[-<tag>]-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import torch
+
+from benchmarks.engine_throughput import RESULTS, SHAPES, write_random_checkpoint
+from tests.support.servers import free_port
+
+REPO = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 300
+
+
+def serve(model: Path | None, store: Path, port: int, flags: list[str], log: Path) -> subprocess.Popen:
+    command = [sys.executable, "-m", "server.cli", "serve", f"--port={port}", f"--store={store}", "--device=cpu",
+               "--log-level=warning", *([f"--model={model}", "--dtype=float32"] if model else []), *flags]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    process.kill()
+    raise RuntimeError(f"lorahive serve did not become ready:\n{log.read_text()}")
+
+
+def sweep(url: str, popularity: str, args: argparse.Namespace, out: Path) -> list[dict]:
+    """One `lorahive-loadtest sweep` over the adapter counts (provisioning uploads only the ids not there yet, shaped
+    by the server's model card); its rows, one per count."""
+    command = [sys.executable, "-m", "loadtest", "sweep", f"--url={url}", "--vary=adapters", f"--values={args.values}",
+               f"--popularity={popularity}", f"--concurrency={args.concurrency}", f"--num-requests={args.requests}",
+               "--warmup-requests=16", f"--input-len={args.input_len}", f"--output-len={args.output_len}",
+               f"--rank={args.rank}", f"--target-modules={args.target_modules}", f"--repeats={args.repeats}",
+               f"--out={out}", "--no-plots", "--no-progress", f"--provision={args.provision}"]
+    subprocess.run(command, cwd=REPO, check=True)
+    return json.loads((out / "sweep.json").read_text())["rows"]
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['shape']} on {result['device']}; {result['workload']}; server flags: "
+          f"{' '.join(result['serve_flags']) or '(defaults)'}")
+    print("| popularity | adapters | output tok/s | vs 1 adapter | p50 TTFT ms | vs 1 adapter | p50 TPOT ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for popularity, rows in result["sweeps"].items():
+        for row in rows:
+            print(f"| {popularity} | {row['value']} | {row['output_throughput']:,.0f} | "
+                  f"{row['output_throughput_ratio']:.2f} | {row['p50_ttft_ms']:.0f} | {row['p50_ttft_ms_ratio']:.2f} | "
+                  f"{row['p50_tpot_ms']:.1f} |")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=["demo", *sorted(SHAPES)], default="demo")
+    parser.add_argument("--values", default="1,10,100,1000,2000", help="adapter counts the traffic spreads over")
+    parser.add_argument("--popularity", nargs="+", default=["zipf:1.0", "uniform"])
+    parser.add_argument("--provision", type=int, default=2000, help="adapters uploaded before the sweeps")
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--requests", type=int, default=192, help="requests per point")
+    parser.add_argument("--input-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over the values, alternated; medians kept")
+    parser.add_argument("--serve-flag", action="append", default=[], help="extra `lorahive serve` flag (repeatable)")
+    parser.add_argument("--tag", default="", help="suffix of the JSON's name")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="lorahive-adapter-scale-") as scratch:
+        scratch = Path(scratch)
+        checkpoint = None
+        if args.shape != "demo":
+            checkpoint = write_random_checkpoint(args.shape, scratch / "model", torch.float32)
+        port = free_port()
+        server = serve(checkpoint, scratch / "store", port, args.serve_flag, scratch / "serve.log")
+        try:
+            sweeps = {popularity: sweep(f"http://127.0.0.1:{port}", popularity, args, scratch / f"sweep-{i}")
+                      for i, popularity in enumerate(args.popularity)}
+        finally:
+            server.terminate()
+            server.wait(60)
+    result = {
+        "benchmark": "adapter_scale", "shape": args.shape, "device": f"cpu ({platform.machine()}, {os.cpu_count()} "
+        "cores)", "serve_flags": args.serve_flag,
+        "workload": f"{args.concurrency} concurrent, {args.requests} requests of {args.input_len} + {args.output_len} "
+        f"tokens per point, rank-{args.rank} adapters on {args.target_modules}, {args.provision} provisioned",
+        "sweeps": sweeps,
+    }
+    print_table(result)
+    name = f"adapter_scale-{args.shape}{'-' + args.tag if args.tag else ''}-cpu.json"
+    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {RESULTS / name}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
