@@ -22,6 +22,7 @@ import torch
 
 from kernels import attention_reference, reference, self_check
 from kernels.attention_metadata import AttentionBatch
+from kernels.layer_adapters import AdapterSlices
 from kernels.metadata import LoRABatch
 from kernels.paging import PageTable
 
@@ -124,17 +125,18 @@ def resolve_attention_backend(
 def add_lora(
     y: torch.Tensor,
     x: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
+    lora_a: torch.Tensor | None,
+    lora_b: torch.Tensor | None,
     batch: LoRABatch,
     slice_widths: tuple[int, ...],
     table: PageTable,
     backend: BackendSetting = "auto",
-    targets: Mapping[int, reference.AdapterSlices] | None = None,
+    targets: Mapping[int, AdapterSlices] | None = None,
 ) -> None:
     """y += per-token LoRA delta (shrink then multi-slice expand), in place.
 
-    `lora_a`/`lora_b` are paged buffers and `table` each slot's pages and rank (`kernels.paging`). A step
+    `lora_a`/`lora_b` are paged buffers and `table` each slot's pages and rank (`kernels.paging`); None where the
+    torch reference reads every adapter's weights from `targets` (a CPU model runner's). A step
     whose tokens all use slot -1 returns at once: base-model traffic launches no LoRA kernel. Both backends do
     rank-r work for a rank-r adapter; the reference also skips the slices an adapter does not target, as
     `targets` (`reference.add_lora`) tells. "auto" resolves per call from the tensors (for direct callers; the

@@ -20,9 +20,9 @@ Per adapter: v never leaves the adapter's block of rows, and each adapter's GEMM
 targets (`targets`) and only its own rank, not its pages' multiple of PAGE_RANK (a rank-8 adapter on q and v of
 a fused q|k|v does half a page of two slices, not a page of three). All at once: every token against every page
 of the batch's adapters in one shrink GEMM and one expand GEMM per slice, the pages of other adapters masked to
-zero. Stacked: the batch's adapters' weights stacked once (`LayerAdapters` keeps them while the batch keeps the
-same adapters) and each adapter's tokens, padded to the longest run, through two batched GEMMs (`bmm`), B laid
-out block-diagonally so that one expand feeds every slice. On a CPU each torch op costs microseconds whatever
+zero. Stacked: the adapters' weights kept stacked from step to step (`kernels.layer_adapters.AdapterStack`: a
+batch copies only the adapters the stack lacks) and each adapter's tokens, padded to the longest run, through one
+batched shrink GEMM (`bmm`) and one per slice to expand. On a CPU each torch op costs microseconds whatever
 its size, so the few large GEMMs win where adapters are many and the layer small, despite their wasted flops.
 """
 
@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kernels.layer_adapters import TARGETS_NOTHING, AdapterSlices, AdapterStack, LayerAdapters
 from kernels.metadata import LoRABatch
 from kernels.paging import PAGE_RANK, PageTable
 
@@ -115,73 +116,6 @@ def expand(
     y.index_add_(0, batch.by_slot, delta.to(y.dtype))
 
 
-@dataclass(frozen=True)
-class AdapterSlices:
-    """One adapter in one layer, as the per-adapter path of `add_lora` reads it: the fused slices it targets (its
-    pages hold zeros in the others) and, where given, those slices' weights laid out for its GEMMs (`a_t`: A of
-    every targeted slice, `rank` rows each, transposed to [d_in, n * rank]; `b`: B^T [rank, width] per slice).
-    Read from the pages instead, they cost a handful of view and copy ops per adapter, layer and step, which on a
-    CPU is most of the LoRA time of a small model; a CPU model runner gives them once, when it loads the adapter
-    (`server.lora_linear.LoRALinear.hold`: views of the host tier's buffer)."""
-
-    slices: tuple[int, ...]
-    rank: int = 0
-    a_t: torch.Tensor | None = None
-    b: tuple[torch.Tensor, ...] = ()
-    flops_per_token: int = 0  # of its shrink and expands, where its weights are given (`lora_path` reads it)
-
-
-@dataclass(frozen=True)
-class StackedAdapters:
-    """Adapters of one layer, in a batch's slot-run order, stacked for batched GEMMs: `a_t` [S, d_in, K * R] (slice
-    k's ranks in columns k*R ...) and `b` [S, K * R, D], block-diagonal (slice k's ranks feed only slice k's
-    columns), R the largest rank among them; zeros wherever an adapter has no weight."""
-
-    adapters: tuple[AdapterSlices, ...]
-    a_t: torch.Tensor
-    b: torch.Tensor
-
-
-class LayerAdapters(dict[int, AdapterSlices]):
-    """One layer's `AdapterSlices` by slot, and the last batch's adapters stacked (`StackedAdapters`), kept
-    while batches keep the same adapters: in a decode-heavy stream the stack is built once per change of the
-    batch's adapters, not per step."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stacked: StackedAdapters | None = None
-
-    def stacked_for(self, adapters: tuple[AdapterSlices, ...], d_in: int, slice_widths: tuple[int, ...],
-                    like: torch.Tensor) -> StackedAdapters:
-        if self.stacked is None or not _same_objects(self.stacked.adapters, adapters):
-            self.stacked = None  # its memory goes before the new stack takes its own
-            self.stacked = stack_adapters(adapters, d_in, slice_widths, like)
-        return self.stacked
-
-
-def _same_objects(a: tuple[object, ...], b: tuple[object, ...]) -> bool:
-    """Identity, not equality: an adapter reloaded into the same pages is a new `AdapterSlices`."""
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
-
-
-def stack_adapters(adapters: tuple[AdapterSlices, ...], d_in: int, slice_widths: tuple[int, ...],
-                   like: torch.Tensor) -> StackedAdapters:
-    """`StackedAdapters` of `adapters` (each with its weights, or targeting nothing) in `like`'s accumulation dtype,
-    on its device."""
-    rank = max((a.rank for a in adapters if a.a_t is not None), default=0)
-    num_slices = len(slice_widths)
-    like = like.new_empty(0, dtype=accumulation_dtype(like.dtype))
-    offsets = [sum(slice_widths[:k]) for k in range(num_slices)]
-    a_t = like.new_zeros(len(adapters), d_in, num_slices * rank)
-    b = like.new_zeros(len(adapters), num_slices * rank, sum(slice_widths))
-    for s, adapter in enumerate(adapters):
-        r = adapter.rank
-        for j, k in enumerate(adapter.slices if adapter.a_t is not None else ()):
-            a_t[s, :, k * rank : k * rank + r] = adapter.a_t[:, j * r : (j + 1) * r]
-            b[s, k * rank : k * rank + r, offsets[k] : offsets[k] + slice_widths[k]] = adapter.b[j]
-    return StackedAdapters(adapters, a_t, b)
-
-
 # What a CPU core computes in the few microseconds a torch op costs to dispatch: `lora_path` prices an op at this
 # many flops. `benchmarks/lora_paths.py` times the three ways on real layer shapes and reports which constant's
 # choices lose least against the fastest way (on a 2-core CPU: 0.5-1 million).
@@ -213,30 +147,31 @@ def add_lora(
     acc = accumulation_dtype(x.dtype)
     grouped = batch.grouped_from is not None  # the tokens with a slot already one block, grouped by slot
     rows = slice(batch.grouped_from, batch.grouped_from + len(batch.by_slot)) if grouped else slice(0)
-    if path == "stacked":
-        stacked = targets.stacked_for(_batch_adapters(batch, table, targets), x.shape[1], slice_widths, x)
-        _stacked(y, x, rows if grouped else None, batch, stacked)
-        return
     # index_select copies whole rows: faster on a CPU than x[by_slot]
     grouped_x = (x[rows] if grouped else x.index_select(0, batch.by_slot)).to(acc)
-    if grouped and y.dtype == acc:  # updated where they are: no delta, no scatter
-        _adapter_by_adapter(y[rows], grouped_x, lora_a, lora_b, batch, slice_widths, table, targets)
+    in_place = grouped and y.dtype == acc  # updated where they are: no delta, no scatter
+    out = y[rows] if in_place else torch.zeros(len(batch.by_slot), y.shape[1], dtype=acc, device=y.device)
+    runs = range(len(batch.slot_runs))
+    if path == "stacked":
+        adapters = _batch_adapters(batch, targets)
+        split = _stack_split(batch, table, adapters, targets, x.shape[1], slice_widths)
+        if split.stacked:
+            stacked = [adapters[i] for i in split.stacked]
+            stack, positions = targets.stack_for(stacked, x.shape[1], slice_widths, acc, x.device)
+            _stacked(out, grouped_x, batch, split, slice_widths, stack, positions)
+        runs = split.apart
+    _adapter_by_adapter(out, grouped_x, lora_a, lora_b, batch, runs, slice_widths, table, targets)
+    if in_place:
         return
-    delta = torch.zeros(len(batch.by_slot), y.shape[1], dtype=acc, device=y.device)
-    _adapter_by_adapter(delta, grouped_x, lora_a, lora_b, batch, slice_widths, table, targets)
     if grouped:
-        y[rows] += delta.to(y.dtype)
+        y[rows] += out.to(y.dtype)
     else:
-        y.index_add_(0, batch.by_slot, delta.to(y.dtype))
+        y.index_add_(0, batch.by_slot, out.to(y.dtype))
 
 
-_TARGETS_NOTHING = AdapterSlices(())
-
-
-def _batch_adapters(batch: LoRABatch, table: PageTable,
-                    targets: Mapping[int, AdapterSlices]) -> tuple[AdapterSlices, ...]:
+def _batch_adapters(batch: LoRABatch, targets: Mapping[int, AdapterSlices]) -> tuple[AdapterSlices, ...]:
     """What `targets` holds of each run's adapter (one missing there targets nothing)."""
-    return tuple(targets.get(slot, _TARGETS_NOTHING) for slot, _, _ in batch.slot_runs)
+    return tuple(targets.get(slot, TARGETS_NOTHING) for slot, _, _ in batch.slot_runs)
 
 
 @dataclass(frozen=True)
@@ -276,7 +211,7 @@ def lora_path(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple
     runs = _run_shape(batch, table)
     num_slices, width = len(slice_widths), sum(slice_widths)
     every_slice = AdapterSlices(tuple(range(num_slices)))
-    adapters = _batch_adapters(batch, table, targets) if targets is not None else (every_slice,) * len(runs.lengths)
+    adapters = _batch_adapters(batch, targets) if targets is not None else (every_slice,) * len(runs.lengths)
     adapter_cost, kept_rank, stackable = 0, 0, isinstance(targets, LayerAdapters)
     for n, adapter, rank in zip(runs.lengths, adapters, runs.ranks, strict=True):
         if not adapter.slices or not rank:
@@ -294,30 +229,113 @@ def lora_path(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple
         costs["dense"] = (2 * len(batch.token_slots) * dense_rows + (2 + num_slices) * FLOPS_PER_OP
                           + (0 if runs.pages_consecutive else COPY_FLOPS * dense_rows))
     if stackable and kept_rank:
-        stack = len(adapters) * num_slices * kept_rank * (d_in + width)
-        built = targets.stacked is not None and _same_objects(targets.stacked.adapters, adapters)
-        costs["stacked"] = 2 * max(runs.lengths) * stack + 3 * FLOPS_PER_OP + (0 if built else COPY_FLOPS * stack)
+        costs["stacked"] = _stacked_cost(batch, table, adapters, targets, d_in, slice_widths)
     return min(costs, key=costs.get)
 
 
-def _stacked_rows(batch: LoRABatch) -> tuple[int, torch.Tensor | None, torch.Tensor | None]:
-    """(longest run, gather [S * longest], keep [T']) of the stacked path: the rows of the grouped tokens each
-    adapter's padded block reads (a run shorter than the longest repeats its first row), and which rows of the
-    padded result are real, in `by_slot` order; both None when every run is as long as the longest (no padding).
-    Made once per step (cached on the batch) for every layer."""
-    key = ("stacked",)
+def _stacked_cost(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlices, ...], targets: LayerAdapters,
+                  d_in: int, slice_widths: tuple[int, ...]) -> int:
+    """The stacked way's flops, copies and ops: its GEMMs over every position of the stack it would run on, the
+    runs it leaves apart, and writing the adapters the kept stack lacks (or, where they do not fit it, all of them
+    into a new one), spread over the steps they serve."""
+    plan = _stack_plan(batch, table, adapters, targets, d_in, slice_widths)
+    writes = sum(COPY_FLOPS * _stack_elements(a.rank, a.slices, d_in, slice_widths) + 2 * len(a.slices) * FLOPS_PER_OP
+                 for a in plan.newcomers)
+    return plan.cost + (10 + 3 * len(plan.slices)) * FLOPS_PER_OP + writes // STACK_REUSE_STEPS
+
+
+def _stack_elements(rank: int, slices: Sequence[int], d_in: int, slice_widths: tuple[int, ...]) -> int:
+    """Weights of an adapter of `rank` on `slices` (A's rows and B's columns), as a stack position holds them."""
+    return rank * (len(slices) * d_in + sum(slice_widths[k] for k in slices))
+
+
+@dataclass(frozen=True)
+class _StackPlan:
+    """How the stacked way would run one layer's step: runs up to `length` through a stack of `slices` and `rank`
+    (the kept one, or a new one), writing `newcomers`; `cost` the flops of its GEMMs and of the runs left apart."""
+
+    length: int
+    cost: int
+    slices: tuple[int, ...]
+    newcomers: tuple[AdapterSlices, ...]
+
+
+def _stack_plan(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlices, ...], targets: LayerAdapters,
+                d_in: int, slice_widths: tuple[int, ...]) -> _StackPlan:
+    """The layer's `_StackPlan` for this step (cached on the batch: `lora_path` and `add_lora` both read it)."""
+    key = ("plan", id(targets))
     if key not in batch.cache:
-        lengths = [end - start for _, start, end in batch.slot_runs]
-        longest = max(lengths)
-        if all(n == longest for n in lengths):
-            batch.cache[key] = (longest, None, None)
+        serving = list({id(a): a for a in adapters if a.slices}.values())
+        if not serving:  # nothing to stack: every run targets nothing here
+            batch.cache[key] = _StackPlan(0, 0, (), ())
+            return batch.cache[key]
+        stack = targets.stack
+        new = stack.newcomers(serving) if stack is not None else None
+        if new is None:  # a new stack of just these
+            new = serving
+            slices, rank = tuple(sorted({k for a in new for k in a.slices})), max(a.rank for a in new)
+            capacity = AdapterStack.capacity_for(len(new))
         else:
-            gather = [start + min(j, end - start - 1) for _, start, end in batch.slot_runs for j in range(longest)]
-            keep = [s * longest + j for s, n in enumerate(lengths) for j in range(n)]
-            device = batch.by_slot.device
-            batch.cache[key] = (longest, _host_index(gather).to(device, non_blocking=True),
-                                _host_index(keep).to(device, non_blocking=True))
+            slices, rank, capacity = stack.slices, stack.rank, stack.capacity
+        # Flops of one padded row of one run, its share of the positions the bmm runs over included.
+        per_row = 2 * _stack_elements(rank, slices, d_in, slice_widths) * capacity // len(serving)
+        length, cost = _stack_length(_run_shape(batch, table).lengths, adapters, per_row)
+        batch.cache[key] = _StackPlan(length, cost, slices, tuple(new))
     return batch.cache[key]
+
+
+# Steps an adapter written into a stack serves, over which `lora_path` spreads the cost of writing it: its request
+# decodes on for tens of steps, and the stack keeps it while batches use it. Charged whole to the step that writes
+# it, a stack would never be built where it pays off over the next steps.
+STACK_REUSE_STEPS = 8
+
+
+@dataclass(frozen=True)
+class _StackSplit:
+    """Which runs of a step the stacked way takes, padded to `length` rows each (the shorter repeat their first
+    row), and which go adapter by adapter (`apart`: the longer ones, and those whose adapter targets nothing here),
+    with the index tensors of the stacked part, in `by_slot` order: `gather` [S * length] the grouped rows each
+    padded block reads, `keep` the real rows of the padded result, `rows` where they go."""
+
+    length: int
+    stacked: tuple[int, ...]
+    apart: tuple[int, ...]
+    gather: torch.Tensor
+    keep: torch.Tensor
+    rows: torch.Tensor
+
+
+def _stack_length(lengths: Sequence[int], adapters: Sequence[AdapterSlices], per_row: int) -> tuple[int, int]:
+    """(L, cost): the run length up to which runs go through the stack, padded to L rows of `per_row` flops each,
+    the longer ones adapter by adapter, at the least cost of flops and ops (a prefill chunk among decodes is not
+    worth padding every decode to)."""
+    best = (0, 0)
+    for length in sorted({n for n, a in zip(lengths, adapters, strict=True) if a.slices}):
+        cost = sum(n * a.flops_per_token + (3 + len(a.slices)) * FLOPS_PER_OP
+                   for n, a in zip(lengths, adapters, strict=True) if a.slices and n > length)
+        cost += length * per_row * sum(1 for n, a in zip(lengths, adapters, strict=True) if a.slices and n <= length)
+        if best[0] == 0 or cost < best[1]:
+            best = (length, cost)
+    return best
+
+
+def _stack_split(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlices, ...], targets: LayerAdapters,
+                 d_in: int, slice_widths: tuple[int, ...]) -> _StackSplit:
+    """The layer's `_StackSplit` for this step (its indices cached on the batch for the layers that agree)."""
+    lengths = _run_shape(batch, table).lengths
+    length = _stack_plan(batch, table, adapters, targets, d_in, slice_widths).length
+    stacked = tuple(i for i, (n, a) in enumerate(zip(lengths, adapters, strict=True)) if a.slices and n <= length)
+    key = ("stacked", length, stacked)
+    if key not in batch.cache:
+        starts = [batch.slot_runs[i][1] for i in stacked]
+        gather = [start + min(j, lengths[i] - 1) for i, start in zip(stacked, starts, strict=True)
+                  for j in range(length)]
+        keep = [s * length + j for s, i in enumerate(stacked) for j in range(lengths[i])]
+        rows = [start + j for i, start in zip(stacked, starts, strict=True) for j in range(lengths[i])]
+        device = batch.by_slot.device
+        batch.cache[key] = tuple(_host_index(v).to(device, non_blocking=True) for v in (gather, keep, rows))
+    apart = tuple(i for i in range(len(lengths)) if i not in set(stacked))
+    return _StackSplit(length, stacked, apart, *batch.cache[key])
 
 
 def _host_index(values: list[int]) -> torch.Tensor:
@@ -325,27 +343,42 @@ def _host_index(values: list[int]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
-def _stacked(y: torch.Tensor, x: torch.Tensor, rows: slice | None, batch: LoRABatch,
-             stacked: StackedAdapters) -> None:
-    """y += each adapter's tokens through the stacked weights: one bmm shrink, one bmm expand. `rows`: where the
-    tokens with a slot lie in x and y when they are one block grouped by slot (None: gathered by `by_slot`)."""
-    acc = stacked.a_t.dtype
-    num_adapters = len(batch.slot_runs)
-    longest, gather, keep = _stacked_rows(batch)
-    grouped_x = x[rows] if rows is not None else x.index_select(0, batch.by_slot)
-    if gather is not None:
-        grouped_x = grouped_x.index_select(0, gather)
-    v = torch.bmm(grouped_x.to(acc).view(num_adapters, longest, -1), stacked.a_t)  # [S, longest, K * R]
-    if rows is not None and gather is None and y.dtype == acc:  # updated where they are
-        y[rows].view(num_adapters, longest, -1).baddbmm_(v, stacked.b)
-        return
-    delta = torch.bmm(v, stacked.b).flatten(0, 1)
-    if keep is not None:
-        delta = delta.index_select(0, keep)
-    if rows is not None:
-        y[rows] += delta.to(y.dtype)
-    else:
-        y.index_add_(0, batch.by_slot, delta.to(y.dtype))
+def _stacked(out: torch.Tensor, grouped_x: torch.Tensor, batch: LoRABatch, split: _StackSplit,
+             slice_widths: tuple[int, ...], stack: AdapterStack, positions: list[int]) -> None:
+    """out [T', D] += the split's stacked runs through their adapters' positions of `stack`: one bmm shrink over
+    every position (those the batch does not use read zeros) and one bmm expand per slice."""
+    runs, capacity = len(split.stacked), stack.capacity
+    padded = grouped_x.index_select(0, split.gather).view(runs, split.length, -1)
+    in_order = positions == list(range(capacity))  # run i at position i, every position used
+    index = None if in_order else _positions_index(batch, positions)
+    xs = padded if index is None else padded.new_zeros(capacity, *padded.shape[1:]).index_copy_(0, index, padded)
+    delta = _expand_stacked(torch.bmm(xs, stack.a_t), stack, slice_widths)  # [C, length, D]
+    if index is not None:
+        delta = delta.index_select(0, index)
+    out.index_add_(0, split.rows, delta.flatten(0, 1).index_select(0, split.keep))
+
+
+def _expand_stacked(v: torch.Tensor, stack: AdapterStack, slice_widths: tuple[int, ...]) -> torch.Tensor:
+    """[C, length, D]: each served slice's ranks of v [C, length, n * R] through its B^T, in that slice's columns.
+    One bmm per slice into a tensor of its own, then joined: a bmm into a column slice of a wider tensor runs
+    several times slower on a CPU."""
+    rank = stack.rank
+    parts = [torch.bmm(v[:, :, i * rank : (i + 1) * rank], b) for i, b in enumerate(stack.b)]
+    if stack.slices == tuple(range(len(slice_widths))):
+        return torch.cat(parts, dim=2)
+    delta = v.new_zeros(*v.shape[:2], sum(slice_widths))
+    for k, part in zip(stack.slices, parts, strict=True):
+        offset = sum(slice_widths[:k])
+        delta[:, :, offset : offset + slice_widths[k]] = part
+    return delta
+
+
+def _positions_index(batch: LoRABatch, positions: list[int]) -> torch.Tensor:
+    """`positions` as an index on the batch's device, made once per step for the layers whose stacks agree."""
+    key = ("positions", tuple(positions))
+    if key not in batch.cache:
+        batch.cache[key] = _host_index(positions).to(batch.by_slot.device, non_blocking=True)
+    return batch.cache[key]
 
 
 def _batch_pages(batch: LoRABatch, table: PageTable, dtype: torch.dtype) -> tuple[slice | torch.Tensor, torch.Tensor]:
@@ -387,17 +420,20 @@ def _all_adapters_at_once(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor
         offset += width
 
 
-def _adapter_by_adapter(out: torch.Tensor, grouped_x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                        batch: LoRABatch, slice_widths: tuple[int, ...], table: PageTable,
+def _adapter_by_adapter(out: torch.Tensor, grouped_x: torch.Tensor, lora_a: torch.Tensor | None,
+                        lora_b: torch.Tensor | None, batch: LoRABatch, runs: Sequence[int],
+                        slice_widths: tuple[int, ...], table: PageTable,
                         targets: Mapping[int, AdapterSlices] | None) -> None:
-    """out [T', D] += each adapter's block of grouped tokens against its own rank of the slices it targets."""
+    """out [T', D] += the block of grouped tokens of each of `runs` (indices into `batch.slot_runs`) against its
+    adapter's own rank of the slices it targets."""
     acc = grouped_x.dtype
     offsets = [sum(slice_widths[:k]) for k in range(len(slice_widths))]
     every_slice = AdapterSlices(tuple(range(len(slice_widths))))
-    for slot, start, end in batch.slot_runs:
+    for run in runs:
+        slot, start, end = batch.slot_runs[run]
         if not table.host_ranks[slot]:
             continue
-        adapter = every_slice if targets is None else targets.get(slot, _TARGETS_NOTHING)
+        adapter = every_slice if targets is None else targets.get(slot, TARGETS_NOTHING)
         if not adapter.slices:
             continue
         if adapter.a_t is not None:

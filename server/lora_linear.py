@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import LoRABatch, PageTable, add_lora
+from kernels.layer_adapters import AdapterSlices, LayerAdapters
 from kernels.paging import PAGE_RANK, PageRows, allocate_buffers, page_bytes
-from kernels.reference import AdapterSlices, LayerAdapters, accumulation_dtype
+from kernels.reference import accumulation_dtype
 from server.adapter_packer import PackedWeight
 
 
@@ -134,10 +135,7 @@ class LoRALinear(nn.Module):
 
     def forget(self, slot: int) -> None:
         """Drop what `write_pages` or `hold` kept of `slot`'s adapter (its slot was cleared)."""
-        forgotten = self.targets.pop(slot, None)
-        stacked = self.targets.stacked
-        if stacked is not None and any(adapter is forgotten for adapter in stacked.adapters):
-            self.targets.stacked = None  # rebuilt for the next batch that wants its adapters
+        self.targets.forget(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)

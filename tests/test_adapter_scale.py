@@ -9,6 +9,8 @@ tight, so adapters come in waves.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,13 +19,17 @@ import numpy as np
 import pytest
 import torch
 
+from server.adapter_packer import AdapterPacker
 from server.config import Settings
 from server.demo import build_demo_model
 from server.engine import Engine
 from server.runtime import max_rank_adapter_bytes
 from tests.support.engines import (
     ENGINE_SETTINGS,
+    TIMEOUT_S,
+    Choice,
     assert_idle,
+    collect,
     generate,
     greedy,
     make_adapter,
@@ -141,4 +147,36 @@ def test_with_a_tight_device_budget_adapters_come_in_waves_and_every_request_is_
     # A refused sequence waits for running ones to finish (MAX_TOKENS + 1 rounds each) and holds back the sequences
     # behind it; the burst is NUM_REQUESTS / MAX_NUM_SEQS batches deep.
     assert max(watch.refusals.values()) <= (NUM_REQUESTS // MAX_NUM_SEQS) * (MAX_TOKENS + 1)
+    assert_idle(engine)
+
+
+def test_a_warm_adapters_request_is_not_held_back_by_a_burst_of_cold_ones(engines, monkeypatch):
+    """Cold adapters load beside the running steps: a request for a resident adapter gets its tokens while a burst
+    of requests for adapters only on disk waits for their loads (held here until the warm request finished, so a
+    warm request that waited for them would never finish)."""
+    engine = engines()
+    generate(engine, [greedy(prompt(1, 8), 1, "s0001")])  # s0001: in host memory and resident from here on
+    released = threading.Event()
+    pack = AdapterPacker.pack
+
+    def held_pack(packer, adapter):
+        released.wait(TIMEOUT_S)
+        return pack(packer, adapter)
+
+    monkeypatch.setattr(AdapterPacker, "pack", held_pack)
+
+    async def scenario() -> tuple[list[Choice], int, list[list[Choice]]]:
+        cold = [engine.submit(greedy(prompt(i, 8), 2, f"s{1000 + i:04d}", ignore_eos=True)) for i in range(31)]
+        warm = await asyncio.wait_for(collect(engine.submit(greedy(prompt(9, 8), 4, "s0001", ignore_eos=True))),
+                                      TIMEOUT_S)
+        loaded_meanwhile = engine.registry.stats.loads_from_disk
+        released.set()
+        return warm, loaded_meanwhile, await asyncio.wait_for(asyncio.gather(*(collect(s) for s in cold)), TIMEOUT_S)
+
+    try:
+        warm, loaded_meanwhile, cold = asyncio.run(scenario())
+    finally:
+        released.set()
+    assert len(warm[0].token_ids) == 4 and loaded_meanwhile == 1  # only s0001's load, before the burst
+    assert all(len(choices[0].token_ids) == 2 for choices in cold)
     assert_idle(engine)

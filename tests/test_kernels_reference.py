@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import LoRABatch, PageTable, add_lora, reference
+from kernels.layer_adapters import AdapterStack
 from kernels.paging import ZERO_PAGE
 from tests.support.lora_cases import TOLERANCES, LoraCase, make_case, naive_lora, naive_shrink
 
@@ -301,6 +302,30 @@ def test_add_lora_matches_naive_on_any_shape(
     assert_matches_naive(case, y)
 
 
+@settings(max_examples=40, deadline=None)
+@given(lora_cases(), st.lists(st.lists(st.integers(-1, 11), min_size=1, max_size=24), min_size=2, max_size=6))
+def test_a_kept_stack_serves_batch_after_batch_as_adapters_come_and_go(
+    params: tuple[int, list[int], int, int, int, tuple[int, ...], list[list[int]]], batches: list[list[int]],
+) -> None:
+    """One layer's stack through a stream of batches over the same adapters, as a CPU model runner's layer keeps it
+    from step to step: newcomers are written over positions of adapters the batch does not use (a larger rank or
+    another slice builds a new stack), and every batch still gets exactly its own adapters' deltas."""
+    seed, _, num_slots, max_rank, d_in, widths, ranks = params
+    case = make_case(torch.Generator().manual_seed(seed), [], num_slots, max_rank, d_in, widths, ranks=ranks)
+    targets = case.targets(with_weights=True)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with pytest.MonkeyPatch.context() as patch:
+        force_path(patch, "stacked")
+        for token_slots in batches:
+            token_slots = [slot % num_slots if slot >= 0 else -1 for slot in token_slots]
+            step = dataclasses.replace(case, token_slots=token_slots,
+                                       x=torch.randn(len(token_slots), d_in, generator=gen, dtype=torch.float64),
+                                       y=torch.randn(len(token_slots), sum(widths), generator=gen, dtype=torch.float64))
+            y = step.y.clone()
+            add_lora(y, step.x, None, None, step.batch, widths, case.table, targets=targets)
+            assert_matches_naive(step, y)
+
+
 def test_the_reference_takes_every_adapter_at_once_where_ops_cost_more_than_flops(
     torch_gen: torch.Generator,
 ) -> None:
@@ -320,31 +345,38 @@ def test_the_reference_takes_every_adapter_at_once_where_ops_cost_more_than_flop
 
 @pytest.mark.parametrize("slots", [[t // 2 for t in range(16)], [-1, 0, 0, 0, 1, 2, 2, -1, 3, 4, 5, 6, 7, 7]],
                          ids=["grouped, runs of two", "scattered runs of one to three"])
-def test_many_small_adapters_with_kept_weights_go_stacked_through_two_batched_gemms(
+def test_many_small_adapters_with_kept_weights_go_stacked_through_batched_gemms(
     torch_gen: torch.Generator, slots: list[int],
 ) -> None:
-    """Eight rank-16 adapters (one of rank 8, one targeting only the second slice) on a 32-wide layer, weights kept:
-    one bmm shrink and one bmm expand over the adapters stacked, each adapter's tokens padded to the longest run;
-    the stack is built once and reused while the batch holds the same adapters, and rebuilt when one is reloaded."""
+    """Eight rank-16 adapters (one of rank 8, one targeting only the second slice) on a 32-wide layer, weights kept
+    and no pages (a CPU model runner's): one bmm shrink over the stack's positions and one bmm expand per slice, each
+    adapter's tokens padded to the longest run; the stack is kept while batches reuse it, and an adapter loaded again
+    is written over a position no adapter of the batch holds, the others left where they are."""
     ranks = [[16, 16]] * 6 + [[8, 8], [0, 16]]
     case = make_case(torch_gen, slots, num_slots=8, max_rank=16, d_in=32, widths=(32, 16), ranks=ranks)
     targets = case.targets(with_weights=True)
     longest = max(slots.count(slot) for slot in range(8))
-    assert reference.lora_path(case.batch, case.table, 32, case.widths, targets) == "stacked"
+    assert reference.lora_path(case.batch, case.table, 32, case.widths, targets, False) == "stacked"
 
     def run() -> torch.Tensor:
         y = case.y.clone()
-        add_lora(y, case.x, case.lora_a, case.lora_b, case.batch, case.widths, case.table, targets=targets)
+        add_lora(y, case.x, None, None, case.batch, case.widths, case.table, targets=targets)
         return y
 
     with MatmulShapes() as recorded:
         y = run()
-    assert recorded.shapes == [((8, longest, 32), (8, 32, 2 * 16)), ((8, longest, 2 * 16), (8, 2 * 16, 48))]
+    positions = AdapterStack.capacity_for(8)
+    assert recorded.shapes == [((positions, longest, 32), (positions, 32, 2 * 16)),
+                               ((positions, longest, 16), (positions, 16, 32)),
+                               ((positions, longest, 16), (positions, 16, 16))]
     assert_matches_naive(case, y)
-    stack = targets.stacked
-    assert torch.equal(run(), y) and targets.stacked is stack
-    targets[3] = dataclasses.replace(targets[3])  # the same weights, loaded again
-    assert torch.equal(run(), y) and targets.stacked is not stack
+    stack = targets.stack
+    held = list(stack.held)
+    assert torch.equal(run(), y) and targets.stack is stack and stack.held == held
+    targets[3] = dataclasses.replace(targets[3])  # the same weights, loaded again: a new adapter
+    assert torch.equal(run(), y) and targets.stack is stack
+    assert targets[3] in stack.held and held[3] not in stack.held  # written where no adapter of the batch was
+    assert [a for a in stack.held if a is not targets[3]] == [a for a in held if a is not held[3]]
 
 
 # -------------------------------------------------------------------------------------- LoRABatch

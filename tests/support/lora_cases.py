@@ -8,8 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from kernels import LoRABatch, PageTable
+from kernels.layer_adapters import AdapterSlices, LayerAdapters
 from kernels.paging import PAGE_RANK, ZERO_PAGE, allocate_buffers, pack_pages, pages_for_rank
-from kernels.reference import AdapterSlices, LayerAdapters, accumulation_dtype
+from kernels.reference import accumulation_dtype
 
 # float64 is held to float64 accuracy (the reference accumulates in the wider of the input dtype and fp32);
 # the others to their own rounding. Any indexing or slicing mistake shows up as an O(1) error.

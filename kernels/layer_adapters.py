@@ -1,0 +1,128 @@
+"""What one LoRA layer keeps of its adapters for the torch reference (`kernels.reference.add_lora`).
+
+`AdapterSlices`: one adapter in one layer, the fused slices it targets and, on a CPU, their weights as its GEMMs
+read them. `LayerAdapters`: a layer's adapters by slot, and `AdapterStack`, the adapters of recent batches in the
+form two batched GEMMs read, kept from step to step so that a batch whose adapters come and go a few at a time
+copies only the newcomers' weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterSlices:
+    """One adapter in one layer, as the per-adapter path of `add_lora` reads it: the fused slices it targets (its
+    pages hold zeros in the others) and, where given, those slices' weights laid out for its GEMMs (`a_t`: A of
+    every targeted slice, `rank` rows each, transposed to [d_in, n * rank]; `b`: B^T [rank, width] per slice).
+    Read from the pages instead, they cost a handful of view and copy ops per adapter, layer and step, which on a
+    CPU is most of the LoRA time of a small model; a CPU model runner gives them once, when it loads the adapter
+    (`server.lora_linear.LoRALinear.hold`: views of the host tier's buffer). Compared by identity: an adapter
+    loaded again is another one."""
+
+    slices: tuple[int, ...]
+    rank: int = 0
+    a_t: torch.Tensor | None = None
+    b: tuple[torch.Tensor, ...] = ()
+    flops_per_token: int = 0  # of its shrink and expands, where its weights are given (`lora_path` reads it)
+
+
+TARGETS_NOTHING = AdapterSlices(())
+
+
+class AdapterStack:
+    """Adapters of one layer in the form of two batched GEMMs, position p holding one adapter: `a_t` [C, d_in, n * R]
+    its A of each of `slices` (the fused slices the stack serves, n of them) in R-wide column blocks, `b[i]`
+    [C, R, width of slices[i]] its B^T of slices[i], zeros wherever it has no weight (a slice it does not target,
+    ranks past its own), R the largest rank it serves. A batch's adapters the stack lacks are written over the
+    positions of adapters that batch does not use, so only newcomers are copied; a batch that does not fit (more
+    adapters than positions, a larger rank, another slice) gets a new stack (`LayerAdapters.stack_for`)."""
+
+    def __init__(self, slices: tuple[int, ...], rank: int, capacity: int, d_in: int, widths: Sequence[int],
+                 dtype: torch.dtype, device: torch.device):
+        self.slices, self.rank = slices, rank
+        self.a_t = torch.zeros(capacity, d_in, len(slices) * rank, dtype=dtype, device=device)
+        self.b = tuple(torch.zeros(capacity, rank, widths[k], dtype=dtype, device=device) for k in slices)
+        self.held: list[AdapterSlices | None] = [None] * capacity
+        self._position: dict[int, int] = {}  # id(adapter) -> position; `held` keeps it alive, so no id is reused
+
+    @property
+    def capacity(self) -> int:
+        return len(self.held)
+
+    @staticmethod
+    def capacity_for(adapters: int) -> int:
+        """Positions of a new stack for `adapters`: a few more, so that a batch growing by some need not rebuild."""
+        return adapters + adapters // 4 + 1
+
+    def newcomers(self, adapters: Sequence[AdapterSlices]) -> list[AdapterSlices] | None:
+        """The adapters of `adapters` the stack would have to write, once each; None when they do not fit."""
+        wanted = {id(a): a for a in adapters}
+        new = [a for key, a in wanted.items() if key not in self._position]
+        fits = all(a.rank <= self.rank and set(a.slices) <= set(self.slices) for a in new)
+        reusable = sum(1 for a in self.held if a is None or id(a) not in wanted)
+        return new if fits and len(new) <= reusable else None
+
+    def place(self, adapters: Sequence[AdapterSlices]) -> list[int] | None:
+        """Each adapter's position, writing in those the stack lacks; None (writing nothing) when they do not fit."""
+        new = self.newcomers(adapters)
+        if new is None:
+            return None
+        wanted = {id(a) for a in adapters}
+        reusable = [p for p, a in enumerate(self.held) if a is None or id(a) not in wanted]
+        for adapter, position in zip(new, reusable, strict=False):  # newcomers checked there are enough
+            self._write(position, adapter)
+        return [self._position[id(a)] for a in adapters]
+
+    def drop(self, adapter: AdapterSlices) -> None:
+        """Let go of `adapter` (its slot was cleared): its position is free, its weights no longer referenced."""
+        position = self._position.pop(id(adapter), None)
+        if position is not None:
+            self.held[position] = None
+
+    def _write(self, position: int, adapter: AdapterSlices) -> None:
+        previous = self.held[position]
+        if previous is not None:
+            del self._position[id(previous)]
+        self.held[position], self._position[id(adapter)] = adapter, position
+        rank, r = self.rank, adapter.rank
+        if r != rank or adapter.slices != self.slices:  # what it does not fill must read as zero
+            self.a_t[position].zero_()
+            for b in self.b:
+                b[position].zero_()
+        for j, k in enumerate(adapter.slices):
+            i = self.slices.index(k)
+            self.a_t[position, :, i * rank : i * rank + r] = adapter.a_t[:, j * r : (j + 1) * r]
+            self.b[i][position, :r] = adapter.b[j]
+
+
+class LayerAdapters(dict[int, AdapterSlices]):
+    """One layer's `AdapterSlices` by slot, and the `AdapterStack` of its recent batches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stack: AdapterStack | None = None
+
+    def stack_for(self, adapters: Sequence[AdapterSlices], d_in: int, widths: Sequence[int],
+                  dtype: torch.dtype, device: torch.device) -> tuple[AdapterStack, list[int]]:
+        """The stack with every adapter of `adapters` (each with its weights, or targeting nothing) and their
+        positions: the kept one where they fit, else a new one of just them."""
+        positions = self.stack.place(adapters) if self.stack is not None else None
+        if positions is None:
+            self.stack = None  # its memory goes before the new stack takes its own
+            slices = tuple(sorted({k for a in adapters for k in a.slices}))
+            rank = max((a.rank for a in adapters), default=0)
+            capacity = AdapterStack.capacity_for(len({id(a) for a in adapters}))
+            self.stack = AdapterStack(slices, rank, capacity, d_in, widths, dtype, device)
+            positions = self.stack.place(adapters)
+        return self.stack, positions
+
+    def forget(self, slot: int) -> None:
+        """Drop the slot's adapter, from the stack too (its slot was cleared)."""
+        adapter = self.pop(slot, None)
+        if adapter is not None and self.stack is not None:
+            self.stack.drop(adapter)
