@@ -274,11 +274,9 @@ def _stack_plan(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlice
         if new is None:  # a new stack of just these
             new = serving
             slices, rank = tuple(sorted({k for a in new for k in a.slices})), max(a.rank for a in new)
-            capacity = AdapterStack.capacity_for(len(new))
         else:
-            slices, rank, capacity = stack.slices, stack.rank, stack.capacity
-        # Flops of one padded row of one run, its share of the positions the bmm runs over included.
-        per_row = 2 * _stack_elements(rank, slices, d_in, slice_widths) * capacity // len(serving)
+            slices, rank = stack.slices, stack.rank
+        per_row = 2 * _stack_elements(rank, slices, d_in, slice_widths)  # flops of one padded row of one run
         length, cost = _stack_length(_run_shape(batch, table).lengths, adapters, per_row)
         batch.cache[key] = _StackPlan(length, cost, slices, tuple(new))
     return batch.cache[key]
@@ -346,24 +344,27 @@ def _host_index(values: list[int]) -> torch.Tensor:
 def _stacked(out: torch.Tensor, grouped_x: torch.Tensor, batch: LoRABatch, split: _StackSplit,
              slice_widths: tuple[int, ...], stack: AdapterStack, positions: list[int]) -> None:
     """out [T', D] += the split's stacked runs through their adapters' positions of `stack`: one bmm shrink over
-    every position (those the batch does not use read zeros) and one bmm expand per slice."""
-    runs, capacity = len(split.stacked), stack.capacity
+    the positions up to the last one they use (those the batch does not use read zeros) and one bmm expand per
+    slice."""
+    runs = len(split.stacked)
+    # Positions up to the last one used: newcomers take the lowest free positions, so these stay few past the batch's.
+    used = max(positions) + 1
     padded = grouped_x.index_select(0, split.gather).view(runs, split.length, -1)
-    in_order = positions == list(range(capacity))  # run i at position i, every position used
+    in_order = positions == list(range(used))  # run i at position i
     index = None if in_order else _positions_index(batch, positions)
-    xs = padded if index is None else padded.new_zeros(capacity, *padded.shape[1:]).index_copy_(0, index, padded)
-    delta = _expand_stacked(torch.bmm(xs, stack.a_t), stack, slice_widths)  # [C, length, D]
+    xs = padded if index is None else padded.new_zeros(used, *padded.shape[1:]).index_copy_(0, index, padded)
+    delta = _expand_stacked(torch.bmm(xs, stack.a_t[:used]), stack, used, slice_widths)  # [used, length, D]
     if index is not None:
         delta = delta.index_select(0, index)
     out.index_add_(0, split.rows, delta.flatten(0, 1).index_select(0, split.keep))
 
 
-def _expand_stacked(v: torch.Tensor, stack: AdapterStack, slice_widths: tuple[int, ...]) -> torch.Tensor:
-    """[C, length, D]: each served slice's ranks of v [C, length, n * R] through its B^T, in that slice's columns.
-    One bmm per slice into a tensor of its own, then joined: a bmm into a column slice of a wider tensor runs
-    several times slower on a CPU."""
+def _expand_stacked(v: torch.Tensor, stack: AdapterStack, used: int, slice_widths: tuple[int, ...]) -> torch.Tensor:
+    """[used, length, D]: each served slice's ranks of v [used, length, n * R] through the B^T of the stack's first
+    `used` positions, in that slice's columns. One bmm per slice into a tensor of its own, then joined: a bmm into a
+    column slice of a wider tensor runs several times slower on a CPU."""
     rank = stack.rank
-    parts = [torch.bmm(v[:, :, i * rank : (i + 1) * rank], b) for i, b in enumerate(stack.b)]
+    parts = [torch.bmm(v[:, :, i * rank : (i + 1) * rank], b[:used]) for i, b in enumerate(stack.b)]
     if stack.slices == tuple(range(len(slice_widths))):
         return torch.cat(parts, dim=2)
     delta = v.new_zeros(*v.shape[:2], sum(slice_widths))
