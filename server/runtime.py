@@ -152,6 +152,17 @@ def max_rank_adapter_bytes(settings: Settings, args: ModelArgs, dtype: torch.dty
     return ranks * rank_row * torch.finfo(dtype).bits // 8
 
 
+def check_adapter_tier_holds_one(settings: Settings, info: RunnerInfo) -> None:
+    """Refuse a device tier too small for one adapter of --max-lora-rank on every module."""
+    one = max_rank_adapter_bytes(settings, info.args, info.dtype, info.paged)
+    if info.adapter_bytes < one:
+        unit = "in pages of 16 ranks" if info.paged else "as packed weights"
+        raise StartupError(
+            f"--max-gpu-adapter-bytes {info.adapter_bytes} is less than one adapter of --max-lora-rank "
+            f"{settings.max_lora_rank} on every module takes on this model ({one} bytes {unit}); raise "
+            "--max-gpu-adapter-bytes or lower --max-lora-rank")
+
+
 # Pages for this many adapters of --max-lora-rank where nothing sizes a paged tier in host memory (the Triton
 # kernels run by the interpreter on a CPU, for tests): every one of those pages is allocated at start.
 CPU_PAGED_ADAPTERS = 8
@@ -365,6 +376,7 @@ def _engine(settings: Settings, info: RunnerInfo, make_runner: RunnerFactory) ->
     (and the start-up import), the engine's settings, its metrics."""
     tokenizer, name, description = load_tokenizer(settings)
     args = info.args
+    check_adapter_tier_holds_one(settings, info)
     registry = AdapterRegistry(
         open_store(settings),
         BaseModelShape(num_layers=args.n_layers, module_dims=args.lora_module_dims),
@@ -396,8 +408,10 @@ def _engine(settings: Settings, info: RunnerInfo, make_runner: RunnerFactory) ->
         # With the model runner in its own process the engine thread runs no torch work worth a thread team.
         engine_threads=1 if settings.model_runner_process else settings.engine_threads,
     )
-    log.info("serving %s on %s, KV cache %d blocks of %d tokens%s", name, info.description, config.num_kv_blocks,
-             config.block_size, ", model runner in its own process" if settings.model_runner_process else "")
+    log.info("serving %s on %s, KV cache %d blocks of %d tokens, adapters on the device: %s %s%s", name,
+             info.description, config.num_kv_blocks, config.block_size, _gib(info.adapter_bytes),
+             "in pages" if info.paged else "read from host memory where they are",
+             ", model runner in its own process" if settings.model_runner_process else "")
     metrics = Metrics(top_adapters=settings.metrics_top_adapters)
     return Engine(args, info.page_bytes, make_runner, tokenizer, config, registry, name, description,
                   metrics=metrics, paged=info.paged)

@@ -207,3 +207,13 @@ def test_output_into_a_closed_pipe_ends_quietly(recording_server) -> None:
     err = process.stderr.read().decode()
     assert process.wait(timeout=60) == 141, err
     assert err == ""
+
+
+def test_a_device_tier_smaller_than_one_max_rank_adapter_is_refused_naming_the_flags(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    line = serve_error(["--max-gpu-adapter-bytes", "1000", "--max-lora-rank", "16", "--device", "cpu",
+                        "--model-runner-process", "false"], capsys)
+    assert line.startswith("error: --max-gpu-adapter-bytes 1000 is less than one adapter of --max-lora-rank 16 on "
+                           "every module takes on this model (")
+    assert "raise --max-gpu-adapter-bytes or lower --max-lora-rank" in line
