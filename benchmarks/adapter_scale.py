@@ -1,11 +1,13 @@
 """Throughput as the number of distinct adapters grows: one server, up to thousands of adapters (S-LoRA's scale).
 
 Starts `lorahive serve` on the embedded demo model or on a random-weight checkpoint of a real model's shape
-(`--shape smollm2-135m`; benchmarks/engine_throughput.py's SHAPES), provisions `--provision` synthetic adapters
-over REST, and runs the load tester's sweep over the number of adapters the traffic spreads across
-(`lorahive-loadtest sweep --vary adapters`), once per popularity (zipf:1.0, as S-LoRA's traces, and uniform).
-Closed loop: `--concurrency` clients, `--requests` requests of `--input-len` prompt and `--output-len` generated
-tokens per point. Each point is compared with the first (one adapter): output tok/s and median TTFT ratios.
+(`--shape smollm2-135m`; benchmarks/engine_throughput.py's SHAPES, with a tokenizer whose every id is a word,
+so that every generated token streams text and the time to the first one is measured), provisions
+`--provision` synthetic adapters over REST, and runs the load tester's sweep over the number of adapters the
+traffic spreads across (`lorahive-loadtest sweep --vary adapters`), once per popularity (zipf:1.0, as S-LoRA's
+traces, and uniform). Closed loop: `--concurrency` clients, `--requests` requests of `--input-len` prompt and
+`--output-len` generated tokens per point. Each point is compared with the first (one adapter): output tok/s and
+median TTFT ratios.
 
     PYTHONPATH=. python benchmarks/adapter_scale.py                       # the demo model, 1 ... 2000 adapters
     PYTHONPATH=. python benchmarks/adapter_scale.py --shape smollm2-135m --values 1,100,1000 --provision 1000 \
@@ -31,6 +33,7 @@ import httpx
 import torch
 
 from benchmarks.engine_throughput import RESULTS, SHAPES, write_random_checkpoint
+from benchmarks.vs_peft import numbered_tokenizer
 from tests.support.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,11 +61,12 @@ def serve(model: Path | None, store: Path, port: int, flags: list[str], log: Pat
 def sweep(url: str, popularity: str, args: argparse.Namespace, out: Path) -> list[dict]:
     """One `lorahive-loadtest sweep` over the adapter counts (provisioning uploads only the ids not there yet, shaped
     by the server's model card); its rows, one per count."""
-    command = [sys.executable, "-m", "loadtest", "sweep", f"--url={url}", "--vary=adapters", f"--values={args.values}",
-               f"--popularity={popularity}", f"--concurrency={args.concurrency}", f"--num-requests={args.requests}",
-               "--warmup-requests=16", f"--input-len={args.input_len}", f"--output-len={args.output_len}",
-               f"--rank={args.rank}", f"--target-modules={args.target_modules}", f"--repeats={args.repeats}",
-               f"--out={out}", "--no-plots", "--no-progress", f"--provision={args.provision}"]
+    flags = {"url": url, "vary": "adapters", "values": args.values, "popularity": popularity,
+             "concurrency": args.concurrency, "num-requests": args.requests, "warmup-requests": args.warmup_requests,
+             "input-len": args.input_len, "output-len": args.output_len, "rank": args.rank,
+             "target-modules": args.target_modules, "repeats": args.repeats, "provision": args.provision, "out": out}
+    command = [sys.executable, "-m", "loadtest", "sweep", *(f"--{k}={v}" for k, v in flags.items()), "--no-plots",
+               "--no-progress"]
     subprocess.run(command, cwd=REPO, check=True)
     return json.loads((out / "sweep.json").read_text())["rows"]
 
@@ -87,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--provision", type=int, default=2000, help="adapters uploaded before the sweeps")
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=192, help="requests per point")
+    parser.add_argument("--warmup-requests", type=int, default=16, help="requests per point not measured")
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
@@ -94,12 +99,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the values, alternated; medians kept")
     parser.add_argument("--serve-flag", action="append", default=[], help="extra `lorahive serve` flag (repeatable)")
     parser.add_argument("--tag", default="", help="suffix of the JSON's name")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="lorahive-adapter-scale-") as scratch:
         scratch = Path(scratch)
         checkpoint = None
-        if args.shape != "demo":
-            checkpoint = write_random_checkpoint(args.shape, scratch / "model", torch.float32)
+        if args.shape != "demo":  # every token id decodes to text, so the first token's time is measured
+            checkpoint = write_random_checkpoint(args.shape, scratch / "model", torch.float32,
+                                                 numbered_tokenizer(SHAPES[args.shape]["vocab_size"]))
         port = free_port()
         server = serve(checkpoint, scratch / "store", port, args.serve_flag, scratch / "serve.log")
         try:
@@ -116,9 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         "sweeps": sweeps,
     }
     print_table(result)
-    name = f"adapter_scale-{args.shape}{'-' + args.tag if args.tag else ''}-cpu.json"
-    (RESULTS / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS / name}")
+    out = args.out or RESULTS / f"adapter_scale-{args.shape}{'-' + args.tag if args.tag else ''}-cpu.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
     return result
 
 
