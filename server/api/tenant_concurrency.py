@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.auth import Principal
 from server.api.errors import error_response
@@ -31,14 +31,30 @@ def _too_many(message: str) -> ASGIApp:
 
 
 @contextmanager
-def _counted(in_flight: Counter[str | None], tenant: str | None) -> Iterator[None]:
+def _counted(in_flight: Counter[str | None], tenant: str | None, send: Send) -> Iterator[Send]:
+    """Count one request of `tenant` until its response's last body message goes out (or the app ends without
+    one); yields the `send` that does so. Released before that message is sent, not when the app returns: a
+    client that sends its next request as soon as it has the response must not find this one still counted."""
     in_flight[tenant] += 1
+    counted = True
+
+    def release() -> None:
+        nonlocal counted
+        if counted:
+            counted = False
+            in_flight[tenant] -= 1
+            if not in_flight[tenant]:
+                del in_flight[tenant]
+
+    async def send_releasing(message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            release()
+        await send(message)
+
     try:
-        yield
+        yield send_releasing
     finally:
-        in_flight[tenant] -= 1
-        if not in_flight[tenant]:
-            del in_flight[tenant]
+        release()
 
 
 class TenantConcurrencyLimit:
@@ -61,8 +77,8 @@ class TenantConcurrencyLimit:
                        f"{flag('max_concurrent_requests_per_tenant')} is {self.limit}. Retry when one has finished.")
             await _too_many(message)(scope, receive, send)
             return
-        with _counted(self.in_flight, tenant):
-            await self.app(scope, receive, send)
+        with _counted(self.in_flight, tenant, send) as counted_send:
+            await self.app(scope, receive, counted_send)
 
 
 class UploadConcurrencyLimit:
@@ -89,7 +105,7 @@ class UploadConcurrencyLimit:
             message = (f"Too many adapter uploads in flight on this server: its {flag('max_concurrent_uploads')} "
                        f"is {self.in_all}. Retry in a moment.")
         else:
-            with _counted(self.in_flight, tenant):
-                await self.app(scope, receive, send)
+            with _counted(self.in_flight, tenant, send) as counted_send:
+                await self.app(scope, receive, counted_send)
             return
         await _too_many(message)(scope, receive, send)
