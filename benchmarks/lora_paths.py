@@ -37,7 +37,7 @@ SHAPES = {  # name: (d_in, fused slice widths, adapters' ranks)
     "deep-narrow down": (256, (64,), (16,) * 8),
     "1b qkv": (2048, (2048, 512, 512), (16,) * 8),
 }
-CANDIDATES = (100_000, 200_000, 500_000, 1_000_000, 2_000_000)
+CANDIDATES = (50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000)
 
 
 def time_us(run: Callable[[], None], repeats: int) -> float:

@@ -118,8 +118,9 @@ def expand(
 
 # What a CPU core computes in the few microseconds a torch op costs to dispatch: `lora_path` prices an op at this
 # many flops. `benchmarks/lora_paths.py` times the three ways on real layer shapes and reports which constant's
-# choices lose least against the fastest way (on a 2-core CPU: 0.5-1 million).
-FLOPS_PER_OP = 500_000
+# choices lose least against the fastest way (on a 2-core CPU: 0.1 million, three runs, since the stacked way counts
+# the ops it runs; 0.5-1 million before, when it counted three).
+FLOPS_PER_OP = 100_000
 
 
 def add_lora(
