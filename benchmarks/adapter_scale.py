@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from adapters_store import TARGET_MODULES
 from benchmarks.engine_throughput import RESULTS, SHAPES, write_random_checkpoint
 from benchmarks.vs_peft import numbered_tokenizer
 from tests.support.servers import free_port
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--input-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj")
+    parser.add_argument("--target-modules", default=",".join(TARGET_MODULES))
     parser.add_argument("--repeats", type=int, default=1, help="rounds over the values, alternated; medians kept")
     parser.add_argument("--serve-flag", action="append", default=[], help="extra `lorahive serve` flag (repeatable)")
     parser.add_argument("--tag", default="", help="suffix of the JSON's name")

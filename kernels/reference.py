@@ -333,7 +333,8 @@ def _stack_split(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlic
         rows = [start + j for i, start in zip(stacked, starts, strict=True) for j in range(lengths[i])]
         device = batch.by_slot.device
         batch.cache[key] = tuple(_host_index(v).to(device, non_blocking=True) for v in (gather, keep, rows))
-    apart = tuple(i for i in range(len(lengths)) if i not in set(stacked))
+    taken = set(stacked)
+    apart = tuple(i for i in range(len(lengths)) if i not in taken)
     return _StackSplit(length, stacked, apart, *batch.cache[key])
 
 

@@ -58,6 +58,12 @@ def written_rank(adapter: PackedAdapter) -> int:
     return max((w.a.shape[0] for w in adapter.weights.values()), default=0)
 
 
+def max_rank_adapter_bytes(max_rank: int, page_bytes: int, paged: bool) -> int:
+    """What one adapter of `max_rank` on every module takes of the tier: its pages, or (held as the host tier's
+    buffer) its packed bytes, a page being `PAGE_RANK` rank rows of every module."""
+    return pages_for_rank(max_rank) * page_bytes if paged else max_rank * page_bytes // PAGE_RANK
+
+
 # Slots of a tier that holds adapters as host buffers when no cap is given: page-table rows cost a few bytes.
 HOST_TIER_SLOTS = 4096
 
@@ -75,15 +81,15 @@ class AdapterSlotPool:
         self.paged = paged
         # The memory unit: a page, or a byte of packed weights.
         self.unit_bytes = page_bytes if paged else 1
-        max_rank_adapter = pages_for_rank(max_rank) if paged else max_rank * page_bytes // PAGE_RANK
+        one = max_rank_adapter_bytes(max_rank, page_bytes, paged)
         if max_bytes is None:
-            max_bytes = num_slots * pages_for_rank(max_rank) * page_bytes
+            max_bytes = num_slots * max_rank_adapter_bytes(max_rank, page_bytes, paged=True)
         self.capacity_units = max_bytes // self.unit_bytes
-        if self.capacity_units < max_rank_adapter:
+        if self.capacity_units * self.unit_bytes < one:
             raise ValueError(
                 f"--max-gpu-adapter-bytes {max_bytes} holds {self.capacity_units * self.unit_bytes} bytes of adapter "
                 f"{'pages' if paged else 'weights'}, but one adapter of --max-lora-rank {max_rank} on every module "
-                f"needs {max_rank_adapter * self.unit_bytes}"
+                f"needs {one}"
             )
         most = self.capacity_units if paged else HOST_TIER_SLOTS  # a paged adapter takes a page at least
         self.num_slots = min(num_slots, most) if num_slots is not None else most

@@ -15,7 +15,8 @@ import torch
 
 from adapters_store import AdapterStore, BaseModelShape
 from kernels import AttentionShape, resolve_attention_backend, resolve_backend
-from kernels.paging import PAGE_RANK, pages_for_rank
+from kernels.paging import PAGE_RANK
+from server.adapter_pool import max_rank_adapter_bytes as pool_max_rank_adapter_bytes
 from server.adapter_registry import AdapterRegistry
 from server.checkpoint import load_weights, read_config
 from server.config import Settings, StartupError
@@ -134,7 +135,7 @@ def max_model_len(settings: Settings, args: ModelArgs) -> int:
 def lora_pool_bytes(settings: Settings, args: ModelArgs, dtype: torch.dtype, paged: bool = True) -> int | None:
     """Device bytes of the adapter tier that the settings fix: --max-gpu-adapter-bytes; else, held in host buffers
     (`paged` False), --max-host-adapter-bytes, the memory they are in; else pages for --max-gpu-adapters max-rank
-    adapters. None: nothing fixes them (on a GPU a share of its memory then, `adapter_share_bytes`)."""
+    adapters. None: nothing fixes them (on a GPU `kv_cache_blocks` then gives them --adapter-memory-share)."""
     if settings.max_gpu_adapter_bytes is not None:
         return settings.max_gpu_adapter_bytes
     if not paged:  # room for one max-rank adapter at least, however small the host tier (which then re-reads)
@@ -148,13 +149,13 @@ def max_rank_adapter_bytes(settings: Settings, args: ModelArgs, dtype: torch.dty
     """What one adapter of --max-lora-rank on every module takes of the device tier: its pages, or its bytes."""
     # A rank row of every module in every layer: A's row [d_in] plus B's column [d_out].
     rank_row = sum(d_in + d_out for d_in, d_out in args.lora_module_dims.values()) * args.n_layers
-    ranks = pages_for_rank(settings.max_lora_rank) * PAGE_RANK if paged else settings.max_lora_rank
-    return ranks * rank_row * torch.finfo(dtype).bits // 8
+    return pool_max_rank_adapter_bytes(settings.max_lora_rank, PAGE_RANK * rank_row * torch.finfo(dtype).bits // 8,
+                                       paged)
 
 
 def check_adapter_tier_holds_one(settings: Settings, info: RunnerInfo) -> None:
     """Refuse a device tier too small for one adapter of --max-lora-rank on every module."""
-    one = max_rank_adapter_bytes(settings, info.args, info.dtype, info.paged)
+    one = pool_max_rank_adapter_bytes(settings.max_lora_rank, info.page_bytes, info.paged)
     if info.adapter_bytes < one:
         unit = "in pages of 16 ranks" if info.paged else "as packed weights"
         raise StartupError(
