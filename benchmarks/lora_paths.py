@@ -1,12 +1,14 @@
 """The torch reference's three ways of adding LoRA deltas, timed against each other, and the one `lora_path` picks.
 
 `kernels.reference.add_lora` runs a layer's LoRA adapter by adapter, all at once (every token against every
-page), or stacked (two batched GEMMs over the batch's adapters), choosing by a cost model whose one free constant
-is `FLOPS_PER_OP`, the flops a torch op's dispatch is worth. This script times each way on layer shapes of
-SmolLM2-135M (4 adapters, ranks 8/16/32/64 on every slice), of the deep-narrow benchmark model (8 rank-16
-adapters) and of a 1B-class attention (8 rank-16 adapters), at several tokens per adapter, and reports, per
-candidate constant, how many microseconds the model's choices lose against the fastest way (its "excess"). The
-constant in `kernels/reference.py` is the one with the least excess here.
+page), or gathered (every token reading its own adapter's rows of a stack kept per layer), choosing by a cost model
+whose free constants are `FLOPS_PER_OP`, the flops a torch op's dispatch is worth, and `GATHERED_FLOPS_FACTOR`, how
+much dearer a flop of the gathered way is than one of a GEMM. This script times each way on
+layer shapes of SmolLM2-135M (4 adapters, ranks 8/16/32/64 on every slice), of the deep-narrow benchmark model (8
+rank-16 adapters), of a 1B-class attention (8 rank-16 adapters) and of the demo model (32 rank-8 adapters, as
+issue 17's many-adapter traffic mixes them), at several tokens per adapter, and reports, per
+pair of candidate constants, how many microseconds the model's choices lose against the fastest way (its "excess").
+The constants in `kernels/reference.py` are the pair with the least excess here.
 
     PYTHONPATH=. python benchmarks/lora_paths.py            # table, and JSON in benchmarks/results/
 """
@@ -14,6 +16,8 @@ constant in `kernels/reference.py` is the one with the least excess here.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -27,7 +31,7 @@ from kernels import add_lora, reference
 from tests.support.lora_cases import LoraCase, make_case
 
 RESULTS = Path(__file__).resolve().parent / "results"
-PATHS = ("adapter", "dense", "stacked")
+PATHS = ("adapter", "dense", "gathered")
 SHAPES = {  # name: (d_in, fused slice widths, adapters' ranks)
     "smollm2 qkv": (576, (576, 192, 192), (8, 16, 32, 64)),
     "smollm2 gate_up": (576, (1536, 1536), (8, 16, 32, 64)),
@@ -36,8 +40,11 @@ SHAPES = {  # name: (d_in, fused slice widths, adapters' ranks)
     "deep-narrow gate_up": (64, (256, 256), (16,) * 8),
     "deep-narrow down": (256, (64,), (16,) * 8),
     "1b qkv": (2048, (2048, 512, 512), (16,) * 8),
+    "demo qkv": (256, (256, 128, 128), (8,) * 32),
+    "demo down": (688, (256,), (8,) * 32),
 }
 CANDIDATES = (50_000, 100_000, 200_000, 500_000, 1_000_000, 2_000_000)
+GATHERED_CANDIDATES = (1.0, 1.5, 2.0, 2.5, 3.0)
 
 
 def time_us(run: Callable[[], None], repeats: int) -> float:
@@ -77,28 +84,34 @@ def measure(repeats: int, tokens_per_adapter: tuple[int, ...]) -> list[dict]:
     return rows
 
 
-def excess_by_constant(rows: list[dict]) -> dict[int, float]:
-    """Per candidate FLOPS_PER_OP: microseconds its choices lose against the fastest way, summed over the rows."""
-    kept = reference.FLOPS_PER_OP
+def chosen_path(row: dict) -> str:
+    """The way `lora_path` picks for the row's call, decided afresh (it caches its choice on the step's batch)."""
+    batch, *rest = row["case"]
+    return reference.lora_path(dataclasses.replace(batch, cache={}), *rest)
+
+
+def excess_by_constants(rows: list[dict]) -> dict[tuple[int, float], float]:
+    """Per candidate (FLOPS_PER_OP, GATHERED_FLOPS_FACTOR): microseconds its choices lose against the fastest way,
+    summed over the rows."""
+    kept = reference.FLOPS_PER_OP, reference.GATHERED_FLOPS_FACTOR
     excess = {}
     try:
-        for constant in CANDIDATES:
-            reference.FLOPS_PER_OP = constant
-            excess[constant] = sum(row["us"][reference.lora_path(*row["case"])] - min(row["us"].values())
-                                   for row in rows)
+        for constants in itertools.product(CANDIDATES, GATHERED_CANDIDATES):
+            reference.FLOPS_PER_OP, reference.GATHERED_FLOPS_FACTOR = constants
+            excess[constants] = sum(row["us"][chosen_path(row)] - min(row["us"].values()) for row in rows)
     finally:
-        reference.FLOPS_PER_OP = kept
+        reference.FLOPS_PER_OP, reference.GATHERED_FLOPS_FACTOR = kept
     return excess
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=100)
-    parser.add_argument("--tokens-per-adapter", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--tokens-per-adapter", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--out", type=Path, default=RESULTS / "lora_paths-cpu.json")
     args = parser.parse_args(argv)
     rows = measure(args.repeats, tuple(args.tokens_per_adapter))
-    chosen = {id(row): reference.lora_path(*row["case"]) for row in rows}
+    chosen = {id(row): chosen_path(row) for row in rows}
     print(f"torch reference, {torch.get_num_threads()} threads; microseconds per add_lora call "
           f"(FLOPS_PER_OP {reference.FLOPS_PER_OP:,})")
     print(f"{'layer':<20} {'tokens':>6} " + " ".join(f"{p:>9}" for p in PATHS) + f" {'chosen':>9} {'fastest':>9}")
@@ -106,15 +119,18 @@ def main(argv: list[str] | None = None) -> dict:
         fastest = min(row["us"], key=row["us"].get)
         print(f"{row['shape']:<20} {row['tokens']:>6} " + " ".join(f"{row['us'][p]:>9.0f}" for p in PATHS)
               + f" {chosen[id(row)]:>9} {fastest:>9}")
-    excess = excess_by_constant(rows)
-    print("\nFLOPS_PER_OP candidates, microseconds lost against the fastest way over all rows:")
-    for constant, lost in excess.items():
-        print(f"  {constant:>9,}: {lost:7.0f} us")
+    excess = excess_by_constants(rows)
+    print("\nmicroseconds lost against the fastest way over all rows, per FLOPS_PER_OP (rows) and "
+          "GATHERED_FLOPS_FACTOR (columns):")
+    print(" " * 11 + "".join(f"{factor:>8}" for factor in GATHERED_CANDIDATES))
+    for constant in CANDIDATES:
+        print(f"  {constant:>9,}" + "".join(f"{excess[constant, factor]:>8.0f}" for factor in GATHERED_CANDIDATES))
     result = {
         "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
         "flops_per_op": reference.FLOPS_PER_OP,
+        "gathered_flops_factor": reference.GATHERED_FLOPS_FACTOR,
         "rows": [{"shape": r["shape"], "tokens": r["tokens"], "us": r["us"], "chosen": chosen[id(r)]} for r in rows],
-        "excess_us_by_flops_per_op": excess,
+        "excess_us_by_flops_per_op_and_gathered_factor": {f"{c},{g}": us for (c, g), us in excess.items()},
         "config": vars(args) | {"out": str(args.out)},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,9 +1,9 @@
 """What one LoRA layer keeps of its adapters for the torch reference (`kernels.reference.add_lora`).
 
 `AdapterSlices`: one adapter in one layer, the fused slices it targets and, on a CPU, their weights as its GEMMs
-read them. `LayerAdapters`: a layer's adapters by slot, and `AdapterStack`, the adapters of recent batches in the
-form two batched GEMMs read, kept from step to step so that a batch whose adapters come and go a few at a time
-copies only the newcomers' weights.
+read them. `LayerAdapters`: a layer's adapters by slot, and `AdapterStack`, the adapters of recent batches in one
+table each token's rows are gathered from, kept from step to step so that a batch whose adapters come and go a few
+at a time copies only the newcomers' weights.
 """
 
 from __future__ import annotations
@@ -35,12 +35,14 @@ TARGETS_NOTHING = AdapterSlices(())
 
 
 class AdapterStack:
-    """Adapters of one layer in the form of two batched GEMMs, position p holding one adapter: `a_t` [C, d_in, n * R]
-    its A of each of `slices` (the fused slices the stack serves, n of them) in R-wide column blocks, `b[i]`
-    [C, R, width of slices[i]] its B^T of slices[i], zeros wherever it has no weight (a slice it does not target,
-    ranks past its own), R the largest rank it serves. A batch's adapters the stack lacks are written over the
-    positions of adapters that batch does not use, so only newcomers are copied; a batch that does not fit (more
-    adapters than positions, a larger rank, another slice) gets a new stack (`LayerAdapters.stack_for`)."""
+    """Adapters of one layer in one table, position p holding one adapter: `a_t` [C, d_in, n * R] its A of each of
+    `slices` (the fused slices the stack serves, n of them) in R-wide column blocks, `b[i]` [C, R, width of
+    slices[i]] its B^T of slices[i], zeros wherever it has no weight (a slice it does not target, ranks past its
+    own), R the largest rank it serves. Flattened to [C * d_in, n * R] and [C * R, width], a token of the adapter
+    at p reads rows p * d_in ... and p * R ... of them (the gathered way of `kernels.reference`). A batch's
+    adapters the stack lacks are written over the positions of adapters that batch does not use, so only
+    newcomers are copied; a batch that does not fit (more adapters than positions, a larger rank, another slice)
+    gets a new stack (`LayerAdapters.stack_for`)."""
 
     def __init__(self, slices: tuple[int, ...], rank: int, capacity: int, d_in: int, widths: Sequence[int],
                  dtype: torch.dtype, device: torch.device):
@@ -63,6 +65,8 @@ class AdapterStack:
         """The adapters of `adapters` the stack would have to write, once each; None when they do not fit."""
         wanted = {id(a): a for a in adapters}
         new = [a for key, a in wanted.items() if key not in self._position]
+        if not new:  # the common step: the batch's adapters are the last one's, or some of them
+            return new
         fits = all(a.rank <= self.rank and set(a.slices) <= set(self.slices) for a in new)
         reusable = sum(1 for a in self.held if a is None or id(a) not in wanted)
         return new if fits and len(new) <= reusable else None
@@ -72,6 +76,8 @@ class AdapterStack:
         new = self.newcomers(adapters)
         if new is None:
             return None
+        if not new:
+            return [self._position[id(a)] for a in adapters]
         wanted = {id(a) for a in adapters}
         reusable = [p for p, a in enumerate(self.held) if a is None or id(a) not in wanted]
         for adapter, position in zip(new, reusable, strict=False):  # newcomers checked there are enough
@@ -90,10 +96,15 @@ class AdapterStack:
             del self._position[id(previous)]
         self.held[position], self._position[id(adapter)] = adapter, position
         rank, r = self.rank, adapter.rank
-        if r != rank or adapter.slices != self.slices:  # what it does not fill must read as zero
-            self.a_t[position].zero_()
-            for b in self.b:
-                b[position].zero_()
+        if r == rank and adapter.slices == self.slices:  # it fills the position: A in one copy
+            self.a_t[position].copy_(adapter.a_t)
+            for b, b_j in zip(self.b, adapter.b, strict=True):
+                b[position].copy_(b_j)
+            return
+        # What it does not fill must read as zero.
+        self.a_t[position].zero_()
+        for b in self.b:
+            b[position].zero_()
         for j, k in enumerate(adapter.slices):
             i = self.slices.index(k)
             self.a_t[position, :, i * rank : i * rank + r] = adapter.a_t[:, j * r : (j + 1) * r]

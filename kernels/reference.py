@@ -20,10 +20,12 @@ Per adapter: v never leaves the adapter's block of rows, and each adapter's GEMM
 targets (`targets`) and only its own rank, not its pages' multiple of PAGE_RANK (a rank-8 adapter on q and v of
 a fused q|k|v does half a page of two slices, not a page of three). All at once: every token against every page
 of the batch's adapters in one shrink GEMM and one expand GEMM per slice, the pages of other adapters masked to
-zero. Stacked: the adapters' weights kept stacked from step to step (`kernels.layer_adapters.AdapterStack`: a
-batch copies only the adapters the stack lacks) and each adapter's tokens, padded to the longest run, through one
-batched shrink GEMM (`bmm`) and one per slice to expand. On a CPU each torch op costs microseconds whatever
-its size, so the few large GEMMs win where adapters are many and the layer small, despite their wasted flops.
+zero. Gathered: the adapters' weights kept stacked from step to step (`kernels.layer_adapters.AdapterStack`: a
+batch copies only the adapters the stack lacks) and every token reading its own adapter's rows of the stack, in
+token order (`embedding_bag`, a weighted sum of rows per token): one op for the shrink and one per slice for the
+expand whatever the number of adapters, no padding, no gather or scatter of tokens when every token has an
+adapter; runs long enough for a GEMM of their own go adapter by adapter. On a CPU each torch op costs
+microseconds whatever its size, so the few ops win where adapters are many and runs short (decode).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from kernels.layer_adapters import TARGETS_NOTHING, AdapterSlices, AdapterStack, LayerAdapters
+from kernels.layer_adapters import TARGETS_NOTHING, AdapterSlices, LayerAdapters
 from kernels.metadata import LoRABatch
 from kernels.paging import PAGE_RANK, PageTable
 
@@ -117,9 +120,8 @@ def expand(
 
 
 # What a CPU core computes in the few microseconds a torch op costs to dispatch: `lora_path` prices an op at this
-# many flops. `benchmarks/lora_paths.py` times the three ways on real layer shapes and reports which constant's
-# choices lose least against the fastest way (on a 2-core CPU: 0.1 million, three runs, since the stacked way counts
-# the ops it runs; 0.5-1 million before, when it counted three).
+# many flops. `benchmarks/lora_paths.py` times the three ways on real layer shapes and reports which constants'
+# choices lose least against the fastest way (with GATHERED_FLOPS_FACTOR, below).
 FLOPS_PER_OP = 100_000
 
 
@@ -145,6 +147,15 @@ def add_lora(
     if path == "dense":
         _all_adapters_at_once(y, x, lora_a, lora_b, batch, slice_widths, table)
         return
+    runs: Sequence[int] = range(len(batch.slot_runs))
+    if path == "gathered":
+        adapters = _batch_adapters(batch, targets)
+        plan = _gather_plan(batch, table, adapters, targets, x.shape[1], slice_widths)
+        if plan.gathered:
+            _gathered(y, x, batch, plan, adapters, targets, slice_widths)
+        runs = plan.apart
+        if not runs:
+            return
     acc = accumulation_dtype(x.dtype)
     grouped = batch.grouped_from is not None  # the tokens with a slot already one block, grouped by slot
     rows = slice(batch.grouped_from, batch.grouped_from + len(batch.by_slot)) if grouped else slice(0)
@@ -152,15 +163,6 @@ def add_lora(
     grouped_x = (x[rows] if grouped else x.index_select(0, batch.by_slot)).to(acc)
     in_place = grouped and y.dtype == acc  # updated where they are: no delta, no scatter
     out = y[rows] if in_place else torch.zeros(len(batch.by_slot), y.shape[1], dtype=acc, device=y.device)
-    runs = range(len(batch.slot_runs))
-    if path == "stacked":
-        adapters = _batch_adapters(batch, targets)
-        split = _stack_split(batch, table, adapters, targets, x.shape[1], slice_widths)
-        if split.stacked:
-            stacked = [adapters[i] for i in split.stacked]
-            stack, positions = targets.stack_for(stacked, x.shape[1], slice_widths, acc, x.device)
-            _stacked(out, grouped_x, batch, split, slice_widths, stack, positions)
-        runs = split.apart
     _adapter_by_adapter(out, grouped_x, lora_a, lora_b, batch, runs, slice_widths, table, targets)
     if in_place:
         return
@@ -202,13 +204,24 @@ COPY_FLOPS = 4
 
 def lora_path(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple[int, ...],
               targets: Mapping[int, AdapterSlices] | None, has_pages: bool = True) -> str:
-    """"adapter", "dense" or "stacked": the way of `add_lora` whose flops, copies (`COPY_FLOPS` per element) and
-    ops (`FLOPS_PER_OP` each) cost least for this call. Dense reads the pages (`has_pages`). Stacked needs every
-    adapter's weights kept (`LayerAdapters` of `AdapterSlices` with weights: a CPU model runner's); building its
-    stack counts when the batch's adapters changed. Called in every layer of every step, so it reads what the step
-    shares from `_run_shape`."""
+    """"adapter", "dense" or "gathered": the way of `add_lora` whose flops, copies (`COPY_FLOPS` per element) and
+    ops (`FLOPS_PER_OP` each) cost least for this call. Dense reads the pages (`has_pages`). Gathered needs every
+    adapter's weights kept (`LayerAdapters` of `AdapterSlices` with weights: a CPU model runner's); writing the
+    adapters its stack lacks counts.
+
+    Decided once per step for all layers of one shape (cached on the batch): they see the same adapters, and the
+    Python that prices a batch of 32 adapters costs as much as the LoRA ops of a small layer. Where an adapter
+    targets only some of those layers the first one's targets price them all; what each layer adds is its own."""
     if len(batch.slot_runs) < 2:  # one adapter: its own GEMMs, nothing wasted
         return "adapter"
+    key = ("path", d_in, slice_widths, has_pages)
+    if key not in batch.cache:
+        batch.cache[key] = _cheapest_path(batch, table, d_in, slice_widths, targets, has_pages)
+    return batch.cache[key]
+
+
+def _cheapest_path(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple[int, ...],
+                   targets: Mapping[int, AdapterSlices] | None, has_pages: bool) -> str:
     runs = _run_shape(batch, table)
     num_slices, width = len(slice_widths), sum(slice_widths)
     every_slice = AdapterSlices(tuple(range(num_slices)))
@@ -230,19 +243,10 @@ def lora_path(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple
         costs["dense"] = (2 * len(batch.token_slots) * dense_rows + (2 + num_slices) * FLOPS_PER_OP
                           + (0 if runs.pages_consecutive else COPY_FLOPS * dense_rows))
     if stackable and kept_rank:
-        costs["stacked"] = _stacked_cost(batch, table, adapters, targets, d_in, slice_widths)
+        plan = _gather_plan(batch, table, adapters, targets, d_in, slice_widths)
+        if plan.gathered:
+            costs["gathered"] = plan.cost
     return min(costs, key=costs.get)
-
-
-def _stacked_cost(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlices, ...], targets: LayerAdapters,
-                  d_in: int, slice_widths: tuple[int, ...]) -> int:
-    """The stacked way's flops, copies and ops: its GEMMs over every position of the stack it would run on, the
-    runs it leaves apart, and writing the adapters the kept stack lacks (or, where they do not fit it, all of them
-    into a new one), spread over the steps they serve."""
-    plan = _stack_plan(batch, table, adapters, targets, d_in, slice_widths)
-    writes = sum(COPY_FLOPS * _stack_elements(a.rank, a.slices, d_in, slice_widths) + 2 * len(a.slices) * FLOPS_PER_OP
-                 for a in plan.newcomers)
-    return plan.cost + (10 + 3 * len(plan.slices)) * FLOPS_PER_OP + writes // STACK_REUSE_STEPS
 
 
 def _stack_elements(rank: int, slices: Sequence[int], d_in: int, slice_widths: tuple[int, ...]) -> int:
@@ -250,138 +254,140 @@ def _stack_elements(rank: int, slices: Sequence[int], d_in: int, slice_widths: t
     return rank * (len(slices) * d_in + sum(slice_widths[k] for k in slices))
 
 
-@dataclass(frozen=True)
-class _StackPlan:
-    """How the stacked way would run one layer's step: runs up to `length` through a stack of `slices` and `rank`
-    (the kept one, or a new one), writing `newcomers`; `cost` the flops of its GEMMs and of the runs left apart."""
-
-    length: int
-    cost: int
-    slices: tuple[int, ...]
-    newcomers: tuple[AdapterSlices, ...]
-
-
-def _stack_plan(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlices, ...], targets: LayerAdapters,
-                d_in: int, slice_widths: tuple[int, ...]) -> _StackPlan:
-    """The layer's `_StackPlan` for this step (cached on the batch: `lora_path` and `add_lora` both read it)."""
-    key = ("plan", id(targets))
-    if key not in batch.cache:
-        serving = list({id(a): a for a in adapters if a.slices}.values())
-        if not serving:  # nothing to stack: every run targets nothing here
-            batch.cache[key] = _StackPlan(0, 0, (), ())
-            return batch.cache[key]
-        stack = targets.stack
-        new = stack.newcomers(serving) if stack is not None else None
-        if new is None:  # a new stack of just these
-            new = serving
-            slices, rank = tuple(sorted({k for a in new for k in a.slices})), max(a.rank for a in new)
-        else:
-            slices, rank = stack.slices, stack.rank
-        per_row = 2 * _stack_elements(rank, slices, d_in, slice_widths)  # flops of one padded row of one run
-        length, cost = _stack_length(_run_shape(batch, table).lengths, adapters, per_row)
-        batch.cache[key] = _StackPlan(length, cost, slices, tuple(new))
-    return batch.cache[key]
-
-
 # Steps an adapter written into a stack serves, over which `lora_path` spreads the cost of writing it: its request
 # decodes on for tens of steps, and the stack keeps it while batches use it. Charged whole to the step that writes
 # it, a stack would never be built where it pays off over the next steps.
 STACK_REUSE_STEPS = 8
 
+# The gathered way reads a token's adapter row by row (a weighted sum of rows, `embedding_bag`), a GEMV where the
+# adapter-by-adapter way runs a GEMM over the adapter's tokens: `lora_path` prices its flops at this multiple of a
+# GEMM's, so that a long run (a prefill chunk) goes adapter by adapter. On a 2-core CPU one adapter's 16-256 tokens
+# alone ran 2-3x slower gathered; among other adapters' (`benchmarks/lora_paths.py`, 64 tokens each) about as fast.
+# Over three runs of that benchmark the best pair of constants moved with the machine's noise; 1.5 with
+# FLOPS_PER_OP 0.1 million was never far from it.
+GATHERED_FLOPS_FACTOR = 1.5
+
 
 @dataclass(frozen=True)
-class _StackSplit:
-    """Which runs of a step the stacked way takes, padded to `length` rows each (the shorter repeat their first
-    row), and which go adapter by adapter (`apart`: the longer ones, and those whose adapter targets nothing here),
-    with the index tensors of the stacked part, in `by_slot` order: `gather` [S * length] the grouped rows each
-    padded block reads, `keep` the real rows of the padded result, `rows` where they go."""
+class _GatherPlan:
+    """How the gathered way would run one layer's step: the runs (indices into `batch.slot_runs`) it takes
+    (`gathered`) and those it leaves to the adapter-by-adapter way (`apart`: runs long enough for a GEMM of their
+    own; runs whose adapter targets nothing here are in neither), with `cost` the flops of both, the ops, and the
+    writes of the adapters the layer's stack lacks."""
 
-    length: int
-    stacked: tuple[int, ...]
+    gathered: tuple[int, ...]
     apart: tuple[int, ...]
-    gather: torch.Tensor
-    keep: torch.Tensor
-    rows: torch.Tensor
+    cost: int
 
 
-def _stack_length(lengths: Sequence[int], adapters: Sequence[AdapterSlices], per_row: int) -> tuple[int, int]:
-    """(L, cost): the run length up to which runs go through the stack, padded to L rows of `per_row` flops each,
-    the longer ones adapter by adapter, at the least cost of flops and ops (a prefill chunk among decodes is not
-    worth padding every decode to)."""
-    best = (0, 0)
-    for length in sorted({n for n, a in zip(lengths, adapters, strict=True) if a.slices}):
-        cost = sum(n * a.flops_per_token + (3 + len(a.slices)) * FLOPS_PER_OP
-                   for n, a in zip(lengths, adapters, strict=True) if a.slices and n > length)
-        cost += length * per_row * sum(1 for n, a in zip(lengths, adapters, strict=True) if a.slices and n <= length)
-        if best[0] == 0 or cost < best[1]:
-            best = (length, cost)
-    return best
-
-
-def _stack_split(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlices, ...], targets: LayerAdapters,
-                 d_in: int, slice_widths: tuple[int, ...]) -> _StackSplit:
-    """The layer's `_StackSplit` for this step (its indices cached on the batch for the layers that agree)."""
-    lengths = _run_shape(batch, table).lengths
-    length = _stack_plan(batch, table, adapters, targets, d_in, slice_widths).length
-    stacked = tuple(i for i, (n, a) in enumerate(zip(lengths, adapters, strict=True)) if a.slices and n <= length)
-    key = ("stacked", length, stacked)
+def _gather_plan(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlices, ...], targets: LayerAdapters,
+                 d_in: int, slice_widths: tuple[int, ...]) -> _GatherPlan:
+    """The `_GatherPlan` of this step's layers of this shape (cached on the batch as `lora_path`'s choice is, for the
+    same reason: `lora_path` and every such layer's `add_lora` read it)."""
+    key = ("gather plan", d_in, slice_widths)
     if key not in batch.cache:
-        starts = [batch.slot_runs[i][1] for i in stacked]
-        gather = [start + min(j, lengths[i] - 1) for i, start in zip(stacked, starts, strict=True)
-                  for j in range(length)]
-        keep = [s * length + j for s, i in enumerate(stacked) for j in range(lengths[i])]
-        rows = [start + j for i, start in zip(stacked, starts, strict=True) for j in range(lengths[i])]
+        serving = list({id(a): a for a in adapters if a.slices}.values())
+        stack = targets.stack
+        new = stack.newcomers(serving) if stack is not None and serving else None
+        if new is None:  # a new stack of just these
+            new = serving
+            slices, rank = tuple(sorted({k for a in new for k in a.slices})), max((a.rank for a in new), default=0)
+        else:
+            slices, rank = stack.slices, stack.rank
+        # Every token reads its stack position's whole width: the stack's slices at the stack's rank.
+        per_token = GATHERED_FLOPS_FACTOR * 2 * _stack_elements(rank, slices, d_in, slice_widths)
+        gathered, apart, cost = [], [], 0
+        for i, (n, adapter) in enumerate(zip(_run_shape(batch, table).lengths, adapters, strict=True)):
+            if not adapter.slices:
+                continue
+            alone = n * adapter.flops_per_token + (3 + len(adapter.slices)) * FLOPS_PER_OP
+            (gathered if n * per_token < alone else apart).append(i)
+            cost += min(n * per_token, alone)
+        if gathered:
+            taken = {id(adapters[i]) for i in gathered}
+            writes = sum(COPY_FLOPS * _stack_elements(a.rank, a.slices, d_in, slice_widths)
+                         + 2 * len(a.slices) * FLOPS_PER_OP for a in new if id(a) in taken)
+            cost += (4 + 2 * len(slices)) * FLOPS_PER_OP + writes // STACK_REUSE_STEPS
+        batch.cache[key] = _GatherPlan(tuple(gathered), tuple(apart), int(cost))
+    return batch.cache[key]
+
+
+@dataclass(frozen=True)
+class _GatherIndex:
+    """Which rows of a stack's tables each gathered token reads: `a` [n, d_in] rows of the A table (position p's
+    rows p * d_in ... p * d_in + d_in - 1), `b` [n, R] rows of each B table; `tokens` the n tokens, None where they
+    are the step's every token in order (the inputs and outputs then need no gather or scatter)."""
+
+    tokens: torch.Tensor | None
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def _gather_index(batch: LoRABatch, gathered: tuple[int, ...], positions: list[int], d_in: int,
+                  rank: int) -> _GatherIndex:
+    """The `_GatherIndex` of the gathered runs at their stack positions (made once per step for the layers whose
+    stacks agree)."""
+    key = ("gather index", gathered, tuple(positions), d_in, rank)
+    if key not in batch.cache:
+        if ("runs", "host") not in batch.cache:  # each run's first row in `by_slot` and length, once per step
+            bounds = np.array([run[1:] for run in batch.slot_runs]).reshape(-1, 2)
+            batch.cache[("runs", "host")] = (bounds[:, 0], bounds[:, 1] - bounds[:, 0], batch.by_slot.cpu().numpy())
+        starts, lengths, by_slot = batch.cache[("runs", "host")]
+        if len(gathered) < len(starts):
+            starts, lengths = starts[list(gathered)], lengths[list(gathered)]
+            tokens = by_slot[np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())]
+        else:
+            tokens = by_slot
+        token_positions = np.repeat(np.asarray(positions), lengths)
+        every_token = len(tokens) == len(batch.token_slots)
+        if every_token:  # in token order instead
+            in_order = np.empty_like(token_positions)
+            in_order[tokens] = token_positions
+            token_positions = in_order
         device = batch.by_slot.device
-        batch.cache[key] = tuple(_host_index(v).to(device, non_blocking=True) for v in (gather, keep, rows))
-    taken = set(stacked)
-    apart = tuple(i for i in range(len(lengths)) if i not in taken)
-    return _StackSplit(length, stacked, apart, *batch.cache[key])
+        rows_a = np.add.outer(token_positions * d_in, np.arange(d_in))
+        rows_b = np.add.outer(token_positions * rank, np.arange(rank))
+        batch.cache[key] = _GatherIndex(
+            None if every_token else _host_index(tokens).to(device, non_blocking=True),
+            *(torch.from_numpy(rows).to(device, non_blocking=True) for rows in (rows_a, rows_b)))
+    return batch.cache[key]
 
 
-def _host_index(values: list[int]) -> torch.Tensor:
+def _host_index(values: list[int] | np.ndarray) -> torch.Tensor:
     """An int64 index built on the host (numpy, not `torch.tensor`: nothing here waits for a device)."""
     return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
-def _stacked(out: torch.Tensor, grouped_x: torch.Tensor, batch: LoRABatch, split: _StackSplit,
-             slice_widths: tuple[int, ...], stack: AdapterStack, positions: list[int]) -> None:
-    """out [T', D] += the split's stacked runs through their adapters' positions of `stack`: one bmm shrink over
-    the positions up to the last one they use (those the batch does not use read zeros) and one bmm expand per
-    slice."""
-    runs = len(split.stacked)
-    # Positions up to the last one used: newcomers take the lowest free positions, so these stay few past the batch's.
-    used = max(positions) + 1
-    padded = grouped_x.index_select(0, split.gather).view(runs, split.length, -1)
-    in_order = positions == list(range(used))  # run i at position i
-    index = None if in_order else _positions_index(batch, positions)
-    xs = padded if index is None else padded.new_zeros(used, *padded.shape[1:]).index_copy_(0, index, padded)
-    delta = _expand_stacked(torch.bmm(xs, stack.a_t[:used]), stack, used, slice_widths)  # [used, length, D]
-    if index is not None:
-        delta = delta.index_select(0, index)
-    out.index_add_(0, split.rows, delta.flatten(0, 1).index_select(0, split.keep))
+def _gathered(y: torch.Tensor, x: torch.Tensor, batch: LoRABatch, plan: _GatherPlan,
+              adapters: tuple[AdapterSlices, ...], targets: LayerAdapters, slice_widths: tuple[int, ...]) -> None:
+    """y += the plan's gathered runs through their adapters' positions of the layer's stack, every token reading its
+    own position's rows: one `embedding_bag` (a weighted sum of rows per token) for the shrink of every slice and
+    one per slice for the expand. No padding, and nothing copied but the adapters the stack lacks."""
+    acc = accumulation_dtype(x.dtype)
+    stack, positions = targets.stack_for([adapters[i] for i in plan.gathered], x.shape[1], slice_widths, acc,
+                                         x.device)
+    index = _gather_index(batch, plan.gathered, positions, x.shape[1], stack.rank)
+    xs = (x if index.tokens is None else x.index_select(0, index.tokens)).to(acc)
+    v = F.embedding_bag(index.a, stack.a_t.flatten(0, 1), per_sample_weights=xs, mode="sum")  # [n, slices * R]
+    by_slice = v.view(len(v), len(stack.slices), stack.rank).transpose(0, 1).contiguous()  # [slices, n, R]
+    parts = [F.embedding_bag(index.b, b.flatten(0, 1), per_sample_weights=by_slice[i], mode="sum")
+             for i, b in enumerate(stack.b)]
+    delta = _join_slices(parts, stack.slices, slice_widths).to(y.dtype)
+    if index.tokens is None:
+        y += delta
+    else:
+        y.index_add_(0, index.tokens, delta)
 
 
-def _expand_stacked(v: torch.Tensor, stack: AdapterStack, used: int, slice_widths: tuple[int, ...]) -> torch.Tensor:
-    """[used, length, D]: each served slice's ranks of v [used, length, n * R] through the B^T of the stack's first
-    `used` positions, in that slice's columns. One bmm per slice into a tensor of its own, then joined: a bmm into a
-    column slice of a wider tensor runs several times slower on a CPU."""
-    rank = stack.rank
-    parts = [torch.bmm(v[:, :, i * rank : (i + 1) * rank], b[:used]) for i, b in enumerate(stack.b)]
-    if stack.slices == tuple(range(len(slice_widths))):
-        return torch.cat(parts, dim=2)
-    delta = v.new_zeros(*v.shape[:2], sum(slice_widths))
-    for k, part in zip(stack.slices, parts, strict=True):
+def _join_slices(parts: list[torch.Tensor], slices: tuple[int, ...], slice_widths: tuple[int, ...]) -> torch.Tensor:
+    """[n, D]: each of `slices`' part [n, its width] in that slice's columns, zeros in the others."""
+    if slices == tuple(range(len(slice_widths))):
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    delta = parts[0].new_zeros(len(parts[0]), sum(slice_widths))
+    for k, part in zip(slices, parts, strict=True):
         offset = sum(slice_widths[:k])
-        delta[:, :, offset : offset + slice_widths[k]] = part
+        delta[:, offset : offset + slice_widths[k]] = part
     return delta
-
-
-def _positions_index(batch: LoRABatch, positions: list[int]) -> torch.Tensor:
-    """`positions` as an index on the batch's device, made once per step for the layers whose stacks agree."""
-    key = ("positions", tuple(positions))
-    if key not in batch.cache:
-        batch.cache[key] = _host_index(positions).to(batch.by_slot.device, non_blocking=True)
-    return batch.cache[key]
 
 
 def _batch_pages(batch: LoRABatch, table: PageTable, dtype: torch.dtype) -> tuple[slice | torch.Tensor, torch.Tensor]:

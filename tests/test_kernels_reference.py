@@ -25,7 +25,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 REFERENCE_PATHS = {"adapter by adapter": "adapter", "all at once": "dense"}  # the paths that read pages alone
 # Every path of the reference, with whether it needs the adapters' weights kept (`AdapterSlices` with weights).
 PATHS_AND_WEIGHTS = [(path, with_weights) for path in ("adapter", "dense") for with_weights in (False, True)] + [
-    ("stacked", True)]
+    ("gathered", True)]
 
 
 def force_path(patch: pytest.MonkeyPatch, path: str) -> None:
@@ -314,7 +314,7 @@ def test_a_kept_stack_serves_batch_after_batch_as_adapters_come_and_go(
     targets = case.targets(with_weights=True)
     gen = torch.Generator().manual_seed(seed + 1)
     with pytest.MonkeyPatch.context() as patch:
-        force_path(patch, "stacked")
+        force_path(patch, "gathered")
         for token_slots in batches:
             token_slots = [slot % num_slots if slot >= 0 else -1 for slot in token_slots]
             step = dataclasses.replace(case, token_slots=token_slots,
@@ -342,32 +342,49 @@ def test_the_reference_takes_every_adapter_at_once_where_ops_cost_more_than_flop
     assert len(recorded.shapes) == 2 * 8
 
 
-@pytest.mark.parametrize("slots", [[t // 2 for t in range(16)], [-1, 0, 0, 0, 1, 2, 2, -1, 3, 4, 5, 6, 7, 7]],
-                         ids=["grouped, runs of two", "scattered runs of one to three"])
-def test_many_small_adapters_with_kept_weights_go_stacked_through_batched_gemms(
-    torch_gen: torch.Generator, slots: list[int],
+class OpNames(TorchDispatchMode):
+    """Records the name of every aten op run while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+    def count(self, *fragments: str) -> int:
+        return sum(1 for name in self.names if any(fragment in name for fragment in fragments))
+
+
+@pytest.mark.parametrize(("slots", "every_token"), [
+    ([t // 2 for t in range(16)], True), ([5, 0, 7, 3, 1, 6, 2, 4], True),
+    ([-1, 0, 0, 0, 1, 2, 2, -1, 3, 4, 5, 6, 7, 7], False)], ids=[
+    "grouped, runs of two", "one token each, out of order", "scattered runs of one to three, some without adapter"])
+def test_many_small_adapters_with_kept_weights_are_gathered_from_a_kept_stack(
+    torch_gen: torch.Generator, slots: list[int], every_token: bool,
 ) -> None:
     """Eight rank-16 adapters (one of rank 8, one targeting only the second slice) on a 32-wide layer, weights kept
-    and no pages (a CPU model runner's): one bmm shrink over the stack's positions and one bmm expand per slice, each
-    adapter's tokens padded to the longest run; the stack is kept while batches reuse it, and an adapter loaded again
-    is written over a position no adapter of the batch holds, the others left where they are."""
+    and no pages (a CPU model runner's): no GEMM, one gathered shrink and one gathered expand per slice; where every
+    token has an adapter, not a single gather or scatter of tokens either. The stack is kept while batches reuse
+    it, and an adapter loaded again is written over a position no adapter of the batch holds, the others left
+    where they are."""
     ranks = [[16, 16]] * 6 + [[8, 8], [0, 16]]
     case = make_case(torch_gen, slots, num_slots=8, max_rank=16, d_in=32, widths=(32, 16), ranks=ranks)
     targets = case.targets(with_weights=True)
-    longest = max(slots.count(slot) for slot in range(8))
-    assert reference.lora_path(case.batch, case.table, 32, case.widths, targets, False) == "stacked"
+    assert reference.lora_path(case.batch, case.table, 32, case.widths, targets, False) == "gathered"
 
     def run() -> torch.Tensor:
         y = case.y.clone()
         add_lora(y, case.x, None, None, case.batch, case.widths, case.table, targets=targets)
         return y
 
-    with MatmulShapes() as recorded:
+    with OpNames() as recorded:
         y = run()
-    # The stack has room for more adapters; the GEMMs run over the eight positions in use only.
-    assert targets.stack.capacity > 8
-    assert recorded.shapes == [((8, longest, 32), (8, 32, 2 * 16)), ((8, longest, 16), (8, 16, 32)),
-                               ((8, longest, 16), (8, 16, 16))]
+    assert recorded.count("mm") == 0
+    assert recorded.count("embedding_bag") == 1 + 2
+    assert recorded.count("index_select", "index_add", "index_copy", "gather", "scatter") == (0 if every_token else 2)
+    assert targets.stack.capacity > 8  # room for a few more adapters
     assert_matches_naive(case, y)
     stack = targets.stack
     held = list(stack.held)
@@ -376,6 +393,21 @@ def test_many_small_adapters_with_kept_weights_go_stacked_through_batched_gemms(
     assert torch.equal(run(), y) and targets.stack is stack
     assert targets[3] in stack.held and held[3] not in stack.held  # written where no adapter of the batch was
     assert [a for a in stack.held if a is not targets[3]] == [a for a in held if a is not held[3]]
+
+
+def test_a_long_run_among_gathered_ones_gets_gemms_of_its_own(torch_gen: torch.Generator) -> None:
+    """A 64-token prefill chunk among seven decode tokens of other adapters: the decodes are gathered, the chunk
+    goes through its adapter's own GEMMs (row by row it would read its adapter 64 times)."""
+    slots = [0] * 64 + list(range(1, 8))
+    case = make_case(torch_gen, slots, num_slots=8, max_rank=16, d_in=256, widths=(256, 128))
+    targets = case.targets(with_weights=True)
+    assert reference.lora_path(case.batch, case.table, 256, case.widths, targets, False) == "gathered"
+    y = case.y.clone()
+    with MatmulShapes() as recorded, OpNames() as ops:
+        add_lora(y, case.x, None, None, case.batch, case.widths, case.table, targets=targets)
+    assert recorded.shapes == [((64, 256), (256, 2 * 16)), ((64, 16), (16, 256)), ((64, 16), (16, 128))]
+    assert ops.count("embedding_bag") == 3
+    assert_matches_naive(case, y)
 
 
 # -------------------------------------------------------------------------------------- LoRABatch

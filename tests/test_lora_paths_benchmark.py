@@ -19,5 +19,7 @@ def test_every_way_is_timed_and_the_choice_and_its_loss_are_reported(tmp_path: P
         assert set(row["us"]) == set(lora_paths.PATHS) and all(us > 0 for us in row["us"].values())
         assert row["chosen"] in lora_paths.PATHS
     assert result["flops_per_op"] == reference.FLOPS_PER_OP
-    assert set(result["excess_us_by_flops_per_op"]) == set(lora_paths.CANDIDATES)
-    assert all(lost >= 0 for lost in result["excess_us_by_flops_per_op"].values())
+    assert result["gathered_flops_factor"] == reference.GATHERED_FLOPS_FACTOR
+    excess = result["excess_us_by_flops_per_op_and_gathered_factor"]
+    assert len(excess) == len(lora_paths.CANDIDATES) * len(lora_paths.GATHERED_CANDIDATES)
+    assert all(lost >= 0 for lost in excess.values())
