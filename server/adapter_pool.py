@@ -129,6 +129,17 @@ class AdapterSlotPool:
         """The keys of the resident adapters, least recently used first."""
         return list(self._lru)
 
+    def slot_items(self) -> list[tuple[Hashable, int]]:
+        """(key, slot) of each resident adapter; a copy made in one C call, so another thread may read it while
+        the engine thread loads and evicts."""
+        return list(self._lru.items())
+
+    @property
+    def max_rank_adapters(self) -> int:
+        """Adapters of `max_rank` on every module the tier holds at once: its slots and its memory allow."""
+        return min(self.num_slots, self.capacity_bytes // max_rank_adapter_bytes(self.max_rank, self.page_bytes,
+                                                                                  self.paged))
+
     def slot_of(self, key: Hashable) -> int | None:
         return self._lru.get(key)
 

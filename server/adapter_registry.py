@@ -139,6 +139,15 @@ class AdapterRegistry:
     def host_budget_bytes(self) -> int:
         return self._host_lru.budget_bytes
 
+    @property
+    def pinned_ids(self) -> frozenset[str]:
+        return self._host_lru.pinned_ids
+
+    def host_versions(self) -> list[AdapterVersion]:
+        """The versions with weights in host memory, least recently used first; a copy made in one C call, so any
+        thread may take it while the engine loads and evicts."""
+        return list(self._host_lru)
+
     @host_budget_bytes.setter
     def host_budget_bytes(self, budget: int) -> None:
         self._host_lru.budget_bytes = budget

@@ -97,6 +97,25 @@ class EngineStats:
     adapter_evictions: int
     preemptions: int
     steps: int  # forward passes
+    block_size: int  # tokens per KV block
+    running_adapters: tuple[str, ...]  # adapters of running sequences (each resident on the device), sorted
+    waiting_adapters: tuple[str, ...]  # adapters that waiting sequences ask for, sorted
+    max_batch_adapters: int  # distinct adapters of --max-lora-rank one batch can mix: sequences and device tier allow
+
+
+@dataclass(frozen=True)
+class AdapterResidency:
+    """Where one adapter's served version is held: "gpu" (the device tier: device memory, or on a CPU the host
+    buffers it reads in place) or "host" (parsed in host memory, not on the device)."""
+
+    tier: str
+    rank: int
+    pinned: bool  # --pin: never evicted from the host tier
+    sequences: int  # sequences holding its device slot now; 0: idle
+
+
+def _adapter_ids(sequences: list[Sequence]) -> tuple[str, ...]:
+    return tuple(sorted({seq.adapter.adapter_id for seq in sequences if seq.adapter is not None}))
 
 
 class RequestStream:
@@ -374,7 +393,27 @@ class Engine:
             adapter_evictions=pool.evictions,
             preemptions=scheduler.num_preemptions,
             steps=self.steps,
+            block_size=allocator.block_size,
+            # list() copies each queue in one C call, which the engine thread cannot interleave (the GIL)
+            running_adapters=_adapter_ids(list(scheduler.running)),
+            waiting_adapters=_adapter_ids(list(scheduler.waiting)),
+            max_batch_adapters=min(self.config.max_num_seqs, pool.max_rank_adapters),
         )
+
+    def adapter_residency(self) -> dict[str, AdapterResidency]:
+        """Every adapter whose served version has weights in the device or host tier, idle ones included, by id;
+        safe from any thread. A replaced version still finishing its requests is left out."""
+        device = dict(self.pool.slot_items())
+        pinned = self.registry.pinned_ids
+        residency: dict[str, AdapterResidency] = {}
+        for version in [*device, *self.registry.host_versions()]:  # the device first: the warmest tier wins
+            if version.retired or version.adapter_id in residency:
+                continue
+            slot = device.get(version)
+            residency[version.adapter_id] = AdapterResidency(
+                "gpu" if slot is not None else "host", version.manifest.rank, version.adapter_id in pinned,
+                self.pool.pinned(slot) if slot is not None else 0)
+        return residency
 
     @property
     def torch_threads(self) -> int | None:

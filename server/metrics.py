@@ -24,6 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from server.gateway_metrics import GatewayCollector
+
 if TYPE_CHECKING:
     from server.engine import Engine
 
@@ -246,6 +248,7 @@ class Metrics:
             "replaced.", registry=r)
         self._finish_counters = {reason: self.finished.labels(reason) for reason in FINISH_REASONS}
         self.registry.register(_StateCollector(self))
+        self.registry.register(GatewayCollector(lambda: self.engine))
 
     def attach(self, engine: Engine) -> None:
         """Let the scrape-time collector read `engine.stats()` and its adapter registry."""
