@@ -74,10 +74,17 @@ def _building_on(device: torch.device, dtype: torch.dtype):
         torch.set_default_dtype(previous)
 
 
+def served_model_name(settings: Settings) -> str:
+    """The base model's name in the API: --served-model-name, else the demo's or the checkpoint directory's."""
+    if settings.served_model_name:
+        return settings.served_model_name
+    return DEMO_MODEL_NAME if settings.model is None else Path(settings.model).resolve().name
+
+
 def load_tokenizer(settings: Settings) -> tuple[Tokenizer, str, str]:
     """The model's tokenizer, its served name and a one-line description (no weights are read)."""
     if settings.model is None:
-        return build_byte_tokenizer(), settings.served_model_name or DEMO_MODEL_NAME, DEMO_DESCRIPTION
+        return build_byte_tokenizer(), served_model_name(settings), DEMO_DESCRIPTION
     model_dir = Path(settings.model)
     try:
         args = read_config(model_dir)
@@ -85,7 +92,7 @@ def load_tokenizer(settings: Settings) -> tuple[Tokenizer, str, str]:
     except ValueError as exc:  # what the checkpoint's files get wrong; each message names the file
         raise StartupError(f"--model {model_dir}: {exc}") from None
     # The description reaches every tenant through /v1/models: no server path in it.
-    return tokenizer, settings.served_model_name or model_dir.resolve().name, f"{args.architecture} checkpoint"
+    return tokenizer, served_model_name(settings), f"{args.architecture} checkpoint"
 
 
 def load_model(settings: Settings, device: torch.device, dtype: torch.dtype) -> Transformer:

@@ -1,5 +1,6 @@
-"""`lorahive` command line: `serve` (server/cli/serve_command.py), `adapters` (a client of a running server:
-server/cli/adapters_command.py) and `export-demo`.
+"""`lorahive` command line: `serve` (server/cli/serve_command.py), `serve-ray` (replicas on Ray Serve:
+server/cli/serve_ray_command.py), `adapters` (a client of a running server: server/cli/adapters_command.py) and
+`export-demo`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from server.cli import adapters_command
+from server.cli import adapters_command, serve_ray_command
 from server.cli.serve_command import add_settings_flags, describe_invalid_settings, serve, settings_from
 from server.config import StartupError
 
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lorahive", description="Multi-tenant LoRA inference server")
     commands = parser.add_subparsers(dest="command", required=True)
     add_settings_flags(commands.add_parser("serve", help="start the OpenAI-compatible server"))
+    serve_ray = commands.add_parser("serve-ray", help="start replicas of the server on Ray Serve behind one endpoint")
+    add_settings_flags(serve_ray)
+    serve_ray_command.add_flags(serve_ray)
     export = commands.add_parser("export-demo", help="write the embedded demo model as a HF checkpoint directory")
     export.add_argument("directory", type=Path)
     export.add_argument("--seed", type=int, default=0)
@@ -47,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValidationError as exc:
         parser.exit(2, "".join(f"error: {line}\n" for line in describe_invalid_settings(exc, namespace, os.environ)))
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if namespace.command == "serve-ray":
+        serve_ray_command.run(namespace, settings)
+        return
     from server.api.auth import KeyFileError  # the server's modules load for `serve` only
 
     try:

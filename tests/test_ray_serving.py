@@ -1,0 +1,189 @@
+"""lorahive on Ray Serve (server/ray_serving.py): two replicas of the demo model on a local Ray, one store.
+
+Through the one endpoint: adapters uploaded there are served by both replicas; mixed concurrent traffic (some
+streamed) gives what a single `lorahive serve` on the same store gives; each adapter's requests go to the replica
+that served it before (measured from the `x-lorahive-replica` header of every answer); and a replica killed while
+it streams is replaced by Ray, its own streams ending with an error event and every other request unharmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+ray = pytest.importorskip("ray")
+serve = pytest.importorskip("ray.serve")
+
+from server.config import Settings  # noqa: E402
+from server.ray_serving import REPLICA_HEADER, application  # noqa: E402
+from tests.support.adapter_uploads import MAX_RANK, demo_peft_files, upload  # noqa: E402
+from tests.support.servers import free_port, serving_engine  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ADAPTERS = [f"tenant-{i}" for i in range(6)]
+TIMEOUT = httpx.Timeout(120.0)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Settings]]:
+    """(endpoint URL, the replicas' settings): two replicas behind one router, on a Ray started for this module."""
+    settings = Settings(store=tmp_path_factory.mktemp("store"), max_lora_rank=MAX_RANK, max_num_seqs=8,
+                        kv_cache_tokens=4096, store_revalidate_seconds=0)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(application(settings, replicas=2, adapters_per_replica=16, replica_cpus=0), name="lorahive",
+                  route_prefix="/")
+        url = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+            for i, adapter_id in enumerate(ADAPTERS):
+                assert upload(client, adapter_id, demo_peft_files(rank=4, seed=10 + i)).status_code == 201
+        yield url, settings
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def body(i: int, adapter_id: str | None, stream: bool, max_tokens: int = 12) -> dict:
+    request = {"model": adapter_id or "lorahive-demo", "prompt": f"request {i}: the adapter says",
+               "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if i % 3 == 2 and adapter_id is not None:  # some name it by `adapter_id`, the base model in `model`
+        request |= {"model": "lorahive-demo", "adapter_id": adapter_id}
+    return request
+
+
+def named_adapter(request: dict) -> str | None:
+    return request.get("adapter_id") or (request["model"] if request["model"] in ADAPTERS else None)
+
+
+async def complete(client: httpx.AsyncClient, request: dict) -> tuple[str, str, str | None]:
+    """(text, replica, error): the completion's text, whether streamed or not, the replica that answered ("" from a
+    single server), and for a stream that ended with an error event that error's code."""
+    if not request["stream"]:
+        response = await client.post("/v1/completions", json=request)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["text"], response.headers.get(REPLICA_HEADER, ""), None
+    text, error = "", None
+    async with client.stream("POST", "/v1/completions", json=request) as response:
+        assert response.status_code == 200
+        replica = response.headers.get(REPLICA_HEADER, "")
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            if "error" in event:
+                error = event["error"]["code"]
+            else:
+                text += event["choices"][0]["text"]
+    return text, replica, error
+
+
+async def send_all(url: str, requests: list[dict]) -> list[tuple[str, str, str | None]]:
+    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+        return await asyncio.gather(*(complete(client, request) for request in requests))
+
+
+def homes(url: str) -> dict[str, set[str]]:
+    """Each adapter's replicas once Ray routes it steadily: rounds of one request per adapter until a round in
+    which every adapter went to a replica that served it before (Ray learns what a replica serves a moment after
+    it served it)."""
+    served: dict[str, set[str]] = {adapter_id: set() for adapter_id in ADAPTERS}
+    for round_ in range(20):
+        answers = asyncio.run(send_all(url, [body(round_, adapter_id, False, 2) for adapter_id in ADAPTERS]))
+        settled = all(replica in served[a] for a, (_, replica, _) in zip(ADAPTERS, answers, strict=True))
+        for adapter_id, (_, replica, _) in zip(ADAPTERS, answers, strict=True):
+            served[adapter_id].add(replica)
+        if settled:
+            return served
+        time.sleep(0.5)
+    raise AssertionError(f"routing never settled: {served}")
+
+
+def test_mixed_traffic_matches_one_server_and_each_adapter_stays_on_its_replica(
+    cluster: tuple[str, Settings],
+) -> None:
+    url, settings = cluster
+    served = homes(url)
+    requests = [body(i, adapter_id, stream=i % 2 == 0) for i, adapter_id in enumerate(ADAPTERS * 3 + [None] * 4)]
+    answers = asyncio.run(send_all(url, requests))
+    with serving_engine(settings) as (single_url, _):
+        expected = asyncio.run(send_all(single_url, [request | {"stream": False} for request in requests]))
+    assert [text for text, _, _ in answers] == [text for text, _, _ in expected]
+    assert all(error is None for _, _, error in answers)
+    on_home = [replica in served[adapter_id] for request, (_, replica, _) in zip(requests, answers, strict=True)
+               if (adapter_id := named_adapter(request)) is not None]
+    affinity = sum(on_home) / len(on_home)
+    print(f"adapter requests on a replica that served the adapter before: {affinity:.0%} of {len(on_home)}")
+    assert affinity >= 0.9
+    assert len({replica for replicas in served.values() for replica in replicas}) == 2  # both replicas serve
+
+
+def lorahive_children() -> list[int]:
+    """Process ids of every `lorahive serve` a replica started."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"server.cli\x00serve\x00" in command or command.endswith(b"server.cli\x00serve"):
+            found.append(int(pid))
+    return found
+
+
+def test_a_killed_replica_is_replaced_and_only_its_own_streams_fail(cluster: tuple[str, Settings]) -> None:
+    url, _ = cluster
+
+    async def scenario() -> tuple[str, list[tuple[str, str, str | None]]]:
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+            started: list[str] = []
+
+            async def watched(request: dict) -> tuple[str, str, str | None]:
+                text, error = "", None
+                async with client.stream("POST", "/v1/completions", json=request) as response:
+                    replica = response.headers[REPLICA_HEADER]
+                    async for line in response.aiter_lines():
+                        if line.startswith("data: ") and line != "data: [DONE]":
+                            event = json.loads(line.removeprefix("data: "))
+                            if "error" in event:
+                                error = event["error"]["code"]
+                                continue
+                            if not text:
+                                started.append(replica)
+                            text += event["choices"][0]["text"]
+                return text, replica, error
+
+            streams = [asyncio.create_task(watched(body(i, adapter_id, True, max_tokens=300)))
+                       for i, adapter_id in enumerate(ADAPTERS + [None, None])]
+            while len(started) < len(streams):
+                await asyncio.sleep(0.01)
+            victim = Counter(started).most_common(1)[0][0]
+            ray.kill(ray.get_actor(f"SERVE_REPLICA::lorahive#LorahiveReplica#{victim}", namespace="serve"))
+            return victim, await asyncio.wait_for(asyncio.gather(*streams), timeout=120)
+
+    victim, answers = asyncio.run(scenario())
+    for text, replica, error in answers:
+        if replica == victim:
+            assert error == "replica_unavailable"  # told, not left hanging
+        else:
+            assert error is None and len(text) > 0
+    assert any(replica != victim for _, replica, _ in answers)
+    # Requests after the kill are served at once (by the survivor, or the replacement when it is up) ...
+    after = asyncio.run(send_all(url, [body(i, adapter_id, i % 2 == 0) for i, adapter_id in enumerate(ADAPTERS)]))
+    assert all(error is None and text for text, _, error in after)
+    # ... and Ray replaces the dead replica; its `lorahive serve` died with it.
+    deadline = time.monotonic() + 120
+    while serve.status().applications["lorahive"].deployments["LorahiveReplica"].replica_states != {"RUNNING": 2}:
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(0.5)
+    assert len(lorahive_children()) == 2
