@@ -68,6 +68,10 @@ def add_run_flags(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--adapter-field", choices=("model", "adapter_id"), default="model",
                         help="how a request names its adapter: `model` (vLLM, lorahive) or lorahive's `adapter_id`")
     target.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (env OPENAI_API_KEY)")
+    target.add_argument("--served-by-header", default="x-lorahive-replica",
+                        help="response header naming the replica that answered, behind a router (default "
+                             "x-lorahive-replica, lorahive serve-ray's): the report counts requests per replica and "
+                             "how many of each adapter's went to its usual replica")
     target.add_argument("--request-timeout", type=float, default=600.0,
                         help="seconds without data before a request fails (default 600)")
 

@@ -45,6 +45,7 @@ class RequestResult:
     error: str | None = None
     status: int | None = None
     warmup: bool = False
+    served_by: str | None = None  # the `served_by_header` of the answer: which replica behind a router served it
 
     @property
     def tpot(self) -> float | None:
@@ -69,6 +70,8 @@ class ClientConfig:
     temperature: float = 0.0
     extra_body: dict[str, Any] = field(default_factory=dict)
     api_key: str | None = None
+    # The response header that names the replica which answered (lorahive serve-ray's; another router's works too).
+    served_by_header: str = "x-lorahive-replica"
 
     @property
     def path(self) -> str:
@@ -130,6 +133,7 @@ async def _send(http: httpx.AsyncClient, config: ClientConfig, spec: RequestSpec
     try:
         async with http.stream("POST", config.url + config.path, json=payload, headers=config.headers()) as response:
             result.status = response.status_code
+            result.served_by = response.headers.get(config.served_by_header)
             if response.status_code != 200:
                 body = await response.aread()
                 return _fail(result, f"http_{response.status_code}", _error_message(body))

@@ -188,6 +188,7 @@ def client_config(args: argparse.Namespace, base_model: str) -> ClientConfig:
     return ClientConfig(
         url=args.url.rstrip("/"), base_model=base_model, endpoint=args.endpoint, adapter_field=args.adapter_field,
         ignore_eos=args.ignore_eos, temperature=args.temperature, extra_body=args.extra_body, api_key=args.api_key,
+        served_by_header=args.served_by_header,
     )
 
 

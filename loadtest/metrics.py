@@ -107,7 +107,24 @@ def summarize(
         summary["request_goodput"] = None
         summary["slo_attainment"] = None
     summary["errors_by_kind"] = dict(Counter(r.error_kind for r in results if not r.success))
+    summary |= replica_spread(ok)
     return summary
+
+
+def replica_spread(ok: Sequence[RequestResult]) -> dict[str, Any]:
+    """Where a router sent the requests, from each answer's served-by header: `served_by` (requests per replica)
+    and `adapter_affinity`, the share of adapter requests that went to their adapter's usual replica (the one that
+    served most of that adapter's), 1.0 when every adapter stayed on one replica. None without the header."""
+    by_adapter: dict[str, Counter[str]] = defaultdict(Counter)
+    for r in ok:
+        if r.served_by is not None and r.adapter is not None:
+            by_adapter[r.adapter][r.served_by] += 1
+    routed = sum(sum(replicas.values()) for replicas in by_adapter.values())
+    return {
+        "served_by": dict(Counter(r.served_by for r in ok if r.served_by is not None)) or None,
+        "adapter_affinity": (sum(max(replicas.values()) for replicas in by_adapter.values()) / routed
+                             if routed else None),
+    }
 
 
 def summarize_per_adapter(results: Sequence[RequestResult], slo: SLO | None = None) -> dict[str, dict[str, Any]]:

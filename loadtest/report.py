@@ -103,6 +103,11 @@ def markdown_summary(report: dict[str, Any]) -> str:
             f"| SLO ({targets}) attainment | {report['slo_attainment']:.1%} |",
             f"| goodput (req/s) | {_fmt(report['request_goodput'], 2)} |",
         ]
+    if report.get("served_by"):
+        spread = ", ".join(f"{replica} {count}" for replica, count in sorted(report["served_by"].items()))
+        lines.append(f"| requests per replica | {spread} |")
+    if report.get("adapter_affinity") is not None:
+        lines.append(f"| adapter requests on their adapter's usual replica | {report['adapter_affinity']:.1%} |")
     if report.get("interrupted"):
         lines.append("| interrupted | yes: partial results |")
     lines += ["", "| latency (ms) | mean | p50 | p90 | p99 | max |", "| --- | ---: | ---: | ---: | ---: | ---: |"]

@@ -93,6 +93,23 @@ def test_report_excludes_warmup_round_trips_and_renders(tmp_path: Path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 
+def test_requests_per_replica_and_adapter_affinity_come_from_the_served_by_header():
+    """Adapter a: 3 requests on r1, 1 on r2; adapter b: 2 on r2; base requests count per replica but have no
+    affinity; a failed request and one without the header count nowhere."""
+    routed = [ok(i, 0.1 * i, 0.1, [0.01], adapter, served_by=replica) for i, (adapter, replica) in enumerate(
+        [("a", "r1"), ("a", "r1"), ("a", "r2"), ("a", "r1"), ("b", "r2"), ("b", "r2"), (None, "r1"), ("b", None)])]
+    failure = failed(9, 1.0, "http_503", "a")
+    failure.served_by = "r2"
+    s = summarize([*routed, failure])
+    assert s["served_by"] == {"r1": 4, "r2": 3}
+    assert s["adapter_affinity"] == pytest.approx((3 + 2) / 6)
+    markdown = markdown_summary(build_report(RunOutcome(routed, wall_s=1.0, interrupted=False), {
+        "url": "http://x", "model": "m", "rate": None, "cv": None, "concurrency": 2}))
+    assert "| requests per replica | r1 4, r2 3 |" in markdown
+    assert "| adapter requests on their adapter's usual replica | 83.3% |" in markdown
+    assert summarize(RESULTS)["served_by"] is None and summarize(RESULTS)["adapter_affinity"] is None
+
+
 def test_dims_from_hugging_face_config_names():
     dims = BaseDims.from_mapping({"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                                   "num_attention_heads": 32, "num_key_value_heads": 8})
