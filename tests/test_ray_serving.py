@@ -1,9 +1,10 @@
-"""lorahive on Ray Serve (server/ray_serving.py): two replicas of the demo model on a local Ray, one store.
+"""lorahive on Ray Serve (server/ray_serving.py): two replicas of the demo model on a local Ray, one store, API keys.
 
-Through the one endpoint: adapters uploaded there are served by both replicas; mixed concurrent traffic (some
-streamed) gives what a single `lorahive serve` on the same store gives; each adapter's requests go to the replica
-that served it before (measured from the `x-lorahive-replica` header of every answer); and a replica killed while
-it streams is replaced by Ray, its own streams ending with an error event and every other request unharmed.
+Through the one endpoint: adapters uploaded there are served by both replicas; mixed concurrent traffic
+(completions and chat, some streamed) gives what a single `lorahive serve` on the same store gives; each adapter's
+requests go to the replica that served it before (measured from the `x-lorahive-replica` header of every answer)
+while base-model requests spread over both; the replicas check the keys; and a replica killed while it streams
+is replaced by Ray, its own streams ending with an error event and every other request unharmed.
 """
 
 from __future__ import annotations
@@ -24,20 +25,24 @@ serve = pytest.importorskip("ray.serve")
 
 from server.config import Settings  # noqa: E402
 from server.ray_serving import REPLICA_HEADER, application  # noqa: E402
-from tests.support.adapter_uploads import MAX_RANK, demo_peft_files, upload  # noqa: E402
+from tests.support.adapter_uploads import MAX_RANK, demo_peft_files, multipart, upload  # noqa: E402
+from tests.support.api_keys import KEY_A, KEY_B, KEY_FILE, bearer  # noqa: E402
 from tests.support.servers import free_port, serving_engine  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 ADAPTERS = [f"tenant-{i}" for i in range(6)]
 TIMEOUT = httpx.Timeout(120.0)
+HEADERS = bearer(KEY_A)  # tenant A uploads the adapters and sends the traffic
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Settings]]:
     """(endpoint URL, the replicas' settings): two replicas behind one router, on a Ray started for this module."""
+    keys = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys.write_text(json.dumps(KEY_FILE))
     settings = Settings(store=tmp_path_factory.mktemp("store"), max_lora_rank=MAX_RANK, max_num_seqs=8,
-                        kv_cache_tokens=4096, store_revalidate_seconds=0)
+                        kv_cache_tokens=4096, store_revalidate_seconds=0, api_keys=keys)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         port = free_port()
@@ -45,7 +50,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Set
         serve.run(application(settings, replicas=2, adapters_per_replica=16, replica_cpus=0), name="lorahive",
                   route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
+        with httpx.Client(base_url=url, timeout=TIMEOUT, headers=HEADERS) as client:
             for i, adapter_id in enumerate(ADAPTERS):
                 assert upload(client, adapter_id, demo_peft_files(rank=4, seed=10 + i)).status_code == 201
         yield url, settings
@@ -55,26 +60,36 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Set
 
 
 def body(i: int, adapter_id: str | None, stream: bool, max_tokens: int = 12) -> dict:
-    request = {"model": adapter_id or "lorahive-demo", "prompt": f"request {i}: the adapter says",
-               "max_tokens": max_tokens, "temperature": 0, "stream": stream}
-    if i % 3 == 2 and adapter_id is not None:  # some name it by `adapter_id`, the base model in `model`
+    """Request i: a completion, or every fourth a chat completion; some name the adapter by `adapter_id`."""
+    request = {"model": adapter_id or "lorahive-demo", "max_tokens": max_tokens, "temperature": 0, "stream": stream}
+    if i % 3 == 2 and adapter_id is not None:  # the base model in `model`, the adapter in `adapter_id`
         request |= {"model": "lorahive-demo", "adapter_id": adapter_id}
-    return request
+    if i % 4 == 3:
+        return request | {"messages": [{"role": "user", "content": f"request {i}: what does the adapter say?"}]}
+    return request | {"prompt": f"request {i}: the adapter says"}
 
 
 def named_adapter(request: dict) -> str | None:
     return request.get("adapter_id") or (request["model"] if request["model"] in ADAPTERS else None)
 
 
+def text_of(choice: dict) -> str:
+    """A choice's text, or its piece of it in a stream: completion and chat completion alike."""
+    if "text" in choice:
+        return choice["text"]
+    return (choice.get("message") or choice.get("delta") or {}).get("content") or ""
+
+
 async def complete(client: httpx.AsyncClient, request: dict) -> tuple[str, str, str | None]:
-    """(text, replica, error): the completion's text, whether streamed or not, the replica that answered ("" from a
+    """(text, replica, error): the answer's text, whether streamed or not, the replica that answered ("" from a
     single server), and for a stream that ended with an error event that error's code."""
+    path = "/v1/chat/completions" if "messages" in request else "/v1/completions"
     if not request["stream"]:
-        response = await client.post("/v1/completions", json=request)
+        response = await client.post(path, json=request)
         assert response.status_code == 200, response.text
-        return response.json()["choices"][0]["text"], response.headers.get(REPLICA_HEADER, ""), None
+        return text_of(response.json()["choices"][0]), response.headers.get(REPLICA_HEADER, ""), None
     text, error = "", None
-    async with client.stream("POST", "/v1/completions", json=request) as response:
+    async with client.stream("POST", path, json=request) as response:
         assert response.status_code == 200
         replica = response.headers.get(REPLICA_HEADER, "")
         async for line in response.aiter_lines():
@@ -83,13 +98,13 @@ async def complete(client: httpx.AsyncClient, request: dict) -> tuple[str, str, 
             event = json.loads(line.removeprefix("data: "))
             if "error" in event:
                 error = event["error"]["code"]
-            else:
-                text += event["choices"][0]["text"]
+            elif event["choices"]:
+                text += text_of(event["choices"][0])
     return text, replica, error
 
 
 async def send_all(url: str, requests: list[dict]) -> list[tuple[str, str, str | None]]:
-    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, headers=HEADERS) as client:
         return await asyncio.gather(*(complete(client, request) for request in requests))
 
 
@@ -128,6 +143,43 @@ def test_mixed_traffic_matches_one_server_and_each_adapter_stays_on_its_replica(
     assert len({replica for replicas in served.values() for replica in replicas}) == 2  # both replicas serve
 
 
+def test_base_model_requests_spread_over_both_replicas(cluster: tuple[str, Settings]) -> None:
+    url, _ = cluster
+    answers = asyncio.run(send_all(url, [body(i, None, True, max_tokens=64) for i in range(12)]))
+    assert len({replica for _, replica, _ in answers}) == 2
+
+
+def test_the_replicas_check_the_keys_behind_the_router(cluster: tuple[str, Settings]) -> None:
+    """No key: 401; tenant B cannot see tenant A's private adapters (404), nor list them, through the endpoint."""
+    url, _ = cluster
+    request = body(0, ADAPTERS[0], False)
+    assert httpx.post(f"{url}/v1/completions", json=request, timeout=TIMEOUT).status_code == 401
+    response = httpx.post(f"{url}/v1/completions", json=request, headers=bearer(KEY_B), timeout=TIMEOUT)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+    listed = httpx.get(f"{url}/v1/adapters", headers=bearer(KEY_B), timeout=TIMEOUT).json()["data"]
+    assert not {adapter["id"] for adapter in listed} & set(ADAPTERS)
+
+
+def test_models_and_the_adapter_routes_through_the_endpoint(cluster: tuple[str, Settings]) -> None:
+    """/v1/models lists the base model and the caller's adapters; a replace through the endpoint changes what the
+    adapter generates, a delete makes it unknown, whichever replica answers."""
+    url, _ = cluster
+    with httpx.Client(base_url=url, timeout=TIMEOUT, headers=HEADERS) as client:
+        models = {card["id"] for card in client.get("/v1/models").json()["data"]}
+        assert models >= {"lorahive-demo", *ADAPTERS}
+        assert upload(client, "short-lived", demo_peft_files(rank=2, seed=1)).status_code == 201
+        request = body(0, "short-lived", False, max_tokens=16)
+        before = asyncio.run(send_all(url, [request] * 2))
+        replaced = client.put("/v1/adapters/short-lived", files=multipart(*demo_peft_files(rank=8, seed=2)))
+        assert replaced.status_code == 200 and replaced.json()["version"] == 2
+        after = asyncio.run(send_all(url, [request] * 2))
+        assert {text for text, _, _ in before} != {text for text, _, _ in after}
+        assert len({text for text, _, _ in after}) == 1
+        assert client.delete("/v1/adapters/short-lived").status_code == 200
+        gone = [client.post("/v1/completions", json=request) for _ in range(4)]
+        assert {response.status_code for response in gone} == {404}
+
+
 def lorahive_children() -> list[int]:
     """Process ids of every `lorahive serve` a replica started."""
     found = []
@@ -145,29 +197,31 @@ def test_a_killed_replica_is_replaced_and_only_its_own_streams_fail(cluster: tup
     url, _ = cluster
 
     async def scenario() -> tuple[str, list[tuple[str, str, str | None]]]:
-        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT) as client:
-            started: list[str] = []
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, headers=HEADERS) as client:
+            began: dict[int, str] = {}  # id(request) -> the replica streaming it, once it produced text
 
             async def watched(request: dict) -> tuple[str, str, str | None]:
                 text, error = "", None
-                async with client.stream("POST", "/v1/completions", json=request) as response:
+                path = "/v1/chat/completions" if "messages" in request else "/v1/completions"
+                async with client.stream("POST", path, json=request) as response:
                     replica = response.headers[REPLICA_HEADER]
                     async for line in response.aiter_lines():
-                        if line.startswith("data: ") and line != "data: [DONE]":
-                            event = json.loads(line.removeprefix("data: "))
-                            if "error" in event:
-                                error = event["error"]["code"]
-                                continue
-                            if not text:
-                                started.append(replica)
-                            text += event["choices"][0]["text"]
+                        if not line.startswith("data: ") or line == "data: [DONE]":
+                            continue
+                        event = json.loads(line.removeprefix("data: "))
+                        if "error" in event:
+                            error = event["error"]["code"]
+                        elif event["choices"]:
+                            text += text_of(event["choices"][0])
+                            if text and id(request) not in began:  # this stream is generating
+                                began[id(request)] = replica
                 return text, replica, error
 
             streams = [asyncio.create_task(watched(body(i, adapter_id, True, max_tokens=300)))
                        for i, adapter_id in enumerate(ADAPTERS + [None, None])]
-            while len(started) < len(streams):
+            while len(began) < len(streams):
                 await asyncio.sleep(0.01)
-            victim = Counter(started).most_common(1)[0][0]
+            victim = Counter(began.values()).most_common(1)[0][0]
             ray.kill(ray.get_actor(f"SERVE_REPLICA::lorahive#LorahiveReplica#{victim}", namespace="serve"))
             return victim, await asyncio.wait_for(asyncio.gather(*streams), timeout=120)
 
