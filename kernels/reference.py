@@ -153,7 +153,9 @@ def add_lora(
         plan = _gather_plan(batch, table, adapters, targets, x.shape[1], slice_widths)
         if plan.gathered:
             _gathered(y, x, batch, plan, adapters, targets, slice_widths)
-        runs = plan.apart
+        # The plan is shared by the step's layers of this shape: an adapter idle where it was made may target this
+        # layer (PEFT's layers_to_transform), and goes adapter by adapter.
+        runs = plan.apart + tuple(i for i in plan.idle if adapters[i].slices)
         if not runs:
             return
     acc = accumulation_dtype(x.dtype)
@@ -263,20 +265,21 @@ STACK_REUSE_STEPS = 8
 # adapter-by-adapter way runs a GEMM over the adapter's tokens: `lora_path` prices its flops at this multiple of a
 # GEMM's, so that a long run (a prefill chunk) goes adapter by adapter. On a 2-core CPU one adapter's 16-256 tokens
 # alone ran 2-3x slower gathered; among other adapters' (`benchmarks/lora_paths.py`, 64 tokens each) about as fast.
-# Over three runs of that benchmark the best pair of constants moved with the machine's noise; 1.5 with
-# FLOPS_PER_OP 0.1 million was never far from it.
+# Over three runs of that benchmark no pair of constants was best twice; 1.5 with FLOPS_PER_OP 0.1 million was best
+# once and, in the others, lost most of its excess on the largest rows, whose times swing most between runs.
 GATHERED_FLOPS_FACTOR = 1.5
 
 
 @dataclass(frozen=True)
 class _GatherPlan:
     """How the gathered way would run one layer's step: the runs (indices into `batch.slot_runs`) it takes
-    (`gathered`) and those it leaves to the adapter-by-adapter way (`apart`: runs long enough for a GEMM of their
-    own; runs whose adapter targets nothing here are in neither), with `cost` the flops of both, the ops, and the
-    writes of the adapters the layer's stack lacks."""
+    (`gathered`), those it leaves to the adapter-by-adapter way (`apart`: runs long enough for a GEMM of their own)
+    and those whose adapter targets nothing in the layer it was planned on (`idle`), with `cost` the flops of the
+    first two, the ops, and the writes of the adapters the layer's stack lacks."""
 
     gathered: tuple[int, ...]
     apart: tuple[int, ...]
+    idle: tuple[int, ...]
     cost: int
 
 
@@ -296,9 +299,10 @@ def _gather_plan(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlic
             slices, rank = stack.slices, stack.rank
         # Every token reads its stack position's whole width: the stack's slices at the stack's rank.
         per_token = GATHERED_FLOPS_FACTOR * 2 * _stack_elements(rank, slices, d_in, slice_widths)
-        gathered, apart, cost = [], [], 0
+        gathered, apart, idle, cost = [], [], [], 0
         for i, (n, adapter) in enumerate(zip(_run_shape(batch, table).lengths, adapters, strict=True)):
             if not adapter.slices:
+                idle.append(i)
                 continue
             alone = n * adapter.flops_per_token + (3 + len(adapter.slices)) * FLOPS_PER_OP
             (gathered if n * per_token < alone else apart).append(i)
@@ -308,7 +312,7 @@ def _gather_plan(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlic
             writes = sum(COPY_FLOPS * _stack_elements(a.rank, a.slices, d_in, slice_widths)
                          + 2 * len(a.slices) * FLOPS_PER_OP for a in new if id(a) in taken)
             cost += (4 + 2 * len(slices)) * FLOPS_PER_OP + writes // STACK_REUSE_STEPS
-        batch.cache[key] = _GatherPlan(tuple(gathered), tuple(apart), int(cost))
+        batch.cache[key] = _GatherPlan(tuple(gathered), tuple(apart), tuple(idle), int(cost))
     return batch.cache[key]
 
 
@@ -363,10 +367,14 @@ def _gathered(y: torch.Tensor, x: torch.Tensor, batch: LoRABatch, plan: _GatherP
     """y += the plan's gathered runs through their adapters' positions of the layer's stack, every token reading its
     own position's rows: one `embedding_bag` (a weighted sum of rows per token) for the shrink of every slice and
     one per slice for the expand. No padding, and nothing copied but the adapters the stack lacks."""
+    # The plan is shared by the step's layers of this shape; in this one an adapter may target nothing (PEFT's
+    # layers_to_transform), and then adds nothing.
+    runs = tuple(i for i in plan.gathered if adapters[i].slices)
+    if not runs:
+        return
     acc = accumulation_dtype(x.dtype)
-    stack, positions = targets.stack_for([adapters[i] for i in plan.gathered], x.shape[1], slice_widths, acc,
-                                         x.device)
-    index = _gather_index(batch, plan.gathered, positions, x.shape[1], stack.rank)
+    stack, positions = targets.stack_for([adapters[i] for i in runs], x.shape[1], slice_widths, acc, x.device)
+    index = _gather_index(batch, runs, positions, x.shape[1], stack.rank)
     xs = (x if index.tokens is None else x.index_select(0, index.tokens)).to(acc)
     v = F.embedding_bag(index.a, stack.a_t.flatten(0, 1), per_sample_weights=xs, mode="sum")  # [n, slices * R]
     by_slice = v.view(len(v), len(stack.slices), stack.rank).transpose(0, 1).contiguous()  # [slices, n, R]

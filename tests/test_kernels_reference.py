@@ -395,6 +395,27 @@ def test_many_small_adapters_with_kept_weights_are_gathered_from_a_kept_stack(
     assert [a for a in stack.held if a is not targets[3]] == [a for a in held if a is not held[3]]
 
 
+@pytest.mark.parametrize("planned_on", ["every adapter's layer", "half the adapters' layer"])
+def test_layers_of_one_shape_that_disagree_on_what_an_adapter_targets_each_add_their_own(
+    torch_gen: torch.Generator, planned_on: str,
+) -> None:
+    """A step's layers of one shape share one plan, made on the first of them; here half the adapters target one
+    layer and not the other (PEFT's layers_to_transform). Each layer still adds exactly its own adapters'
+    deltas, whichever of the two the plan was made on."""
+    slots = list(range(8))  # a decode step: one token per adapter, gathered
+    every = make_case(torch_gen, slots, num_slots=8, max_rank=8, d_in=256, widths=(256, 128))
+    half = make_case(torch_gen, slots, num_slots=8, max_rank=8, d_in=256, widths=(256, 128),
+                     ranks=[[0, 0]] * 4 + [[8, 8]] * 4)
+    layers = (every, half) if planned_on == "every adapter's layer" else (half, every)
+    batch = LoRABatch.from_token_slots(slots)  # one step: both layers read what it caches
+    assert reference.lora_path(batch, layers[0].table, 256, layers[0].widths,
+                               layers[0].targets(with_weights=True), False) == "gathered"
+    for case in layers:
+        y = case.y.clone()
+        add_lora(y, case.x, None, None, batch, case.widths, case.table, targets=case.targets(with_weights=True))
+        assert_matches_naive(case, y)
+
+
 def test_a_long_run_among_gathered_ones_gets_gemms_of_its_own(torch_gen: torch.Generator) -> None:
     """A 64-token prefill chunk among seven decode tokens of other adapters: the decodes are gathered, the chunk
     goes through its adapter's own GEMMs (row by row it would read its adapter 64 times)."""
