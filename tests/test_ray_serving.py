@@ -3,8 +3,9 @@
 Through the one endpoint: adapters uploaded there are served by both replicas; mixed concurrent traffic
 (completions and chat, some streamed) gives what a single `lorahive serve` on the same store gives; each adapter's
 requests go to the replica that served it before (measured from the `x-lorahive-replica` header of every answer)
-while base-model requests spread over both; the replicas check the keys; and a replica killed while it streams
-is replaced by Ray, its own streams ending with an error event and every other request unharmed.
+while base-model requests spread over both; the replicas check the keys; a client that leaves mid-stream frees
+its sequence on the replica; and a replica killed while it streams is replaced by Ray, its own streams ending
+with an error event and every other request unharmed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ serve = pytest.importorskip("ray.serve")
 from server.config import Settings  # noqa: E402
 from server.ray_serving import REPLICA_HEADER, application  # noqa: E402
 from tests.support.adapter_uploads import MAX_RANK, demo_peft_files, multipart, upload  # noqa: E402
-from tests.support.api_keys import KEY_A, KEY_B, KEY_FILE, bearer  # noqa: E402
+from tests.support.api_keys import KEY_A, KEY_ADMIN, KEY_B, KEY_FILE, bearer  # noqa: E402
+from tests.support.prometheus_text import value  # noqa: E402
 from tests.support.servers import free_port, serving_engine  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -178,6 +180,26 @@ def test_models_and_the_adapter_routes_through_the_endpoint(cluster: tuple[str, 
         assert client.delete("/v1/adapters/short-lived").status_code == 200
         gone = [client.post("/v1/completions", json=request) for _ in range(4)]
         assert {response.status_code for response in gone} == {404}
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_sequence_on_the_replica(cluster: tuple[str, Settings]) -> None:
+    """Closing the connection after the first event cancels the request down to the replica's engine: the replica
+    that streamed it counts an abort and runs nothing (its /metrics, told apart by the header)."""
+    url, _ = cluster
+    request = body(0, ADAPTERS[1], True, max_tokens=1000) | {"ignore_eos": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=request, headers=HEADERS, timeout=TIMEOUT) as response:
+        replica = response.headers[REPLICA_HEADER]
+        next(line for line in response.iter_lines() if line.startswith("data: "))
+    deadline = time.monotonic() + 30
+    while True:
+        metrics = httpx.get(f"{url}/metrics", headers=bearer(KEY_ADMIN), timeout=TIMEOUT)
+        if metrics.headers[REPLICA_HEADER] == replica:
+            text = metrics.text
+            if value(text, "lorahive_requests_running") == 0:
+                break
+        assert time.monotonic() < deadline, "the replica still runs the abandoned request"
+        time.sleep(0.1)
+    assert value(text, "lorahive_requests_finished_total", finish_reason="abort") >= 1
 
 
 def lorahive_children() -> list[int]:
