@@ -3,13 +3,14 @@ replicas that already hold it.
 
 Two deployments (`lorahive serve-ray`, or `application()` for `serve.run`):
 
-* `LorahiveReplica`, N of them: each runs one `lorahive serve` (its own engine, model runner and adapter tiers,
-  every flag of `lorahive serve` applying per replica) as a child process on a local port, and forwards the
-  requests it is handed to it over HTTP, streaming the answer back as it comes. Its `@serve.multiplexed` method
-  records that a request for an adapter succeeded here; from then on Ray Serve routes that adapter's requests to
-  this replica (model multiplexing, keyed by the adapter id), until the replica has served
-  `adapters_per_replica` newer ones (Ray's LRU, which only stops the preference: lorahive's own tiers keep what
-  fits). Ray health-checks it (the child must be alive) and replaces it when it dies.
+* `LorahiveReplica`, N of them: each runs one lorahive server (its own engine, model runner and adapter tiers,
+  every flag of `lorahive serve` applying per replica) in the replica's process, and hands the requests it gets
+  straight to the server's ASGI app (no socket), streaming the answer back as the app sends it. Its
+  `@serve.multiplexed` function records that a request for an adapter succeeded here; from then on Ray Serve
+  routes that adapter's requests to this replica (model multiplexing, keyed by the adapter id), until the replica
+  has served `adapters_per_replica` newer ones (Ray's LRU, which only stops the preference: lorahive's own tiers
+  keep what fits). Ray health-checks it (lorahive's liveness: its model runner alive) and replaces it when it
+  fails; shutting it down drains it as SIGTERM drains `lorahive serve`.
 * `Router`, the ingress: reads which adapter a generation request names (`adapter_id`, else `model` when it is
   not the base model: what lorahive itself resolves) and hands it to a replica with that id as the multiplexed
   model id; base-model requests and every other route (models, adapter uploads and deletes: the replicas share one
@@ -23,26 +24,20 @@ served by all: lorahive's store is safe for several writers (`adapters_store/sto
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import ctypes
 import json
 import logging
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable
+from urllib.parse import unquote
 
-import httpx
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from server.api.errors import SERVER_ERROR, error_response
-from server.cli.serve_command import settings_environment
 from server.config import Settings
 from server.runtime import served_model_name
 
@@ -53,7 +48,6 @@ GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 # Headers that describe one hop, which the proxying sets again for its own.
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "content-length", "host", "upgrade",
                         "proxy-connection", "te", "trailer"})
-_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def adapter_of(path: str, body: bytes, base_model: str) -> str | None:
@@ -75,19 +69,8 @@ def adapter_of(path: str, body: bytes, base_model: str) -> str | None:
     return None
 
 
-def _forwarded(headers: Mapping[str, str] | httpx.Headers) -> list[tuple[str, str]]:
-    return [(name, value) for name, value in headers.items() if name.lower() not in HOP_BY_HOP]
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: the kernel kills it when the replica's process dies, even by SIGKILL."""
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+def _forwarded(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(name, value) for name, value in headers if name.lower() not in HOP_BY_HOP]
 
 
 async def _adapter_served(adapter_id: str) -> str:
@@ -97,58 +80,104 @@ async def _adapter_served(adapter_id: str) -> str:
 
 @serve.deployment(health_check_period_s=2, health_check_timeout_s=10)
 class LorahiveReplica:
-    """One `lorahive serve` child on a local port, and the forwarding to it."""
+    """One lorahive server (engine, model runner and app) in this replica's process; requests are handed to its
+    ASGI app directly, without a socket."""
 
-    def __init__(self, environment: dict[str, str], adapters_per_replica: int, ready_timeout_s: float = 600.0):
-        port = _free_port()
-        child_environment = os.environ | environment | {"LORAHIVE_HOST": "127.0.0.1", "LORAHIVE_PORT": str(port)}
-        self.process = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=child_environment,
-                                        preexec_fn=_die_with_parent)
-        self.url = f"http://127.0.0.1:{port}"
-        self.drain_timeout_s = float(environment.get("LORAHIVE_DRAIN_TIMEOUT", 30.0))
-        self._wait_until_ready(ready_timeout_s)
-        self.client = httpx.AsyncClient(base_url=self.url, timeout=None)
+    def __init__(self, settings: Settings, adapters_per_replica: int):
+        from server.api.app import build_app
+        from server.api.auth import load_api_keys
+        from server.runtime import build_engine
+
+        keys = load_api_keys(settings.api_keys)  # a bad key file stops the replica before the model loads
+        self.engine = build_engine(settings)
+        self.engine.start()
+        self.app = build_app(self.engine, settings, keys)
+        self.drain_timeout_s = settings.drain_timeout
+        self._lifespan: contextlib.AbstractAsyncContextManager | None = None  # entered on the replica's loop
+        self._started = asyncio.Lock()
         self.name = serve.get_replica_context().replica_id.unique_id
         # Ray keeps, per replica, the ids its multiplexed function was called with (LRU, bounded) and routes by
         # them. Made here for its bound from the settings; Ray finds such a function among the instance's attributes.
         self.serves = serve.multiplexed(max_num_models_per_replica=adapters_per_replica)(_adapter_served)
 
-    def _wait_until_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"lorahive serve exited with status {self.process.returncode} before it was ready")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.url + "/ready", timeout=5.0).status_code == 200:
-                    return
-            time.sleep(0.2)
-        self.process.kill()
-        raise RuntimeError(f"lorahive serve was not ready after {timeout_s:g} s")
-
     async def forward(self, method: str, target: str, headers: list[tuple[str, str]],
                       body: bytes) -> AsyncIterator[tuple[int, list[tuple[str, str]]] | bytes]:
-        """The child's answer to the request: first (status, headers), then the body as it streams."""
+        """The app's answer to the request: first (status, headers), then the body as it streams."""
+        async with self._started:
+            if self._lifespan is None:  # the app's startup, on the loop its requests run on
+                self._lifespan = self.app.router.lifespan_context(self.app)
+                await self._lifespan.__aenter__()
         adapter_id = serve.get_multiplexed_model_id()
-        async with self.client.stream(method, target, headers=headers, content=body) as response:
-            if adapter_id and response.status_code < 400:  # a name that is no adapter must not attract its traffic
-                await self.serves(adapter_id)
-            yield response.status_code, [*_forwarded(response.headers), (REPLICA_HEADER, self.name)]
-            async for chunk in response.aiter_raw():
-                yield chunk
+        answer = asgi_answer(self.app, method, target, headers, body)
+        status, response_headers = await anext(answer)
+        if adapter_id and status < 400:  # a name that is no adapter must not attract its traffic
+            await self.serves(adapter_id)
+        yield status, [*_forwarded(response_headers), (REPLICA_HEADER, self.name)]
+        async for chunk in answer:
+            yield chunk
 
     def check_health(self) -> None:
-        if self.process.poll() is not None:
-            raise RuntimeError(f"lorahive serve exited with status {self.process.returncode}")
+        problems = self.engine.liveness_problems()
+        if problems:
+            raise RuntimeError("; ".join(problems))
 
     def __del__(self) -> None:
-        """SIGTERM: the child drains (its running requests finish, new ones get 503), then exits."""
-        if getattr(self, "process", None) is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(self.drain_timeout_s + 5.0)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        """Drain as `lorahive serve` does on SIGTERM: new requests get 503, running ones `drain_timeout` seconds to
+        finish, then the engine stops."""
+        lifecycle = self.app.state.lifecycle
+        lifecycle.draining = True
+        deadline = time.monotonic() + self.drain_timeout_s
+        while lifecycle.in_flight and time.monotonic() < deadline:
+            time.sleep(0.1)
+        self.engine.shutdown()
+
+
+async def asgi_answer(app: Callable, method: str, target: str, headers: list[tuple[str, str]],
+                      body: bytes) -> AsyncIterator[tuple[int, list[tuple[str, str]]] | bytes]:
+    """`app`'s answer to one HTTP request, called in this process: (status, headers), then each piece of the body
+    as the app sends it. Closing the iterator before the end is the client leaving: the app sees a disconnect."""
+    path, _, query = target.partition("?")
+    scope = {
+        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": method,
+        "scheme": "http", "path": unquote(path), "raw_path": path.encode(), "query_string": query.encode(),
+        "root_path": "", "headers": [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                                     for name, value in headers],
+        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
+    }
+    messages: asyncio.Queue[dict | None] = asyncio.Queue()
+    gone = asyncio.Event()
+    requested = False
+
+    async def receive() -> dict:
+        nonlocal requested
+        if not requested:
+            requested = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        await messages.put(message)
+
+    task = asyncio.create_task(app(scope, receive, send))
+    task.add_done_callback(lambda _: messages.put_nowait(None))
+    try:
+        start = await messages.get()
+        if start is None:
+            task.result()  # raises what the app raised
+            raise RuntimeError("the app ended without answering")
+        yield start["status"], [(name.decode("latin-1"), value.decode("latin-1")) for name, value in start["headers"]]
+        while (message := await messages.get()) is not None:
+            if message["type"] != "http.response.body":
+                continue
+            if message.get("body"):
+                yield message["body"]
+            if not message.get("more_body"):
+                break
+    finally:
+        gone.set()  # the answer is out, or its reader left: either way the app may stop listening
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await task
 
 
 @serve.deployment(max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
@@ -164,7 +193,7 @@ class Router:
         path = request.url.path
         adapter_id = adapter_of(path, body, self.base_model)
         target = path + (f"?{request.url.query}" if request.url.query else "")
-        headers = _forwarded(request.headers)
+        headers = _forwarded(request.headers.items())
         attempts = 2 if path in GENERATION_PATHS else 1  # nothing was generated yet: another replica may answer
         for attempt in range(attempts):
             handle = self.replicas.options(stream=True, multiplexed_model_id=adapter_id or "")
@@ -172,7 +201,7 @@ class Router:
             try:
                 status, response_headers = await parts.__anext__()
                 break
-            except Exception:  # the replica died, or its child did, before answering
+            except Exception:  # the replica died, or failed, before answering
                 log.warning("a replica failed before answering %s %s (attempt %d of %d)", request.method, path,
                             attempt + 1, attempts, exc_info=True)
         else:
@@ -206,4 +235,4 @@ def application(settings: Settings, replicas: int, adapters_per_replica: int, re
         max_ongoing_requests=settings.max_num_seqs + settings.max_waiting_requests,
         graceful_shutdown_timeout_s=settings.drain_timeout + 5.0,
     )
-    return Router.bind(replica.bind(settings_environment(settings), adapters_per_replica), served_model_name(settings))
+    return Router.bind(replica.bind(settings, adapters_per_replica), served_model_name(settings))

@@ -11,7 +11,7 @@ import errno
 import socket
 from typing import get_args
 
-from pydantic import ByteSize, SecretStr, ValidationError
+from pydantic import ByteSize, ValidationError
 from pydantic.fields import FieldInfo
 
 from server.config import Settings, StartupError
@@ -63,27 +63,6 @@ def settings_from(namespace: argparse.Namespace, environ: dict[str, str]) -> Set
         elif env_value is not None:
             values[name] = env_value
     return Settings.model_validate(values)
-
-
-def settings_environment(settings: Settings) -> dict[str, str]:
-    """The LORAHIVE_* variables that give a child `lorahive serve` the settings given here (flags or environment),
-    so that `settings_from` reads them back (a list as "a,b", a secret as itself: the environment keeps it out
-    of `ps`)."""
-    environment = {}
-    for name in settings.model_fields_set:
-        value = getattr(settings, name)
-        if value is None:
-            continue
-        if isinstance(value, SecretStr):
-            text = value.get_secret_value()
-        elif isinstance(value, bool):
-            text = str(value).lower()
-        elif isinstance(value, list):
-            text = ",".join(value)
-        else:
-            text = str(value)
-        environment["LORAHIVE_" + name.upper()] = text
-    return environment
 
 
 def describe_invalid_settings(error: ValidationError, namespace: argparse.Namespace,

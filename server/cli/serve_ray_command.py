@@ -40,7 +40,7 @@ def run(namespace: argparse.Namespace, settings: Settings) -> None:
             raise SystemExit(f"error: --{flag.replace('_', '-')} must be at least 1")
     ray.init(address=namespace.ray_address)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    # SIGTERM as Ctrl-C: the replicas are shut down below, each child draining first.
+    # SIGTERM as Ctrl-C: the replicas are shut down below, each draining first.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         serve.run(application(settings, namespace.replicas, namespace.adapters_per_replica, namespace.replica_cpus,
