@@ -15,7 +15,8 @@ Two deployments (`lorahive serve-ray`, or `application()` for `serve.run`):
   not the base model: what lorahive itself resolves) and hands it to a replica with that id as the multiplexed
   model id; base-model requests and every other route (models, adapter uploads and deletes: the replicas share one
   store) go to whichever replica Ray picks by load. Each answer carries `x-lorahive-replica`, the replica that
-  served it. A replica that dies before answering is retried once on another for generation; one that dies
+  served it; `GET /metrics` answers with every replica's metrics, labelled by replica (`server/ray_metrics.py`).
+  A replica that dies before answering is retried once on another for generation; one that dies
   mid-stream ends the stream with an error event, and a request it never answered gets a 503 in OpenAI's shape.
 
 The replicas must share `--store` (a directory every node mounts), so that an adapter uploaded through one is
@@ -28,15 +29,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from urllib.parse import unquote
 
+from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
+from server import ray_metrics
 from server.api.errors import SERVER_ERROR, error_response
 from server.config import Settings
 from server.runtime import served_model_name
@@ -96,6 +100,8 @@ class LorahiveReplica:
         self._lifespan: contextlib.AbstractAsyncContextManager | None = None  # entered on the replica's loop
         self._started = asyncio.Lock()
         self.name = serve.get_replica_context().replica_id.unique_id
+        self._stop_posting = threading.Event()
+        ray_metrics.start_posting(self.name, self.app.state.metrics.exposition, self._stop_posting)
         # Ray keeps, per replica, the ids its multiplexed function was called with (LRU, bounded) and routes by
         # them. Made here for its bound from the settings; Ray finds such a function among the instance's attributes.
         self.serves = serve.multiplexed(max_num_models_per_replica=adapters_per_replica)(_adapter_served)
@@ -124,6 +130,7 @@ class LorahiveReplica:
     def __del__(self) -> None:
         """Drain as `lorahive serve` does on SIGTERM: new requests get 503, running ones `drain_timeout` seconds to
         finish, then the engine stops."""
+        self._stop_posting.set()
         lifecycle = self.app.state.lifecycle
         lifecycle.draining = True
         deadline = time.monotonic() + self.drain_timeout_s
@@ -187,6 +194,7 @@ class Router:
     def __init__(self, replicas: DeploymentHandle, base_model: str):
         self.replicas = replicas
         self.base_model = base_model
+        self.metrics_board = ray_metrics.board()
 
     async def __call__(self, request: Request) -> Response:
         body = await request.body()
@@ -207,6 +215,11 @@ class Router:
         else:
             return error_response(503, "The replica serving this request went away before answering; retry it.",
                                   error_type=SERVER_ERROR, code="replica_unavailable")
+        if path == "/metrics" and status == 200:  # that replica let the caller see metrics: show every replica's
+            own = b"".join([chunk async for chunk in parts])
+            expositions = await self.metrics_board.fresh.remote()
+            content = ray_metrics.merged(expositions) if expositions else own  # none posted yet: the one it has
+            return Response(content, media_type=CONTENT_TYPE_LATEST)
         streamed = dict(response_headers).get("content-type", "").startswith("text/event-stream")
         return StreamingResponse(_rest(parts, streamed), status_code=status, headers=dict(response_headers))
 

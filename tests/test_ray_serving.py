@@ -24,6 +24,8 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
 from server.config import Settings  # noqa: E402
 from server.ray_serving import REPLICA_HEADER, application  # noqa: E402
 from tests.support.adapter_uploads import MAX_RANK, demo_peft_files, multipart, upload  # noqa: E402
@@ -184,22 +186,37 @@ def test_models_and_the_adapter_routes_through_the_endpoint(cluster: tuple[str, 
 
 def test_a_client_that_leaves_mid_stream_frees_its_sequence_on_the_replica(cluster: tuple[str, Settings]) -> None:
     """Closing the connection after the first event cancels the request down to the replica's engine: the replica
-    that streamed it counts an abort and runs nothing (its /metrics, told apart by the header)."""
+    that streamed it counts an abort and runs nothing (its series of the router's /metrics)."""
     url, _ = cluster
     request = body(0, ADAPTERS[1], True, max_tokens=1000) | {"ignore_eos": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=request, headers=HEADERS, timeout=TIMEOUT) as response:
         replica = response.headers[REPLICA_HEADER]
         next(line for line in response.iter_lines() if line.startswith("data: "))
     deadline = time.monotonic() + 30
-    while True:
-        metrics = httpx.get(f"{url}/metrics", headers=bearer(KEY_ADMIN), timeout=TIMEOUT)
-        if metrics.headers[REPLICA_HEADER] == replica:
-            text = metrics.text
-            if value(text, "lorahive_requests_running") == 0:
-                break
+    while True:  # the router's /metrics shows what each replica posted in the last few seconds
+        text = httpx.get(f"{url}/metrics", headers=bearer(KEY_ADMIN), timeout=TIMEOUT).text
+        aborted = value(text, "lorahive_requests_finished_total", finish_reason="abort", replica=replica)
+        if aborted >= 1 and value(text, "lorahive_requests_running", replica=replica) == 0:
+            break
         assert time.monotonic() < deadline, "the replica still runs the abandoned request"
-        time.sleep(0.1)
-    assert value(text, "lorahive_requests_finished_total", finish_reason="abort") >= 1
+        time.sleep(0.2)
+
+
+def test_metrics_through_the_endpoint_show_every_replica(cluster: tuple[str, Settings]) -> None:
+    """GET /metrics through the router: both replicas' series, each labelled with its replica, as the keys allow
+    (401 without one)."""
+    url, _ = cluster
+    assert httpx.get(f"{url}/metrics", timeout=TIMEOUT).status_code == 401
+    deadline = time.monotonic() + 30
+    while True:
+        response = httpx.get(f"{url}/metrics", headers=bearer(KEY_ADMIN), timeout=TIMEOUT)
+        assert response.status_code == 200
+        reporting = {sample.labels.get("replica") for family in text_string_to_metric_families(response.text)
+                     if family.name == "lorahive_requests_running" for sample in family.samples}
+        if len(reporting) == 2 and None not in reporting:
+            break
+        assert time.monotonic() < deadline, f"replicas reporting: {reporting}"
+        time.sleep(0.5)
 
 
 def model_runners() -> list[int]:
