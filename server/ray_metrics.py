@@ -69,8 +69,8 @@ def merged(expositions: dict[str, str]) -> bytes:
         for family in text_string_to_metric_families(text):
             into = families.setdefault(family.name, Metric(family.name, family.documentation, family.type,
                                                            family.unit))
-            for sample in family.samples:
-                into.add_sample(sample.name, {**sample.labels, "replica": replica}, sample.value, sample.timestamp)
+            for point in family.samples:
+                into.add_sample(point.name, {**point.labels, "replica": replica}, point.value, point.timestamp)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Families(families.values()))
     return generate_latest(registry)

@@ -43,6 +43,8 @@ from starlette.responses import Response, StreamingResponse
 from server import ray_metrics
 from server.api.errors import SERVER_ERROR, error_response
 from server.config import Settings
+from server.draining_server import CUT_GRACE_S
+from server.requests import ServerDrainingError
 from server.runtime import served_model_name
 
 log = logging.getLogger("lorahive.ray")
@@ -115,28 +117,39 @@ class LorahiveReplica:
                 await self._lifespan.__aenter__()
         adapter_id = serve.get_multiplexed_model_id()
         answer = asgi_answer(self.app, method, target, headers, body)
-        status, response_headers = await anext(answer)
-        if adapter_id and status < 400:  # a name that is no adapter must not attract its traffic
-            await self.serves(adapter_id)
-        yield status, [*_forwarded(response_headers), (REPLICA_HEADER, self.name)]
-        async for chunk in answer:
-            yield chunk
+        try:
+            status, response_headers = await anext(answer)
+            if adapter_id and status < 400:  # a name that is no adapter must not attract its traffic
+                await self.serves(adapter_id)
+            yield status, [*_forwarded(response_headers), (REPLICA_HEADER, self.name)]
+            async for chunk in answer:
+                yield chunk
+        finally:  # also when the caller left early: the app then sees its client disconnect now
+            await answer.aclose()
 
     def check_health(self) -> None:
         problems = self.engine.liveness_problems()
         if problems:
             raise RuntimeError("; ".join(problems))
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
         """Drain as `lorahive serve` does on SIGTERM: new requests get 503, running ones `drain_timeout` seconds to
-        finish, then the engine stops."""
+        finish, then those left are cut with an error and the engine stops. Ray awaits it on the replica's event
+        loop, the loop those requests run on, when it shuts the replica down."""
         self._stop_posting.set()
         lifecycle = self.app.state.lifecycle
         lifecycle.draining = True
         deadline = time.monotonic() + self.drain_timeout_s
         while lifecycle.in_flight and time.monotonic() < deadline:
-            time.sleep(0.1)
+            await asyncio.sleep(0.1)
+        if lifecycle.in_flight:
+            self.engine.abort_all(ServerDrainingError(
+                f"The replica shut down before this request finished (it had {self.drain_timeout_s:g} s, "
+                "--drain-timeout); retry it."))
+            await asyncio.sleep(CUT_GRACE_S)  # their clients get the error
         self.engine.shutdown()
+        if self._lifespan is not None:
+            await self._lifespan.__aexit__(None, None, None)
 
 
 async def asgi_answer(app: Callable, method: str, target: str, headers: list[tuple[str, str]],

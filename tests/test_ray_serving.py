@@ -86,17 +86,19 @@ def text_of(choice: dict) -> str:
 
 async def complete(client: httpx.AsyncClient, request: dict) -> tuple[str, str, str | None]:
     """(text, replica, error): the answer's text, whether streamed or not, the replica that answered ("" from a
-    single server), and for a stream that ended with an error event that error's code."""
+    single server), and for a stream that ended with an error event that error's code (or that it ended without
+    `[DONE]`)."""
     path = "/v1/chat/completions" if "messages" in request else "/v1/completions"
     if not request["stream"]:
         response = await client.post(path, json=request)
         assert response.status_code == 200, response.text
         return text_of(response.json()["choices"][0]), response.headers.get(REPLICA_HEADER, ""), None
-    text, error = "", None
+    text, error, done = "", None, False
     async with client.stream("POST", path, json=request) as response:
         assert response.status_code == 200
         replica = response.headers.get(REPLICA_HEADER, "")
         async for line in response.aiter_lines():
+            done = done or line == "data: [DONE]"
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line.removeprefix("data: "))
@@ -104,7 +106,7 @@ async def complete(client: httpx.AsyncClient, request: dict) -> tuple[str, str, 
                 error = event["error"]["code"]
             elif event["choices"]:
                 text += text_of(event["choices"][0])
-    return text, replica, error
+    return text, replica, error if done or error else "ended without [DONE]"
 
 
 async def send_all(url: str, requests: list[dict]) -> list[tuple[str, str, str | None]]:
@@ -283,3 +285,26 @@ def test_a_killed_replica_is_replaced_and_only_its_own_streams_fail(cluster: tup
     while len(model_runners()) != runners:
         assert time.monotonic() < deadline, f"{len(model_runners())} model runner processes, not {runners}"
         time.sleep(0.5)
+
+
+def test_a_replica_shut_down_by_a_scale_down_lets_its_streams_finish(cluster: tuple[str, Settings]) -> None:
+    """Redeployed with one replica instead of two while streams run on both: the one Ray shuts down drains (as
+    SIGTERM drains `lorahive serve`), so every stream finishes whole; then the two replicas come back."""
+    url, settings = cluster
+
+    async def scenario() -> list[tuple[str, str, str | None]]:
+        streams = [asyncio.create_task(send_all(url, [body(i, None, True, max_tokens=200) | {"ignore_eos": True}]))
+                   for i in range(6)]
+        await asyncio.sleep(1.0)  # they are streaming
+        await asyncio.to_thread(serve.run, application(settings, replicas=1, adapters_per_replica=16,
+                                                       replica_cpus=0), name="lorahive", route_prefix="/")
+        return [answer for stream in streams for answer in await stream]
+
+    try:
+        answers = asyncio.run(scenario())
+        assert len({replica for _, replica, _ in answers}) == 2  # both replicas were streaming
+        assert all(error is None for _, _, error in answers)
+        assert all(len(text) > 0 for text, _, _ in answers)
+    finally:
+        serve.run(application(settings, replicas=2, adapters_per_replica=16, replica_cpus=0), name="lorahive",
+                  route_prefix="/")
