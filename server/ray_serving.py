@@ -31,8 +31,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from urllib.parse import unquote
+from collections.abc import AsyncIterator, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from ray import serve
@@ -42,6 +41,7 @@ from starlette.responses import Response, StreamingResponse
 
 from server import ray_metrics
 from server.api.errors import SERVER_ERROR, error_response
+from server.asgi_call import asgi_answer
 from server.config import Settings
 from server.draining_server import CUT_GRACE_S
 from server.requests import ServerDrainingError
@@ -150,54 +150,6 @@ class LorahiveReplica:
         self.engine.shutdown()
         if self._lifespan is not None:
             await self._lifespan.__aexit__(None, None, None)
-
-
-async def asgi_answer(app: Callable, method: str, target: str, headers: list[tuple[str, str]],
-                      body: bytes) -> AsyncIterator[tuple[int, list[tuple[str, str]]] | bytes]:
-    """`app`'s answer to one HTTP request, called in this process: (status, headers), then each piece of the body
-    as the app sends it. Closing the iterator before the end is the client leaving: the app sees a disconnect."""
-    path, _, query = target.partition("?")
-    scope = {
-        "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": "1.1", "method": method,
-        "scheme": "http", "path": unquote(path), "raw_path": path.encode(), "query_string": query.encode(),
-        "root_path": "", "headers": [(name.lower().encode("latin-1"), value.encode("latin-1"))
-                                     for name, value in headers],
-        "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0),
-    }
-    messages: asyncio.Queue[dict | None] = asyncio.Queue()
-    gone = asyncio.Event()
-    requested = False
-
-    async def receive() -> dict:
-        nonlocal requested
-        if not requested:
-            requested = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await gone.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        await messages.put(message)
-
-    task = asyncio.create_task(app(scope, receive, send))
-    task.add_done_callback(lambda _: messages.put_nowait(None))
-    try:
-        start = await messages.get()
-        if start is None:
-            task.result()  # raises what the app raised
-            raise RuntimeError("the app ended without answering")
-        yield start["status"], [(name.decode("latin-1"), value.decode("latin-1")) for name, value in start["headers"]]
-        while (message := await messages.get()) is not None:
-            if message["type"] != "http.response.body":
-                continue
-            if message.get("body"):
-                yield message["body"]
-            if not message.get("more_body"):
-                break
-    finally:
-        gone.set()  # the answer is out, or its reader left: either way the app may stop listening
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await task
 
 
 @serve.deployment(max_ongoing_requests=4096, ray_actor_options={"num_cpus": 0})
