@@ -44,6 +44,11 @@ READY_TIMEOUT_S = 300
 def serve(model: Path | None, store: Path, port: int, flags: list[str], log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "server.cli", "serve", f"--port={port}", f"--store={store}", "--device=cpu",
                "--log-level=warning", *([f"--model={model}", "--dtype=float32"] if model else []), *flags]
+    return start_until_ready(command, port, log)
+
+
+def start_until_ready(command: list[str], port: int, log: Path) -> subprocess.Popen:
+    """`command` (a lorahive server on `port`, this checkout first on the path), once its /ready answers 200."""
     env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with log.open("wb") as sink:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink)
@@ -56,7 +61,7 @@ def serve(model: Path | None, store: Path, port: int, flags: list[str], log: Pat
             pass
         time.sleep(0.3)
     process.kill()
-    raise RuntimeError(f"lorahive serve did not become ready:\n{log.read_text()}")
+    raise RuntimeError(f"{' '.join(command[2:5])} did not become ready:\n{log.read_text()[-4000:]}")
 
 
 def sweep(url: str, popularity: str, args: argparse.Namespace, out: Path) -> list[dict]:

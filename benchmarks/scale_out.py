@@ -26,35 +26,17 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import httpx
-
-from benchmarks.adapter_scale import serve
+from benchmarks.adapter_scale import REPO, serve, start_until_ready
 from benchmarks.engine_throughput import RESULTS
 from tests.support.servers import free_port
 
-REPO = Path(__file__).resolve().parent.parent
-READY_TIMEOUT_S = 300
-
 
 def serve_ray(replicas: int, store: Path, port: int, log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server.cli", "serve-ray", f"--replicas={replicas}", "--replica-cpus=0",
-               f"--port={port}", f"--store={store}", "--device=cpu", "--log-level=warning"]
-    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    with log.open("wb") as sink:
-        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=sink, stderr=sink)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
-                return process
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"lorahive serve-ray did not become ready:\n{log.read_text()[-4000:]}")
+    return start_until_ready([sys.executable, "-m", "server.cli", "serve-ray", f"--replicas={replicas}",
+                              "--replica-cpus=0", f"--port={port}", f"--store={store}", "--device=cpu",
+                              "--log-level=warning"], port, log)
 
 
 def load_test(url: str, args: argparse.Namespace, out: Path) -> dict:

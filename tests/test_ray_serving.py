@@ -15,7 +15,7 @@ import json
 import os
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -84,7 +84,8 @@ def text_of(choice: dict) -> str:
     return (choice.get("message") or choice.get("delta") or {}).get("content") or ""
 
 
-async def complete(client: httpx.AsyncClient, request: dict) -> tuple[str, str, str | None]:
+async def complete(client: httpx.AsyncClient, request: dict,
+                   generating: Callable[[str], None] = lambda replica: None) -> tuple[str, str, str | None]:
     """(text, replica, error): the answer's text, whether streamed or not, the replica that answered ("" from a
     single server), and for a stream that ended with an error event that error's code (or that it ended without
     `[DONE]`)."""
@@ -105,7 +106,10 @@ async def complete(client: httpx.AsyncClient, request: dict) -> tuple[str, str, 
             if "error" in event:
                 error = event["error"]["code"]
             elif event["choices"]:
+                began = bool(text)
                 text += text_of(event["choices"][0])
+                if text and not began:
+                    generating(replica)
     return text, replica, error if done or error else "ended without [DONE]"
 
 
@@ -240,30 +244,12 @@ def test_a_killed_replica_is_replaced_and_only_its_own_streams_fail(cluster: tup
 
     async def scenario() -> tuple[str, list[tuple[str, str, str | None]]]:
         async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, headers=HEADERS) as client:
-            began: dict[int, str] = {}  # id(request) -> the replica streaming it, once it produced text
-
-            async def watched(request: dict) -> tuple[str, str, str | None]:
-                text, error = "", None
-                path = "/v1/chat/completions" if "messages" in request else "/v1/completions"
-                async with client.stream("POST", path, json=request) as response:
-                    replica = response.headers[REPLICA_HEADER]
-                    async for line in response.aiter_lines():
-                        if not line.startswith("data: ") or line == "data: [DONE]":
-                            continue
-                        event = json.loads(line.removeprefix("data: "))
-                        if "error" in event:
-                            error = event["error"]["code"]
-                        elif event["choices"]:
-                            text += text_of(event["choices"][0])
-                            if text and id(request) not in began:  # this stream is generating
-                                began[id(request)] = replica
-                return text, replica, error
-
-            streams = [asyncio.create_task(watched(body(i, adapter_id, True, max_tokens=300)))
+            began: list[str] = []  # the replica of each stream, once it produced text
+            streams = [asyncio.create_task(complete(client, body(i, adapter_id, True, max_tokens=300), began.append))
                        for i, adapter_id in enumerate(ADAPTERS + [None, None])]
             while len(began) < len(streams):
                 await asyncio.sleep(0.01)
-            victim = Counter(began.values()).most_common(1)[0][0]
+            victim = Counter(began).most_common(1)[0][0]
             ray.kill(ray.get_actor(f"SERVE_REPLICA::lorahive#LorahiveReplica#{victim}", namespace="serve"))
             return victim, await asyncio.wait_for(asyncio.gather(*streams), timeout=120)
 
