@@ -170,6 +170,25 @@ def test_the_replicas_check_the_keys_behind_the_router(cluster: tuple[str, Setti
     assert not {adapter["id"] for adapter in listed} & set(ADAPTERS)
 
 
+BAD_BODIES = [(b"{not json", None), (b'["a list"]', None),
+              (b'{"model": "tenant-0", "prompt": "x", "max_tokens": -1}', "max_tokens")]
+
+
+@pytest.mark.parametrize(("content", "param"), BAD_BODIES)
+def test_a_bad_request_through_the_router_gets_the_servers_400(cluster: tuple[str, Settings], content: bytes,
+                                                               param: str | None) -> None:
+    """What the router cannot route by (no JSON object) or routes to a replica that refuses it: the replica's own
+    400 in OpenAI's shape, never a 500 of the router."""
+    url, _ = cluster
+    response = httpx.post(f"{url}/v1/completions", content=content, timeout=TIMEOUT,
+                          headers=HEADERS | {"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+    if param is not None:
+        assert error["param"] == param
+
+
 def test_models_and_the_adapter_routes_through_the_endpoint(cluster: tuple[str, Settings]) -> None:
     """/v1/models lists the base model and the caller's adapters; a replace through the endpoint changes what the
     adapter generates, a delete makes it unknown, whichever replica answers."""
