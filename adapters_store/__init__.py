@@ -6,11 +6,13 @@ No GPUs, no HTTP, no server imports.
 from adapters_store.archive import unpack_adapter_archive
 from adapters_store.peft_format import (
     ADAPTER_ID_PATTERN,
+    ADAPTER_KINDS,
     TARGET_MODULES,
     AdapterFormatError,
     BaseModelShape,
     LoraAdapter,
     LoraWeight,
+    ScaleVector,
     load_peft_adapter,
     parse_peft_adapter,
     read_peft_directory,
@@ -29,6 +31,7 @@ from adapters_store.store import (
 
 __all__ = [
     "ADAPTER_ID_PATTERN",
+    "ADAPTER_KINDS",
     "TARGET_MODULES",
     "AdapterExistsError",
     "AdapterFormatError",
@@ -37,6 +40,7 @@ __all__ = [
     "BaseModelShape",
     "LoraAdapter",
     "LoraWeight",
+    "ScaleVector",
     "Manifest",
     "StoreCorruptionError",
     "StoreError",

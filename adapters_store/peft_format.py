@@ -1,9 +1,11 @@
-"""Parse and validate PEFT LoRA adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
+"""Parse and validate PEFT adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
+Served kinds: LoRA (``peft_type: LORA``), DoRA (a LoRA config with ``use_dora: true``: each module also has a
+``lora_magnitude_vector``) and IA3 (``peft_type: IA3``, parsed in ``adapters_store.peft_ia3``).
 Everything a tenant uploads passes through here before the server puts it on a GPU, so the rule is
-"refuse loudly": anything we cannot apply exactly as PEFT would (DoRA, extra trainable modules, bias
-terms, embedding LoRA, ...) is an :class:`AdapterFormatError` naming the offending field or tensor,
-never a silently different model. Only safetensors are read; pickle is never unpickled.
+"refuse loudly": anything we cannot apply exactly as PEFT would (extra trainable modules, bias
+terms, embedding LoRA, other PEFT types, ...) is an :class:`AdapterFormatError` naming the offending field or
+tensor, never a silently different model. Only safetensors are read; pickle is never unpickled.
 
 This module knows nothing of GPUs or of the server: it returns CPU float32 tensors.
 """
@@ -16,7 +18,7 @@ import re
 import struct
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -67,10 +69,12 @@ _PARENT_OF = {
 # safetensors dtype -> bytes per element. Only float dtypes: LoRA weights are never integers.
 _FLOAT_DTYPES = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8}
 
-# `<path>.lora_A[.<adapter name>].weight`, the optional `base_model.model.` prefix stripped first.
+# `<path>.lora_A[.<adapter name>].weight`, the optional `base_model.model.` prefix stripped first; DoRA's magnitude
+# is `<path>.lora_magnitude_vector[.<adapter name>]` (PEFT writes it without `.weight`; older versions with it).
 # ASCII classes on purpose: Python's \d and \w also match non-ASCII digits and letters.
 _LORA_TENSOR = re.compile(
-    r"(?:base_model\.model\.)?(?P<path>[A-Za-z0-9_.]+?)\.lora_(?P<kind>[AB])(?:\.(?P<adapter>[A-Za-z0-9_-]+))?\.weight"
+    r"(?:base_model\.model\.)?(?P<path>[A-Za-z0-9_.]+?)\.lora_(?:(?P<kind>[AB])(?:\.(?P<adapter>[A-Za-z0-9_-]+))?\.weight"
+    r"|magnitude_vector(?:\.(?!weight$)(?P<m_adapter>[A-Za-z0-9_-]+))?(?:\.weight)?)"
 )
 _MODULE_PATH = re.compile(
     r"(?:model\.)?layers\.(?P<layer>0|[1-9][0-9]*)\.(?P<parent>self_attn|mlp)\.(?P<module>[A-Za-z0-9_]+)"
@@ -79,7 +83,6 @@ _MODULE_PATH = re.compile(
 # Config fields that turn on a LoRA variant or extra trained weights we cannot apply: each must be
 # absent, null, false or empty. (bias, use_rslora and target_modules get their own checks.)
 _UNSUPPORTED_FEATURES = {
-    "use_dora": "DoRA (weight-decomposed LoRA) is not supported",
     "modules_to_save": "fully trained extra modules are not supported; only LoRA A/B weights are served",
     "fan_in_fan_out": "fan_in_fan_out (Conv1D-style transposed weights) is not supported",
     "use_qalora": "QA-LoRA is not supported",
@@ -130,6 +133,9 @@ class BaseModelShape:
 
     num_layers: int
     module_dims: Mapping[str, tuple[int, int]]  # module name -> (d_in, d_out)
+    # Modules whose input the server's model reads together with another module's (fused into one base layer,
+    # e.g. q|k|v): their inputs cannot be scaled alone, so IA3 may scale only their outputs.
+    shared_input_modules: frozenset[str] = frozenset()
 
 
 # eq=False: the generated __eq__ would compare tensors, which raises; identity equality is what we want.
@@ -138,24 +144,48 @@ class LoraWeight:
     a: torch.Tensor  # [r, d_in] float32, contiguous
     b: torch.Tensor  # [d_out, r] float32, contiguous
     scale: float  # lora_alpha / r (or / sqrt(r) with rsLoRA), rank_pattern / alpha_pattern applied
+    # DoRA's magnitude m [d_out] float32: the output becomes m / ||W + scale * B A|| (row norms) times the LoRA
+    # output without bias, computed where the base weight is (the server, at load). None for plain LoRA.
+    magnitude: torch.Tensor | None = None
 
     @property
     def rank(self) -> int:
         return self.a.shape[0]
 
+    @property
+    def num_bytes(self) -> int:
+        return self.a.nbytes + self.b.nbytes + (0 if self.magnitude is None else self.magnitude.nbytes)
+
+
+@dataclass(frozen=True, eq=False)
+class ScaleVector:
+    """IA3's learned vector of one module: it multiplies the module's outputs (bias included), or, for a
+    feedforward module, its inputs."""
+
+    vector: torch.Tensor  # [d_out], or [d_in] where on_input; float32
+    on_input: bool
+
+
+ADAPTER_KINDS = ("lora", "dora", "ia3")
+
 
 @dataclass(frozen=True, eq=False)
 class LoraAdapter:
+    """A parsed adapter of any served kind (`kind`): LoRA and DoRA fill `weights`, IA3 fills `scales` (and has
+    rank 0 and lora_alpha 0)."""
+
     adapter_id: str
     rank: int  # max rank over its modules
     lora_alpha: float
     target_modules: tuple[str, ...]  # modules present, in TARGET_MODULES order
     weights: Mapping[tuple[int, str], LoraWeight]  # (layer index, module name) -> weights
     config: Mapping[str, Any]  # the parsed adapter_config.json
+    kind: str = "lora"
+    scales: Mapping[tuple[int, str], ScaleVector] = field(default_factory=lambda: MappingProxyType({}))
 
     @property
     def num_bytes(self) -> int:
-        return sum(w.a.nbytes + w.b.nbytes for w in self.weights.values())
+        return sum(w.num_bytes for w in self.weights.values()) + sum(s.vector.nbytes for s in self.scales.values())
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -227,7 +257,12 @@ def parse_peft_adapter(
 ) -> LoraAdapter:
     """Same as :func:`load_peft_adapter`, from the two files' contents held in memory."""
     validate_adapter_id(adapter_id)
-    config = _parse_config(config_bytes)
+    raw = _parse_config_object(config_bytes)
+    if raw.get("peft_type") == "IA3":
+        from adapters_store.peft_ia3 import parse_ia3  # it builds on this module's helpers
+
+        return parse_ia3(raw, safetensors_bytes, adapter_id, base, max_header_bytes, serving_dtype)
+    config = _parse_lora_config(raw)
     header = _parse_safetensors_header(safetensors_bytes, max_header_bytes)
     # Names are checked from the header alone, so a bad file is refused before its data is touched.
     names = _parse_tensor_names(header)
@@ -235,14 +270,14 @@ def parse_peft_adapter(
     if base is not None:  # first: it bounds the modules the patterns below are matched against
         _check_layers(base, pairs)
     # Resolved once per module: each resolution matches every pattern key.
-    settings = {path: _module_rank_alpha(config, path) for path, _, _ in pairs.values()}
+    settings = {path: _module_rank_alpha(config, path) for path, *_ in pairs.values()}
     if max_rank is not None:
         _check_max_rank(settings, max_rank)
     tensors = _load_tensors(safetensors_bytes)
 
     weights: dict[tuple[int, str], LoraWeight] = {}
     seen_dims: dict[str, tuple[int, int, str]] = {}  # module -> (d_in, d_out, first tensor) across layers
-    for (layer, module), (path, a_name, b_name) in sorted(pairs.items(), key=_layer_module_order):
+    for (layer, module), (path, a_name, b_name, m_name) in sorted(pairs.items(), key=_layer_module_order):
         a = _as_float32(tensors[a_name], a_name)
         b = _as_float32(tensors[b_name], b_name)
         if a.dim() != 2 or b.dim() != 2:
@@ -276,7 +311,8 @@ def parse_peft_adapter(
 
         scale = alpha / math.sqrt(rank) if config["use_rslora"] else alpha / rank
         _check_magnitudes(path, a_name, a, b_name, b, float(scale), alpha_field, serving_dtype)
-        weights[(layer, module)] = LoraWeight(a=a, b=b, scale=float(scale))
+        magnitude = None if m_name is None else _dora_magnitude(tensors[m_name], m_name, d_out, serving_dtype)
+        weights[(layer, module)] = LoraWeight(a=a, b=b, scale=float(scale), magnitude=magnitude)
 
     max_module_rank = max(w.rank for w in weights.values())
     present = {module for _, module in weights}
@@ -287,7 +323,33 @@ def parse_peft_adapter(
         target_modules=tuple(m for m in TARGET_MODULES if m in present),
         weights=MappingProxyType(weights),
         config=MappingProxyType(config["raw"]),
+        kind="dora" if config["use_dora"] else "lora",
     )
+
+
+def _dora_magnitude(tensor: torch.Tensor, name: str, d_out: int, dtype: torch.dtype) -> torch.Tensor:
+    """DoRA's magnitude vector [d_out], checked: one value per output of its module, none that overflows `dtype`
+    (the output is scaled by it over the combined weight's row norm)."""
+    if tuple(tensor.shape) != (d_out,):
+        raise AdapterFormatError(
+            f"tensor {name} has shape {_shape(tensor)}, expected [{d_out}] (one magnitude per output of its module)",
+            field=name,
+        )
+    magnitude = _as_float32(tensor, name)
+    check_vector_range(magnitude, name, dtype)
+    return magnitude
+
+
+def check_vector_range(vector: torch.Tensor, name: str, dtype: torch.dtype) -> None:
+    """Refuse a learned scale vector (DoRA's magnitude, IA3's vector) with values past what `dtype` serving
+    allows (ACTIVATION_HEADROOM's bound)."""
+    limit = min(torch.finfo(dtype).max, _FLOAT32_SQUARE_LIMIT) / ACTIVATION_HEADROOM
+    if _peak(vector) > limit:
+        raise AdapterFormatError(
+            f"tensor {name} has values up to {_peak(vector):.3g}, beyond the {limit:.3g} "
+            f"{str(dtype).removeprefix('torch.')} serving allows",
+            field=name,
+        )
 
 
 def _check_max_rank(settings: Mapping[str, tuple[int, float, str, str]], max_rank: int) -> None:
@@ -302,8 +364,8 @@ def _check_max_rank(settings: Mapping[str, tuple[int, float, str, str]], max_ran
             )
 
 
-def _check_layers(base: BaseModelShape, pairs: Mapping[tuple[int, str], tuple[str, str, str]]) -> None:
-    for (layer, _), (_, a_name, _) in pairs.items():
+def _check_layers(base: BaseModelShape, pairs: Mapping[tuple[int, str], tuple[str, str, str, str | None]]) -> None:
+    for (layer, _), (_, a_name, *_) in pairs.items():
         if layer >= base.num_layers:
             raise AdapterFormatError(
                 f"tensor {a_name} is for layer {layer} but the base model has {base.num_layers} layers",
@@ -382,18 +444,26 @@ def _layer_module_order(item: tuple[tuple[int, str], Any]) -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- config
 
 
-def _parse_config(config_bytes: bytes) -> dict[str, Any]:
-    """Validate adapter_config.json; return the settings we use plus the parsed dict under "raw"."""
+def _parse_config_object(config_bytes: bytes) -> dict[str, Any]:
+    """adapter_config.json as a JSON object, its size checked first."""
     if len(config_bytes) > MAX_CONFIG_BYTES:
         raise AdapterFormatError(f"{CONFIG_FILE} is larger than {MAX_CONFIG_BYTES} bytes", field=CONFIG_FILE)
     raw = _loads_json(config_bytes, CONFIG_FILE, CONFIG_FILE)
     if not isinstance(raw, dict):
         got = type(raw).__name__
         raise AdapterFormatError(f"{CONFIG_FILE} must be a JSON object, got a JSON {got}", field=CONFIG_FILE)
+    return raw
 
+
+def _parse_lora_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """Validate a LoRA (or DoRA) adapter_config.json; return the settings we use plus the parsed dict under "raw"."""
     peft_type = raw.get("peft_type")
     if peft_type is not None and peft_type != "LORA":
-        raise AdapterFormatError(f"peft_type must be 'LORA', got {peft_type!r}", field="peft_type")
+        raise AdapterFormatError(
+            f"peft_type {json.dumps(peft_type)[:100]} is not served: lorahive serves 'LORA' (DoRA with use_dora: "
+            "true) and 'IA3'",
+            field="peft_type",
+        )
 
     for name in _BOOL_FIELDS:
         if name in raw and raw[name] is not None and not isinstance(raw[name], bool):
@@ -421,6 +491,7 @@ def _parse_config(config_bytes: bytes) -> dict[str, Any]:
         "r": r,
         "lora_alpha": alpha,
         "use_rslora": bool(raw.get("use_rslora")),
+        "use_dora": bool(raw.get("use_dora")),
         "rank_pattern": _parse_pattern(raw, "rank_pattern", _is_positive_int, "a positive integer"),
         "alpha_pattern": _parse_pattern(raw, "alpha_pattern", _is_positive_number, "a finite number above 0"),
         "target_modules": _parse_target_modules(raw.get("target_modules")),
@@ -633,7 +704,8 @@ def _as_float32(tensor: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _parse_tensor_names(header: Mapping[str, Any]) -> dict[str, tuple[str, int, str, str, str | None]]:
-    """tensor name -> (module path, layer, module, "A"/"B", adapter-name infix); refuse anything else."""
+    """tensor name -> (module path, layer, module, "A"/"B"/"M" (DoRA's magnitude), adapter-name infix); refuse
+    anything else."""
     parsed = {}
     for name in header:
         m = _LORA_TENSOR.fullmatch(name)
@@ -656,7 +728,8 @@ def _parse_tensor_names(header: Mapping[str, Any]) -> dict[str, tuple[str, int, 
                 f"tensor {name}: expected a path like model.layers.<i>.{_PARENT_OF[module]}.{module}",
                 field=name,
             )
-        parsed[name] = (path, int(p["layer"]), module, m["kind"], m["adapter"])
+        kind, infix = (m["kind"], m["adapter"]) if m["kind"] else ("M", m["m_adapter"])
+        parsed[name] = (path, int(p["layer"]), module, kind, infix)
 
     infixes = {info[4] for info in parsed.values()}
     if len(infixes) > 1:
@@ -673,8 +746,6 @@ def _parse_tensor_names(header: Mapping[str, Any]) -> dict[str, tuple[str, int, 
 def _hint_for(name: str) -> str:
     if "lora_embedding" in name:
         return " (embedding LoRA is not supported)"
-    if "lora_magnitude_vector" in name:
-        return " (DoRA is not supported)"
     if ".base_layer." in name:
         return " (full base-model weights are not part of a LoRA adapter)"
     if name.endswith(".bias"):
@@ -682,17 +753,21 @@ def _hint_for(name: str) -> str:
     return ""
 
 
+_TENSOR_KIND = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
+
+
 def _pair_tensors(
     names: Mapping[str, tuple[str, int, str, str, str | None]], config: Mapping[str, Any]
-) -> dict[tuple[int, str], tuple[str, str, str]]:
-    """(layer, module) -> (module path, A tensor name, B tensor name), checked against the config."""
+) -> dict[tuple[int, str], tuple[str, str, str, str | None]]:
+    """(layer, module) -> (module path, A tensor name, B tensor name, DoRA magnitude tensor name or None), checked
+    against the config: a DoRA adapter (use_dora) has a magnitude for every module, a LoRA adapter none."""
     found: dict[tuple[int, str], dict[str, str]] = {}
     paths: dict[tuple[int, str], str] = {}
     for name, (path, layer, module, kind, _) in names.items():
         key = (layer, module)
         if paths.setdefault(key, path) != path or kind in found.get(key, {}):
             raise AdapterFormatError(
-                f"tensor {name} duplicates another lora_{kind} for layer {layer} {module}", field=name
+                f"tensor {name} duplicates another {_TENSOR_KIND[kind]} for layer {layer} {module}", field=name
             )
         found.setdefault(key, {})[kind] = name
 
@@ -711,13 +786,21 @@ def _pair_tensors(
 
     pairs = {}
     for key, kinds in found.items():
-        if "A" not in kinds or "B" not in kinds:
-            have, missing = ("A", "B") if "A" in kinds else ("B", "A")
+        if "M" in kinds and not config["use_dora"]:
             raise AdapterFormatError(
-                f"tensor {kinds[have]} has no matching lora_{missing} (layer {key[0]} {key[1]})",
-                field=kinds[have],
+                f"tensor {kinds['M']} is a DoRA magnitude, but adapter_config.json does not set use_dora: true",
+                field=kinds["M"],
             )
-        pairs[key] = (paths[key], kinds["A"], kinds["B"])
+        wanted = ("A", "B", "M") if config["use_dora"] else ("A", "B")
+        missing = [kind for kind in wanted if kind not in kinds]
+        if missing:
+            have = next(kinds[kind] for kind in wanted if kind in kinds)
+            why = " (use_dora is true)" if missing == ["M"] else ""
+            raise AdapterFormatError(
+                f"tensor {have} has no matching {_TENSOR_KIND[missing[0]]} (layer {key[0]} {key[1]}){why}",
+                field=have,
+            )
+        pairs[key] = (paths[key], kinds["A"], kinds["B"], kinds.get("M"))
     return pairs
 
 

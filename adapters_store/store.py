@@ -64,6 +64,7 @@ from typing import Any
 
 from adapters_store.peft_format import (
     ADAPTER_ID_PATTERN,
+    ADAPTER_KINDS,
     CONFIG_FILE,
     WEIGHTS_FILE,
     validate_adapter_id,
@@ -107,6 +108,7 @@ class Manifest:
     files: Mapping[str, StoredFile]  # file name -> checksum and size
     owner: str | None = None  # tenant that uploaded it; kept across replaces
     public: bool = False
+    kind: str = "lora"  # ADAPTER_KINDS; an IA3 adapter has rank 0 and lora_alpha 0
 
     def __post_init__(self) -> None:
         # Frozen means frozen: copy the caller's containers into immutable ones.
@@ -129,6 +131,7 @@ class Manifest:
             "files": {name: {"sha256": f.sha256, "size": f.size} for name, f in sorted(self.files.items())},
             "owner": self.owner,
             "public": self.public,
+            "kind": self.kind,
         }
 
     @classmethod
@@ -141,8 +144,11 @@ class Manifest:
             raise ValueError(f"manifest id {adapter_id[:140]!r} is not a valid adapter id")
         version = _field(data, "version", int)
         rank = _field(data, "rank", int)
-        if version < 1 or rank < 1:
-            raise ValueError("manifest version and rank must be positive")
+        kind = data.get("kind", "lora")  # manifests written before other kinds were served have none
+        if kind not in ADAPTER_KINDS:
+            raise ValueError(f"manifest kind must be one of {', '.join(ADAPTER_KINDS)}")
+        if version < 1 or rank < (0 if kind == "ia3" else 1):
+            raise ValueError("manifest version and rank must be positive (rank 0 for IA3)")
         target_modules = _field(data, "target_modules", list)
         if not all(isinstance(m, str) for m in target_modules):
             raise ValueError("manifest target_modules must be a list of strings")
@@ -171,6 +177,7 @@ class Manifest:
             files=files,
             owner=owner,
             public=_field(data, "public", bool),
+            kind=kind,
         )
 
 
@@ -243,6 +250,7 @@ class AdapterStore:
         target_modules: Sequence[str],
         owner: str | None = None,
         public: bool = False,
+        kind: str = "lora",
     ) -> Manifest:
         """Store a new adapter (version 1). AdapterFormatError for an invalid id, AdapterExistsError if taken."""
         validate_adapter_id(adapter_id)
@@ -258,6 +266,7 @@ class AdapterStore:
             files=_describe(config, weights),
             owner=owner,
             public=public,
+            kind=kind,
         )
         with self._mutating():
             if adapter_id in self:  # fail before writing what may be a large file
@@ -296,6 +305,7 @@ class AdapterStore:
         rank: int,
         lora_alpha: float,
         target_modules: Sequence[str],
+        kind: str = "lora",
     ) -> Manifest:
         """Store new files for an existing adapter: version + 1; created_at, owner and public are kept."""
         files = _describe(config, weights)
@@ -312,6 +322,7 @@ class AdapterStore:
                 lora_alpha=float(lora_alpha),
                 target_modules=tuple(target_modules),
                 files=files,
+                kind=kind,
             )
             self._commit(old, new, (config, weights))
         return new

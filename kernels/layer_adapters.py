@@ -29,6 +29,11 @@ class AdapterSlices:
     a_t: torch.Tensor | None = None
     b: tuple[torch.Tensor, ...] = ()
     flops_per_token: int = 0  # of its shrink and expands, where its weights are given (`lora_path` reads it)
+    # DoRA's and IA3's vectors where they are given (`kernels.scales`: stored minus one): output scale and shift
+    # [sum of widths], input scale [d_in]
+    out_scale: torch.Tensor | None = None
+    out_shift: torch.Tensor | None = None
+    in_scale: torch.Tensor | None = None
 
 
 TARGETS_NOTHING = AdapterSlices(())

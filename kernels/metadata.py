@@ -49,6 +49,9 @@ class LoRABatch:
     slot_runs: tuple[tuple[int, int, int], ...]
     # Where `by_slot` is the run first, first + 1, ... (the tokens already grouped by slot): first; else None.
     grouped_from: int | None = None
+    # The slots whose adapters scale outputs or inputs (DoRA, IA3: `kernels.scales`); None: those of
+    # `active_slots` the page table marks. A captured CUDA graph fixes it: every slot, or none.
+    scaled_slots: tuple[int, ...] | None = None
     # What the torch reference derives once per step and reads in every layer (`kernels.reference`).
     cache: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict, compare=False, repr=False)
 

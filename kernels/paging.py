@@ -14,6 +14,11 @@ held only r useful elements, which for r < 16 in a half type is less than one 32
 
 Page `ZERO_PAGE` (0) is all zeros and never handed out. A slot's page-table entries past its rank point
 there, so code that reads a whole page-table row reads zeros past an adapter's rank.
+
+An adapter that scales outputs or inputs (DoRA, IA3) has one more page, its *vector page* (`scale_pages[slot]`),
+holding vectors instead of rank rows (`kernels.scales`): row 0 of its B page the output scale minus one (zero for
+outputs it does not scale), row 1 an output shift (DoRA on a layer with a bias), row 0 of its A page the input
+scale minus one. Stored minus one so that the zero page, every other slot's, scales by one: nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +49,11 @@ class PageTable:
     pages: torch.Tensor  # [num_slots, max_pages] int32; ZERO_PAGE past the slot's rank
     host_pages: list[tuple[int, ...]]  # each slot's own pages, none past its rank
     host_ranks: list[int]  # each slot's rank
+    # [num_slots + 1] int32: each slot's vector page, ZERO_PAGE for none; the last entry stays ZERO_PAGE, so that
+    # indexing with a token's slot -1 reads "none"
+    scale_pages: torch.Tensor
+    host_scale_pages: list[int]  # [num_slots]
+    has_vectors: list[bool]  # [num_slots]: its adapter scales outputs or inputs, in pages or not
 
     @classmethod
     def empty(cls, num_slots: int, max_rank: int, device: torch.device | str = "cpu") -> PageTable:
@@ -52,23 +62,32 @@ class PageTable:
             pages=torch.full((num_slots, pages_for_rank(max_rank)), ZERO_PAGE, dtype=torch.int32, device=device),
             host_pages=[()] * num_slots,
             host_ranks=[0] * num_slots,
+            scale_pages=torch.full((num_slots + 1,), ZERO_PAGE, dtype=torch.int32, device=device),
+            host_scale_pages=[ZERO_PAGE] * num_slots,
+            has_vectors=[False] * num_slots,
         )
 
     def to(self, device: torch.device | str) -> PageTable:
-        return PageTable(self.ranks.to(device), self.pages.to(device), list(self.host_pages), list(self.host_ranks))
+        return PageTable(self.ranks.to(device), self.pages.to(device), list(self.host_pages), list(self.host_ranks),
+                         self.scale_pages.to(device), list(self.host_scale_pages), list(self.has_vectors))
 
     @property
     def max_rank(self) -> int:
         """The rank every slot could hold: the width of one slice's block of v."""
         return self.pages.shape[1] * PAGE_RANK
 
-    def assign(self, slot: int, rank: int, pages: list[int]) -> None:
+    def assign(self, slot: int, rank: int, pages: list[int], scale_page: int = ZERO_PAGE,
+               has_vectors: bool = False) -> None:
+        """Point `slot` at its adapter's rank pages and vector page (ZERO_PAGE: none, or not held in pages)."""
         self.pages[slot].fill_(ZERO_PAGE)
         if pages:
             self.pages[slot, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
         self.ranks[slot] = rank
         self.host_pages[slot] = tuple(pages[: pages_for_rank(rank)])
         self.host_ranks[slot] = rank
+        self.scale_pages[slot] = scale_page
+        self.host_scale_pages[slot] = scale_page
+        self.has_vectors[slot] = has_vectors
 
     def clear(self, slot: int) -> None:
         self.assign(slot, 0, [])

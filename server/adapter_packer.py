@@ -4,7 +4,8 @@ A parsed and checked `LoraAdapter` holds each module's A [r, d_in] and B [d_out,
 apart. The adapter pages (`kernels.paging`) hold, per rank row, A's row and B's column with the scale folded in,
 in the serving dtype. `AdapterPacker.pack` makes that form on the loader thread (and on the upload thread for an
 upload): per (layer, module), A's rank rows and B transposed with the scale folded in (in fp32, then one cast),
-contiguous, all in one buffer (per layer every A, then every B^T): pinned on CUDA so the runner's host-to-device
+and DoRA's magnitude or IA3's vector where the adapter has them, contiguous, all in one buffer (per layer every A,
+then every B^T, then the magnitudes; IA3's vectors last): pinned on CUDA so the runner's host-to-device
 copies are asynchronous, in shared memory for a model runner in another process. The host tier holds this
 `PackedAdapter`, so a load on the engine thread only issues copies (`ModelRunner.load_adapter`); a CPU model runner
 copies nothing and reads it where it is (`LoRALinear.hold`).
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,6 +34,18 @@ class PackedWeight:
 
     a: torch.Tensor  # [r, d_in]: A
     b_t: torch.Tensor  # [r, d_out]: B transposed, the LoRA scale folded in
+    magnitude: torch.Tensor | None = None  # [d_out]: DoRA's magnitude (the model runner divides it by a norm)
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.a, self.b_t) if self.magnitude is None else (self.a, self.b_t, self.magnitude)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedScale:
+    """IA3's vector of one module: it multiplies the module's outputs, or its inputs (`on_input`)."""
+
+    vector: torch.Tensor  # [d_out] or [d_in]
+    on_input: bool
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,16 +53,25 @@ class PackedAdapter:
     """An adapter ready to copy into device pages; what the host tier holds."""
 
     adapter_id: str
-    rank: int  # max rank over its modules, as declared
+    rank: int  # max rank over its modules, as declared (0 for IA3)
     dtype: torch.dtype  # the serving dtype it was packed in
     weights: Mapping[tuple[int, str], PackedWeight]  # (layer index, module name) -> rows
-    # The one flat buffer every weight views, A then B^T of each module in `weights`' order (None: apart). One
-    # buffer is one pinning, or one shared-memory file for a model runner in another process.
+    # The one flat buffer every tensor views: per layer the A of each module in `weights`' order, then their B^T,
+    # then DoRA magnitudes and IA3 vectors (None: apart). One buffer is one pinning, or one shared-memory file for
+    # a model runner in another process.
     buffer: torch.Tensor | None = None
+    kind: str = "lora"  # adapters_store.ADAPTER_KINDS
+    scales: Mapping[tuple[int, str], PackedScale] = field(default_factory=dict)  # IA3: (layer, module) -> vector
 
     @property
     def num_bytes(self) -> int:
-        return sum(w.a.nbytes + w.b_t.nbytes for w in self.weights.values())
+        return (sum(t.nbytes for w in self.weights.values() for t in w.tensors())
+                + sum(s.vector.nbytes for s in self.scales.values()))
+
+    @property
+    def has_vectors(self) -> bool:
+        """Whether it scales outputs or inputs (DoRA, IA3): the device tier then gives it one more page."""
+        return self.kind != "lora"
 
 
 class AdapterPacker:
@@ -63,25 +85,34 @@ class AdapterPacker:
         self.share_memory = share_memory
 
     def pack(self, adapter: LoraAdapter) -> PackedAdapter:
-        keys = sorted(adapter.weights, key=lambda key: (key[0], TARGET_MODULES.index(key[1])))
-        # Per layer, every module's A, then every module's B^T, in module order: the A rows of the modules one
-        # fused layer (q|k|v, gate|up) holds are then one block, which a CPU model runner reads as it is.
-        order: list[tuple[tuple[int, str], int]] = []  # (key, 0 for A or 1 for B^T), in buffer order
+        def module_order(key: tuple[int, str]) -> tuple[int, int]:
+            return key[0], TARGET_MODULES.index(key[1])
+
+        keys = sorted(adapter.weights, key=module_order)
+        scale_keys = sorted(adapter.scales, key=module_order)
+        # Per layer, every module's A, then every module's B^T, in module order, then the vectors: the A rows of the
+        # modules one fused layer (q|k|v, gate|up) holds are then one block, which a CPU model runner reads as it is.
+        tensors: dict[tuple[int, str], list[torch.Tensor]] = {
+            key: [w.a, (w.b * w.scale).T, *(() if w.magnitude is None else (w.magnitude,))]
+            for key, w in adapter.weights.items()
+        }
+        order: list[tuple[list[torch.Tensor], int]] = []  # (a module's tensors, which of them), in buffer order
         for _, group in itertools.groupby(keys, key=lambda key: key[0]):
-            layer_keys = list(group)
-            order += [(key, 0) for key in layer_keys] + [(key, 1) for key in layer_keys]
-        tensors = {key: (w.a, (w.b * w.scale).T) for key, w in adapter.weights.items()}
-        buffer = torch.empty(sum(a.numel() + b_t.numel() for a, b_t in tensors.values()), dtype=self.dtype,
+            layer = [tensors[key] for key in group]
+            order += [(parts, part) for part in range(3) for parts in layer if part < len(parts)]
+        vectors = {key: [adapter.scales[key].vector] for key in scale_keys}
+        order += [(vectors[key], 0) for key in scale_keys]
+        buffer = torch.empty(sum(parts[part].numel() for parts, part in order), dtype=self.dtype,
                              pin_memory=self.pin_memory)
         if self.share_memory:
             buffer.share_memory_()
-        views: dict[tuple[int, str], list[torch.Tensor]] = {key: [] for key in keys}
         offset = 0
-        for key, part in order:
-            tensor = tensors[key][part]
+        for parts, part in order:
+            tensor = parts[part]
             view = buffer[offset : offset + tensor.numel()].view(tensor.shape)
             view.copy_(tensor)  # one cast, from the fp32 product
-            views[key].append(view)
+            parts[part] = view
             offset += tensor.numel()
-        weights = {key: PackedWeight(*views[key]) for key in keys}
-        return PackedAdapter(adapter.adapter_id, adapter.rank, self.dtype, weights, buffer)
+        weights = {key: PackedWeight(*tensors[key]) for key in keys}
+        scales = {key: PackedScale(vectors[key][0], adapter.scales[key].on_input) for key in scale_keys}
+        return PackedAdapter(adapter.adapter_id, adapter.rank, self.dtype, weights, buffer, adapter.kind, scales)

@@ -58,10 +58,17 @@ def written_rank(adapter: PackedAdapter) -> int:
     return max((w.a.shape[0] for w in adapter.weights.values()), default=0)
 
 
+def adapter_pages(adapter: PackedAdapter) -> int:
+    """Pages an adapter takes in every LoRA layer: those of its rank rows, and one for its vectors (DoRA's scale,
+    IA3's) where it has them (`server.lora_linear.LoRALinear.write_pages`)."""
+    return pages_for_rank(written_rank(adapter)) + adapter.has_vectors
+
+
 def max_rank_adapter_bytes(max_rank: int, page_bytes: int, paged: bool) -> int:
-    """What one adapter of `max_rank` on every module takes of the tier: its pages, or (held as the host tier's
-    buffer) its packed bytes, a page being `PAGE_RANK` rank rows of every module."""
-    return pages_for_rank(max_rank) * page_bytes if paged else max_rank * page_bytes // PAGE_RANK
+    """What the largest adapter takes of the tier, a DoRA adapter of `max_rank` on every module: its pages and its
+    vectors' page, or (held as the host tier's buffer) its packed bytes, a page being `PAGE_RANK` rank rows of
+    every module (its magnitudes take less than one more rank row)."""
+    return (pages_for_rank(max_rank) + 1) * page_bytes if paged else (max_rank + 1) * page_bytes // PAGE_RANK
 
 
 # Slots of a tier that holds adapters as host buffers when no cap is given: page-table rows cost a few bytes.
@@ -202,12 +209,12 @@ class AdapterSlotPool:
 
     def _units_of(self, adapter: PackedAdapter) -> int:
         """What the adapter takes of the tier: pages for the rank rows it writes (the max over modules; the kernels
-        skip every row past it), or its packed bytes."""
+        skip every row past it) and its vectors, or its packed bytes."""
         rank = written_rank(adapter)
         if max(rank, adapter.rank) > self.max_rank:
             raise ValueError(f"adapter {adapter.adapter_id!r} has rank {max(rank, adapter.rank)} > max rank "
                              f"{self.max_rank}")
-        return pages_for_rank(rank) if self.paged else adapter.num_bytes
+        return adapter_pages(adapter) if self.paged else adapter.num_bytes
 
     def _make_room(self, units_needed: int, keep: Collection[Hashable] = ()) -> int | None:
         """A free slot with `units_needed` free units, evicting least recently used unpinned adapters not in

@@ -372,7 +372,7 @@ class AdapterRegistry:
         with self._writing:
             manifest = self.store.create(
                 adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
-                target_modules=adapter.target_modules, owner=owner, public=public,
+                target_modules=adapter.target_modules, owner=owner, public=public, kind=adapter.kind,
             )
             return self._install(manifest, packed)
 
@@ -383,7 +383,7 @@ class AdapterRegistry:
             old_weights = self._weights_before_change(adapter_id)
             manifest = self.store.replace(
                 adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
-                target_modules=adapter.target_modules,
+                target_modules=adapter.target_modules, kind=adapter.kind,
             )
             return self._install(manifest, packed, old_weights)
 

@@ -20,7 +20,16 @@ from kernels import LoRABatch, PageTable, add_lora
 from kernels.layer_adapters import AdapterSlices, LayerAdapters
 from kernels.paging import PAGE_RANK, PageRows, allocate_buffers, page_bytes
 from kernels.reference import accumulation_dtype
-from server.adapter_packer import PackedWeight
+from kernels.scales import (
+    IN_SCALE_ROW,
+    OUT_SCALE_ROW,
+    OUT_SHIFT_ROW,
+    dora_output_scale,
+    scale_inputs,
+    scale_outputs,
+    scaled_slots,
+)
+from server.adapter_packer import PackedScale, PackedWeight
 
 
 class LoRAContext:
@@ -91,10 +100,12 @@ class LoRALinear(nn.Module):
         self.lora_a = self.lora_b = None
         self.targets = LayerAdapters()
 
-    def write_pages(self, slot: int, pages: PageRows, slices: Sequence[PackedWeight | None]) -> None:
+    def write_pages(self, slot: int, pages: PageRows, slices: Sequence[PackedWeight | None],
+                    scales: Sequence[PackedScale | None] = (), vector_page: int | None = None) -> None:
         """Write `slot`'s adapter into `pages`: per fused slice its packed rank rows, None where it does not target
         the slice. Everything else in those pages (untargeted slices, rows past a slice's rank) becomes zero,
-        so that whatever a freed page held before cannot leak in."""
+        so that whatever a freed page held before cannot leak in. An adapter with vectors (DoRA's magnitudes,
+        IA3's `scales` per slice) has them written into `vector_page` (`kernels.scales`)."""
         assert self.lora_a is not None and self.lora_b is not None, "allocate_pages first"
         device = self.lora_a.device
         full_rank = len(pages.pages) * PAGE_RANK
@@ -112,14 +123,64 @@ class LoRALinear(nn.Module):
                     0, pages.b_rows(rank), weight.b_t.to(device, non_blocking=True))
             offset += width
         self.targets[slot] = AdapterSlices(tuple(k for k, weight in enumerate(slices) if weight is not None))
+        if vector_page is not None:
+            self._write_vector_page(vector_page, *self._vectors(slices, scales))
 
-    def hold(self, slot: int, slices: Sequence[PackedWeight | None]) -> None:
+    def _write_vector_page(self, page: int, out_scale: torch.Tensor | None, out_shift: torch.Tensor | None,
+                           in_scale: torch.Tensor | None) -> None:
+        """The vectors' rows of `page`, zeros where the adapter has none in this layer."""
+        self.lora_a[page].zero_()
+        self.lora_b[page].zero_()
+        for buffer, row, vector in ((self.lora_b, OUT_SCALE_ROW, out_scale), (self.lora_b, OUT_SHIFT_ROW, out_shift),
+                                    (self.lora_a, IN_SCALE_ROW, in_scale)):
+            if vector is not None:
+                buffer[page, row].copy_(vector)
+
+    def _vectors(self, slices: Sequence[PackedWeight | None], scales: Sequence[PackedScale | None]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(output scale, output shift, input scale) of an adapter in this layer, each minus one where a scale and
+        None where it has none (`kernels.scales`), in float32. DoRA's scale is its magnitude over the row norms of
+        this layer's weight plus the adapter's B A: the one place LoRA reads the base layer's weight."""
+        width, device = sum(self.slice_widths), self.base.weight.device
+        out_scale = out_shift = in_scale = None
+        bias = getattr(self.base, "bias", None)
+        offset = 0
+        for k, size in enumerate(self.slice_widths):
+            weight = slices[k] if k < len(slices) else None
+            scale = scales[k] if k < len(scales) else None
+            part = slice(offset, offset + size)
+            offset += size
+            if weight is not None and weight.magnitude is not None:
+                g = dora_output_scale(self.base.weight[part], weight.a.to(device), weight.b_t.to(device),
+                                      weight.magnitude.to(device))
+                out_scale = out_scale if out_scale is not None else torch.zeros(width, device=device)
+                out_scale[part] = g - 1
+                if bias is not None:  # DoRA leaves the bias unscaled: take back what the scale adds to it
+                    out_shift = out_shift if out_shift is not None else torch.zeros(width, device=device)
+                    out_shift[part] = -(g - 1) * bias[part].float()
+            elif scale is not None and not scale.on_input:
+                out_scale = out_scale if out_scale is not None else torch.zeros(width, device=device)
+                out_scale[part] = scale.vector.to(device).float() - 1
+            elif scale is not None:
+                if len(self.slice_widths) != 1:
+                    raise ValueError(f"IA3 cannot scale the input of {self.slice_names[k]} alone: "
+                                     f"{', '.join(self.slice_names)} read it in one base layer")
+                in_scale = scale.vector.to(device).float() - 1
+        return out_scale, out_shift, in_scale
+
+    def hold(self, slot: int, slices: Sequence[PackedWeight | None], scales: Sequence[PackedScale | None] = ()
+             ) -> None:
         """Serve `slot`'s adapter from its packed weights as they are (per fused slice its rows, None where it does
         not target the slice): views of the host tier's buffer, copied only where the slices' A rows are not one
-        block there (different ranks) or the weights are narrower than the accumulation dtype."""
+        block there (different ranks) or the weights are narrower than the accumulation dtype. Its vectors (DoRA's
+        scale, IA3's `scales`) are worked out here, in the weights' dtype."""
         targeted = tuple(k for k, weight in enumerate(slices) if weight is not None)
+        dtype = next((t.dtype for t in [*(w.a for w in slices if w), *(s.vector for s in scales if s)]), None)
+        vectors = {name: None if vector is None else vector.to(dtype)
+                   for name, vector in zip(("out_scale", "out_shift", "in_scale"), self._vectors(slices, scales),
+                                           strict=True)}
         if not targeted:
-            self.targets[slot] = AdapterSlices(())
+            self.targets[slot] = AdapterSlices((), **vectors)
             return
         acc = accumulation_dtype(slices[targeted[0]].a.dtype)
         ranks = {slices[k].a.shape[0] for k in targeted}
@@ -131,19 +192,26 @@ class LoRALinear(nn.Module):
             a = torch.cat([F.pad(slices[k].a, (0, 0, 0, rank - slices[k].a.shape[0])) for k in targeted])
             b = tuple(F.pad(slices[k].b_t, (0, 0, 0, rank - slices[k].b_t.shape[0])) for k in targeted)
         flops = 2 * rank * (len(targeted) * self.d_in + sum(self.slice_widths[k] for k in targeted))
-        self.targets[slot] = AdapterSlices(targeted, rank, a.to(acc).T, tuple(w.to(acc) for w in b), flops)
+        self.targets[slot] = AdapterSlices(targeted, rank, a.to(acc).T, tuple(w.to(acc) for w in b), flops,
+                                           **vectors)
 
     def forget(self, slot: int) -> None:
         """Drop what `write_pages` or `hold` kept of `slot`'s adapter (its slot was cleared)."""
         self.targets.forget(slot)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        batch = self.context.batch
-        if batch is not None and (self.lora_a is not None or self.targets):
-            assert self.context.table is not None, "the slot pool publishes the page table"
-            add_lora(y, x, self.lora_a, self.lora_b, batch, self.slice_widths, self.context.table, self.context.backend,
-                     self.targets)
+        batch, table = self.context.batch, self.context.table
+        if batch is None or (self.lora_a is None and not self.targets):
+            return self.base(x)
+        assert table is not None, "the slot pool publishes the page table"
+        scaled = bool(scaled_slots(batch, table))
+        if scaled and len(self.slice_widths) == 1:  # only a layer with its input to itself has input scales
+            y = self.base(scale_inputs(x, batch, table, self.lora_a, self.targets))
+        else:
+            y = self.base(x)
+        add_lora(y, x, self.lora_a, self.lora_b, batch, self.slice_widths, table, self.context.backend, self.targets)
+        if scaled:
+            scale_outputs(y, batch, table, self.lora_b, self.targets, getattr(self.base, "bias", None) is not None)
         return y
 
 

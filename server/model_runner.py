@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from kernels import PageTable
-from kernels.paging import PageRows
+from kernels.paging import ZERO_PAGE, PageRows, pages_for_rank
 from server.adapter_packer import PackedAdapter
 from server.adapter_pool import ClearSlot, LoadAdapter, PoolWrite, written_rank
 from server.lora_linear import LoRALinear
@@ -111,7 +111,8 @@ class ModelRunner:
         self._static_inputs: StepBuffers | None = None
         self._table_width = 0
         self._decode_splits: dict[int, int] = {}
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # Graphs by (size, whether they apply DoRA's and IA3's vectors: `kernels.scales`).
+        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         # Per slot, an event on the side stream after its latest load's copies, until a step has waited for it.
         self._loaded: dict[int, torch.cuda.Event] = {}
 
@@ -148,14 +149,19 @@ class ModelRunner:
         if adapter.dtype != self.dtype:
             raise ValueError(f"adapter {adapter.adapter_id!r} was packed in {adapter.dtype}, not {self.dtype}")
         with self._copying():
-            rows = PageRows(list(pages), self.device)
+            rank = written_rank(adapter)
+            # Its rank pages, then (DoRA, IA3) its vector page.
+            rank_pages = list(pages)[: pages_for_rank(rank)]
+            vector_page = list(pages)[-1] if self.paged and adapter.has_vectors else None
+            rows = PageRows(rank_pages, self.device)
             for layer_index, module in self._layers:
                 slices = [adapter.weights.get((layer_index, name)) for name in module.slice_names]
+                scales = [adapter.scales.get((layer_index, name)) for name in module.slice_names]
                 if self.paged:
-                    module.write_pages(slot, rows, slices)
+                    module.write_pages(slot, rows, slices, scales, vector_page)
                 else:
-                    module.hold(slot, slices)
-            self.table.assign(slot, written_rank(adapter), rows.pages)
+                    module.hold(slot, slices, scales)
+            self.table.assign(slot, rank, rank_pages, vector_page or ZERO_PAGE, adapter.has_vectors)
             if self._copy_stream is not None:
                 self._loaded[slot] = self._copy_stream.record_event()
 
@@ -225,7 +231,8 @@ class ModelRunner:
                 logits = self._forward(self._inputs, host)
             else:
                 host = host_step(plan, self.block_size, size, self._table_width, self._scratch_block)
-                logits = self._forward_padded(host, size)[: len(plan)]
+                scaled = any(self.table.has_vectors[chunk.seq.slot] for chunk in plan if chunk.seq.slot >= 0)
+                logits = self._forward_padded(host, size, scaled)[: len(plan)]
             if overlap is not None:
                 overlap()
             tokens, logprobs = sample(logits, [chunk.seq.sampler for chunk in host.sampled])
@@ -250,10 +257,11 @@ class ModelRunner:
             return None
         return self._decode_sizes[bisect.bisect_left(self._decode_sizes, len(plan))]
 
-    def _forward_padded(self, host: HostStep, size: int) -> torch.Tensor:
-        """Logits of every row of a padded decode step: its graph replayed, or the same inputs run eagerly."""
+    def _forward_padded(self, host: HostStep, size: int, scaled: bool) -> torch.Tensor:
+        """Logits of every row of a padded decode step: its graph replayed (the one with the vectors' ops where an
+        adapter of the step has vectors), or the same inputs run eagerly."""
         assert self._static_inputs is not None
-        captured = self._graphs.get(size)
+        captured = self._graphs.get((size, scaled))
         if captured is None:
             return self._forward(self._static_inputs, host, self._decode_splits.get(size))
         graph, logits = captured
@@ -292,20 +300,23 @@ class ModelRunner:
         before = torch.cuda.memory_reserved(self.device)
         pool = torch.cuda.graph_pool_handle()
         for size in reversed(self._decode_sizes):  # largest first: the smaller graphs reuse its pool's memory
-            self._graphs[size] = self._capture(size, pool)
+            for scaled in (False, True):
+                self._graphs[size, scaled] = self._capture(size, scaled, pool)
         torch.cuda.synchronize(self.device)
         log.info("captured CUDA graphs of decode steps of %s sequences; their memory pool holds %.1f MiB",
                  ", ".join(map(str, self._decode_sizes)), (torch.cuda.memory_reserved(self.device) - before) / 2**20)
         return self._decode_sizes
 
-    def _capture(self, size: int, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        """One padded decode step of `size` rows, every row padding, captured as a graph over the static inputs."""
+    def _capture(self, size: int, scaled: bool, pool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """One padded decode step of `size` rows, every row padding, captured as a graph over the static inputs;
+        `scaled`: with the ops that apply DoRA's and IA3's vectors."""
         assert self._static_inputs is not None
         host = host_step([], self.block_size, size, self._table_width, self._scratch_block)
         step, lora_batch = self._static_inputs.load(host, self.model.args.sliding_window)
         step.attention.decode_splits = self._decode_splits[size]
         # The graph must hold the LoRA launches whatever adapters a replay brings: its tiles say which rows work.
-        self.model.lora.batch = replace(lora_batch, active_slots=tuple(range(len(self._last_use))))
+        slots = tuple(range(len(self._last_use)))
+        self.model.lora.batch = replace(lora_batch, active_slots=slots, scaled_slots=slots if scaled else ())
         try:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))

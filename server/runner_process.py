@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.multiprocessing  # noqa: F401 - registers the reductions that send CPU tensors through shared memory
 
-from server.adapter_packer import PackedAdapter, PackedWeight
+from server.adapter_packer import PackedAdapter, PackedScale, PackedWeight
 from server.adapter_pool import ClearSlot, LoadAdapter, PoolWrite
 from server.config import Settings, StartupError
 from server.model import ModelArgs
@@ -235,33 +235,36 @@ class FlatAdapter:
 
     adapter_id: str
     rank: int
+    kind: str
     buffer: torch.Tensor
-    # (key, A's offset and shape, B^T's offset and shape), offsets in elements of `buffer`
-    layout: list[tuple[tuple[int, str], int, tuple[int, ...], int, tuple[int, ...]]]
+    # (key, the offset and shape of each of its tensors: A, B^T and DoRA's magnitude if any), offsets in elements
+    # of `buffer`
+    layout: list[tuple[tuple[int, str], list[tuple[int, tuple[int, ...]]]]]
+    # (key, whether it scales the inputs, the vector's offset and length): IA3's vectors
+    scale_layout: list[tuple[tuple[int, str], bool, int, int]]
 
     def unpacked(self) -> PackedAdapter:
-        """The adapter over this buffer, each weight where the packer put it (`server/adapter_packer.py`)."""
+        """The adapter over this buffer, each tensor where the packer put it (`server/adapter_packer.py`)."""
         def view(offset: int, shape: tuple[int, ...]) -> torch.Tensor:
             return self.buffer[offset : offset + math.prod(shape)].view(shape)
 
-        weights = {key: PackedWeight(view(a_at, a_shape), view(b_at, b_shape))
-                   for key, a_at, a_shape, b_at, b_shape in self.layout}
-        return PackedAdapter(self.adapter_id, self.rank, self.buffer.dtype, weights, self.buffer)
+        weights = {key: PackedWeight(*(view(at, shape) for at, shape in parts)) for key, parts in self.layout}
+        scales = {key: PackedScale(view(at, (size,)), on_input) for key, on_input, at, size in self.scale_layout}
+        return PackedAdapter(self.adapter_id, self.rank, self.buffer.dtype, weights, self.buffer, self.kind, scales)
 
 
 def _flattened(adapter: PackedAdapter) -> FlatAdapter:
-    """The adapter's own buffer where the packer made one (in shared memory: no copy), else its weights joined."""
-    weights = list(adapter.weights.items())
+    """The adapter's own buffer where the packer made one (in shared memory: no copy), else its tensors joined."""
+    parts = [t for w in adapter.weights.values() for t in w.tensors()] + [s.vector for s in adapter.scales.values()]
     buffer = adapter.buffer
     if buffer is None:
-        parts = [t for _, w in weights for t in (w.a, w.b_t)]
         buffer = torch.cat([t.flatten() for t in parts]) if parts else torch.empty(0, dtype=adapter.dtype)
-        starts = list(itertools.accumulate((t.numel() for t in parts), initial=0))
+        starts = iter(itertools.accumulate((t.numel() for t in parts), initial=0))
     else:
-        starts = [t.storage_offset() - buffer.storage_offset() for _, w in weights for t in (w.a, w.b_t)]
-    layout = [(key, starts[2 * i], tuple(w.a.shape), starts[2 * i + 1], tuple(w.b_t.shape))
-              for i, (key, w) in enumerate(weights)]
-    return FlatAdapter(adapter.adapter_id, adapter.rank, buffer, layout)
+        starts = iter([t.storage_offset() - buffer.storage_offset() for t in parts])
+    layout = [(key, [(next(starts), tuple(t.shape)) for t in w.tensors()]) for key, w in adapter.weights.items()]
+    scale_layout = [(key, s.on_input, next(starts), s.vector.numel()) for key, s in adapter.scales.items()]
+    return FlatAdapter(adapter.adapter_id, adapter.rank, adapter.kind, buffer, layout, scale_layout)
 
 
 # ---- the worker's side ---------------------------------------------------------------------------------------

@@ -1,0 +1,117 @@
+"""Per-token scale vectors around a LoRA layer: DoRA's output scale and IA3's output and input scales.
+
+A DoRA adapter turns a layer's output into `g * (x W^T + s x A^T B^T) + bias`, `g` one value per output computed
+when the adapter is loaded (its magnitude over the row norms of `W + s B A`); an IA3 adapter multiplies a module's
+outputs (bias included) or, for a feedforward module, its inputs by a learned vector. Each is per token an
+elementwise product with the vector of the token's adapter, so one batch mixes them with LoRA and base tokens:
+
+  x' = x + x * c_in[slot]                 before the base GEMM (IA3 on a feedforward module)
+  y' = y + y * c_out[slot] + e[slot]       after base and LoRA  (DoRA: c_out = g - 1, e = -(g - 1) * bias;
+                                                                  IA3:  c_out = l - 1, e = 0)
+
+The vectors are stored minus one, so a token without them (slot -1, LoRA, untouched slices) reads zeros and is
+left as it is. Where the adapters live in pages they are rows of the adapter's vector page (`kernels.paging`);
+where a CPU model runner holds them apart they are `AdapterSlices` fields, stacked per step for the batch's
+scaled adapters. Either way a step gathers one row per token and does one multiply-add, whatever the mix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels.layer_adapters import LayerAdapters
+from kernels.metadata import LoRABatch
+from kernels.paging import PageTable
+
+# Rows of a vector page (`kernels.paging`): in the B buffer the output scale and shift, in the A buffer the input
+# scale.
+OUT_SCALE_ROW, OUT_SHIFT_ROW, IN_SCALE_ROW = 0, 1, 0
+
+
+def scaled_slots(batch: LoRABatch, table: PageTable) -> tuple[int, ...]:
+    """The step's slots whose adapters carry vectors; worked out once per step."""
+    if batch.scaled_slots is not None:
+        return batch.scaled_slots
+    key = ("scaled slots",)
+    if key not in batch.cache:
+        batch.cache[key] = tuple(slot for slot in batch.active_slots if table.has_vectors[slot])
+    return batch.cache[key]
+
+
+def scale_inputs(x: torch.Tensor, batch: LoRABatch, table: PageTable, lora_a: torch.Tensor | None,
+                 targets: LayerAdapters) -> torch.Tensor:
+    """x with each token's input scale applied (a new tensor; `x` is left as it is), or `x` when none applies."""
+    scale = _token_rows(batch, table, lora_a, IN_SCALE_ROW, targets, "in_scale")
+    return x if scale is None else x.addcmul(x, scale)
+
+
+def scale_outputs(y: torch.Tensor, batch: LoRABatch, table: PageTable, lora_b: torch.Tensor | None,
+                  targets: LayerAdapters, has_bias: bool) -> None:
+    """y += y * c_out[slot] + e[slot] per token, in place."""
+    scale = _token_rows(batch, table, lora_b, OUT_SCALE_ROW, targets, "out_scale")
+    if scale is not None:
+        y.addcmul_(y, scale)
+    if has_bias:  # only a biased layer has shifts
+        shift = _token_rows(batch, table, lora_b, OUT_SHIFT_ROW, targets, "out_shift")
+        if shift is not None:
+            y.add_(shift)
+
+
+def _token_rows(batch: LoRABatch, table: PageTable, buffer: torch.Tensor | None, row: int,
+                targets: LayerAdapters, field: str) -> torch.Tensor | None:
+    """[T, width]: each token's vector (`row` of its vector page where adapters live in `buffer`'s pages, else the
+    `field` of its adapter's `AdapterSlices`), zeros for tokens without; None where no token has one here."""
+    if buffer is not None:
+        return buffer[:, row].index_select(0, _token_pages(batch, table))
+    slots = scaled_slots(batch, table)
+    vectors = [getattr(targets[slot], field) if slot in targets else None for slot in slots]
+    some = next((vector for vector in vectors if vector is not None), None)
+    if some is None:
+        return None
+    zeros = torch.zeros_like(some)
+    stacked = torch.stack([zeros, *(zeros if vector is None else vector for vector in vectors)])
+    return F.embedding(_token_positions(batch, slots), stacked)
+
+
+def _token_pages(batch: LoRABatch, table: PageTable) -> torch.Tensor:
+    """[T] int64: each token's vector page (slot -1 reads the table's last entry, ZERO_PAGE); once per step."""
+    key = ("scale pages",)
+    if key not in batch.cache:
+        batch.cache[key] = (table.scale_pages.index_select(0, _wrapped(batch.token_slots, table)).long(),)
+    return batch.cache[key][0]
+
+
+def _wrapped(token_slots: torch.Tensor, table: PageTable) -> torch.Tensor:
+    """Slots as indices of the [num_slots + 1] vector-page table: -1 becomes the last entry."""
+    return torch.remainder(token_slots.long(), table.scale_pages.shape[0])
+
+
+def _token_positions(batch: LoRABatch, slots: tuple[int, ...]) -> torch.Tensor:
+    """[T] int64: 1 + the position of each token's slot in `slots`, 0 for a token whose slot is not there."""
+    key = ("scale positions", slots)
+    if key not in batch.cache:
+        token_slots = batch.token_slots.long()
+        lookup = torch.zeros(int(token_slots.max().item()) + 2 if token_slots.numel() else 1, dtype=torch.int64)
+        lookup[list(slots)] = torch.arange(1, len(slots) + 1)
+        batch.cache[key] = (lookup[torch.where(token_slots < 0, lookup.shape[0] - 1, token_slots)],)
+    return batch.cache[key][0]
+
+
+# Rows of the combined weight W + B A formed at once when computing DoRA's norms: bounds the temporary memory
+# (a Llama-3.1-8B gate|up slice is 14,336 x 4,096).
+_NORM_ROWS = 2048
+
+
+def dora_output_scale(weight: torch.Tensor, a: torch.Tensor, b_t: torch.Tensor,
+                      magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's g = magnitude / ||W + B A|| per output row, in float32 (PEFT's `DoraLinearLayer`, the norm taken over
+    the inputs of each output). `weight` [d_out, d_in] the base weight, `a` [r, d_in], `b_t` [r, d_out] with the
+    LoRA scale folded in, `magnitude` [d_out]."""
+    a32, b32 = a.float(), b_t.float().T
+    norms = torch.cat([
+        torch.linalg.vector_norm(weight[start : start + _NORM_ROWS].float() + b32[start : start + _NORM_ROWS] @ a32,
+                                 dim=1)
+        for start in range(0, weight.shape[0], _NORM_ROWS)
+    ])
+    return magnitude.float() / norms

@@ -1,0 +1,91 @@
+"""DoRA and IA3 adapters saved by `peft` itself, served beside LoRA and the base model: the logits of each
+equal `transformers` + `peft`'s, and one concurrent batch mixing every kind gives each request `peft`'s greedy
+tokens, with the torch kernels (adapters held as the host tier's buffers) and the Triton ones (adapters in
+pages; interpreted on a CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from server.config import Settings
+from server.runtime import build_engine
+from tests.support.hf_checkpoints import (
+    PROMPT,
+    Checkpoint,
+    StepKinds,
+    generate_all,
+    hf_greedy,
+    hf_with_adapter,
+    load_into_slot,
+    our_logits,
+    peft,
+    save_checkpoint,
+)
+
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ADAPTERS = {
+    "lora": lambda: peft.LoraConfig(r=8, lora_alpha=16, target_modules=ALL_MODULES, init_lora_weights=False),
+    "dora": lambda: peft.LoraConfig(r=4, lora_alpha=8, target_modules=ALL_MODULES, use_dora=True,
+                                    init_lora_weights=False),
+    "dora-qv-rslora": lambda: peft.LoraConfig(r=6, lora_alpha=12, target_modules=["q_proj", "v_proj"],
+                                              use_dora=True, use_rslora=True, init_lora_weights=False),
+    "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
+                                  feedforward_modules=["down_proj"]),
+}
+KIND = {"lora": "lora", "dora": "dora", "dora-qv-rslora": "dora", "ia3": "ia3"}
+
+
+def _trained_look(name: str, peft_model) -> None:
+    """Move the vectors off their initial values, as training would: a fresh DoRA magnitude is the weight norm
+    itself (its scale is exactly 1) and a fresh IA3 vector is all ones, which would hide a wrong scale."""
+    for param_name, param in peft_model.named_parameters():
+        if "lora_magnitude_vector" in param_name or "ia3_l" in param_name:
+            param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])  # qwen2: q, k and v have biases, which DoRA leaves be
+def checkpoint(request, tmp_path_factory) -> Checkpoint:
+    return save_checkpoint(tmp_path_factory.mktemp("kinds"), request.param, ADAPTERS, edit=_trained_look)
+
+
+def _engine(checkpoint: Checkpoint, backend: str, **settings):
+    device = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    return build_engine(Settings(model=checkpoint.model_dir, adapters=checkpoint.adapters_dir, device=device,
+                                 dtype="float32", lora_backend=backend, attention_backend=backend,
+                                 model_runner_process=False, **settings))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("adapter", sorted(ADAPTERS))
+def test_logits_match_peft(checkpoint: Checkpoint, adapter: str, backend: str):
+    engine = _engine(checkpoint, backend)
+    assert engine.runner.paged == (backend == "triton")  # torch: held as host buffers; triton: in pages
+    assert engine.registry.version(adapter).manifest.kind == KIND[adapter]
+    ours = our_logits(engine.runner.model, PROMPT, load_into_slot(engine, adapter)).cpu()
+    with torch.no_grad():
+        theirs = hf_with_adapter(checkpoint, adapter)(torch.tensor([PROMPT])).logits[0].float()
+        base = hf_with_adapter(checkpoint, None)(torch.tensor([PROMPT])).logits[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert (theirs - base).abs().max() > 1e-2  # the adapter matters, or this test proves nothing
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_one_batch_of_every_kind_gives_each_request_peft_s_tokens(checkpoint: Checkpoint, backend: str):
+    """LoRA, DoRA, IA3 and base-model requests at once, prompts cut into chunks that share steps with others'
+    decodes: every request gets the tokens `peft` generates for it alone."""
+    engine = _engine(checkpoint, backend, max_num_batched_tokens=16)
+    kinds = StepKinds()
+    kinds.watch(engine)
+    max_tokens = 10
+    engine.start()
+    try:
+        prompts = {name: PROMPT[: 12 + 4 * i] for i, name in enumerate([None, *sorted(ADAPTERS)])}
+        ours = asyncio.run(generate_all(engine, prompts, max_tokens=max_tokens))
+    finally:
+        engine.shutdown()
+    assert kinds.mixed_steps > 0
+    for adapter, prompt in prompts.items():
+        assert ours[adapter] == hf_greedy(checkpoint, adapter, prompt, max_tokens), f"adapter {adapter}"
