@@ -1,7 +1,8 @@
 """Parse and validate PEFT adapters: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Served kinds: LoRA (``peft_type: LORA``), DoRA (a LoRA config with ``use_dora: true``: each module also has a
-``lora_magnitude_vector``) and IA3 (``peft_type: IA3``, parsed in ``adapters_store.peft_ia3``).
+``lora_magnitude_vector``), IA3 (``peft_type: IA3``, parsed in ``adapters_store.peft_ia3``) and prompt tuning
+(``peft_type: PROMPT_TUNING``, parsed in ``adapters_store.peft_prompt``).
 Everything a tenant uploads passes through here before the server puts it on a GPU, so the rule is
 "refuse loudly": anything we cannot apply exactly as PEFT would (extra trainable modules, bias
 terms, embedding LoRA, other PEFT types, ...) is an :class:`AdapterFormatError` naming the offending field or
@@ -136,6 +137,10 @@ class BaseModelShape:
     # Modules whose input the server's model reads together with another module's (fused into one base layer,
     # e.g. q|k|v): their inputs cannot be scaled alone, so IA3 may scale only their outputs.
     shared_input_modules: frozenset[str] = frozenset()
+    hidden_size: int | None = None  # the width of token embeddings (a soft prompt's token_dim); None: unchecked
+    # The most virtual tokens a soft prompt may have: the served context must leave room for a prompt token and a
+    # generated one, and the device tier for its embeddings. None: unchecked.
+    max_virtual_tokens: int | None = None
 
 
 # eq=False: the generated __eq__ would compare tensors, which raises; identity equality is what we want.
@@ -166,13 +171,13 @@ class ScaleVector:
     on_input: bool
 
 
-ADAPTER_KINDS = ("lora", "dora", "ia3")
+ADAPTER_KINDS = ("lora", "dora", "ia3", "prompt")
 
 
 @dataclass(frozen=True, eq=False)
 class LoraAdapter:
-    """A parsed adapter of any served kind (`kind`): LoRA and DoRA fill `weights`, IA3 fills `scales` (and has
-    rank 0 and lora_alpha 0)."""
+    """A parsed adapter of any served kind (`kind`): LoRA and DoRA fill `weights`, IA3 fills `scales`, prompt
+    tuning `prompt_embeddings` (IA3 and prompt tuning have rank 0 and lora_alpha 0)."""
 
     adapter_id: str
     rank: int  # max rank over its modules
@@ -182,10 +187,13 @@ class LoraAdapter:
     config: Mapping[str, Any]  # the parsed adapter_config.json
     kind: str = "lora"
     scales: Mapping[tuple[int, str], ScaleVector] = field(default_factory=lambda: MappingProxyType({}))
+    prompt_embeddings: torch.Tensor | None = None  # [num_virtual_tokens, hidden] float32
 
     @property
     def num_bytes(self) -> int:
-        return sum(w.num_bytes for w in self.weights.values()) + sum(s.vector.nbytes for s in self.scales.values())
+        vectors = sum(s.vector.nbytes for s in self.scales.values())
+        prompt = 0 if self.prompt_embeddings is None else self.prompt_embeddings.nbytes
+        return sum(w.num_bytes for w in self.weights.values()) + vectors + prompt
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -258,10 +266,15 @@ def parse_peft_adapter(
     """Same as :func:`load_peft_adapter`, from the two files' contents held in memory."""
     validate_adapter_id(adapter_id)
     raw = _parse_config_object(config_bytes)
+    # The other kinds' parsers build on this module's helpers, hence imported here.
     if raw.get("peft_type") == "IA3":
-        from adapters_store.peft_ia3 import parse_ia3  # it builds on this module's helpers
+        from adapters_store.peft_ia3 import parse_ia3
 
         return parse_ia3(raw, safetensors_bytes, adapter_id, base, max_header_bytes, serving_dtype)
+    if raw.get("peft_type") == "PROMPT_TUNING":
+        from adapters_store.peft_prompt import parse_prompt_tuning
+
+        return parse_prompt_tuning(raw, safetensors_bytes, adapter_id, base, max_header_bytes, serving_dtype)
     config = _parse_lora_config(raw)
     header = _parse_safetensors_header(safetensors_bytes, max_header_bytes)
     # Names are checked from the header alone, so a bad file is refused before its data is touched.
@@ -461,7 +474,7 @@ def _parse_lora_config(raw: dict[str, Any]) -> dict[str, Any]:
     if peft_type is not None and peft_type != "LORA":
         raise AdapterFormatError(
             f"peft_type {json.dumps(peft_type)[:100]} is not served: lorahive serves 'LORA' (DoRA with use_dora: "
-            "true) and 'IA3'",
+            "true), 'IA3' and 'PROMPT_TUNING'",
             field="peft_type",
         )
 

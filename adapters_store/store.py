@@ -108,7 +108,8 @@ class Manifest:
     files: Mapping[str, StoredFile]  # file name -> checksum and size
     owner: str | None = None  # tenant that uploaded it; kept across replaces
     public: bool = False
-    kind: str = "lora"  # ADAPTER_KINDS; an IA3 adapter has rank 0 and lora_alpha 0
+    kind: str = "lora"  # ADAPTER_KINDS; IA3 and prompt-tuning adapters have rank 0 and lora_alpha 0
+    num_virtual_tokens: int = 0  # a prompt-tuning adapter's soft-prompt length
 
     def __post_init__(self) -> None:
         # Frozen means frozen: copy the caller's containers into immutable ones.
@@ -132,6 +133,7 @@ class Manifest:
             "owner": self.owner,
             "public": self.public,
             "kind": self.kind,
+            "num_virtual_tokens": self.num_virtual_tokens,
         }
 
     @classmethod
@@ -147,8 +149,11 @@ class Manifest:
         kind = data.get("kind", "lora")  # manifests written before other kinds were served have none
         if kind not in ADAPTER_KINDS:
             raise ValueError(f"manifest kind must be one of {', '.join(ADAPTER_KINDS)}")
-        if version < 1 or rank < (0 if kind == "ia3" else 1):
-            raise ValueError("manifest version and rank must be positive (rank 0 for IA3)")
+        if version < 1 or rank < (0 if kind in ("ia3", "prompt") else 1):
+            raise ValueError("manifest version and rank must be positive (rank 0 for IA3 and prompt tuning)")
+        num_virtual_tokens = data.get("num_virtual_tokens", 0)
+        if not isinstance(num_virtual_tokens, int) or num_virtual_tokens < (1 if kind == "prompt" else 0):
+            raise ValueError("manifest num_virtual_tokens must be a positive integer for prompt tuning")
         target_modules = _field(data, "target_modules", list)
         if not all(isinstance(m, str) for m in target_modules):
             raise ValueError("manifest target_modules must be a list of strings")
@@ -178,6 +183,7 @@ class Manifest:
             owner=owner,
             public=_field(data, "public", bool),
             kind=kind,
+            num_virtual_tokens=num_virtual_tokens,
         )
 
 
@@ -251,6 +257,7 @@ class AdapterStore:
         owner: str | None = None,
         public: bool = False,
         kind: str = "lora",
+        num_virtual_tokens: int = 0,
     ) -> Manifest:
         """Store a new adapter (version 1). AdapterFormatError for an invalid id, AdapterExistsError if taken."""
         validate_adapter_id(adapter_id)
@@ -267,6 +274,7 @@ class AdapterStore:
             owner=owner,
             public=public,
             kind=kind,
+            num_virtual_tokens=num_virtual_tokens,
         )
         with self._mutating():
             if adapter_id in self:  # fail before writing what may be a large file
@@ -306,6 +314,7 @@ class AdapterStore:
         lora_alpha: float,
         target_modules: Sequence[str],
         kind: str = "lora",
+        num_virtual_tokens: int = 0,
     ) -> Manifest:
         """Store new files for an existing adapter: version + 1; created_at, owner and public are kept."""
         files = _describe(config, weights)
@@ -323,6 +332,7 @@ class AdapterStore:
                 target_modules=tuple(target_modules),
                 files=files,
                 kind=kind,
+                num_virtual_tokens=num_virtual_tokens,
             )
             self._commit(old, new, (config, weights))
         return new

@@ -17,6 +17,7 @@ scaled adapters. Either way a step gathers one row per token and does one multip
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -88,13 +89,13 @@ def _wrapped(token_slots: torch.Tensor, table: PageTable) -> torch.Tensor:
 
 
 def _token_positions(batch: LoRABatch, slots: tuple[int, ...]) -> torch.Tensor:
-    """[T] int64: 1 + the position of each token's slot in `slots`, 0 for a token whose slot is not there."""
+    """[T] int64: 1 + the position of each token's slot in `slots`, 0 for a token whose slot is not there. Built
+    from the host's slot lists (the step's slots are `active_slots`, and -1), so nothing is read back."""
     key = ("scale positions", slots)
     if key not in batch.cache:
-        token_slots = batch.token_slots.long()
-        lookup = torch.zeros(int(token_slots.max().item()) + 2 if token_slots.numel() else 1, dtype=torch.int64)
-        lookup[list(slots)] = torch.arange(1, len(slots) + 1)
-        batch.cache[key] = (lookup[torch.where(token_slots < 0, lookup.shape[0] - 1, token_slots)],)
+        lookup = np.zeros(max(batch.active_slots, default=0) + 2, dtype=np.int64)  # the last entry: slot -1
+        lookup[list(slots)] = np.arange(1, len(slots) + 1)
+        batch.cache[key] = (torch.from_numpy(lookup).to(batch.token_slots.device)[batch.token_slots.long()],)
     return batch.cache[key][0]
 
 

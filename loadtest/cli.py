@@ -18,11 +18,11 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from loadtest.flag_values import SWEEP_KNOBS, non_negative_int, positive_int, rate, share
 from loadtest.presets import PRESETS, describe
-from loadtest.synthetic_adapters import TARGET_MODULES
+from loadtest.synthetic_adapters import ADAPTER_KINDS, TARGET_MODULES, AdapterKind
 
 COMMANDS = ("run", "sweep", "compare", "write-adapters", "presets")
 
@@ -35,6 +35,16 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object")
     return value
+
+
+def adapter_kinds(text: str) -> tuple[AdapterKind, ...]:
+    kinds = tuple(kind.strip() for kind in text.split(","))
+    unknown = [kind for kind in kinds if kind not in ADAPTER_KINDS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown adapter kind {', '.join(map(repr, unknown))}: give one of {', '.join(ADAPTER_KINDS)}, "
+            "or a comma-separated mix of them")
+    return cast("tuple[AdapterKind, ...]", kinds)
 
 
 def add_dims_flags(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +65,10 @@ def add_adapter_spec_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--lora-alpha", type=float, default=None, help="lora_alpha (default 2 x rank)")
     group.add_argument("--target-modules", default=",".join(TARGET_MODULES),
                        help="comma-separated projections to adapt (default all seven)")
+    group.add_argument("--adapter-kind", type=adapter_kinds, default="lora",
+                       help="lora (default), dora, ia3 (default targets: PEFT's k_proj,v_proj,down_proj) or prompt "
+                            "(prompt tuning: 8 virtual tokens, no rank or targets); or a comma-separated mix the "
+                            "adapters take in turn: lora,ia3 makes PREFIX00 LoRA, PREFIX01 IA3, PREFIX02 LoRA, ...")
     group.add_argument("--adapter-dtype", choices=("float16", "float32"), default="float16")
     group.add_argument("--adapter-prefix", default="lt-", help="ids are PREFIX00, PREFIX01, ... (default lt-)")
 

@@ -69,11 +69,20 @@ def _headers(args: argparse.Namespace) -> dict[str, str]:
 
 
 def adapter_spec(args: argparse.Namespace) -> AdapterSpec:
+    """The synthetic adapters' spec; with a mix of `--adapter-kind`s, the first's (`spec_for` gives each its own)."""
     targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip())
     try:
-        return AdapterSpec(rank=args.rank, alpha=args.lora_alpha, targets=targets, dtype=args.adapter_dtype)
+        return AdapterSpec(rank=args.rank, alpha=args.lora_alpha, targets=targets, dtype=args.adapter_dtype,
+                           kind=args.adapter_kind[0])
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def _describe_adapters(args: argparse.Namespace) -> str:
+    """The synthetic adapters' kinds, for messages, and their rank if any kind has one."""
+    kinds = ",".join(dict.fromkeys(args.adapter_kind))
+    ranked = {"lora", "dora"} & set(args.adapter_kind)
+    return f"{kinds}, rank {args.rank}" if ranked else kinds
 
 
 def _dims_flags(args: argparse.Namespace) -> dict[str, int | None]:
@@ -103,10 +112,11 @@ async def prepare_target(args: argparse.Namespace, http: httpx.AsyncClient, prov
     if provision_count:
         dims = resolve_dims(_dims_flags(args), info.dims, _model_config(args), info.base_model)
         ids = adapter_ids(provision_count, args.adapter_prefix)
-        _say(f"provisioning {len(ids)} synthetic adapters (rank {args.rank}) on {url} for {info.base_model} ...")
+        _say(f"provisioning {len(ids)} synthetic adapters ({_describe_adapters(args)}) on {url} for "
+             f"{info.base_model} ...")
         progress = _CountLine(len(ids), "uploaded", enabled=not args.no_progress)
         await provision(http, url, ids, dims, adapter_spec(args), args.seed, info.base_model,
-                        args.provision_parallel, headers, progress.update, target.provisioned)
+                        args.provision_parallel, headers, progress.update, target.provisioned, args.adapter_kind)
         progress.close()
         if target.provisioned.existing:
             _say(f"{len(target.provisioned.existing)} of them already existed and are reused (not deleted afterwards)")
@@ -234,6 +244,7 @@ def describe_run(args: argparse.Namespace, target: Target, workload: Workload, l
         "preset": args.preset,
         "provisioned": len(target.provisioned.created) + len(target.provisioned.existing),
         "rank": args.rank if args.provision else None,
+        "adapter_kind": ",".join(args.adapter_kind) if args.provision else None,
     }
 
 
@@ -480,7 +491,7 @@ def write_adapters_command(args: argparse.Namespace) -> int:
         except ProvisioningError as exc:
             raise UsageError(str(exc).replace("its model card publishes no 'dims'", "no dimensions given")) from None
     ids = write_adapters(args.directory, args.count, dims, adapter_spec(args), args.adapter_prefix, args.seed,
-                         args.base_model)
-    print(f"wrote {len(ids)} adapters ({ids[0]} .. {ids[-1]}, rank {args.rank}) to {args.directory}")
+                         args.base_model, args.adapter_kind)
+    print(f"wrote {len(ids)} adapters ({ids[0]} .. {ids[-1]}, {_describe_adapters(args)}) to {args.directory}")
     return 0
 

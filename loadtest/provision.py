@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from loadtest.synthetic_adapters import AdapterSpec, BaseDims, adapter_files, adapter_seed
+from loadtest.synthetic_adapters import AdapterKind, AdapterSpec, BaseDims, adapter_files, adapter_seed, spec_for
 
 BUSY_RETRIES = 100  # 429s in a row before an upload gives up (lorahive says Retry-After: 1)
 DIMS_FLAGS = "--hidden-size, --intermediate-size, --num-layers, --num-heads, --num-kv-heads and --head-dim"
@@ -161,16 +161,18 @@ async def provision(
     headers: dict[str, str] | None = None,
     on_done: Callable[[int], None] | None = None,
     outcome: ProvisionOutcome | None = None,
+    kinds: Sequence[AdapterKind] = (),
 ) -> ProvisionOutcome:
-    """Uploads a synthetic adapter for each id, `parallel` at a time (weights are generated in a worker
-    thread so the event loop keeps the uploads going). Pass `outcome` to learn what was created even
-    when a later upload fails; the first failure cancels the uploads still running."""
+    """Uploads a synthetic adapter for each id, of `kinds` in turn (see `spec_for`), `parallel` at a time
+    (weights are generated in a worker thread so the event loop keeps the uploads going). Pass `outcome` to
+    learn what was created even when a later upload fails; the first failure cancels the uploads still running."""
     outcome = outcome if outcome is not None else ProvisionOutcome()
     gate = asyncio.Semaphore(parallel)
 
     async def one(index: int, adapter_id: str) -> None:
         async with gate:
-            config, weights = await asyncio.to_thread(adapter_files, dims, spec, adapter_seed(seed, index), base_model)
+            config, weights = await asyncio.to_thread(
+                adapter_files, dims, spec_for(spec, kinds, index), adapter_seed(seed, index), base_model)
             created = await upload_adapter(http, url, adapter_id, config, weights, headers)
             (outcome.created if created else outcome.existing).append(adapter_id)
             if on_done is not None:

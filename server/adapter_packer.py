@@ -1,20 +1,20 @@
 """Packing an adapter for the device tier, done by the threads that read it, never by the engine thread.
 
 A parsed and checked `LoraAdapter` holds each module's A [r, d_in] and B [d_out, r] in fp32 with its LoRA scale
-apart. The adapter pages (`kernels.paging`) hold, per rank row, A's row and B's column with the scale folded in,
-in the serving dtype. `AdapterPacker.pack` makes that form on the loader thread (and on the upload thread for an
-upload): per (layer, module), A's rank rows and B transposed with the scale folded in (in fp32, then one cast),
-and DoRA's magnitude or IA3's vector where the adapter has them, contiguous, all in one buffer (per layer every A,
-then every B^T, then the magnitudes; IA3's vectors last): pinned on CUDA so the runner's host-to-device
-copies are asynchronous, in shared memory for a model runner in another process. The host tier holds this
-`PackedAdapter`, so a load on the engine thread only issues copies (`ModelRunner.load_adapter`); a CPU model runner
-copies nothing and reads it where it is (`LoRALinear.hold`).
+apart. The adapter pages (`kernels.paging`) hold, per rank row, A's row and B's column with the scale folded in, in
+the serving dtype. `AdapterPacker.pack` makes that form on the loader thread (and on the upload thread for an
+upload): per (layer, module), A's rank rows and B transposed with the scale folded in (in fp32, then one cast), and
+DoRA's magnitude or IA3's vector where the adapter has them, contiguous, all in one buffer (per layer every A, then
+every B^T, then the magnitudes; IA3's vectors or a soft prompt's embeddings last): pinned on CUDA so the runner's
+host-to-device copies are asynchronous, in shared memory for a model runner in another process. The host tier holds
+this `PackedAdapter`, so a load on the engine thread only issues copies (`ModelRunner.load_adapter`); a CPU model
+runner copies nothing and reads it where it is (`LoRALinear.hold`).
 
 Why per module and only the adapter's own rank rows rather than whole pages (`kernels.paging.pack_pages`): whole
 pages pad every rank up to a multiple of 16 and hold zeros for every module the adapter does not target, and the
-host tier would hold (and count) those zeros: a rank-8 adapter of q_proj and v_proj takes 10.6x its weights'
-bytes as whole pages on SmolLM2-135M. This form takes exactly the weights' bytes in the serving dtype (half of
-them in bf16); the device write zeroes the rest of the pages.
+host tier would hold (and count) those zeros: a rank-8 adapter of q_proj and v_proj takes 10.6x its weights' bytes
+as whole pages on SmolLM2-135M. This form takes exactly the weights' bytes in the serving dtype (half of them in
+bf16); the device write zeroes the rest of the pages.
 """
 
 from __future__ import annotations
@@ -62,16 +62,22 @@ class PackedAdapter:
     buffer: torch.Tensor | None = None
     kind: str = "lora"  # adapters_store.ADAPTER_KINDS
     scales: Mapping[tuple[int, str], PackedScale] = field(default_factory=dict)  # IA3: (layer, module) -> vector
+    prompt: torch.Tensor | None = None  # prompt tuning: [num_virtual_tokens, hidden], the soft prompt
 
     @property
     def num_bytes(self) -> int:
         return (sum(t.nbytes for w in self.weights.values() for t in w.tensors())
-                + sum(s.vector.nbytes for s in self.scales.values()))
+                + sum(s.vector.nbytes for s in self.scales.values())
+                + (0 if self.prompt is None else self.prompt.nbytes))
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return 0 if self.prompt is None else self.prompt.shape[0]
 
     @property
     def has_vectors(self) -> bool:
         """Whether it scales outputs or inputs (DoRA, IA3): the device tier then gives it one more page."""
-        return self.kind != "lora"
+        return self.kind in ("dora", "ia3")
 
 
 class AdapterPacker:
@@ -102,6 +108,8 @@ class AdapterPacker:
             order += [(parts, part) for part in range(3) for parts in layer if part < len(parts)]
         vectors = {key: [adapter.scales[key].vector] for key in scale_keys}
         order += [(vectors[key], 0) for key in scale_keys]
+        prompt = [] if adapter.prompt_embeddings is None else [adapter.prompt_embeddings]
+        order += [(prompt, 0)] if prompt else []
         buffer = torch.empty(sum(parts[part].numel() for parts, part in order), dtype=self.dtype,
                              pin_memory=self.pin_memory)
         if self.share_memory:
@@ -115,4 +123,5 @@ class AdapterPacker:
             offset += tensor.numel()
         weights = {key: PackedWeight(*tensors[key]) for key in keys}
         scales = {key: PackedScale(vectors[key][0], adapter.scales[key].on_input) for key in scale_keys}
-        return PackedAdapter(adapter.adapter_id, adapter.rank, self.dtype, weights, buffer, adapter.kind, scales)
+        return PackedAdapter(adapter.adapter_id, adapter.rank, self.dtype, weights, buffer, adapter.kind, scales,
+                             prompt[0] if prompt else None)

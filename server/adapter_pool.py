@@ -58,10 +58,12 @@ def written_rank(adapter: PackedAdapter) -> int:
     return max((w.a.shape[0] for w in adapter.weights.values()), default=0)
 
 
-def adapter_pages(adapter: PackedAdapter) -> int:
-    """Pages an adapter takes in every LoRA layer: those of its rank rows, and one for its vectors (DoRA's scale,
-    IA3's) where it has them (`server.lora_linear.LoRALinear.write_pages`)."""
-    return pages_for_rank(written_rank(adapter)) + adapter.has_vectors
+def adapter_pages(adapter: PackedAdapter, prompt_rows_per_page: int) -> int:
+    """Pages an adapter takes in every LoRA layer: those of its rank rows, one for its vectors (DoRA's scale, IA3's)
+    where it has them (`server.lora_linear.LoRALinear.write_pages`), and those its soft prompt fills at
+    `prompt_rows_per_page` embeddings a page (`server.model_runner.soft_prompt_rows_per_page`)."""
+    prompt_pages = -(-adapter.num_virtual_tokens // prompt_rows_per_page) if adapter.num_virtual_tokens else 0
+    return pages_for_rank(written_rank(adapter)) + adapter.has_vectors + prompt_pages
 
 
 def max_rank_adapter_bytes(max_rank: int, page_bytes: int, paged: bool) -> int:
@@ -80,12 +82,13 @@ class AdapterSlotPool:
     (`server.model_runner.adapter_page_bytes`). `max_bytes` None: enough pages for `num_slots` max-rank adapters."""
 
     def __init__(self, num_slots: int | None, max_rank: int, page_bytes: int, max_bytes: int | None = None,
-                 paged: bool = True):
+                 paged: bool = True, prompt_rows_per_page: int = 1):
         if max_bytes is None and num_slots is None:
             raise ValueError("the device tier needs a byte budget or a slot count")
         self.max_rank = max_rank
         self.page_bytes = page_bytes
         self.paged = paged
+        self.prompt_rows_per_page = prompt_rows_per_page
         # The memory unit: a page, or a byte of packed weights.
         self.unit_bytes = page_bytes if paged else 1
         one = max_rank_adapter_bytes(max_rank, page_bytes, paged)
@@ -214,7 +217,11 @@ class AdapterSlotPool:
         if max(rank, adapter.rank) > self.max_rank:
             raise ValueError(f"adapter {adapter.adapter_id!r} has rank {max(rank, adapter.rank)} > max rank "
                              f"{self.max_rank}")
-        return adapter_pages(adapter) if self.paged else adapter.num_bytes
+        units = adapter_pages(adapter, self.prompt_rows_per_page) if self.paged else adapter.num_bytes
+        if units > self.capacity_units:  # it could never be served: say so rather than wait for room forever
+            raise ValueError(f"adapter {adapter.adapter_id!r} needs {units * self.unit_bytes} bytes of the device "
+                             f"tier, which holds {self.capacity_bytes}")
+        return units
 
     def _make_room(self, units_needed: int, keep: Collection[Hashable] = ()) -> int | None:
         """A free slot with `units_needed` free units, evicting least recently used unpinned adapters not in

@@ -34,7 +34,7 @@ from server.adapter_registry import AdapterRegistry, AdapterVersion
 from server.kv_blocks import BlockAllocator
 from server.metrics import Metrics
 from server.model import ModelArgs
-from server.model_runner import StepOutput
+from server.model_runner import StepOutput, soft_prompt_rows_per_page
 from server.requests import (
     AdapterBrokenError,
     AdapterChangedError,
@@ -110,8 +110,14 @@ class AdapterResidency:
 
     tier: str
     rank: int
+    kind: str  # adapters_store.ADAPTER_KINDS
     pinned: bool  # --pin: never evicted from the host tier
     sequences: int  # sequences holding its device slot now; 0: idle
+
+
+def _kind(adapter: AdapterVersion | None) -> str:
+    """The metrics' kind label of a request's adapter: its kind, or "base" for none."""
+    return "base" if adapter is None else adapter.manifest.kind
 
 
 def _adapter_ids(sequences: list[Sequence]) -> tuple[str, ...]:
@@ -214,7 +220,7 @@ class Engine:
         self.registry = registry
         self.allocator = BlockAllocator(config.num_kv_blocks, config.block_size)
         self.pool = AdapterSlotPool(config.max_gpu_adapters, config.max_lora_rank, page_bytes,
-                                    config.max_gpu_adapter_bytes, paged)
+                                    config.max_gpu_adapter_bytes, paged, soft_prompt_rows_per_page(args))
         self.runner = make_runner(config.num_kv_blocks, config.block_size, self.pool.num_slots, self.pool.max_rank,
                                   self.pool.num_pages)
         self.device = self.runner.device
@@ -278,9 +284,17 @@ class Engine:
         except RequestError:
             self.waiting_quota.leave(request_id)
             raise
+        if adapter is not None and adapter.manifest.num_virtual_tokens:
+            try:
+                self._check_context(request, adapter.manifest.num_virtual_tokens)
+            except RequestError:
+                for _ in range(request.n):
+                    self.registry.unbind(adapter)
+                self.waiting_quota.leave(request_id)
+                raise
         stream = RequestStream(request_id, len(request.prompt_token_ids), request.n, self, request.incremental)
         seqs = [self._new_sequence(request, request_id, i, adapter) for i in range(request.n)]
-        self.metrics.request_submitted(request.adapter_id, len(request.prompt_token_ids))
+        self.metrics.request_submitted(request.adapter_id, len(request.prompt_token_ids), _kind(adapter))
         self._post("add", (stream, seqs))
         return stream
 
@@ -326,6 +340,27 @@ class Engine:
             raise AdapterNotFoundError(adapter_id)
         return version
 
+    def _check_context(self, request: GenerationRequest, virtual_tokens: int = 0) -> None:
+        """The request's tokens (a soft prompt's `virtual_tokens` first, which take context like prompt tokens) fit
+        the context and the KV cache."""
+        prompt_len = len(request.prompt_token_ids)
+        total = virtual_tokens + prompt_len + request.params.max_tokens
+        soft = f"the adapter's soft prompt takes {virtual_tokens} tokens, " if virtual_tokens else ""
+        if total > self.max_model_len:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens; {soft}the prompt has "
+                f"{prompt_len} and max_tokens asks for {request.params.max_tokens} more.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        capacity = self.allocator.num_blocks * self.allocator.block_size
+        if total > capacity:
+            raise RequestError(
+                f"{'soft prompt + ' if virtual_tokens else ''}prompt + max_tokens = {total} tokens can never fit in "
+                f"this server's KV cache of {capacity} tokens.",
+                param="max_tokens",
+            )
+
     def _validate(self, request: GenerationRequest) -> None:
         if request.n < 1:
             raise RequestError(f"n must be at least 1, got {request.n}.", param="n")
@@ -335,20 +370,7 @@ class Engine:
             raise RequestError("The prompt is empty.", param="prompt")
         if any(not 0 <= t < self.tokenizer.vocab_size for t in request.prompt_token_ids):
             raise RequestError(f"Prompt token ids must lie in [0, {self.tokenizer.vocab_size}).", param="prompt")
-        total = prompt_len + request.params.max_tokens
-        if total > self.max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens; the prompt has {prompt_len} "
-                f"and max_tokens asks for {request.params.max_tokens} more.",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        capacity = self.allocator.num_blocks * self.allocator.block_size
-        if total > capacity:
-            raise RequestError(
-                f"prompt + max_tokens = {total} tokens can never fit in this server's KV cache of {capacity} tokens.",
-                param="max_tokens",
-            )
+        self._check_context(request)
 
     def _new_sequence(self, request: GenerationRequest, request_id: str, index: int, adapter) -> Sequence:
         params = request.params
@@ -358,12 +380,16 @@ class Engine:
         seed = secrets.randbits(63) if params.seed is None else (params.seed * _SEED_MIX + index) % 2**63
         generator = torch.Generator().manual_seed(seed)
         detokenizer = IncrementalDetokenizer(self.tokenizer, params.stop, params.include_stop_str_in_output)
+        # A soft prompt's virtual tokens come first and take KV positions like prompt tokens; their ids are never
+        # embedded (the model runner puts the adapter's embeddings there), so any id does.
+        virtual = adapter.manifest.num_virtual_tokens if adapter is not None else 0
         return Sequence(
             seq_id=next(self._seq_ids),
             request_id=request_id,
             choice_index=index,
-            token_ids=list(request.prompt_token_ids),
-            num_prompt_tokens=len(request.prompt_token_ids),
+            token_ids=[0] * virtual + list(request.prompt_token_ids),
+            num_prompt_tokens=virtual + len(request.prompt_token_ids),
+            num_virtual_tokens=virtual,
             adapter=adapter,
             sampler=SamplerState(params, generator),
             detokenizer=detokenizer,
@@ -411,7 +437,8 @@ class Engine:
                 continue
             slot = device.get(version)
             residency[version.adapter_id] = AdapterResidency(
-                "gpu" if slot is not None else "host", version.manifest.rank, version.adapter_id in pinned,
+                "gpu" if slot is not None else "host", version.manifest.rank, version.manifest.kind,
+                version.adapter_id in pinned,
                 self.pool.pinned(slot) if slot is not None else 0)
         return residency
 
@@ -595,7 +622,7 @@ class Engine:
         else:
             self.metrics.next_token(now - seq.last_token_time)
         seq.last_token_time = now
-        self.metrics.tokens_generated(seq.adapter.adapter_id if seq.adapter else None, 1)
+        self.metrics.tokens_generated(seq.adapter.adapter_id if seq.adapter else None, 1, _kind(seq.adapter))
         params = seq.sampler.params
         finish: FinishReason | None = None
         if (token in self.tokenizer.eos_token_ids and not params.ignore_eos) or token in params.stop_token_ids:

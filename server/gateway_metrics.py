@@ -16,7 +16,7 @@ gauges, parsing them as vLLM exports them:
   sequences of a batch and the device tier's memory allow), so that the picker can tell a server with room for
   one more. One series: the current one.
 
-`lorahive_adapter_residency{adapter, tier, rank, pinned}`: one series for every adapter with weights on the
+`lorahive_adapter_residency{adapter, tier, rank, kind, pinned}`: one series for every adapter with weights on the
 device or in host memory, idle ones included (vLLM shows only adapters with requests); its value is the
 sequences using it now. Adapters held on disk alone are counted, not listed (`lorahive_adapters_resident`), so
 the series stay as few as the tiers' memory holds.
@@ -69,10 +69,11 @@ class GatewayCollector(Collector):
         yield lora
         residency = GaugeMetricFamily(
             "lorahive_adapter_residency", "Every adapter with weights on the device (tier=gpu) or only in host "
-            "memory (tier=host), idle ones included, with its rank and whether --pin keeps it; the value is the "
-            "sequences using it now.", labels=["adapter", "tier", "rank", "pinned"])
+            "memory (tier=host), idle ones included, with its rank, kind (lora, dora, ia3) and whether --pin keeps "
+            "it; the value is the sequences using it now.", labels=["adapter", "tier", "rank", "kind", "pinned"])
         for adapter_id, held in sorted(engine.adapter_residency().items()):
-            residency.add_metric([adapter_id, held.tier, str(held.rank), str(held.pinned).lower()], held.sequences)
+            residency.add_metric([adapter_id, held.tier, str(held.rank), held.kind, str(held.pinned).lower()],
+                                 held.sequences)
         yield residency
 
 

@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from adapters_store import ADAPTER_KINDS
 from server.gateway_metrics import GatewayCollector
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ TIERS = ("gpu", "host", "disk")
 TRANSITIONS = ("disk_to_host", "host_to_gpu")
 FINISH_REASONS = ("stop", "length", "abort", "error")
 REJECT_REASONS = ("queue_full", "draining")  # 429 past --max-waiting-requests; 503 while draining after SIGTERM
+REQUEST_KINDS = ("base", *ADAPTER_KINDS)  # the kind of adapter a request uses; base: none
 
 # LLM latencies: from a millisecond to a minute for the first token and the whole request.
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -203,6 +205,15 @@ class Metrics:
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
         self.prompt_tokens = Counter("lorahive_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+        self.kind_requests = Counter(
+            "lorahive_adapter_kind_requests", "Requests admitted, by the kind of adapter they use (base: none).",
+            ["kind"], registry=r)
+        self.kind_generation_tokens = Counter(
+            "lorahive_adapter_kind_generation_tokens", "Tokens generated, by the kind of adapter that made them "
+            "(base: none).", ["kind"], registry=r)
+        for kind in REQUEST_KINDS:
+            self.kind_requests.labels(kind)
+            self.kind_generation_tokens.labels(kind)
         self.generation_tokens = Counter("lorahive_generation_tokens", "Tokens generated.", registry=r)
         self.queue_time = Histogram(
             "lorahive_request_queue_time_seconds", "Arrival to first admission into a batch, per sequence.",
@@ -273,8 +284,9 @@ class Metrics:
     def request_rejected(self, reason: str) -> None:
         self.rejected.labels(reason).inc()
 
-    def request_submitted(self, adapter_id: str | None, prompt_tokens: int) -> None:
+    def request_submitted(self, adapter_id: str | None, prompt_tokens: int, kind: str = "base") -> None:
         self.prompt_tokens.inc(prompt_tokens)
+        self.kind_requests.labels(kind).inc()
         if adapter_id is not None:
             self.top_adapters.add(adapter_id, requests=1, prompt_tokens=prompt_tokens)
 
@@ -286,8 +298,9 @@ class Metrics:
         self.batch_size.observe(num_sequences)
         self.step_tokens.observe(num_tokens)
 
-    def tokens_generated(self, adapter_id: str | None, count: int) -> None:
+    def tokens_generated(self, adapter_id: str | None, count: int, kind: str = "base") -> None:
         self.generation_tokens.inc(count)
+        self.kind_generation_tokens.labels(kind).inc(count)
         if adapter_id is not None:
             self.top_adapters.add(adapter_id, generation_tokens=count)
 

@@ -119,6 +119,11 @@ class ModelArgs:
         }
 
 
+# The projections each fused base layer computes from one input (`Attention.wqkv`, `FeedForward.w_gate_up`): an
+# adapter cannot scale the input of one of them alone (IA3's feedforward scaling is served on o_proj, down_proj).
+SHARED_INPUT_MODULES = frozenset({"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"})
+
+
 def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
     """Inverse frequencies of rotary embedding, with linear or Llama-3 scaling applied."""
     inv_freq = 1.0 / (args.rope_theta ** (torch.arange(0, args.head_dim, 2, dtype=torch.float64) / args.head_dim))
@@ -168,6 +173,8 @@ class StepBatch:
     attention: AttentionBatch  # where each sequence's queries and cached keys are (tokens sequence by sequence)
     sliding_window: int | None  # a query at position p sees keys j with p - j < window; None: all j <= p
     logits_index: torch.Tensor  # [B'] rows whose next-token logits are wanted
+    # (rows [V], embeddings [V, dim]): rows that take these embeddings instead of their token's (soft prompts)
+    input_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class AttentionContext:
@@ -284,6 +291,9 @@ class Transformer(nn.Module):
     def forward(self, step: StepBatch, cache: KVCache) -> torch.Tensor:
         """Next-token logits (fp32) for the rows in `step.logits_index`."""
         x = self.tok_embeddings(step.input_ids)
+        if step.input_embeddings is not None:
+            rows, embeddings = step.input_embeddings
+            x = x.index_copy(0, rows, embeddings.to(x.dtype))
         cos = self.rope_cos[step.positions].to(x.dtype)
         sin = self.rope_sin[step.positions].to(x.dtype)
         for layer in self.layers:

@@ -26,11 +26,11 @@ from dataclasses import dataclass, replace
 import torch
 
 from kernels import PageTable
-from kernels.paging import ZERO_PAGE, PageRows, pages_for_rank
+from kernels.paging import PAGE_RANK, ZERO_PAGE, PageRows, pages_for_rank
 from server.adapter_packer import PackedAdapter
 from server.adapter_pool import ClearSlot, LoadAdapter, PoolWrite, written_rank
 from server.lora_linear import LoRALinear
-from server.model import KVCache, Transformer
+from server.model import KVCache, ModelArgs, Transformer
 from server.requests import TokenLogprob
 from server.sampling import sample
 from server.scheduler import ScheduledChunk
@@ -55,6 +55,13 @@ def holds_adapters_in_pages(model: Transformer) -> bool:
     torch kernels read the host tier's packed weights where they are: device memory is host memory there, and a
     copy would only double it."""
     return model.output.weight.device.type != "cpu" or model.lora.backend != "torch"
+
+
+def soft_prompt_rows_per_page(args: ModelArgs) -> int:
+    """Soft-prompt embeddings one adapter page holds: the rows of its A pages that are as wide as the model's
+    embeddings, those of q|k|v (3 x PAGE_RANK) and gate|up (2 x PAGE_RANK) in every layer. A prompt-tuning adapter
+    takes pages as any adapter does, and the runner writes its embeddings there (`ModelRunner.load_adapter`)."""
+    return args.n_layers * 5 * PAGE_RANK
 
 
 def adapter_page_bytes(model: Transformer) -> int:
@@ -96,6 +103,10 @@ class ModelRunner:
             if isinstance(module, LoRALinear)
         ]
         self.paged = holds_adapters_in_pages(model) if paged is None else paged
+        # Where soft prompts go in pages: the A buffers as wide as the embeddings (`soft_prompt_rows_per_page`).
+        self._prompt_blocks = [module for _, module in self._layers if module.slice_names[0] in ("q_proj", "gate_proj")]
+        # Per slot holding a prompt-tuning adapter, its soft prompt: views of its pages, or of the host tier's buffer.
+        self._prompts: dict[int, list[torch.Tensor]] = {}
         for _, module in self._layers:
             module.drop_adapters()  # a runner before this one may have left some
             if self.paged:
@@ -150,9 +161,11 @@ class ModelRunner:
             raise ValueError(f"adapter {adapter.adapter_id!r} was packed in {adapter.dtype}, not {self.dtype}")
         with self._copying():
             rank = written_rank(adapter)
-            # Its rank pages, then (DoRA, IA3) its vector page.
-            rank_pages = list(pages)[: pages_for_rank(rank)]
-            vector_page = list(pages)[-1] if self.paged and adapter.has_vectors else None
+            # Its rank pages, then (DoRA, IA3) its vector page, then (prompt tuning) its soft prompt's pages.
+            rank_pages, rest = list(pages)[: pages_for_rank(rank)], list(pages)[pages_for_rank(rank) :]
+            vector_page = rest.pop(0) if self.paged and adapter.has_vectors else None
+            if adapter.prompt is not None:
+                self._prompts[slot] = self._write_prompt(rest, adapter.prompt) if self.paged else [adapter.prompt]
             rows = PageRows(rank_pages, self.device)
             for layer_index, module in self._layers:
                 slices = [adapter.weights.get((layer_index, name)) for name in module.slice_names]
@@ -165,6 +178,29 @@ class ModelRunner:
             if self._copy_stream is not None:
                 self._loaded[slot] = self._copy_stream.record_event()
 
+    def _write_prompt(self, pages: list[int], prompt: torch.Tensor) -> list[torch.Tensor]:
+        """Copy a soft prompt into `pages`' embedding-wide A rows, in order; the views that hold it."""
+        views: list[torch.Tensor] = []
+        done = 0
+        for page in pages:
+            for module in self._prompt_blocks:
+                if done == len(prompt):
+                    return views
+                block = module.lora_a[page][: len(prompt) - done]
+                block.copy_(prompt[done : done + block.shape[0]], non_blocking=True)
+                views.append(block)
+                done += block.shape[0]
+        if done < len(prompt):
+            raise ValueError(f"a soft prompt of {len(prompt)} embeddings does not fit {len(pages)} pages")
+        return views
+
+    def _soft_prompt_rows(self, virtual: tuple[tuple[int, int, int, int], ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows of the step, their embeddings) for a step's soft-prompt positions (`HostStep.virtual`)."""
+        rows = torch.cat([torch.arange(start, start + count) for start, _, _, count in virtual])
+        embeddings = torch.cat([torch.cat(self._prompts[slot])[first : first + count]
+                                for _, slot, first, count in virtual])
+        return rows.to(self.device, non_blocking=True), embeddings
+
     def clear_slot(self, slot: int) -> None:
         """Point `slot`'s row at the zero page once the last step that read it has run; its pages are free after."""
         with self._copying():
@@ -174,6 +210,7 @@ class ModelRunner:
                 self._last_use[slot] = None
             for _, module in self._layers:
                 module.forget(slot)
+            self._prompts.pop(slot, None)
             self.table.clear(slot)
 
     def mark_read(self, slots: Collection[int]) -> None:
@@ -243,6 +280,8 @@ class ModelRunner:
     def _forward(self, inputs: StepBuffers, host: HostStep, splits: int | None = None) -> torch.Tensor:
         step, lora_batch = inputs.load(host, self.model.args.sliding_window)
         step.attention.decode_splits = splits
+        if host.virtual:
+            step.input_embeddings = self._soft_prompt_rows(host.virtual)
         self.model.lora.batch = lora_batch
         try:
             return self.model(step, self.cache)

@@ -73,8 +73,9 @@ class ChunkInput:
     blocks: tuple[int, ...]
     offset: int
     new_tokens: tuple[int, ...]
-    # The first time the worker sees the sequence: its prompt length, sampling parameters and generator state.
-    start: tuple[int, SamplingParams, torch.Tensor] | None = None
+    # The first time the worker sees the sequence: its prompt length, sampling parameters, generator state and
+    # soft-prompt length.
+    start: tuple[int, SamplingParams, torch.Tensor, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class _MirroredSequence:
     slot: int = -1
     num_computed: int = 0
     blocks: list[int] = field(default_factory=list)
+    num_virtual_tokens: int = 0
 
     def extend(self, offset: int, tokens: tuple[int, ...]) -> None:
         """The sequence's tokens from `offset` on are `tokens`; its sampler's outputs follow."""
@@ -186,7 +188,8 @@ class ProcessRunner:
         sent = self._sent.get(seq.seq_id, 0)
         start = None
         if not sent:  # the worker may not have it yet (or only from a step that failed): all of it, from the start
-            start = (seq.num_prompt_tokens, seq.sampler.params, seq.sampler.generator.get_state())
+            start = (seq.num_prompt_tokens, seq.sampler.params, seq.sampler.generator.get_state(),
+                     seq.num_virtual_tokens)
         return ChunkInput(seq.seq_id, chunk.num_tokens, seq.num_computed, seq.slot, tuple(seq.blocks), sent,
                           tuple(seq.token_ids[sent:]), start)
 
@@ -242,6 +245,7 @@ class FlatAdapter:
     layout: list[tuple[tuple[int, str], list[tuple[int, tuple[int, ...]]]]]
     # (key, whether it scales the inputs, the vector's offset and length): IA3's vectors
     scale_layout: list[tuple[tuple[int, str], bool, int, int]]
+    prompt_layout: tuple[int, tuple[int, ...]] | None  # a soft prompt's offset and shape
 
     def unpacked(self) -> PackedAdapter:
         """The adapter over this buffer, each tensor where the packer put it (`server/adapter_packer.py`)."""
@@ -250,12 +254,15 @@ class FlatAdapter:
 
         weights = {key: PackedWeight(*(view(at, shape) for at, shape in parts)) for key, parts in self.layout}
         scales = {key: PackedScale(view(at, (size,)), on_input) for key, on_input, at, size in self.scale_layout}
-        return PackedAdapter(self.adapter_id, self.rank, self.buffer.dtype, weights, self.buffer, self.kind, scales)
+        prompt = None if self.prompt_layout is None else view(*self.prompt_layout)
+        return PackedAdapter(self.adapter_id, self.rank, self.buffer.dtype, weights, self.buffer, self.kind, scales,
+                             prompt)
 
 
 def _flattened(adapter: PackedAdapter) -> FlatAdapter:
     """The adapter's own buffer where the packer made one (in shared memory: no copy), else its tensors joined."""
     parts = [t for w in adapter.weights.values() for t in w.tensors()] + [s.vector for s in adapter.scales.values()]
+    parts += [] if adapter.prompt is None else [adapter.prompt]
     buffer = adapter.buffer
     if buffer is None:
         buffer = torch.cat([t.flatten() for t in parts]) if parts else torch.empty(0, dtype=adapter.dtype)
@@ -264,7 +271,8 @@ def _flattened(adapter: PackedAdapter) -> FlatAdapter:
         starts = iter([t.storage_offset() - buffer.storage_offset() for t in parts])
     layout = [(key, [(next(starts), tuple(t.shape)) for t in w.tensors()]) for key, w in adapter.weights.items()]
     scale_layout = [(key, s.on_input, next(starts), s.vector.numel()) for key, s in adapter.scales.items()]
-    return FlatAdapter(adapter.adapter_id, adapter.rank, adapter.kind, buffer, layout, scale_layout)
+    prompt_layout = None if adapter.prompt is None else (next(starts), tuple(adapter.prompt.shape))
+    return FlatAdapter(adapter.adapter_id, adapter.rank, adapter.kind, buffer, layout, scale_layout, prompt_layout)
 
 
 # ---- the worker's side ---------------------------------------------------------------------------------------
@@ -338,8 +346,9 @@ class _Worker:
         for chunk in request.chunks:
             seq = self.sequences.get(chunk.seq_id)
             if seq is None:
-                num_prompt, params, state = chunk.start
-                seq = _MirroredSequence([], SamplerState(params, torch.Generator().set_state(state)), num_prompt)
+                num_prompt, params, state, virtual = chunk.start
+                seq = _MirroredSequence([], SamplerState(params, torch.Generator().set_state(state)), num_prompt,
+                                        num_virtual_tokens=virtual)
                 self.sequences[chunk.seq_id] = seq
             seq.extend(chunk.offset, chunk.new_tokens)
             seq.slot, seq.num_computed, seq.blocks = chunk.slot, chunk.num_computed, list(chunk.blocks)

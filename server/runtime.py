@@ -24,8 +24,8 @@ from server.demo import DEMO_DESCRIPTION, DEMO_MODEL_NAME, build_demo_model
 from server.engine import Engine, EngineConfig, RunnerFactory
 from server.memory_profile import StepLimits, estimate_decode_graph_pool, estimate_largest_step, measure_largest_step
 from server.metrics import Metrics
-from server.model import ModelArgs, Transformer
-from server.model_runner import ModelRunner, adapter_page_bytes, holds_adapters_in_pages
+from server.model import SHARED_INPUT_MODULES, ModelArgs, Transformer
+from server.model_runner import ModelRunner, adapter_page_bytes, holds_adapters_in_pages, soft_prompt_rows_per_page
 from server.runner_process import ProcessRunner, RunnerInfo
 from server.startup_import import import_adapters
 from server.tokenizer import Tokenizer, build_byte_tokenizer
@@ -137,6 +137,17 @@ def load_runner_model(settings: Settings) -> tuple[Transformer, RunnerInfo]:
 
 def max_model_len(settings: Settings, args: ModelArgs) -> int:
     return settings.max_model_len or args.max_position_embeddings
+
+
+def max_soft_prompt_tokens(settings: Settings, info: RunnerInfo) -> int:
+    """The longest soft prompt (prompt tuning) this server serves: the context must leave room for a prompt token
+    and a generated one, and the device tier must hold its embeddings."""
+    by_context = max_model_len(settings, info.args) - 2
+    if info.paged:
+        by_tier = info.adapter_bytes // info.page_bytes * soft_prompt_rows_per_page(info.args)
+    else:
+        by_tier = info.adapter_bytes // (info.args.dim * info.dtype.itemsize)
+    return max(min(by_context, by_tier), 0)
 
 
 def lora_pool_bytes(settings: Settings, args: ModelArgs, dtype: torch.dtype, paged: bool = True) -> int | None:
@@ -387,7 +398,9 @@ def _engine(settings: Settings, info: RunnerInfo, make_runner: RunnerFactory) ->
     check_adapter_tier_holds_one(settings, info)
     registry = AdapterRegistry(
         open_store(settings),
-        BaseModelShape(num_layers=args.n_layers, module_dims=args.lora_module_dims),
+        BaseModelShape(num_layers=args.n_layers, module_dims=args.lora_module_dims,
+                       shared_input_modules=SHARED_INPUT_MODULES, hidden_size=args.dim,
+                       max_virtual_tokens=max_soft_prompt_tokens(settings, info)),
         max_rank=settings.max_lora_rank,
         host_budget_bytes=settings.max_host_adapter_bytes,
         # Pinned host copies speed up copies to a GPU in this process; a worker gets them through shared memory, and

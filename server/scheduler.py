@@ -32,12 +32,13 @@ class Sequence:
     seq_id: int
     request_id: str
     choice_index: int
-    token_ids: list[int]  # prompt, then generated tokens
-    num_prompt_tokens: int
+    token_ids: list[int]  # prompt (after a soft prompt's placeholders), then generated tokens
+    num_prompt_tokens: int  # the soft prompt's virtual tokens included
     adapter: AdapterVersion | None
     sampler: SamplerState
     detokenizer: IncrementalDetokenizer
     tenant: str | None = None  # the fair-share key (None: the server runs without API keys)
+    num_virtual_tokens: int = 0  # leading positions that take its adapter's soft-prompt embeddings
     arrival_time: float = field(default_factory=time.monotonic)
     num_computed: int = 0  # leading tokens whose K/V sit in the cache
     blocks: list[int] = field(default_factory=list)

@@ -37,6 +37,9 @@ class HostStep:
     context_lens: tuple[int, ...]
     query_starts: tuple[int, ...]
     sampled: list[ScheduledChunk]  # the chunks that get a token, in logits order
+    # Runs of soft-prompt positions: (first token in the step, slot, first virtual token, count); the model runner
+    # embeds them from the slot's soft prompt instead of the token table.
+    virtual: tuple[tuple[int, int, int, int], ...] = ()
 
 
 def _flat(values_per_seq, count: int) -> np.ndarray:
@@ -99,8 +102,13 @@ def host_step(
         "context_lens": context_lens, "query_starts": query_starts,
         "segment_starts": lora.segment_starts, "segment_slots": lora.segment_slots, "by_slot": lora.by_slot,
     }
+    virtual = tuple(
+        (int(query_starts[i]), c.seq.slot, c.seq.num_computed,
+         min(c.num_tokens, c.seq.num_virtual_tokens - c.seq.num_computed))
+        for i, c in enumerate(ordered) if c.seq.num_virtual_tokens > c.seq.num_computed
+    )
     return HostStep(arrays, lora, tuple(context_lens.tolist()), tuple(query_starts.tolist()),
-                    [ordered[i] for i in sampled])
+                    [ordered[i] for i in sampled], virtual)
 
 
 def fixed_layout_size(num_seqs: int, table_width: int) -> int:

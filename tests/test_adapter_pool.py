@@ -24,16 +24,16 @@ def model():
     return build_demo_model()[0].to(torch.float32)
 
 
-def adapter(model, name: str, rank: int, seed: int = 0) -> PackedAdapter:
+def adapter(model, name: str, rank: int, seed: int = 0, kind: str = "lora") -> PackedAdapter:
     """Packed for `model`'s pages, as the host tier holds it."""
     packer = AdapterPacker(model.output.weight.dtype)
-    return packer.pack(make_adapter(name, model.args, rank, 2.0 * rank, TARGET_MODULES, seed=seed))
+    return packer.pack(make_adapter(name, model.args, rank, 2.0 * rank, TARGET_MODULES, seed=seed, kind=kind))
 
 
-def pool_of(model, num_slots: int, pages: int | None) -> AdapterSlotPool:
+def pool_of(model, num_slots: int, pages: int | None, max_rank: int = MAX_RANK) -> AdapterSlotPool:
     page_bytes = adapter_page_bytes(model)
     budget = None if pages is None else pages * page_bytes
-    return AdapterSlotPool(num_slots, MAX_RANK, page_bytes, budget)
+    return AdapterSlotPool(num_slots, max_rank, page_bytes, budget)
 
 
 def runner_for(model, pool: AdapterSlotPool) -> ModelRunner:
@@ -48,25 +48,45 @@ def written(pool: AdapterSlotPool, runner: ModelRunner) -> PageTable:
     return runner.table
 
 
-def test_default_budget_fits_every_slot_at_max_rank(model):
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_default_budget_fits_every_slot_at_max_rank(model, kind: str):
+    """The largest adapter, one of max rank with a vector page (DoRA), fits every slot; LoRA ones fit too."""
     pool = pool_of(model, num_slots=3, pages=None)
-    assert pool.num_pages == 3 * MAX_RANK // PAGE_RANK
+    assert pool.num_pages == 3 * (MAX_RANK // PAGE_RANK + 1)
     for i in range(3):
-        assert pool.acquire(i, adapter(model, f"a{i}", MAX_RANK, seed=i)) is not None
-    assert pool.resident_bytes == pool.capacity_bytes and pool.evictions == 0
+        assert pool.acquire(i, adapter(model, f"a{i}", MAX_RANK, seed=i, kind=kind)) is not None
+    assert pool.evictions == 0
+    rank_pages = 3 * MAX_RANK // PAGE_RANK
+    assert pool.resident_bytes == (pool.capacity_bytes if kind == "dora" else rank_pages * pool.page_bytes)
+
+
+def test_dora_and_ia3_adapters_take_one_more_page_for_their_vectors(model):
+    pool = pool_of(model, num_slots=4, pages=16)
+    runner = runner_for(model, pool)
+    for key, kind, rank in (("lora", "lora", 16), ("dora", "dora", 16), ("ia3", "ia3", 0)):
+        pool.release(pool.acquire(key, adapter(model, key, rank, kind=kind)))
+    table = written(pool, runner)
+    assert pool.resident_bytes == (1 + 2 + 1) * pool.page_bytes
+    lora, dora, ia3 = (pool.slot_of(key) for key in ("lora", "dora", "ia3"))
+    assert table.host_scale_pages[lora] == ZERO_PAGE and not table.has_vectors[lora]
+    for slot, rank_pages in ((dora, 1), (ia3, 0)):
+        assert table.has_vectors[slot] and table.host_scale_pages[slot] != ZERO_PAGE
+        assert len(table.host_pages[slot]) == rank_pages and table.host_scale_pages[slot] not in table.host_pages[slot]
+        assert table.scale_pages[slot].item() == table.host_scale_pages[slot]
+    assert table.scale_pages[-1].item() == ZERO_PAGE  # what a token without a slot (-1) reads
 
 
 def test_byte_budget_holds_four_times_more_rank_16_than_rank_64_adapters(model):
-    pool = pool_of(model, num_slots=8, pages=4)
+    pool = pool_of(model, num_slots=8, pages=5)  # the least a max-rank (64) adapter with a vector page needs
     runner = runner_for(model, pool)
-    for i in range(4):
+    for i in range(5):
         pool.release(pool.acquire(("r16", i), adapter(model, f"r16-{i}", 16, seed=i)))
-    assert pool.resident_count == 4 and pool.evictions == 0
-    assert pool.resident_bytes == 4 * pool.page_bytes == pool.capacity_bytes
+    assert pool.resident_count == 5 and pool.evictions == 0
+    assert pool.resident_bytes == 5 * pool.page_bytes == pool.capacity_bytes
 
-    # One rank-64 adapter needs all four pages: the four rank-16 ones leave, least recently used first.
+    # One rank-64 adapter needs four pages: four rank-16 ones leave, least recently used first.
     pool.release(pool.acquire("r64", adapter(model, "r64", 64, seed=9)))
-    assert pool.resident_count == 1 and pool.evictions == 4
+    assert pool.resident_count == 2 and pool.evictions == 4 and pool.slot_of(("r16", 4)) is not None
     table = written(pool, runner)
     assert sorted(p for p in table.pages[pool.slot_of("r64")].tolist()) == [1, 2, 3, 4]
     assert table.ranks[pool.slot_of("r64")] == 64
@@ -84,7 +104,7 @@ def test_eviction_takes_only_as_many_lru_adapters_as_the_pages_needed(model):
 
 
 def test_pinned_adapters_are_never_evicted_and_a_load_that_cannot_fit_evicts_nothing(model):
-    pool = pool_of(model, num_slots=8, pages=4)
+    pool = pool_of(model, num_slots=8, pages=4, max_rank=48)  # 4 pages: the least a rank-48 DoRA adapter needs
     pinned = pool.acquire("pinned", adapter(model, "pinned", 32, seed=1))  # two pages, kept pinned
     pool.release(pool.acquire("idle", adapter(model, "idle", 16, seed=2)))
     assert pool.acquire("big", adapter(model, "big", 48, seed=3)) is None  # 3 pages: only 2 could be freed
@@ -103,21 +123,21 @@ def test_out_of_slots_evicts_even_when_pages_are_free(model):
 
 
 def test_freed_pages_are_reused_and_the_table_points_past_the_rank_at_the_zero_page(model):
-    pool = pool_of(model, num_slots=4, pages=4)
+    pool = pool_of(model, num_slots=4, pages=4, max_rank=48)
     runner = runner_for(model, pool)
     slot = pool.acquire("a", adapter(model, "a", 20, seed=1))  # two pages
-    assert written(pool, runner).pages[slot].tolist() == [1, 2, ZERO_PAGE, ZERO_PAGE]
+    assert written(pool, runner).pages[slot].tolist() == [1, 2, ZERO_PAGE]
     pool.release(slot)
     pool.discard("a")
     table = written(pool, runner)
-    assert table.ranks[slot] == 0 and table.pages[slot].tolist() == [ZERO_PAGE] * 4
+    assert table.ranks[slot] == 0 and table.pages[slot].tolist() == [ZERO_PAGE] * 3
     assert pool.resident_bytes == 0
     slot = pool.acquire("b", adapter(model, "b", 40, seed=2))
     assert sorted(written(pool, runner).pages[slot].tolist()[:3]) == [1, 2, 3]
 
 
 def test_prefetch_evicts_only_what_is_neither_pinned_nor_wanted(model):
-    pool = pool_of(model, num_slots=4, pages=4)
+    pool = pool_of(model, num_slots=4, pages=4, max_rank=48)
     pinned = pool.acquire("pinned", adapter(model, "pinned", 16, seed=1))
     pool.release(pool.acquire("wanted", adapter(model, "wanted", 16, seed=2)))
     pool.release(pool.acquire("stale", adapter(model, "stale", 16, seed=3)))
@@ -133,7 +153,7 @@ def test_prefetch_evicts_only_what_is_neither_pinned_nor_wanted(model):
 
 def test_a_budget_below_one_max_rank_adapter_is_refused_naming_the_flag(model):
     with pytest.raises(ValueError, match="--max-gpu-adapter-bytes"):
-        pool_of(model, num_slots=4, pages=3)
+        pool_of(model, num_slots=4, pages=4)  # a rank-64 DoRA adapter needs 4 pages and a vector page
 
 
 @pytest.mark.gpu

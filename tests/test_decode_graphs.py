@@ -47,6 +47,8 @@ def adapters() -> dict[str, LoraAdapter]:
         "a0": make_adapter("a0", args, *ADAPTER_SPECS["a0"], seed=11, std=0.2),
         "a2": make_adapter("a2", args, *ADAPTER_SPECS["a2"], seed=12, std=0.2),
         "mlp": make_adapter("mlp", args, 4, 8.0, MLP, seed=13, std=0.2),
+        "dora": make_adapter("dora", args, 4, 8.0, ("q_proj", "v_proj", "down_proj"), seed=14, std=0.2, kind="dora"),
+        "ia3": make_adapter("ia3", args, 0, 0.0, ("k_proj", "v_proj", "down_proj"), seed=15, std=0.2, kind="ia3"),
     }
 
 
@@ -62,8 +64,8 @@ def loaded_runner(model: Transformer, adapters: dict[str, LoraAdapter]) -> tuple
 
 
 def mixed_sequences(slots: dict[str, int], count: int) -> list[Sequence]:
-    names = [None, "a0", "a2", "mlp", "a0"]
-    return [sequence(i, prompt(i + 1, 3 + 4 * i % 17), -1 if names[i % 5] is None else slots[names[i % 5]])
+    names = [None, "a0", "a2", "mlp", "dora", "ia3", "a0"]
+    return [sequence(i, prompt(i + 1, 3 + 4 * i % 17), -1 if names[i % 7] is None else slots[names[i % 7]])
             for i in range(count)]
 
 
@@ -168,7 +170,7 @@ def test_padded_decode_through_the_static_buffers_gives_the_eager_tokens(adapter
     padded_sizes = []
     forward_padded = runner._forward_padded
     monkeypatch.setattr(runner, "_forward_padded",
-                        lambda host, size: padded_sizes.append(size) or forward_padded(host, size))
+                        lambda host, size, scaled: padded_sizes.append(size) or forward_padded(host, size, scaled))
     assert run_greedy(runner, mixed_sequences(slots, 5)) == eager
     assert padded_sizes == [8] * (STEPS - 1)  # every decode step padded from 5 rows to 8; the prefill ran as it is
     assert run_greedy(runner, mixed_sequences(slots, 1)) == eager[:1]  # batch 1, its own size
@@ -182,15 +184,16 @@ def test_replayed_decode_graphs_give_the_eager_tokens(adapters):
     model = build_model("cuda")
     model.lora.backend = model.attention_context.backend = "triton"
     runner, slots = loaded_runner(model, adapters)
-    eager = {count: run_greedy(runner, mixed_sequences(slots, count)) for count in (1, 5)}
+    eager = {count: run_greedy(runner, mixed_sequences(slots, count)) for count in (1, 7)}
     assert runner.prepare_decode_graphs(max_num_seqs=8, max_model_len=MAX_MODEL_LEN) == (1, 2, 4, 8)
     replays = []
-    for size, (graph, _) in runner._graphs.items():
+    for key, (graph, _) in runner._graphs.items():
         replay = graph.replay
-        graph.replay = lambda size=size, replay=replay: replays.append(size) or replay()
-    for count in (1, 5):
+        graph.replay = lambda key=key, replay=replay: replays.append(key) or replay()
+    for count in (1, 7):
         assert run_greedy(runner, mixed_sequences(slots, count)) == eager[count]
-    assert replays == [1] * (STEPS - 1) + [8] * (STEPS - 1)
+    # One sequence (base model): the graph without the vectors' ops; seven (DoRA and IA3 among them): the one with.
+    assert replays == [(1, False)] * (STEPS - 1) + [(8, True)] * (STEPS - 1)
 
 
 @pytest.mark.gpu

@@ -81,7 +81,8 @@ def test_running_and_waiting_adapters_are_told_apart(one_seat: Engine) -> None:
         assert 0 < families["vllm:kv_cache_usage_perc"][0][1] < 1
         assert lora_info(one_seat) == (labels, changed_at)  # nothing changed, nor does the value
         residency = {labels["adapter"]: (labels, value) for labels, value in families["lorahive_adapter_residency"]}
-        assert residency["tenant-a"] == ({"adapter": "tenant-a", "tier": "gpu", "rank": "8", "pinned": "false"}, 1)
+        labels_a = {"adapter": "tenant-a", "tier": "gpu", "rank": "8", "kind": "lora", "pinned": "false"}
+        assert residency["tenant-a"] == (labels_a, 1)
         async for _ in stream:
             pass
         await collect(waiting)
@@ -104,9 +105,9 @@ def test_idle_adapters_stay_listed_with_the_tier_that_holds_them() -> None:
         residency = {labels["adapter"]: (labels, value)
                      for labels, value in scrape(engine)["lorahive_adapter_residency"]}
         assert residency == {
-            "tenant-a": ({"adapter": "tenant-a", "tier": "host", "rank": "8", "pinned": "true"}, 0),
-            "tenant-b": ({"adapter": "tenant-b", "tier": "gpu", "rank": "8", "pinned": "false"}, 0),
-            "tenant-c": ({"adapter": "tenant-c", "tier": "host", "rank": "8", "pinned": "false"}, 0),
+            "tenant-a": ({"adapter": "tenant-a", "tier": "host", "rank": "8", "kind": "lora", "pinned": "true"}, 0),
+            "tenant-b": ({"adapter": "tenant-b", "tier": "gpu", "rank": "8", "kind": "lora", "pinned": "false"}, 0),
+            "tenant-c": ({"adapter": "tenant-c", "tier": "host", "rank": "8", "kind": "lora", "pinned": "false"}, 0),
         }
     finally:
         engine.shutdown()

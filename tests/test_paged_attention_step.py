@@ -32,6 +32,7 @@ class _Seq:  # the fields of scheduler.Sequence that build_step reads
     num_computed: int
     blocks: list[int]
     slot: int
+    num_virtual_tokens: int = 0
 
 
 def mixed_plan() -> list[ScheduledChunk]:

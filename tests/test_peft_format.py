@@ -181,7 +181,7 @@ def refusal(directory: Path, **kwargs: Any) -> AdapterFormatError:
 @pytest.mark.parametrize(
     ("lora_kwargs", "field", "words"),
     [
-        (dict(use_dora=True), "use_dora", "DoRA"),
+        (dict(use_dora=True, target_modules=["q_proj", "embed_tokens"]), "target_modules", "'embed_tokens'"),
         (dict(modules_to_save=["lm_head"]), "modules_to_save", "not supported"),
         (dict(bias="all"), "bias", "bias='none'"),
         (dict(target_modules=["q_proj", "lm_head"]), "target_modules", "'lm_head'"),
@@ -200,7 +200,10 @@ def test_refuses_unsupported_peft_features(
 @pytest.mark.parametrize(
     ("changes", "field"),
     [
-        ({"peft_type": "IA3"}, "peft_type"),
+        ({"peft_type": "PREFIX_TUNING"}, "peft_type"),
+        ({"peft_type": "P_TUNING"}, "peft_type"),
+        ({"peft_type": "LOHA"}, "peft_type"),
+        ({"peft_type": "ADALORA"}, "peft_type"),
         ({"fan_in_fan_out": True}, "fan_in_fan_out"),
         ({"use_qalora": True}, "use_qalora"),
         ({"lora_bias": True}, "lora_bias"),

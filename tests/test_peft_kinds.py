@@ -1,6 +1,6 @@
-"""DoRA and IA3 adapters saved by `peft` itself, served beside LoRA and the base model: the logits of each
-equal `transformers` + `peft`'s, and one concurrent batch mixing every kind gives each request `peft`'s greedy
-tokens, with the torch kernels (adapters held as the host tier's buffers) and the Triton ones (adapters in
+"""DoRA, IA3 and prompt-tuning adapters saved by `peft` itself, served beside LoRA and the base model: the logits
+of each equal `transformers` + `peft`'s, and one concurrent batch mixing every kind gives each request `peft`'s
+greedy tokens, with the torch kernels (adapters held as the host tier's buffers) and the Triton ones (adapters in
 pages; interpreted on a CPU)."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from tests.support.hf_checkpoints import (
     Checkpoint,
     StepKinds,
     generate_all,
+    greedy_with_logprobs,
     hf_greedy,
     hf_with_adapter,
     load_into_slot,
@@ -34,8 +35,10 @@ ADAPTERS = {
                                               use_dora=True, use_rslora=True, init_lora_weights=False),
     "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "o_proj", "up_proj", "down_proj"],
                                   feedforward_modules=["down_proj"]),
+    "prompt": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=7),
 }
-KIND = {"lora": "lora", "dora": "dora", "dora-qv-rslora": "dora", "ia3": "ia3"}
+KIND = {"lora": "lora", "dora": "dora", "dora-qv-rslora": "dora", "ia3": "ia3", "prompt": "prompt"}
+IN_LAYERS = sorted(name for name in ADAPTERS if KIND[name] != "prompt")  # those that act inside the layers
 
 
 def _trained_look(name: str, peft_model) -> None:
@@ -59,7 +62,7 @@ def _engine(checkpoint: Checkpoint, backend: str, **settings):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("adapter", sorted(ADAPTERS))
+@pytest.mark.parametrize("adapter", IN_LAYERS)
 def test_logits_match_peft(checkpoint: Checkpoint, adapter: str, backend: str):
     engine = _engine(checkpoint, backend)
     assert engine.runner.paged == (backend == "triton")  # torch: held as host buffers; triton: in pages
@@ -88,4 +91,28 @@ def test_one_batch_of_every_kind_gives_each_request_peft_s_tokens(checkpoint: Ch
         engine.shutdown()
     assert kinds.mixed_steps > 0
     for adapter, prompt in prompts.items():
-        assert ours[adapter] == hf_greedy(checkpoint, adapter, prompt, max_tokens), f"adapter {adapter}"
+        soft_prompt = adapter is not None and KIND[adapter] == "prompt"
+        expected = hf_greedy(checkpoint, adapter, prompt, max_tokens, cached=not soft_prompt)
+        assert ours[adapter] == expected, f"adapter {adapter}"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_soft_prompt_tokens_and_logprobs_match_peft(checkpoint: Checkpoint, backend: str):
+    """A prompt-tuning adapter's virtual tokens take the first positions: the greedy tokens and the top-5 logprobs
+    of every generated position equal those of `peft`'s forward over the soft prompt, the prompt and the tokens."""
+    engine = _engine(checkpoint, backend)
+    assert engine.registry.version("prompt").manifest.num_virtual_tokens == 7
+    prompt, max_tokens = PROMPT[:20], 6
+    engine.start()
+    try:
+        tokens, logprobs = asyncio.run(greedy_with_logprobs(engine, "prompt", prompt, max_tokens, top=5))
+    finally:
+        engine.shutdown()
+    assert tokens == hf_greedy(checkpoint, "prompt", prompt, max_tokens, cached=False)
+    with torch.no_grad():
+        logits = hf_with_adapter(checkpoint, "prompt")(torch.tensor([prompt + tokens[:-1]])).logits[0, -max_tokens:]
+    theirs = torch.log_softmax(logits.float(), dim=-1)
+    for position, top in enumerate(logprobs):
+        ids = [token for token, _ in top]
+        torch.testing.assert_close(torch.tensor([lp for _, lp in top]), theirs[position, ids], rtol=1e-4, atol=1e-4)
+        assert ids == theirs[position].topk(5).indices.tolist()

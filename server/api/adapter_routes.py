@@ -58,8 +58,10 @@ class AdapterInfo(BaseModel):
     version: int
     created_at: int
     updated_at: int
-    rank: int
-    lora_alpha: float
+    kind: Literal["lora", "dora", "ia3", "prompt"]  # PEFT's kind: LoRA, DoRA (use_dora), IA3, prompt tuning
+    rank: int  # 0 for IA3 and prompt tuning
+    lora_alpha: float  # 0 for IA3 and prompt tuning
+    num_virtual_tokens: int  # a soft prompt's length (prompt tuning); they take context but are not prompt tokens
     target_modules: list[str]
     bytes: int
     owner: str | None  # the tenant that uploaded it (None: uploaded while the server ran without keys)
@@ -114,6 +116,8 @@ def _info(request: Request, version: AdapterVersion) -> AdapterInfo:
         version=m.version,
         created_at=int(m.created_at),
         updated_at=int(m.updated_at),
+        kind=m.kind,
+        num_virtual_tokens=m.num_virtual_tokens,
         rank=m.rank,
         lora_alpha=m.lora_alpha,
         target_modules=list(m.target_modules),

@@ -28,16 +28,17 @@ def export_demo(directory: Path, seed: int = 0) -> Tokenizer:
 
 def train_phrase_adapter(
     model_dir: Path, out_dir: Path, prompt_ids: list[int], answer_ids: list[int], rank: int = 8, steps: int = 150,
-    seed: int = 0,
+    seed: int = 0, config: peft.PeftConfig | None = None, lr: float = 1e-2,
 ) -> None:
-    """Fit a LoRA adapter so that greedy decoding after `prompt_ids` yields `answer_ids`."""
+    """Fit an adapter (LoRA of `rank` unless `config` says otherwise: IA3, prompt tuning) so that greedy decoding
+    after `prompt_ids` yields `answer_ids`."""
     torch.manual_seed(seed)
     base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model = peft.get_peft_model(base, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
+    model = peft.get_peft_model(base, config or peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS))
     ids = torch.tensor([prompt_ids + answer_ids])
     labels = ids.clone()
     labels[0, : len(prompt_ids)] = -100  # learn the answer only
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
     for _ in range(steps):
         loss = model(input_ids=ids, labels=labels).loss

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from adapters_store import TARGET_MODULES, LoraAdapter, LoraWeight
+from adapters_store import TARGET_MODULES, LoraAdapter, LoraWeight, ScaleVector
 from server.config import Settings
 from server.engine import Engine, RequestStream
 from server.model import ModelArgs
@@ -104,23 +104,36 @@ def make_adapter(
     targets: tuple[str, ...],
     seed: int,
     std: float = 0.1,
+    kind: str = "lora",
 ) -> LoraAdapter:
-    """Random A/B for every layer and target module of the model described by `args`."""
+    """Random weights for every layer and target module of the model described by `args`: A/B (LoRA), with
+    magnitudes (DoRA), or IA3 vectors around one (on o_proj's and down_proj's inputs, other modules' outputs)."""
     gen = torch.Generator().manual_seed(seed)
     weights: dict[tuple[int, str], LoraWeight] = {}
+    scales: dict[tuple[int, str], ScaleVector] = {}
     for layer in range(args.n_layers):
         for name in targets:
             d_in, d_out = args.lora_module_dims[name]
+            if kind == "ia3":
+                on_input = name in ("o_proj", "down_proj")
+                scales[(layer, name)] = ScaleVector(1 + torch.randn(d_in if on_input else d_out, generator=gen) * std,
+                                                    on_input)
+                continue
             a = torch.randn(rank, d_in, generator=gen) * std
             b = torch.randn(d_out, rank, generator=gen) * std
-            weights[(layer, name)] = LoraWeight(a=a, b=b, scale=alpha / rank)
+            # A magnitude is a row norm of the weight: positive, of the order of sqrt(d_in) times the weights'.
+            magnitude = (torch.rand(d_out, generator=gen) + 0.5) * d_in**0.5 * 0.02 if kind == "dora" else None
+            weights[(layer, name)] = LoraWeight(a=a, b=b, scale=alpha / rank, magnitude=magnitude)
+    ia3 = kind == "ia3"
     return LoraAdapter(
         adapter_id=adapter_id,
-        rank=rank,
-        lora_alpha=alpha,
+        rank=0 if ia3 else rank,
+        lora_alpha=0.0 if ia3 else alpha,
         target_modules=tuple(m for m in TARGET_MODULES if m in targets),
         weights=weights,
         config={"r": rank, "lora_alpha": alpha, "target_modules": list(targets)},
+        kind=kind,
+        scales=scales,
     )
 
 

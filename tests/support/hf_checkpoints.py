@@ -84,13 +84,21 @@ def hf_with_adapter(ckpt: Checkpoint, adapter: str | None):
     return peft.PeftModel.from_pretrained(base, ckpt.adapters_dir / adapter).eval()
 
 
-def hf_greedy(ckpt: Checkpoint, adapter: str | None, prompt: list[int], max_tokens: int) -> list[int]:
-    """`transformers` + `peft`'s greedy tokens after `prompt`."""
+def hf_greedy(ckpt: Checkpoint, adapter: str | None, prompt: list[int], max_tokens: int, cached: bool = True
+              ) -> list[int]:
+    """`transformers` + `peft`'s greedy tokens after `prompt`: `generate` (with its KV cache), or, not `cached`, the
+    argmax of a whole forward per token. Prompt tuning needs the latter: with peft 0.21 `generate` drifts from the
+    model's own forward after a few tokens (what training optimised, and what lorahive serves)."""
+    model = hf_with_adapter(ckpt, adapter)
     with torch.no_grad():
-        out = hf_with_adapter(ckpt, adapter).generate(
-            torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, min_new_tokens=max_tokens,
-            pad_token_id=0, eos_token_id=None)
-    return out[0, len(prompt):].tolist()
+        if cached:
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+                                 min_new_tokens=max_tokens, pad_token_id=0, eos_token_id=None)
+            return out[0, len(prompt):].tolist()
+        tokens = list(prompt)
+        for _ in range(max_tokens):
+            tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+        return tokens[len(prompt):]
 
 
 def our_logits(model: Transformer, tokens: list[int], slot: int) -> torch.Tensor:
@@ -104,6 +112,7 @@ def our_logits(model: Transformer, tokens: list[int], slot: int) -> torch.Tensor
         num_computed: int = 0
         blocks: tuple[int, ...] = tuple(range(32))
         slot: int = -1
+        num_virtual_tokens: int = 0
 
     step, lora_batch, _ = build_step([ScheduledChunk(_Seq(tokens, slot=slot), len(tokens))], block,
                                      args.sliding_window, "cpu")
@@ -135,6 +144,15 @@ async def generate_all(engine, prompts: dict[str | None, list[int]], max_tokens:
 
     results = await asyncio.gather(*(one(a, p) for a, p in prompts.items()))
     return dict(zip(prompts, results, strict=True))
+
+
+async def greedy_with_logprobs(engine, adapter: str | None, prompt: list[int], max_tokens: int, top: int
+                               ) -> tuple[list[int], list[tuple[tuple[int, float], ...]]]:
+    """One request's greedy tokens and, at each, the `top` most likely (token, logprob)."""
+    stream = engine.submit(GenerationRequest(tuple(prompt), SamplingParams(
+        max_tokens=max_tokens, temperature=0.0, ignore_eos=True, logprobs=top), adapter_id=adapter))
+    deltas = [delta async for delta in stream]
+    return ([t for d in deltas for t in d.token_ids], [lp.top for d in deltas for lp in d.logprobs or ()])
 
 
 @dataclass

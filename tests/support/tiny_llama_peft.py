@@ -41,6 +41,18 @@ Q1_A = "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"
 def make_peft(directory: Path, **lora_kwargs: Any) -> Any:
     """Save a PEFT LoRA adapter for a fresh tiny Llama into `directory`; return the PeftModel."""
     safe = lora_kwargs.pop("_safe", True)
+    # init_lora_weights=False: random B too, so a swapped or zero B cannot pass unnoticed.
+    lora_kwargs.setdefault("init_lora_weights", False)
+    return _save(directory, peft.LoraConfig(**lora_kwargs), safe)
+
+
+def make_peft_ia3(directory: Path, **ia3_kwargs: Any) -> Any:
+    """Save a PEFT IA3 adapter for a fresh tiny Llama into `directory` (random vectors); return the PeftModel."""
+    ia3_kwargs.setdefault("init_ia3_weights", False)
+    return _save(directory, peft.IA3Config(**ia3_kwargs))
+
+
+def _save(directory: Path, peft_config: Any, safe: bool = True) -> Any:
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
         hidden_size=HIDDEN,
@@ -50,10 +62,7 @@ def make_peft(directory: Path, **lora_kwargs: Any) -> Any:
         intermediate_size=INTERMEDIATE,
         vocab_size=VOCAB,
     )
-    model = transformers.LlamaForCausalLM(config)
-    # init_lora_weights=False: random B too, so a swapped or zero B cannot pass unnoticed.
-    lora_kwargs.setdefault("init_lora_weights", False)
-    peft_model = peft.get_peft_model(model, peft.LoraConfig(**lora_kwargs))
+    peft_model = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft_config)
     peft_model.save_pretrained(str(directory), safe_serialization=safe)
     return peft_model
 
