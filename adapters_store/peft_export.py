@@ -1,4 +1,4 @@
-"""Write a `LoraAdapter` (LoRA, DoRA or IA3) back out as PEFT files (the inverse of `parse_peft_adapter`).
+"""Write a `LoraAdapter` (LoRA, DoRA, IA3, prompt tuning) back out as PEFT files (`parse_peft_adapter` inverted).
 
 Lets adapters made in code (tests, benchmarks, synthetic load) travel the same path as uploaded ones.
 Each module's own rank and scale are kept exactly through `rank_pattern` / `alpha_pattern` entries
@@ -18,6 +18,8 @@ def to_peft_files(adapter: LoraAdapter) -> tuple[bytes, bytes]:
     """(adapter_config.json, adapter_model.safetensors) bytes that parse back to the same adapter."""
     if adapter.kind == "ia3":
         return _ia3_files(adapter)
+    if adapter.kind == "prompt":
+        return _prompt_files(adapter)
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     tensors = {}
@@ -56,6 +58,14 @@ def _ia3_files(adapter: LoraAdapter) -> tuple[bytes, bytes]:
     feedforward = sorted({module for (_, module), scale in adapter.scales.items() if scale.on_input})
     config = {"peft_type": "IA3", "target_modules": list(adapter.target_modules), "feedforward_modules": feedforward}
     return json.dumps(config).encode(), save(tensors)
+
+
+def _prompt_files(adapter: LoraAdapter) -> tuple[bytes, bytes]:
+    """Prompt tuning's files: the soft prompt, [num_virtual_tokens, token_dim]."""
+    embeddings = adapter.prompt_embeddings
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "num_virtual_tokens": embeddings.shape[0],
+              "token_dim": embeddings.shape[1], "num_transformer_submodules": 1}
+    return json.dumps(config).encode(), save({"prompt_embeddings": embeddings.contiguous()})
 
 
 def _module_path(layer: int, module: str) -> str:

@@ -117,11 +117,32 @@ class AdapterStack:
 
 
 class LayerAdapters(dict[int, AdapterSlices]):
-    """One layer's `AdapterSlices` by slot, and the `AdapterStack` of its recent batches."""
+    """One layer's `AdapterSlices` by slot, the `AdapterStack` of its recent batches, and the vectors of its recent
+    batches' scaled adapters (`kernels.scales`)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stack: AdapterStack | None = None
+        # field -> (the adapters it was stacked for, by identity; [1 + n, width]: zeros, then each one's vector)
+        self._vector_tables: dict[str, tuple[tuple[int, ...], torch.Tensor | None]] = {}
+
+    def vector_table(self, field: str, slots: Sequence[int]) -> torch.Tensor | None:
+        """[1 + len(slots), width]: a row of zeros, then the `field` vector of each slot's adapter (zeros for one
+        without it here); None when none has it. Kept while a step's scaled adapters are the last step's."""
+        adapters = [self.get(slot) for slot in slots]
+        key = tuple(id(adapter) for adapter in adapters)
+        kept = self._vector_tables.get(field)
+        if kept is not None and kept[0] == key:
+            return kept[1]
+        vectors = [None if adapter is None else getattr(adapter, field) for adapter in adapters]
+        some = next((vector for vector in vectors if vector is not None), None)
+        table = None
+        if some is not None:
+            zeros = torch.zeros_like(some)
+            table = torch.stack([zeros, *(zeros if vector is None else vector for vector in vectors)])
+        # The key holds ids of adapters `self` holds; one forgotten is dropped from here too (`forget`).
+        self._vector_tables[field] = (key, table)
+        return table
 
     def stack_for(self, adapters: Sequence[AdapterSlices], d_in: int, widths: Sequence[int],
                   dtype: torch.dtype, device: torch.device) -> tuple[AdapterStack, list[int]]:
@@ -142,3 +163,6 @@ class LayerAdapters(dict[int, AdapterSlices]):
         adapter = self.pop(slot, None)
         if adapter is not None and self.stack is not None:
             self.stack.drop(adapter)
+        if adapter is not None:  # an id in a kept table's key could otherwise be reused by a newer adapter
+            self._vector_tables = {field: kept for field, kept in self._vector_tables.items()
+                                   if id(adapter) not in kept[0]}

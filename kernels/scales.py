@@ -66,13 +66,8 @@ def _token_rows(batch: LoRABatch, table: PageTable, buffer: torch.Tensor | None,
     if buffer is not None:
         return buffer[:, row].index_select(0, _token_pages(batch, table))
     slots = scaled_slots(batch, table)
-    vectors = [getattr(targets[slot], field) if slot in targets else None for slot in slots]
-    some = next((vector for vector in vectors if vector is not None), None)
-    if some is None:
-        return None
-    zeros = torch.zeros_like(some)
-    stacked = torch.stack([zeros, *(zeros if vector is None else vector for vector in vectors)])
-    return F.embedding(_token_positions(batch, slots), stacked)
+    stacked = targets.vector_table(field, slots)
+    return None if stacked is None else F.embedding(_token_positions(batch, slots), stacked)
 
 
 def _token_pages(batch: LoRABatch, table: PageTable) -> torch.Tensor:

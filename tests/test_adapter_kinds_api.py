@@ -26,8 +26,12 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 DOWN0 = "base_model.model.model.layers.0.mlp.down_proj"
 
 
+VIRTUAL = 6  # the soft prompt's length
+
+
 def kind_files(kind: str, seed: int = 1) -> tuple[bytes, bytes]:
-    return to_peft_files(make_adapter("x", DEMO_ARGS, 4, 8.0, MODULES, seed, kind=kind))
+    rank = VIRTUAL if kind == "prompt" else 4  # a soft prompt's "rank" is its length
+    return to_peft_files(make_adapter("x", DEMO_ARGS, rank, 8.0, MODULES, seed, kind=kind))
 
 
 def edited(files: tuple[bytes, bytes], tensors: Callable[[dict], dict] = lambda t: t,
@@ -50,14 +54,15 @@ def complete(client: httpx.Client, adapter: str | None) -> list:
     return response.json()["choices"][0]["logprobs"]["token_logprobs"]
 
 
-@pytest.mark.parametrize("kind", ["lora", "dora", "ia3"])
+@pytest.mark.parametrize("kind", ["lora", "dora", "ia3", "prompt"])
 def test_each_kind_is_uploaded_listed_served_and_counted(server, kind: str):
     client, _ = server
     adapter_id = f"kind-{kind}"
     assert upload(client, adapter_id, kind_files(kind)).status_code == 201
     info = client.get(f"/v1/adapters/{adapter_id}").json()
-    assert info["kind"] == kind and info["target_modules"] == list(MODULES)
-    assert info["rank"] == (0 if kind == "ia3" else 4)
+    assert info["kind"] == kind and info["target_modules"] == ([] if kind == "prompt" else list(MODULES))
+    assert info["rank"] == (4 if kind in ("lora", "dora") else 0)
+    assert info["num_virtual_tokens"] == (VIRTUAL if kind == "prompt" else 0)
     listed = {a["id"]: a["kind"] for a in client.get("/v1/adapters").json()["data"]}
     assert listed[adapter_id] == kind
     before = value(client.get("/metrics").text, "lorahive_adapter_kind_requests_total", kind=kind)
@@ -86,6 +91,18 @@ HOSTILE = {
         "ia3", None, lambda c: {**c, "target_modules": [*c["target_modules"], "q_proj"],
                                 "feedforward_modules": ["q_proj", "down_proj"]}, "feedforward_modules"),
     "unsupported peft_type": ("ia3", None, lambda c: {**c, "peft_type": "PREFIX_TUNING"}, "peft_type"),
+    "soft prompt longer than num_virtual_tokens": (
+        "prompt", lambda t: {"prompt_embeddings": torch.ones(VIRTUAL + 1, DEMO_ARGS.dim)}, None, "num_virtual_tokens"),
+    "soft prompt of the wrong width": (
+        "prompt", lambda t: {"prompt_embeddings": torch.ones(VIRTUAL, DEMO_ARGS.dim + 1)}, None, "prompt_embeddings"),
+    "soft prompt NaN": (
+        "prompt", lambda t: {"prompt_embeddings": torch.full((VIRTUAL, DEMO_ARGS.dim), float("nan"))}, None,
+        "prompt_embeddings"),
+    "token_dim not the model's": ("prompt", None, lambda c: {**c, "token_dim": DEMO_ARGS.dim * 2}, "token_dim"),
+    "seq2seq prompt tuning": ("prompt", None, lambda c: {**c, "task_type": "SEQ_2_SEQ_LM"}, "task_type"),
+    "soft prompt longer than the context": (
+        "prompt", lambda t: {"prompt_embeddings": torch.ones(100_000, DEMO_ARGS.dim)},
+        lambda c: {**c, "num_virtual_tokens": 100_000}, "num_virtual_tokens"),
 }
 
 
@@ -99,7 +116,21 @@ def test_hostile_uploads_of_each_kind_get_a_400_naming_the_field_and_store_nothi
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["param"] == field and error["code"] == "invalid_adapter"
-    assert field in error["message"] or field in ("feedforward_modules", "peft_type")
+    assert field in error["message"]
     assert client.get("/v1/adapters/hostile").status_code == 404
     assert sorted(engine.registry.ids()) == before
     assert not any(p.name.startswith("hostile") for p in engine.registry.store.root.rglob("*"))
+
+
+def test_a_soft_prompt_counts_against_the_context_not_the_usage(server):
+    client, engine = server
+    assert upload(client, "soft", kind_files("prompt")).status_code == 201
+    body = {"prompt": PROMPT, "adapter_id": "soft"}
+    fits = engine.max_model_len - VIRTUAL - len(PROMPT)
+    reply = client.post("/v1/completions", json={**body, "max_tokens": 1})
+    assert reply.status_code == 200 and reply.json()["usage"]["prompt_tokens"] == len(PROMPT)
+    too_long = client.post("/v1/completions", json={**body, "max_tokens": fits + 1})
+    assert too_long.status_code == 400
+    error = too_long.json()["error"]
+    assert error["code"] == "context_length_exceeded" and f"soft prompt takes {VIRTUAL}" in error["message"]
+    assert engine.registry.version("soft").users == 0  # the refused request let go of the adapter

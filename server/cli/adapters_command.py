@@ -81,11 +81,11 @@ def _run(args: argparse.Namespace) -> None:
             print(json.dumps(body, indent=2))
         elif args.adapters_command == "list":
             page = _check(client.get("/v1/adapters", params={"limit": 1000}))  # before the header: errors alone
-            print(f"{'id':<40} {'version':>7} {'rank':>5} {'bytes':>12} {'where':>6} {'requests':>9}")
+            print(f"{'id':<40} {'version':>7} {'kind':>6} {'rank':>5} {'bytes':>12} {'where':>6} {'requests':>9}")
             while True:
                 for a in page["data"]:
-                    print(f"{a['id']:<40} {a['version']:>7} {a['rank']:>5} {a['bytes']:>12} {a['location']:>6} "
-                          f"{a['requests_served']:>9}")
+                    print(f"{a['id']:<40} {a['version']:>7} {a['kind']:>6} {a['rank']:>5} {a['bytes']:>12} "
+                          f"{a['location']:>6} {a['requests_served']:>9}")
                 if not page["has_more"]:
                     break
                 page = _check(client.get("/v1/adapters", params={"limit": 1000, "after": page["last_id"]}))

@@ -107,8 +107,12 @@ def make_adapter(
     kind: str = "lora",
 ) -> LoraAdapter:
     """Random weights for every layer and target module of the model described by `args`: A/B (LoRA), with
-    magnitudes (DoRA), or IA3 vectors around one (on o_proj's and down_proj's inputs, other modules' outputs)."""
+    magnitudes (DoRA), or IA3 vectors around one (on o_proj's and down_proj's inputs, other modules' outputs); for
+    prompt tuning a soft prompt of `rank` virtual tokens."""
     gen = torch.Generator().manual_seed(seed)
+    if kind == "prompt":
+        return LoraAdapter(adapter_id=adapter_id, rank=0, lora_alpha=0.0, target_modules=(), weights={}, config={},
+                           kind="prompt", prompt_embeddings=torch.randn(rank, args.dim, generator=gen) * std)
     weights: dict[tuple[int, str], LoraWeight] = {}
     scales: dict[tuple[int, str], ScaleVector] = {}
     for layer in range(args.n_layers):

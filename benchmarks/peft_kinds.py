@@ -1,0 +1,139 @@
+"""Decode throughput of each kind of PEFT adapter, and of a batch mixing them, against LoRA alone and the base model.
+
+Runs the real engine in-process on the embedded demo model, `--model DIR`, or a random-weight checkpoint of a real
+model's shape (`--shape`, as benchmarks/engine_throughput.py). Adapters are the load tester's synthetic ones
+(`loadtest.synthetic_adapters`: PEFT's files of each kind, random weights), uploaded through the registry as an
+upload is: `--adapters` distinct adapters of each kind. Every workload is `--requests` concurrent greedy requests
+of `--prompt-len` prompt and `--output-len` generated tokens, spread over its adapters in turn:
+
+  base     no adapter                       dora     DoRA (rank --rank, every target module)
+  lora     LoRA (rank --rank, every module)  ia3      IA3 (PEFT's Llama default: k, v, down)
+  prompt   prompt tuning (8 virtual tokens)  mixed    LoRA, DoRA, IA3, prompt and base requests in one batch
+
+Workloads alternate within each of `--repeats` rounds (this machine is shared and noisy); the median is kept.
+Prints decode tok/s and each workload's ratio to LoRA's and to the base model's, and writes JSON to
+benchmarks/results/peft_kinds-<device>.json.
+
+    PYTHONPATH=. python benchmarks/peft_kinds.py
+    PYTHONPATH=. python benchmarks/peft_kinds.py --shape llama3-8b --requests 64 --prompt-len 256 --repeats 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks.engine_throughput import SHAPES, describe_device, run_workload, write_random_checkpoint
+from loadtest.synthetic_adapters import AdapterSpec, BaseDims, adapter_files
+from server.config import Settings
+from server.engine import Engine
+from server.runtime import build_engine
+from server.torch_threads import limit_current_thread
+
+RESULTS = Path(__file__).parent / "results"
+KINDS = ("lora", "dora", "ia3", "prompt")
+WORKLOADS = ("base", "lora", "dora", "ia3", "prompt", "mixed")
+
+
+def provision(engine: Engine, count: int, rank: int) -> dict[str, list[str]]:
+    """`count` adapters of every kind, uploaded through the registry; their ids by kind."""
+    args = engine.args
+    dims = BaseDims(hidden_size=args.dim, intermediate_size=args.intermediate_size, num_layers=args.n_layers,
+                    num_heads=args.n_heads, num_kv_heads=args.n_kv_heads, head_dim=args.head_dim)
+    ids: dict[str, list[str]] = {}
+    for kind in KINDS:
+        spec = AdapterSpec(rank=rank, kind=kind, dtype="float32")
+        ids[kind] = [f"{kind}-{i}" for i in range(count)]
+        for i, adapter_id in enumerate(ids[kind]):
+            engine.registry.create(adapter_id, *adapter_files(dims, spec, seed=i), public=True)
+    return ids
+
+
+def workload_adapters(workload: str, ids: dict[str, list[str]], requests: int) -> list[str | None]:
+    """Each request's adapter: the workload's adapters in turn."""
+    if workload == "base":
+        pool: list[str | None] = [None]
+    elif workload == "mixed":
+        pool = [None, *(adapter for kind in KINDS for adapter in ids[kind])]
+    else:
+        pool = list(ids[workload])
+    return [pool[i % len(pool)] for i in range(requests)]
+
+
+def measure(engine: Engine, ids: dict[str, list[str]], args: argparse.Namespace) -> dict[str, dict]:
+    runs: dict[str, list[dict]] = {w: [] for w in WORKLOADS}
+    for _ in range(args.repeats):
+        for workload in WORKLOADS:
+            adapters = workload_adapters(workload, ids, args.requests)
+            runs[workload].append(asyncio.run(run_workload(engine, adapters, args.prompt_len, args.output_len)))
+    rows = {}
+    for workload, results in runs.items():
+        decode = statistics.median(r["decode_tokens_per_s"] for r in results)
+        rows[workload] = {"decode_tokens_per_s": decode, "runs": [r["decode_tokens_per_s"] for r in results],
+                          "ttft_s": statistics.median(r["ttft_s"] for r in results)}
+    for row in rows.values():
+        row["vs_lora"] = row["decode_tokens_per_s"] / rows["lora"]["decode_tokens_per_s"]
+        row["vs_base"] = row["decode_tokens_per_s"] / rows["base"]["decode_tokens_per_s"]
+    return rows
+
+
+def print_table(rows: dict[str, dict]) -> None:
+    print(f"{'workload':>9} {'decode tok/s':>13} {'vs LoRA':>8} {'vs base':>8} {'TTFT ms':>8}  runs (tok/s)")
+    for workload, row in rows.items():
+        runs = ", ".join(f"{r:.0f}" for r in row["runs"])
+        print(f"{workload:>9} {row['decode_tokens_per_s']:13.0f} {row['vs_lora']:8.2f} {row['vs_base']:8.2f} "
+              f"{row['ttft_s'] * 1000:8.0f}  {runs}")
+
+
+def main() -> None:
+    limit_current_thread()  # as `lorahive serve` does (server/torch_threads.py)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    parser.add_argument("--adapters", type=int, default=4, help="distinct adapters of each kind")
+    parser.add_argument("--requests", type=int, default=32, help="concurrent requests (the batch)")
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    settings = dict(max_gpu_adapters=4 * args.adapters, max_lora_rank=args.rank, max_num_seqs=args.requests,
+                    max_model_len=args.prompt_len + args.output_len + 16, model_runner_process=False)
+    if args.shape is None:
+        engine = build_engine(Settings(model=args.model, **settings))
+    else:
+        with tempfile.TemporaryDirectory(prefix="lorahive-bench-") as scratch:
+            engine = build_engine(Settings(model=write_random_checkpoint(args.shape, Path(scratch)), **settings))
+    ids = provision(engine, args.adapters, args.rank)
+    engine.start()
+    try:
+        started = time.perf_counter()
+        # Every path compiled and every adapter resident before the first measured run.
+        asyncio.run(run_workload(engine, workload_adapters("mixed", ids, 4 * args.adapters + 1), 8, 4))
+        rows = measure(engine, ids, args)
+        seconds = time.perf_counter() - started
+    finally:
+        engine.shutdown()
+
+    device = describe_device(engine)
+    model = args.shape or engine.model_name
+    print(f"device: {device}; model: {model}; {args.requests} requests x {args.output_len} tokens, prompt "
+          f"{args.prompt_len}, {args.adapters} adapters of each kind, rank {args.rank}; {seconds:.0f} s")
+    print_table(rows)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    tag = "cuda" if engine.device.type == "cuda" else "cpu"
+    out = args.out or RESULTS / f"peft_kinds-{tag}{'-' + args.shape if args.shape else ''}.json"
+    out.write_text(json.dumps({"device": device, "model": model, "config": vars(args) | {
+        "model": str(args.model), "out": str(out)}, "rows": rows}, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
