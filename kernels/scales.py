@@ -43,31 +43,73 @@ def scaled_slots(batch: LoRABatch, table: PageTable) -> tuple[int, ...]:
 def scale_inputs(x: torch.Tensor, batch: LoRABatch, table: PageTable, lora_a: torch.Tensor | None,
                  targets: LayerAdapters) -> torch.Tensor:
     """x with each token's input scale applied (a new tensor; `x` is left as it is), or `x` when none applies."""
-    scale = _token_rows(batch, table, lora_a, IN_SCALE_ROW, targets, "in_scale")
-    return x if scale is None else x.addcmul(x, scale)
+    scale = _token_vectors(batch, table, lora_a, IN_SCALE_ROW, targets, "in_scale")
+    if scale is None:
+        return x
+    out = x.clone()
+    _add(out, scale, x)
+    return out
 
 
 def scale_outputs(y: torch.Tensor, batch: LoRABatch, table: PageTable, lora_b: torch.Tensor | None,
                   targets: LayerAdapters, has_bias: bool) -> None:
     """y += y * c_out[slot] + e[slot] per token, in place."""
-    scale = _token_rows(batch, table, lora_b, OUT_SCALE_ROW, targets, "out_scale")
+    scale = _token_vectors(batch, table, lora_b, OUT_SCALE_ROW, targets, "out_scale")
     if scale is not None:
-        y.addcmul_(y, scale)
+        _add(y, scale, y)
     if has_bias:  # only a biased layer has shifts
-        shift = _token_rows(batch, table, lora_b, OUT_SHIFT_ROW, targets, "out_shift")
+        shift = _token_vectors(batch, table, lora_b, OUT_SHIFT_ROW, targets, "out_shift")
         if shift is not None:
-            y.add_(shift)
+            _add(y, shift)
 
 
-def _token_rows(batch: LoRABatch, table: PageTable, buffer: torch.Tensor | None, row: int,
-                targets: LayerAdapters, field: str) -> torch.Tensor | None:
-    """[T, width]: each token's vector (`row` of its vector page where adapters live in `buffer`'s pages, else the
-    `field` of its adapter's `AdapterSlices`), zeros for tokens without; None where no token has one here."""
+# Where adapters are held apart (a CPU), each run of one adapter's tokens (the step builder groups them) gets its own
+# op while runs are few: an op on a run costs ~5 us there, a gather of a row per token ~60 us (demo model, 32 tokens).
+MAX_RUN_OPS = 8
+
+# A step's vectors in one layer: a row per token [T, width], or (first token, end token, vector) per run of tokens.
+TokenVectors = torch.Tensor | list[tuple[int, int, torch.Tensor]]
+
+
+def _add(out: torch.Tensor, vectors: TokenVectors, factor: torch.Tensor | None = None) -> None:
+    """out += factor * vectors per token (out += vectors without a factor), in place."""
+    if isinstance(vectors, torch.Tensor):
+        out.add_(vectors) if factor is None else out.addcmul_(factor, vectors)
+        return
+    for start, end, vector in vectors:
+        if factor is None:
+            out[start:end].add_(vector)
+        else:
+            out[start:end].addcmul_(factor[start:end], vector)
+
+
+def _token_vectors(batch: LoRABatch, table: PageTable, buffer: torch.Tensor | None, row: int,
+                   targets: LayerAdapters, field: str) -> TokenVectors | None:
+    """Each token's vector (`row` of its vector page where adapters live in `buffer`'s pages, else the `field` of its
+    adapter's `AdapterSlices`), zeros or nothing for tokens without; None where no token has one here."""
     if buffer is not None:
         return buffer[:, row].index_select(0, _token_pages(batch, table))
     slots = scaled_slots(batch, table)
+    runs = _runs(batch, slots, targets, field)
+    if runs is not None:
+        return runs or None
     stacked = targets.vector_table(field, slots)
     return None if stacked is None else F.embedding(_token_positions(batch, slots), stacked)
+
+
+def _runs(batch: LoRABatch, slots: tuple[int, ...], targets: LayerAdapters, field: str
+          ) -> list[tuple[int, int, torch.Tensor]] | None:
+    """(first token, end token, vector) of each run of tokens whose adapter has a `field` vector here, where the
+    tokens with a slot lie grouped by slot and the runs are few; else None."""
+    if batch.grouped_from is None or len(slots) > MAX_RUN_OPS:
+        return None
+    scaled = set(slots)
+    runs = []
+    for slot, start, end in batch.slot_runs:
+        vector = getattr(targets[slot], field) if slot in scaled and slot in targets else None
+        if vector is not None:
+            runs.append((batch.grouped_from + start, batch.grouped_from + end, vector))
+    return runs
 
 
 def _token_pages(batch: LoRABatch, table: PageTable) -> torch.Tensor:
