@@ -76,3 +76,15 @@ def test_provision_20_adapters_through_the_rest_api(base_url: str, tmp_path: Pat
     assert set(report["per_adapter"]) <= {f"lt-{i:02d}" for i in range(20)}
     remaining = [m["id"] for m in httpx.get(f"{base_url}/v1/models", timeout=30).json()["data"]]
     assert not any(m.startswith("lt-") for m in remaining)  # --cleanup deleted what it uploaded
+
+
+def test_provision_a_mix_of_every_kind_and_serve_it(base_url: str, tmp_path: Path):
+    """`--adapter-kind` uploads LoRA, DoRA, IA3 and prompt-tuning adapters the real server accepts and serves."""
+    code = cli("--url", base_url, "--provision", "8", "--adapter-kind", "lora,dora,ia3,prompt", "--rank", "8",
+               "--popularity", "uniform", "--num-requests", "16", "--concurrency", "4", "--input-len", "16",
+               "--output-len", "6", "--out", str(tmp_path))
+    assert code == 0
+    report = assert_clean_run(tmp_path, 16, 6)
+    assert set(report["per_adapter"]) <= {f"lt-{i}" for i in range(8)}  # every request served by one of them
+    kinds = {a["id"]: a["kind"] for a in httpx.get(f"{base_url}/v1/adapters", timeout=30).json()["data"]}
+    assert [kinds[f"lt-{i}"] for i in range(8)] == ["lora", "dora", "ia3", "prompt"] * 2
