@@ -744,16 +744,20 @@ def _parse_tensor_names(header: Mapping[str, Any]) -> dict[str, tuple[str, int, 
         kind, infix = (m["kind"], m["adapter"]) if m["kind"] else ("M", m["m_adapter"])
         parsed[name] = (path, int(p["layer"]), module, kind, infix)
 
-    infixes = {info[4] for info in parsed.values()}
+    check_one_adapter_name({info[4] for info in parsed.values()})
+    if not parsed:
+        raise AdapterFormatError(f"{WEIGHTS_FILE} contains no LoRA tensors", field=WEIGHTS_FILE)
+    return parsed
+
+
+def check_one_adapter_name(infixes: set[str | None]) -> None:
+    """Refuse a file whose tensor names carry several adapter names (`.lora_A.<name>.weight`): its adapters would
+    otherwise be merged silently."""
     if len(infixes) > 1:
-        # Two adapter names in one file would otherwise be merged silently.
         shown = sorted(str(i) if i is not None else "(none)" for i in infixes)
         raise AdapterFormatError(
             f"{WEIGHTS_FILE} mixes tensors of several adapter names: {', '.join(shown)}", field=WEIGHTS_FILE
         )
-    if not parsed:
-        raise AdapterFormatError(f"{WEIGHTS_FILE} contains no LoRA tensors", field=WEIGHTS_FILE)
-    return parsed
 
 
 def _hint_for(name: str) -> str:

@@ -30,6 +30,7 @@ from adapters_store.peft_format import (
     _parse_safetensors_header,
     _parse_target_modules,
     _shape,
+    check_one_adapter_name,
     check_vector_range,
 )
 
@@ -158,11 +159,7 @@ def _locate_tensors(
                 field="feedforward_modules",
             )
         located[name] = (layer, module, on_input)
-    if len(infixes) > 1:
-        shown = sorted(str(i) if i is not None else "(none)" for i in infixes)
-        raise AdapterFormatError(
-            f"{WEIGHTS_FILE} mixes tensors of several adapter names: {', '.join(shown)}", field=WEIGHTS_FILE
-        )
+    check_one_adapter_name(infixes)
     if not located:
         raise AdapterFormatError(f"{WEIGHTS_FILE} contains no IA3 vectors", field=WEIGHTS_FILE)
     return located

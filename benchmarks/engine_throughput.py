@@ -261,9 +261,14 @@ def main() -> None:
     steps = "eager" if args.enforce_eager or not engine.runner.can_capture_graphs else "decode CUDA graphs"
     print(f"device: {device}; model: {model}; {args.output_len} output tokens per request, rank {args.rank}; {steps}")
     print_table(rows)
+    write_results("engine_throughput", engine, args, device, model, rows)
+
+
+def write_results(name: str, engine: Engine, args: argparse.Namespace, device: str, model: str, rows) -> None:
+    """`rows` as JSON at `args.out`, or benchmarks/results/<name>-<cuda|cpu>[-<shape>].json."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     tag = "cuda" if engine.device.type == "cuda" else "cpu"
-    out = args.out or RESULTS / f"engine_throughput-{tag}{'-' + args.shape if args.shape else ''}.json"
+    out = args.out or RESULTS / f"{name}-{tag}{'-' + args.shape if args.shape else ''}.json"
     out.write_text(json.dumps({"device": device, "model": model, "config": vars(args) | {
         "model": str(args.model), "out": str(out)}, "rows": rows}, indent=2))
     print(f"wrote {out}")

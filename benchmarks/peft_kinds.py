@@ -22,20 +22,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.engine_throughput import SHAPES, describe_device, run_workload, write_random_checkpoint
+from benchmarks.engine_throughput import (
+    SHAPES,
+    describe_device,
+    run_workload,
+    write_random_checkpoint,
+    write_results,
+)
 from loadtest.synthetic_adapters import AdapterSpec, BaseDims, adapter_files
 from server.config import Settings
 from server.engine import Engine
 from server.runtime import build_engine
 from server.torch_threads import limit_current_thread
 
-RESULTS = Path(__file__).parent / "results"
 KINDS = ("lora", "dora", "ia3", "prompt")
 WORKLOADS = ("base", "lora", "dora", "ia3", "prompt", "mixed")
 
@@ -127,12 +131,7 @@ def main() -> None:
     print(f"device: {device}; model: {model}; {args.requests} requests x {args.output_len} tokens, prompt "
           f"{args.prompt_len}, {args.adapters} adapters of each kind, rank {args.rank}; {seconds:.0f} s")
     print_table(rows)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if engine.device.type == "cuda" else "cpu"
-    out = args.out or RESULTS / f"peft_kinds-{tag}{'-' + args.shape if args.shape else ''}.json"
-    out.write_text(json.dumps({"device": device, "model": model, "config": vars(args) | {
-        "model": str(args.model), "out": str(out)}, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_results("peft_kinds", engine, args, device, model, rows)
 
 
 if __name__ == "__main__":
