@@ -137,12 +137,13 @@ def add_lora(
 
     `lora_a`/`lora_b` are paged buffers and `table` each slot's pages and rank (`kernels.paging`); None where the
     torch reference reads every adapter's weights from `targets` (a CPU model runner's). A step
-    whose tokens all use slot -1 returns at once: base-model traffic launches no LoRA kernel. Both backends do
+    whose tokens all use slot -1, or adapters without LoRA weights (IA3, prompt tuning), returns at once: it
+    launches no LoRA kernel. Both backends do
     rank-r work for a rank-r adapter; the reference also skips the slices an adapter does not target, as
     `targets` (`reference.add_lora`) tells. "auto" resolves per call from the tensors (for direct callers; the
     engine passes an already resolved backend).
     """
-    if not batch.has_lora or x.shape[0] == 0:
+    if not batch.has_lora or x.shape[0] == 0 or not _weighted_slots(batch, table):
         return
     if backend == "auto":
         use_triton = x.is_cuda and x.dtype in TRITON_DTYPES and triton_ops() is not None
@@ -155,6 +156,16 @@ def add_lora(
         ops.add_lora(y, x, lora_a, lora_b, batch, slice_widths, table)
         return
     reference.add_lora(y, x, lora_a, lora_b, batch, slice_widths, table, targets)
+
+
+def _weighted_slots(batch: LoRABatch, table: PageTable) -> tuple[int, ...]:
+    """The step's slots whose adapters have LoRA weights (a rank); worked out once per step."""
+    if batch.weighted_slots is not None:
+        return batch.weighted_slots
+    key = ("weighted slots",)
+    if key not in batch.cache:
+        batch.cache[key] = tuple(slot for slot in batch.active_slots if table.host_ranks[slot])
+    return batch.cache[key]
 
 
 def paged_attention(

@@ -52,6 +52,9 @@ class LoRABatch:
     # The slots whose adapters scale outputs or inputs (DoRA, IA3: `kernels.scales`); None: those of
     # `active_slots` the page table marks. A captured CUDA graph fixes it: every slot, or none.
     scaled_slots: tuple[int, ...] | None = None
+    # The slots whose adapters have LoRA weights (IA3 and prompt tuning have none, so a step of only those runs
+    # no shrink or expand); None: those of `active_slots` the page table gives a rank. A captured graph: every slot.
+    weighted_slots: tuple[int, ...] | None = None
     # What the torch reference derives once per step and reads in every layer (`kernels.reference`).
     cache: dict[tuple, tuple[torch.Tensor, ...]] = field(default_factory=dict, compare=False, repr=False)
 

@@ -179,6 +179,12 @@ class AdapterRegistry:
             return (f"its rank {manifest.rank} is above this server's --max-lora-rank {self.max_rank}; restart "
                     f"with --max-lora-rank {manifest.rank} or more, or PUT /v1/adapters/{manifest.id} a version of "
                     f"rank {self.max_rank} or less")
+        most = self.shape.max_virtual_tokens
+        if most is not None and manifest.num_virtual_tokens > most:
+            return (f"its soft prompt of {manifest.num_virtual_tokens} virtual tokens is longer than this server "
+                    f"serves ({most}: the context must leave room for a prompt token and a generated one, and the "
+                    f"device tier hold its embeddings); restart with a larger --max-model-len or adapter memory, or "
+                    f"PUT /v1/adapters/{manifest.id} a shorter one")
         return None
 
     def _warn_unservable(self) -> None:

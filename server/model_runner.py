@@ -355,7 +355,8 @@ class ModelRunner:
         step.attention.decode_splits = self._decode_splits[size]
         # The graph must hold the LoRA launches whatever adapters a replay brings: its tiles say which rows work.
         slots = tuple(range(len(self._last_use)))
-        self.model.lora.batch = replace(lora_batch, active_slots=slots, scaled_slots=slots if scaled else ())
+        self.model.lora.batch = replace(lora_batch, active_slots=slots, weighted_slots=slots,
+                                        scaled_slots=slots if scaled else ())
         try:
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
+from adapters_store import AdapterStore
 from adapters_store.peft_export import to_peft_files
 from server.config import Settings
 from tests.support.adapter_uploads import DEMO_ARGS, PROMPT, upload
@@ -134,3 +135,17 @@ def test_a_soft_prompt_counts_against_the_context_not_the_usage(server):
     error = too_long.json()["error"]
     assert error["code"] == "context_length_exceeded" and f"soft prompt takes {VIRTUAL}" in error["message"]
     assert engine.registry.version("soft").users == 0  # the refused request let go of the adapter
+
+
+def test_a_stored_soft_prompt_longer_than_this_server_s_context_is_unservable_not_broken(tmp_path):
+    store = tmp_path / "store"
+    long_prompt = to_peft_files(make_adapter("x", DEMO_ARGS, 40, 0.0, (), 3, kind="prompt"))
+    AdapterStore(store).create("long", *long_prompt, rank=0, lora_alpha=0.0, target_modules=(), kind="prompt",
+                               num_virtual_tokens=40)
+    with serving_engine(Settings(store=store, max_model_len=32)) as (url, _), httpx.Client(base_url=url) as client:
+        info = client.get("/v1/adapters/long").json()
+        assert info["status"] == "unservable" and "--max-model-len" in info["error"]
+        refused = client.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 2, "adapter_id": "long"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "adapter_not_servable"
+        upload_refused = upload(client, "long2", long_prompt)
+        assert upload_refused.status_code == 400 and upload_refused.json()["error"]["param"] == "num_virtual_tokens"

@@ -16,16 +16,20 @@ def test_every_workload_is_measured_against_lora_and_the_base_model(tmp_path: Pa
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "kinds.json"
     monkeypatch.setattr(sys, "argv", ["peft_kinds.py", "--shape", "tiny", "--adapters", "1", "--requests", "5",
-                                      "--prompt-len", "8", "--output-len", "4", "--repeats", "2", "--out", str(out)])
+                                      "--prompt-len", "8", "--output-len", "4", "--repeats", "2", "--steps", "3",
+                                      "--out", str(out)])
     peft_kinds.main()
-    rows = json.loads(out.read_text())["rows"]
-    assert list(rows) == list(peft_kinds.WORKLOADS)
-    for workload, row in rows.items():
-        assert len(row["runs"]) == 2 and row["decode_tokens_per_s"] > 0, workload
-        assert row["vs_lora"] == pytest.approx(row["decode_tokens_per_s"] / rows["lora"]["decode_tokens_per_s"])
-        assert row["vs_base"] == pytest.approx(row["decode_tokens_per_s"] / rows["base"]["decode_tokens_per_s"])
+    measured = json.loads(out.read_text())["rows"]
+    assert list(measured) == ["steps", "engine"]
+    for rows in measured.values():
+        assert list(rows) == list(peft_kinds.WORKLOADS)
+        for workload, row in rows.items():
+            assert len(row["runs"]) == 2 and row["decode_tokens_per_s"] > 0, workload
+            assert row["vs_lora"] == pytest.approx(row["decode_tokens_per_s"] / rows["lora"]["decode_tokens_per_s"])
+            assert row["vs_base"] == pytest.approx(row["decode_tokens_per_s"] / rows["base"]["decode_tokens_per_s"])
     printed = capsys.readouterr().out
-    assert all(f"{workload:>9}" in printed for workload in rows)
+    assert "decode steps on the model runner" in printed and "through the engine" in printed
+    assert all(f"{workload:>9}" in printed for workload in peft_kinds.WORKLOADS)
 
 
 def test_the_mixed_workload_holds_every_kind_and_the_base_model() -> None:
