@@ -10,9 +10,10 @@ elementwise product with the vector of the token's adapter, so one batch mixes t
                                                                   IA3:  c_out = l - 1, e = 0)
 
 The vectors are stored minus one, so a token without them (slot -1, LoRA, untouched slices) reads zeros and is
-left as it is. Where the adapters live in pages they are rows of the adapter's vector page (`kernels.paging`);
-where a CPU model runner holds them apart they are `AdapterSlices` fields, stacked per step for the batch's
-scaled adapters. Either way a step gathers one row per token and does one multiply-add, whatever the mix.
+left as it is. Where the adapters live in pages they are rows of the adapter's vector page (`kernels.paging`), and
+a step gathers one row per token and does one multiply-add per layer, whatever the mix. Where a CPU model runner
+holds them apart they are `AdapterSlices` fields: while a step's scaled adapters are few, one multiply-add per run
+of an adapter's tokens (the step builder groups them); else the same gather, from a table of the step's vectors.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from adapters_store import LoraAdapter
+from adapters_store import TARGET_MODULES, LoraAdapter
 from server.api import build_app
 from server.checkpoint import save_checkpoint
 from server.config import Settings
@@ -59,8 +59,12 @@ def adapters() -> dict[str, LoraAdapter]:
 
     args = build_demo_model()[0].args
     return {
-        adapter_id: make_adapter(adapter_id, args, rank, alpha, targets, seed=100 + i)
-        for i, (adapter_id, (rank, alpha, targets)) in enumerate(ADAPTER_SPECS.items())
+        **{adapter_id: make_adapter(adapter_id, args, rank, alpha, targets, seed=100 + i)
+           for i, (adapter_id, (rank, alpha, targets)) in enumerate(ADAPTER_SPECS.items())},
+        # One of each other kind, for the tests that preempt and recompute (a soft prompt's positions included).
+        "dora": make_adapter("dora", args, 8, 16.0, TARGET_MODULES, seed=120, kind="dora"),
+        "ia3": make_adapter("ia3", args, 0, 0.0, ("k_proj", "v_proj", "down_proj"), seed=121, std=0.3, kind="ia3"),
+        "soft": make_adapter("soft", args, 6, 0.0, (), seed=122, std=0.5, kind="prompt"),
     }
 
 
@@ -189,9 +193,9 @@ def test_kv_cache_pressure_preempts_and_recovers(
     make_engine: Callable[..., Engine], alone: Callable[[GenerationRequest], Choice]
 ) -> None:
     # 16 blocks of 16 tokens; the 8 requests need 8 * 4 to 8 * 6 blocks at their longest.
-    adapter_cycle = [None, "a0", "a2", "a4"]
+    adapter_cycle = [None, "a0", "dora", "soft", "a2", "ia3", "a4"]
     requests = [
-        greedy(prompt(30 + i, 20 + 3 * i), max_tokens=40 + i, adapter=adapter_cycle[i % 4], ignore_eos=True)
+        greedy(prompt(30 + i, 20 + 3 * i), max_tokens=40 + i, adapter=adapter_cycle[i % 7], ignore_eos=True)
         for i in range(7)
     ]
     # And one seeded sampled request: its draws must not depend on being preempted and recomputed.

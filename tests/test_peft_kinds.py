@@ -99,8 +99,9 @@ def test_one_batch_of_every_kind_gives_each_request_peft_s_tokens(checkpoint: Ch
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_soft_prompt_tokens_and_logprobs_match_peft(checkpoint: Checkpoint, backend: str):
     """A prompt-tuning adapter's virtual tokens take the first positions: the greedy tokens and the top-5 logprobs
-    of every generated position equal those of `peft`'s forward over the soft prompt, the prompt and the tokens."""
-    engine = _engine(checkpoint, backend)
+    of every generated position equal those of `peft`'s forward over the soft prompt, the prompt and the tokens.
+    Chunks of 5 tokens cut the prefill inside the soft prompt and where it meets the prompt."""
+    engine = _engine(checkpoint, backend, max_num_batched_tokens=5)
     assert engine.registry.version("prompt").manifest.num_virtual_tokens == 7
     prompt, max_tokens = PROMPT[:20], 6
     engine.start()
