@@ -141,9 +141,11 @@ class LoRALinear(nn.Module):
         """(output scale, output shift, input scale) of an adapter in this layer, each minus one where a scale and
         None where it has none (`kernels.scales`), in float32. DoRA's scale is its magnitude over the row norms of
         this layer's weight plus the adapter's B A: the one place LoRA reads the base layer's weight."""
-        width, device = sum(self.slice_widths), self.base.weight.device
-        out_scale = out_shift = in_scale = None
+        device = self.base.weight.device
         bias = getattr(self.base, "bias", None)
+        out_scale: list[tuple[slice, torch.Tensor]] = []  # (output columns of the fused layer, values)
+        out_shift: list[tuple[slice, torch.Tensor]] = []
+        in_scale = None
         offset = 0
         for k, size in enumerate(self.slice_widths):
             weight = slices[k] if k < len(slices) else None
@@ -153,20 +155,26 @@ class LoRALinear(nn.Module):
             if weight is not None and weight.magnitude is not None:
                 g = dora_output_scale(self.base.weight[part], weight.a.to(device), weight.b_t.to(device),
                                       weight.magnitude.to(device))
-                out_scale = out_scale if out_scale is not None else torch.zeros(width, device=device)
-                out_scale[part] = g - 1
+                out_scale.append((part, g - 1))
                 if bias is not None:  # DoRA leaves the bias unscaled: take back what the scale adds to it
-                    out_shift = out_shift if out_shift is not None else torch.zeros(width, device=device)
-                    out_shift[part] = -(g - 1) * bias[part].float()
+                    out_shift.append((part, -(g - 1) * bias[part].float()))
             elif scale is not None and not scale.on_input:
-                out_scale = out_scale if out_scale is not None else torch.zeros(width, device=device)
-                out_scale[part] = scale.vector.to(device).float() - 1
+                out_scale.append((part, scale.vector.to(device).float() - 1))
             elif scale is not None:
                 if len(self.slice_widths) != 1:
                     raise ValueError(f"IA3 cannot scale the input of {self.slice_names[k]} alone: "
                                      f"{', '.join(self.slice_names)} read it in one base layer")
                 in_scale = scale.vector.to(device).float() - 1
-        return out_scale, out_shift, in_scale
+        return self._joined(out_scale), self._joined(out_shift), in_scale
+
+    def _joined(self, parts: list[tuple[slice, torch.Tensor]]) -> torch.Tensor | None:
+        """One vector over the fused layer's outputs from its slices' parts, zeros elsewhere; None without parts."""
+        if not parts:
+            return None
+        vector = torch.zeros(sum(self.slice_widths), device=self.base.weight.device)
+        for part, values in parts:
+            vector[part] = values
+        return vector
 
     def hold(self, slot: int, slices: Sequence[PackedWeight | None], scales: Sequence[PackedScale | None] = ()
              ) -> None:
