@@ -363,6 +363,9 @@ class ModelRunner:
             with torch.cuda.stream(side):  # compiles the kernels and fills their caches outside the capture
                 self.model(step, self.cache)
             torch.cuda.current_stream(self.device).wait_stream(side)
+            # What the warm-up derived once for the step (each token's vector page, `kernels.scales`) is derived
+            # again inside the graph, so that a replay derives it from the inputs it is given.
+            self.model.lora.batch.cache.clear()
             graph = torch.cuda.CUDAGraph()
             # thread_local: adapter loader threads pinning host memory meanwhile do not invalidate the capture.
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
