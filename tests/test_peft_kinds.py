@@ -117,3 +117,26 @@ def test_soft_prompt_tokens_and_logprobs_match_peft(checkpoint: Checkpoint, back
         ids = [token for token, _ in top]
         torch.testing.assert_close(torch.tensor([lp for _, lp in top]), theirs[position, ids], rtol=1e-4, atol=1e-4)
         assert ids == theirs[position].topk(5).indices.tolist()
+
+
+@pytest.mark.gpu
+def test_replayed_decode_graphs_apply_each_kind_on_cuda(checkpoint: Checkpoint):
+    """On a GPU with the compiled Triton kernels and decode CUDA graphs: decode steps mixing DoRA and IA3 tokens
+    replay the graph that applies their vectors, and every request still gets `peft`'s tokens."""
+    engine = _engine(checkpoint, "triton", max_num_batched_tokens=16, max_num_seqs=8)
+    assert engine.runner.can_capture_graphs and engine.runner._graphs  # captured at start
+    replays: list[tuple[int, bool]] = []
+    for key, (graph, _) in engine.runner._graphs.items():
+        replay = graph.replay
+        graph.replay = lambda key=key, replay=replay: replays.append(key) or replay()
+    max_tokens = 10
+    engine.start()
+    try:
+        prompts = {name: PROMPT[: 12 + 4 * i] for i, name in enumerate([None, *sorted(ADAPTERS)])}
+        ours = asyncio.run(generate_all(engine, prompts, max_tokens=max_tokens))
+    finally:
+        engine.shutdown()
+    assert any(scaled for _, scaled in replays)
+    for adapter, prompt in prompts.items():
+        soft_prompt = adapter is not None and KIND[adapter] == "prompt"
+        assert ours[adapter] == hf_greedy(checkpoint, adapter, prompt, max_tokens, cached=not soft_prompt), adapter
