@@ -195,6 +195,11 @@ class LoraAdapter:
         prompt = 0 if self.prompt_embeddings is None else self.prompt_embeddings.nbytes
         return sum(w.num_bytes for w in self.weights.values()) + vectors + prompt
 
+    @property
+    def num_virtual_tokens(self) -> int:
+        """A soft prompt's length; 0 for the other kinds."""
+        return 0 if self.prompt_embeddings is None else self.prompt_embeddings.shape[0]
+
 
 # --------------------------------------------------------------------------------------------- loading
 

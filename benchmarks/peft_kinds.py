@@ -44,8 +44,9 @@ from server.engine import Engine
 from server.requests import SamplingParams
 from server.runtime import build_engine
 from server.sampling import SamplerState
-from server.scheduler import ScheduledChunk, Sequence
+from server.scheduler import Sequence
 from server.torch_threads import limit_current_thread
+from tests.support.runner_steps import step_all
 
 KINDS = ("lora", "dora", "ia3", "prompt")
 WORKLOADS = ("base", "lora", "dora", "ia3", "prompt", "mixed")
@@ -100,17 +101,16 @@ def measure_steps(engine: Engine, ids: dict[str, list[str]], args: argparse.Name
     for workload in WORKLOADS:
         seqs = [_sequence(engine, i, slots, adapter, args) for i, adapter in
                 enumerate(workload_adapters(workload, ids, args.requests))]
-        _step(runner, seqs)  # the prefill
+        step_all(runner, seqs)  # the prefill
         batches[workload] = (seqs, [(list(seq.token_ids), seq.num_computed) for seq in seqs])
     runs: dict[str, list[float]] = {w: [] for w in WORKLOADS}
     for _ in range(args.repeats):
         for workload, (seqs, prefilled) in batches.items():
-            for seq, (tokens, computed) in zip(seqs, prefilled, strict=True):
+            for seq, (tokens, computed) in zip(seqs, prefilled, strict=True):  # greedy: nothing else to rewind
                 seq.token_ids[:], seq.num_computed = tokens, computed
-                del seq.sampler.output_ids[len(tokens) - seq.num_prompt_tokens :]
             start = time.perf_counter()
             for _ in range(args.steps):
-                _step(runner, seqs)
+                step_all(runner, seqs)
             runs[workload].append(args.steps * len(seqs) / (time.perf_counter() - start))
     for slot in slots.values():
         engine.pool.release(slot)
@@ -128,17 +128,6 @@ def _sequence(engine: Engine, index: int, slots: dict[str, int], adapter: str | 
     return Sequence(index, f"bench-{index}", 0, tokens, len(tokens), None, SamplerState(params, torch.Generator()),
                     None, blocks=list(range(index * per_seq, (index + 1) * per_seq)),
                     slot=-1 if adapter is None else slots[adapter], num_virtual_tokens=virtual)
-
-
-def _step(runner, seqs: list[Sequence]) -> None:
-    """One step of every sequence's pending tokens, applied as the engine applies it."""
-    plan = [ScheduledChunk(seq, seq.num_pending) for seq in seqs]
-    output = runner.execute(plan)
-    for chunk in plan:
-        chunk.seq.num_computed += chunk.num_tokens
-    for chunk, token in zip(output.chunks, output.tokens, strict=True):
-        chunk.seq.token_ids.append(token)
-        chunk.seq.sampler.output_ids.append(token)
 
 
 def with_ratios(runs: dict[str, list[float]]) -> dict[str, dict]:

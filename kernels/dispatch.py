@@ -162,10 +162,7 @@ def _weighted_slots(batch: LoRABatch, table: PageTable) -> tuple[int, ...]:
     """The step's slots whose adapters have LoRA weights (a rank); worked out once per step."""
     if batch.weighted_slots is not None:
         return batch.weighted_slots
-    key = ("weighted slots",)
-    if key not in batch.cache:
-        batch.cache[key] = tuple(slot for slot in batch.active_slots if table.host_ranks[slot])
-    return batch.cache[key]
+    return batch.active_marked(table.host_ranks, "weighted slots")
 
 
 def paged_attention(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -61,6 +62,14 @@ class LoRABatch:
     @property
     def has_lora(self) -> bool:
         return bool(self.active_slots)
+
+    def active_marked(self, marks: Sequence[object], name: str) -> tuple[int, ...]:
+        """The active slots whose entry of `marks` (a page-table list indexed by slot) is true; worked out once
+        per step under `name`."""
+        key = (name,)
+        if key not in self.cache:
+            self.cache[key] = tuple(slot for slot in self.active_slots if marks[slot])
+        return self.cache[key]
 
     @classmethod
     def from_token_slots(

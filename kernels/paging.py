@@ -52,7 +52,6 @@ class PageTable:
     # [num_slots + 1] int32: each slot's vector page, ZERO_PAGE for none; the last entry stays ZERO_PAGE, so that
     # indexing with a token's slot -1 reads "none"
     scale_pages: torch.Tensor
-    host_scale_pages: list[int]  # [num_slots]
     has_vectors: list[bool]  # [num_slots]: its adapter scales outputs or inputs, in pages or not
 
     @classmethod
@@ -63,13 +62,12 @@ class PageTable:
             host_pages=[()] * num_slots,
             host_ranks=[0] * num_slots,
             scale_pages=torch.full((num_slots + 1,), ZERO_PAGE, dtype=torch.int32, device=device),
-            host_scale_pages=[ZERO_PAGE] * num_slots,
             has_vectors=[False] * num_slots,
         )
 
     def to(self, device: torch.device | str) -> PageTable:
         return PageTable(self.ranks.to(device), self.pages.to(device), list(self.host_pages), list(self.host_ranks),
-                         self.scale_pages.to(device), list(self.host_scale_pages), list(self.has_vectors))
+                         self.scale_pages.to(device), list(self.has_vectors))
 
     @property
     def max_rank(self) -> int:
@@ -86,7 +84,6 @@ class PageTable:
         self.host_pages[slot] = tuple(pages[: pages_for_rank(rank)])
         self.host_ranks[slot] = rank
         self.scale_pages[slot] = scale_page
-        self.host_scale_pages[slot] = scale_page
         self.has_vectors[slot] = has_vectors
 
     def clear(self, slot: int) -> None:

@@ -35,10 +35,7 @@ def scaled_slots(batch: LoRABatch, table: PageTable) -> tuple[int, ...]:
     """The step's slots whose adapters carry vectors; worked out once per step."""
     if batch.scaled_slots is not None:
         return batch.scaled_slots
-    key = ("scaled slots",)
-    if key not in batch.cache:
-        batch.cache[key] = tuple(slot for slot in batch.active_slots if table.has_vectors[slot])
-    return batch.cache[key]
+    return batch.active_marked(table.has_vectors, "scaled slots")
 
 
 def scale_inputs(x: torch.Tensor, batch: LoRABatch, table: PageTable, lora_a: torch.Tensor | None,
@@ -104,13 +101,20 @@ def _runs(batch: LoRABatch, slots: tuple[int, ...], targets: LayerAdapters, fiel
     tokens with a slot lie grouped by slot and the runs are few; else None."""
     if batch.grouped_from is None or len(slots) > MAX_RUN_OPS:
         return None
-    scaled = set(slots)
-    runs = []
-    for slot, start, end in batch.slot_runs:
-        vector = getattr(targets[slot], field) if slot in scaled and slot in targets else None
-        if vector is not None:
-            runs.append((batch.grouped_from + start, batch.grouped_from + end, vector))
-    return runs
+    runs = [(start, end, getattr(targets[slot], field)) for slot, start, end in _scaled_runs(batch, slots)
+            if slot in targets]
+    return [run for run in runs if run[2] is not None]
+
+
+def _scaled_runs(batch: LoRABatch, slots: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(slot, first token, end token) of each run of grouped tokens whose slot is in `slots`; once per step."""
+    key = ("scaled runs", slots)
+    if key not in batch.cache:
+        scaled = set(slots)
+        first = batch.grouped_from
+        batch.cache[key] = [(slot, first + start, first + end) for slot, start, end in batch.slot_runs
+                            if slot in scaled]
+    return batch.cache[key]
 
 
 def _token_pages(batch: LoRABatch, table: PageTable) -> torch.Tensor:

@@ -379,7 +379,7 @@ class AdapterRegistry:
             manifest = self.store.create(
                 adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
                 target_modules=adapter.target_modules, owner=owner, public=public, kind=adapter.kind,
-                num_virtual_tokens=_virtual_tokens(adapter),
+                num_virtual_tokens=adapter.num_virtual_tokens,
             )
             return self._install(manifest, packed)
 
@@ -390,7 +390,7 @@ class AdapterRegistry:
             old_weights = self._weights_before_change(adapter_id)
             manifest = self.store.replace(
                 adapter_id, config, weights, rank=adapter.rank, lora_alpha=adapter.lora_alpha,
-                target_modules=adapter.target_modules, kind=adapter.kind, num_virtual_tokens=_virtual_tokens(adapter),
+                target_modules=adapter.target_modules, kind=adapter.kind, num_virtual_tokens=adapter.num_virtual_tokens,
             )
             return self._install(manifest, packed, old_weights)
 
@@ -527,7 +527,3 @@ def _broken_reason(adapter_id: str, error: Exception) -> str | None:
     if isinstance(error, AdapterFormatError):
         return f"the stored files no longer parse: {error.message}"
     return None
-
-
-def _virtual_tokens(adapter: LoraAdapter) -> int:
-    return 0 if adapter.prompt_embeddings is None else adapter.prompt_embeddings.shape[0]

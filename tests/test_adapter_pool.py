@@ -68,11 +68,11 @@ def test_dora_and_ia3_adapters_take_one_more_page_for_their_vectors(model):
     table = written(pool, runner)
     assert pool.resident_bytes == (1 + 2 + 1) * pool.page_bytes
     lora, dora, ia3 = (pool.slot_of(key) for key in ("lora", "dora", "ia3"))
-    assert table.host_scale_pages[lora] == ZERO_PAGE and not table.has_vectors[lora]
+    assert table.scale_pages[lora].item() == ZERO_PAGE and not table.has_vectors[lora]
     for slot, rank_pages in ((dora, 1), (ia3, 0)):
-        assert table.has_vectors[slot] and table.host_scale_pages[slot] != ZERO_PAGE
-        assert len(table.host_pages[slot]) == rank_pages and table.host_scale_pages[slot] not in table.host_pages[slot]
-        assert table.scale_pages[slot].item() == table.host_scale_pages[slot]
+        vector_page = table.scale_pages[slot].item()
+        assert table.has_vectors[slot] and vector_page != ZERO_PAGE
+        assert len(table.host_pages[slot]) == rank_pages and vector_page not in table.host_pages[slot]
     assert table.scale_pages[-1].item() == ZERO_PAGE  # what a token without a slot (-1) reads
 
 

@@ -82,6 +82,13 @@ def test_one_batch_of_every_kind_gives_each_request_peft_s_tokens(checkpoint: Ch
     engine = _engine(checkpoint, backend, max_num_batched_tokens=16)
     kinds = StepKinds()
     kinds.watch(engine)
+    assert_every_kind_at_once_gets_peft_s_tokens(checkpoint, engine)
+    assert kinds.mixed_steps > 0
+
+
+def assert_every_kind_at_once_gets_peft_s_tokens(checkpoint: Checkpoint, engine) -> None:
+    """Start `engine`, send a request for every adapter and one for the base model at once, each with its own prompt
+    length; each must get `peft`'s greedy tokens for it alone."""
     max_tokens = 10
     engine.start()
     try:
@@ -89,7 +96,6 @@ def test_one_batch_of_every_kind_gives_each_request_peft_s_tokens(checkpoint: Ch
         ours = asyncio.run(generate_all(engine, prompts, max_tokens=max_tokens))
     finally:
         engine.shutdown()
-    assert kinds.mixed_steps > 0
     for adapter, prompt in prompts.items():
         soft_prompt = adapter is not None and KIND[adapter] == "prompt"
         expected = hf_greedy(checkpoint, adapter, prompt, max_tokens, cached=not soft_prompt)
@@ -129,14 +135,5 @@ def test_replayed_decode_graphs_apply_each_kind_on_cuda(checkpoint: Checkpoint):
     for key, (graph, _) in engine.runner._graphs.items():
         replay = graph.replay
         graph.replay = lambda key=key, replay=replay: replays.append(key) or replay()
-    max_tokens = 10
-    engine.start()
-    try:
-        prompts = {name: PROMPT[: 12 + 4 * i] for i, name in enumerate([None, *sorted(ADAPTERS)])}
-        ours = asyncio.run(generate_all(engine, prompts, max_tokens=max_tokens))
-    finally:
-        engine.shutdown()
+    assert_every_kind_at_once_gets_peft_s_tokens(checkpoint, engine)
     assert any(scaled for _, scaled in replays)
-    for adapter, prompt in prompts.items():
-        soft_prompt = adapter is not None and KIND[adapter] == "prompt"
-        assert ours[adapter] == hf_greedy(checkpoint, adapter, prompt, max_tokens, cached=not soft_prompt), adapter
