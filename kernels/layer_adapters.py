@@ -47,13 +47,14 @@ class AdapterStack:
     at p reads rows p * d_in ... and p * R ... of them (the gathered way of `kernels.reference`). A batch's
     adapters the stack lacks are written over the positions of adapters that batch does not use, so only
     newcomers are copied; a batch that does not fit (more adapters than positions, a larger rank, another slice)
-    gets a new stack (`LayerAdapters.stack_for`)."""
+    gets a new stack (`LayerAdapters.stack_for`), where the layer's bound on its stack's size leaves room."""
 
     def __init__(self, slices: tuple[int, ...], rank: int, capacity: int, d_in: int, widths: Sequence[int],
                  dtype: torch.dtype, device: torch.device):
         self.slices, self.rank = slices, rank
         self.a_t = torch.zeros(capacity, d_in, len(slices) * rank, dtype=dtype, device=device)
         self.b = tuple(torch.zeros(capacity, rank, widths[k], dtype=dtype, device=device) for k in slices)
+        self.a_rows, self.b_rows = self.a_t.flatten(0, 1), tuple(b.flatten(0, 1) for b in self.b)  # as tokens read them
         self.held: list[AdapterSlices | None] = [None] * capacity
         self._position: dict[int, int] = {}  # id(adapter) -> position; `held` keeps it alive, so no id is reused
 
@@ -65,6 +66,11 @@ class AdapterStack:
     def capacity_for(adapters: int) -> int:
         """Positions of a new stack for `adapters`: a few more, so that a batch growing by some need not rebuild."""
         return adapters + adapters // 4 + 1
+
+    @staticmethod
+    def position_elements(slices: Sequence[int], rank: int, d_in: int, widths: Sequence[int]) -> int:
+        """Elements one position of a stack of `slices` at `rank` holds: A's rows and B's columns of each slice."""
+        return rank * (len(slices) * d_in + sum(widths[k] for k in slices))
 
     def newcomers(self, adapters: Sequence[AdapterSlices]) -> list[AdapterSlices] | None:
         """The adapters of `adapters` the stack would have to write, once each; None when they do not fit."""
@@ -78,11 +84,12 @@ class AdapterStack:
 
     def place(self, adapters: Sequence[AdapterSlices]) -> list[int] | None:
         """Each adapter's position, writing in those the stack lacks; None (writing nothing) when they do not fit."""
+        held = [self._position.get(id(a)) for a in adapters]
+        if None not in held:  # the common step: no newcomer
+            return held
         new = self.newcomers(adapters)
         if new is None:
             return None
-        if not new:
-            return [self._position[id(a)] for a in adapters]
         wanted = {id(a) for a in adapters}
         reusable = [p for p, a in enumerate(self.held) if a is None or id(a) not in wanted]
         for adapter, position in zip(new, reusable, strict=False):  # newcomers checked there are enough
@@ -120,9 +127,11 @@ class LayerAdapters(dict[int, AdapterSlices]):
     """One layer's `AdapterSlices` by slot, the `AdapterStack` of its recent batches, and the vectors of its recent
     batches' scaled adapters (`kernels.scales`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_stack_elements: int | None = None) -> None:
         super().__init__()
         self.stack: AdapterStack | None = None
+        # What the layer's stack may hold at most (the model runner's share of the stacks' budget); None: no bound.
+        self.max_stack_elements = max_stack_elements
         # field -> (the adapters it was stacked for, by identity; [1 + n, width]: zeros, then each one's vector)
         self._vector_tables: dict[str, tuple[tuple[int, ...], torch.Tensor | None]] = {}
 
@@ -144,16 +153,32 @@ class LayerAdapters(dict[int, AdapterSlices]):
         self._vector_tables[field] = (key, table)
         return table
 
+    def new_stack_capacity(self, adapters: Sequence[AdapterSlices], d_in: int, widths: Sequence[int]) -> int | None:
+        """Positions of a new stack of just `adapters` within `max_stack_elements` (room to grow where it fits);
+        None when not even they fit."""
+        distinct = len({id(a) for a in adapters})
+        slices = {k for a in adapters for k in a.slices}
+        position = AdapterStack.position_elements(tuple(slices), max((a.rank for a in adapters), default=0), d_in,
+                                                  widths)
+        limit = self.max_stack_elements
+        for capacity in (AdapterStack.capacity_for(distinct), distinct):
+            if limit is None or capacity * position <= limit:
+                return capacity
+        return None
+
     def stack_for(self, adapters: Sequence[AdapterSlices], d_in: int, widths: Sequence[int],
-                  dtype: torch.dtype, device: torch.device) -> tuple[AdapterStack, list[int]]:
+                  dtype: torch.dtype, device: torch.device) -> tuple[AdapterStack, list[int]] | None:
         """The stack with every adapter of `adapters` (each with its weights, or targeting nothing) and their
-        positions: the kept one where they fit, else a new one of just them."""
+        positions: the kept one where they fit, else a new one of just them; None when that would be larger than
+        `max_stack_elements` (the kept one stays)."""
         positions = self.stack.place(adapters) if self.stack is not None else None
         if positions is None:
+            capacity = self.new_stack_capacity(adapters, d_in, widths)
+            if capacity is None:
+                return None
             self.stack = None  # its memory goes before the new stack takes its own
             slices = tuple(sorted({k for a in adapters for k in a.slices}))
             rank = max((a.rank for a in adapters), default=0)
-            capacity = AdapterStack.capacity_for(len({id(a) for a in adapters}))
             self.stack = AdapterStack(slices, rank, capacity, d_in, widths, dtype, device)
             positions = self.stack.place(adapters)
         return self.stack, positions

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from kernels.layer_adapters import TARGETS_NOTHING, AdapterSlices, LayerAdapters
+from kernels.layer_adapters import TARGETS_NOTHING, AdapterSlices, AdapterStack, LayerAdapters
 from kernels.metadata import LoRABatch
 from kernels.paging import PAGE_RANK, PageTable
 
@@ -151,11 +151,13 @@ def add_lora(
     if path == "gathered":
         adapters = _batch_adapters(batch, targets)
         plan = _gather_plan(batch, table, adapters, targets, x.shape[1], slice_widths)
-        if plan.gathered:
-            _gathered(y, x, batch, plan, adapters, targets, slice_widths)
+        gathered = plan.gathered and _gathered(y, x, batch, plan, adapters, targets, slice_widths)
         # The plan is shared by the step's layers of this shape: an adapter idle where it was made may target this
-        # layer (PEFT's layers_to_transform), and goes adapter by adapter.
+        # layer (PEFT's layers_to_transform), and goes adapter by adapter, as do gathered runs whose stack this
+        # layer has no room for.
         runs = plan.apart + tuple(i for i in plan.idle if adapters[i].slices)
+        if not gathered:
+            runs += plan.gathered
         if not runs:
             return
     acc = accumulation_dtype(x.dtype)
@@ -176,7 +178,9 @@ def add_lora(
 
 def _batch_adapters(batch: LoRABatch, targets: Mapping[int, AdapterSlices]) -> tuple[AdapterSlices, ...]:
     """What `targets` holds of each run's adapter (one missing there targets nothing)."""
-    return tuple(targets.get(slot, TARGETS_NOTHING) for slot, _, _ in batch.slot_runs)
+    if ("run slots",) not in batch.cache:
+        batch.cache[("run slots",)] = [slot for slot, _, _ in batch.slot_runs]
+    return tuple(map(targets.get, batch.cache[("run slots",)], repeat(TARGETS_NOTHING)))
 
 
 @dataclass(frozen=True)
@@ -251,11 +255,6 @@ def _cheapest_path(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: 
     return min(costs, key=costs.get)
 
 
-def _stack_elements(rank: int, slices: Sequence[int], d_in: int, slice_widths: tuple[int, ...]) -> int:
-    """Weights of an adapter of `rank` on `slices` (A's rows and B's columns), as a stack position holds them."""
-    return rank * (len(slices) * d_in + sum(slice_widths[k] for k in slices))
-
-
 # Steps an adapter written into a stack serves, over which `lora_path` spreads the cost of writing it: its request
 # decodes on for tens of steps, and the stack keeps it while batches use it. Charged whole to the step that writes
 # it, a stack would never be built where it pays off over the next steps.
@@ -292,13 +291,18 @@ def _gather_plan(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlic
         serving = list({id(a): a for a in adapters if a.slices}.values())
         stack = targets.stack
         new = stack.newcomers(serving) if stack is not None and serving else None
-        if new is None:  # a new stack of just these
+        if new is None:  # a new stack of just these, where the layer has room for it
+            if targets.new_stack_capacity(serving, d_in, slice_widths) is None:
+                idle = tuple(i for i, adapter in enumerate(adapters) if not adapter.slices)
+                busy = tuple(i for i, adapter in enumerate(adapters) if adapter.slices)
+                batch.cache[key] = _GatherPlan((), busy, idle, 0)
+                return batch.cache[key]
             new = serving
             slices, rank = tuple(sorted({k for a in new for k in a.slices})), max((a.rank for a in new), default=0)
         else:
             slices, rank = stack.slices, stack.rank
         # Every token reads its stack position's whole width: the stack's slices at the stack's rank.
-        per_token = GATHERED_FLOPS_FACTOR * 2 * _stack_elements(rank, slices, d_in, slice_widths)
+        per_token = GATHERED_FLOPS_FACTOR * 2 * AdapterStack.position_elements(slices, rank, d_in, slice_widths)
         gathered, apart, idle, cost = [], [], [], 0
         for i, (n, adapter) in enumerate(zip(_run_shape(batch, table).lengths, adapters, strict=True)):
             if not adapter.slices:
@@ -309,7 +313,7 @@ def _gather_plan(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlic
             cost += min(n * per_token, alone)
         if gathered:
             taken = {id(adapters[i]) for i in gathered}
-            writes = sum(COPY_FLOPS * _stack_elements(a.rank, a.slices, d_in, slice_widths)
+            writes = sum(COPY_FLOPS * AdapterStack.position_elements(a.slices, a.rank, d_in, slice_widths)
                          + 2 * len(a.slices) * FLOPS_PER_OP for a in new if id(a) in taken)
             cost += (4 + 2 * len(slices)) * FLOPS_PER_OP + writes // STACK_REUSE_STEPS
         batch.cache[key] = _GatherPlan(tuple(gathered), tuple(apart), tuple(idle), int(cost))
@@ -318,13 +322,16 @@ def _gather_plan(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlic
 
 @dataclass(frozen=True)
 class _GatherIndex:
-    """Which rows of a stack's tables each gathered token reads: `a` [n, d_in] rows of the A table (position p's
-    rows p * d_in ... p * d_in + d_in - 1), `b` [n, R] rows of each B table; `tokens` the n tokens, None where they
+    """Which rows of a stack's tables each gathered token reads, flat, as `_weighted_row_sums` takes them: `a` the
+    n tokens' d_in rows of the A table each (position p's rows p * d_in ... p * d_in + d_in - 1), `b` their R rows
+    of each B table, `a_starts` and `b_starts` where each token's rows begin; `tokens` the n tokens, None where they
     are the step's every token in order (the inputs and outputs then need no gather or scatter)."""
 
     tokens: torch.Tensor | None
     a: torch.Tensor
+    a_starts: torch.Tensor
     b: torch.Tensor
+    b_starts: torch.Tensor
 
 
 def _gather_index(batch: LoRABatch, gathered: tuple[int, ...], positions: list[int], d_in: int,
@@ -349,11 +356,13 @@ def _gather_index(batch: LoRABatch, gathered: tuple[int, ...], positions: list[i
             in_order[tokens] = token_positions
             token_positions = in_order
         device = batch.by_slot.device
-        rows_a = np.add.outer(token_positions * d_in, np.arange(d_in))
-        rows_b = np.add.outer(token_positions * rank, np.arange(rank))
+        rows_a = np.add.outer(token_positions * d_in, np.arange(d_in)).ravel()
+        rows_b = np.add.outer(token_positions * rank, np.arange(rank)).ravel()
+        bag_starts = np.arange(len(token_positions))
         batch.cache[key] = _GatherIndex(
             None if every_token else _host_index(tokens).to(device, non_blocking=True),
-            *(torch.from_numpy(rows).to(device, non_blocking=True) for rows in (rows_a, rows_b)))
+            *(_host_index(values).to(device, non_blocking=True)
+              for values in (rows_a, bag_starts * d_in, rows_b, bag_starts * rank)))
     return batch.cache[key]
 
 
@@ -363,28 +372,41 @@ def _host_index(values: list[int] | np.ndarray) -> torch.Tensor:
 
 
 def _gathered(y: torch.Tensor, x: torch.Tensor, batch: LoRABatch, plan: _GatherPlan,
-              adapters: tuple[AdapterSlices, ...], targets: LayerAdapters, slice_widths: tuple[int, ...]) -> None:
+              adapters: tuple[AdapterSlices, ...], targets: LayerAdapters, slice_widths: tuple[int, ...]) -> bool:
     """y += the plan's gathered runs through their adapters' positions of the layer's stack, every token reading its
     own position's rows: one `embedding_bag` (a weighted sum of rows per token) for the shrink of every slice and
-    one per slice for the expand. No padding, and nothing copied but the adapters the stack lacks."""
+    one per slice for the expand. No padding, and nothing copied but the adapters the stack lacks. False (nothing
+    added) when the layer has no room for a stack of them."""
     # The plan is shared by the step's layers of this shape; in this one an adapter may target nothing (PEFT's
     # layers_to_transform), and then adds nothing.
     runs = tuple(i for i in plan.gathered if adapters[i].slices)
     if not runs:
-        return
+        return True
     acc = accumulation_dtype(x.dtype)
-    stack, positions = targets.stack_for([adapters[i] for i in runs], x.shape[1], slice_widths, acc, x.device)
+    stacked = targets.stack_for([adapters[i] for i in runs], x.shape[1], slice_widths, acc, x.device)
+    if stacked is None:
+        return False
+    stack, positions = stacked
     index = _gather_index(batch, runs, positions, x.shape[1], stack.rank)
     xs = (x if index.tokens is None else x.index_select(0, index.tokens)).to(acc)
-    v = F.embedding_bag(index.a, stack.a_t.flatten(0, 1), per_sample_weights=xs, mode="sum")  # [n, slices * R]
+    v = _weighted_row_sums(stack.a_rows, index.a, index.a_starts, xs.reshape(-1))  # [n, slices * R]
     by_slice = v.view(len(v), len(stack.slices), stack.rank).transpose(0, 1).contiguous()  # [slices, n, R]
-    parts = [F.embedding_bag(index.b, b.flatten(0, 1), per_sample_weights=by_slice[i], mode="sum")
-             for i, b in enumerate(stack.b)]
+    parts = [_weighted_row_sums(b_rows, index.b, index.b_starts, by_slice[i].view(-1))
+             for i, b_rows in enumerate(stack.b_rows)]
     delta = _join_slices(parts, stack.slices, slice_widths).to(y.dtype)
     if index.tokens is None:
         y += delta
     else:
         y.index_add_(0, index.tokens, delta)
+    return True
+
+
+def _weighted_row_sums(table: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
+                       weights: torch.Tensor) -> torch.Tensor:
+    """[bags, width]: for each bag (`rows[starts[i]:starts[i + 1]]`), its rows of `table` times their `weights`,
+    summed. `embedding_bag` called as the op itself: `F.embedding_bag`'s argument checks and its offsets tensor,
+    made anew each call, cost ~10 us a call on a CPU, and a step of the demo model makes 44 calls."""
+    return torch.embedding_bag(table, rows, starts, False, 0, False, weights, False)[0]
 
 
 def _join_slices(parts: list[torch.Tensor], slices: tuple[int, ...], slice_widths: tuple[int, ...]) -> torch.Tensor:

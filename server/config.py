@@ -52,7 +52,8 @@ class Settings(BaseModel):
         "shows here within it; 0 reads it at every lookup"
     )
     max_host_adapter_bytes: ByteSize = Field(
-        4 * 2**30, gt=0, description="host-memory budget for adapter weights (least recently used leave first)"
+        4 * 2**30, gt=0, description="host-memory budget for adapter weights (least recently used leave first); on a "
+        "CPU server it includes the stacks that batches of many adapters are read from, an eighth at most"
     )
     max_adapter_bytes: ByteSize = Field(512 * 2**20, gt=0, description="largest adapter upload accepted")
     pin: list[str] = Field(

@@ -43,6 +43,9 @@ class LoRAContext:
         self.batch: LoRABatch | None = None
         self.backend: str = "auto"
         self.table: PageTable | None = None
+        # Bytes the torch reference's kept stacks (`kernels.layer_adapters.AdapterStack`) may take in all layers
+        # together, which the model runner shares out; None: no bound (set by the server at start-up).
+        self.stack_bytes: int | None = None
 
 
 def fused_linear(d_in: int, slice_widths: tuple[int, ...], bias: bool) -> nn.Linear:
@@ -95,10 +98,16 @@ class LoRALinear(nn.Module):
         """Reserve zeroed A/B buffers of `num_pages` pages (page 0, the zero page, included)."""
         self.lora_a, self.lora_b = allocate_buffers(num_pages, self.d_in, self.slice_widths, dtype, device)
 
-    def drop_adapters(self) -> None:
-        """Forget every adapter and free the pages (a new model runner, or the memory profile, is done with them)."""
+    def drop_adapters(self, max_stack_elements: int | None = None) -> None:
+        """Forget every adapter and free the pages (a new model runner, or the memory profile, is done with them);
+        the layer's stack may then hold `max_stack_elements` at most."""
         self.lora_a = self.lora_b = None
-        self.targets = LayerAdapters()
+        self.targets = LayerAdapters(max_stack_elements)
+
+    @property
+    def rank_row_elements(self) -> int:
+        """Elements one rank of an adapter on every slice takes here: A's row of each slice and B's column."""
+        return len(self.slice_widths) * self.d_in + sum(self.slice_widths)
 
     def write_pages(self, slot: int, pages: PageRows, slices: Sequence[PackedWeight | None],
                     scales: Sequence[PackedScale | None] = (), vector_page: int | None = None) -> None:

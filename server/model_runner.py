@@ -27,6 +27,7 @@ import torch
 
 from kernels import PageTable
 from kernels.paging import PAGE_RANK, ZERO_PAGE, PageRows, pages_for_rank
+from kernels.reference import accumulation_dtype
 from server.adapter_packer import PackedAdapter
 from server.adapter_pool import ClearSlot, LoadAdapter, PoolWrite, written_rank
 from server.lora_linear import LoRALinear
@@ -41,6 +42,16 @@ log = logging.getLogger("lorahive.runner")
 # Decode batch sizes captured as CUDA graphs (vLLM's ladder): 1, 2, 4, 8, then steps of 8, up to the
 # engine's max_num_seqs, capped. A decode step of B sequences replays the smallest captured size >= B.
 MAX_GRAPH_BATCH = 256
+
+
+def _stack_caps(layers: list[LoRALinear], stack_bytes: int | None, dtype: torch.dtype) -> list[int | None]:
+    """Each layer's share of `stack_bytes` for its kept stack, in elements of the stacks' dtype: by the size of an
+    adapter's rank in it, so that every layer has room for as many adapters of one rank."""
+    if stack_bytes is None:
+        return [None] * len(layers)
+    elements = stack_bytes // accumulation_dtype(dtype).itemsize
+    rank_rows = [layer.rank_row_elements for layer in layers]
+    return [elements * row // sum(rank_rows) for row in rank_rows]
 
 
 def decode_graph_sizes(max_num_seqs: int) -> tuple[int, ...]:
@@ -107,8 +118,9 @@ class ModelRunner:
         self._prompt_blocks = [module for _, module in self._layers if module.slice_names[0] in ("q_proj", "gate_proj")]
         # Per slot holding a prompt-tuning adapter, its soft prompt: views of its pages, or of the host tier's buffer.
         self._prompts: dict[int, list[torch.Tensor]] = {}
-        for _, module in self._layers:
-            module.drop_adapters()  # a runner before this one may have left some
+        stack_caps = _stack_caps([module for _, module in self._layers], model.lora.stack_bytes, self.dtype)
+        for (_, module), stack_cap in zip(self._layers, stack_caps, strict=True):
+            module.drop_adapters(stack_cap)  # a runner before this one may have left some
             if self.paged:
                 module.allocate_pages(1 + num_pages, self.dtype, self.device)  # + the zero page
         self.table = PageTable.empty(num_slots, max_rank, self.device)

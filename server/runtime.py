@@ -15,7 +15,9 @@ import torch
 
 from adapters_store import AdapterStore, BaseModelShape
 from kernels import AttentionShape, resolve_attention_backend, resolve_backend
+from kernels.layer_adapters import AdapterStack
 from kernels.paging import PAGE_RANK
+from kernels.reference import accumulation_dtype
 from server.adapter_pool import max_rank_adapter_bytes as pool_max_rank_adapter_bytes
 from server.adapter_registry import AdapterRegistry
 from server.checkpoint import load_weights, read_config
@@ -130,6 +132,7 @@ def load_runner_model(settings: Settings) -> tuple[Transformer, RunnerInfo]:
     description = (f"{device} ({dtype}), LoRA backend {model.lora.backend}, attention backend "
                    f"{model.attention_context.backend}")
     paged = holds_adapters_in_pages(model)
+    model.lora.stack_bytes = stack_budget_bytes(settings, args, dtype, paged)
     blocks, adapter_bytes = kv_cache_blocks(settings, model, device, dtype, paged)
     return model, RunnerInfo(args, adapter_page_bytes(model), paged, adapter_bytes, blocks, str(device), dtype,
                              description)
@@ -157,18 +160,44 @@ def lora_pool_bytes(settings: Settings, args: ModelArgs, dtype: torch.dtype, pag
     if settings.max_gpu_adapter_bytes is not None:
         return settings.max_gpu_adapter_bytes
     if not paged:  # room for one max-rank adapter at least, however small the host tier (which then re-reads)
-        return max(settings.max_host_adapter_bytes, max_rank_adapter_bytes(settings, args, dtype, paged))
+        return max(host_tier_bytes(settings, args, dtype, paged), max_rank_adapter_bytes(settings, args, dtype, paged))
     if settings.max_gpu_adapters is None:
         return None
     return settings.max_gpu_adapters * max_rank_adapter_bytes(settings, args, dtype)
 
 
+# The share of --max-host-adapter-bytes that a CPU model runner's kept stacks may take at most (the copies of a
+# batch's adapters that its tokens read together, `kernels.layer_adapters.AdapterStack`); the host tier gets the
+# rest, so that adapter weights in host memory stay within the flag. A batch whose stack would not fit goes
+# adapter by adapter: slower, as correct.
+STACK_SHARE = 1 / 8
+
+
+def stack_budget_bytes(settings: Settings, args: ModelArgs, dtype: torch.dtype, paged: bool) -> int:
+    """Host bytes a model runner without pages may spend on kept stacks: `STACK_SHARE` of --max-host-adapter-bytes,
+    or what --max-num-seqs adapters of --max-lora-rank on every module would need where that is less; 0 with
+    pages (the kernels read the pages, nothing is stacked)."""
+    if paged:
+        return 0
+    need = (AdapterStack.capacity_for(settings.max_num_seqs) * settings.max_lora_rank * _rank_row(args)
+            * accumulation_dtype(dtype).itemsize)
+    return min(int(settings.max_host_adapter_bytes * STACK_SHARE), need)
+
+
+def host_tier_bytes(settings: Settings, args: ModelArgs, dtype: torch.dtype, paged: bool) -> int:
+    """The host tier's budget: --max-host-adapter-bytes less what kept stacks may take (`stack_budget_bytes`)."""
+    return settings.max_host_adapter_bytes - stack_budget_bytes(settings, args, dtype, paged)
+
+
 def max_rank_adapter_bytes(settings: Settings, args: ModelArgs, dtype: torch.dtype, paged: bool = True) -> int:
     """What one adapter of --max-lora-rank on every module takes of the device tier: its pages, or its bytes."""
-    # A rank row of every module in every layer: A's row [d_in] plus B's column [d_out].
-    rank_row = sum(d_in + d_out for d_in, d_out in args.lora_module_dims.values()) * args.n_layers
-    return pool_max_rank_adapter_bytes(settings.max_lora_rank, PAGE_RANK * rank_row * torch.finfo(dtype).bits // 8,
-                                       paged)
+    return pool_max_rank_adapter_bytes(settings.max_lora_rank,
+                                       PAGE_RANK * _rank_row(args) * torch.finfo(dtype).bits // 8, paged)
+
+
+def _rank_row(args: ModelArgs) -> int:
+    """Elements of one rank of an adapter on every module of every layer: A's row [d_in] plus B's column [d_out]."""
+    return sum(d_in + d_out for d_in, d_out in args.lora_module_dims.values()) * args.n_layers
 
 
 def check_adapter_tier_holds_one(settings: Settings, info: RunnerInfo) -> None:
@@ -402,7 +431,7 @@ def _engine(settings: Settings, info: RunnerInfo, make_runner: RunnerFactory) ->
                        shared_input_modules=SHARED_INPUT_MODULES, hidden_size=args.dim,
                        max_virtual_tokens=max_soft_prompt_tokens(settings, info)),
         max_rank=settings.max_lora_rank,
-        host_budget_bytes=settings.max_host_adapter_bytes,
+        host_budget_bytes=host_tier_bytes(settings, args, info.dtype, info.paged),
         # Pinned host copies speed up copies to a GPU in this process; a worker gets them through shared memory, and
         # pinning here would open a CUDA context in this process too.
         pin_memory=torch.device(info.device).type == "cuda" and not settings.model_runner_process,
@@ -429,9 +458,11 @@ def _engine(settings: Settings, info: RunnerInfo, make_runner: RunnerFactory) ->
         # With the model runner in its own process the engine thread runs no torch work worth a thread team.
         engine_threads=1 if settings.model_runner_process else settings.engine_threads,
     )
+    stacks = stack_budget_bytes(settings, args, info.dtype, info.paged)
     log.info("serving %s on %s, KV cache %d blocks of %d tokens, adapters on the device: %s %s%s", name,
              info.description, config.num_kv_blocks, config.block_size, _gib(info.adapter_bytes),
-             "in pages" if info.paged else "read from host memory where they are",
+             "in pages" if info.paged else
+             f"read from host memory where they are (and stacks of a batch's adapters: {_gib(stacks)} at most)",
              ", model runner in its own process" if settings.model_runner_process else "")
     metrics = Metrics(top_adapters=settings.metrics_top_adapters)
     return Engine(args, info.page_bytes, make_runner, tokenizer, config, registry, name, description,

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import LoRABatch, PageTable, add_lora, reference
+from kernels.layer_adapters import AdapterStack
 from kernels.paging import ZERO_PAGE
 from tests.support.lora_cases import TOLERANCES, LoraCase, make_case, naive_lora, naive_shrink
 
@@ -414,6 +415,38 @@ def test_layers_of_one_shape_that_disagree_on_what_an_adapter_targets_each_add_t
         y = case.y.clone()
         add_lora(y, case.x, None, None, batch, case.widths, case.table, targets=case.targets(with_weights=True))
         assert_matches_naive(case, y)
+
+
+@pytest.mark.parametrize("room", ["none", "no slack", "one layer of two"])
+def test_a_stack_never_outgrows_its_layers_bound(torch_gen: torch.Generator, room: str) -> None:
+    """A layer's kept stack holds at most `max_stack_elements` (the model runner's share of the stacks' budget):
+    with no room for one of the batch's adapters the step goes adapter by adapter and builds no stack; with room
+    for exactly its adapters the stack has no spare positions; where the plan's layer had room and another layer
+    of the shape has none, that one goes adapter by adapter. Every layer still adds exactly its adapters' deltas."""
+    slots = list(range(8))  # a decode step of eight adapters: gathered where a stack fits
+    cases = [make_case(torch_gen, slots, num_slots=8, max_rank=8, d_in=64, widths=(64, 32)) for _ in range(2)]
+    position = AdapterStack.position_elements((0, 1), 8, 64, (64, 32))
+    limit = {"none": 8 * position - 1, "no slack": 8 * position, "one layer of two": None}[room]
+    batch = LoRABatch.from_token_slots(slots)  # one step: both layers read what it caches
+    layers = [case.targets(with_weights=True) for case in cases]
+    layers[0].max_stack_elements = limit
+    layers[1].max_stack_elements = limit if room != "one layer of two" else 8 * position - 1
+    for case, targets in zip(cases, layers, strict=True):
+        y = case.y.clone()
+        add_lora(y, case.x, None, None, batch, case.widths, case.table, targets=targets)
+        assert_matches_naive(case, y)
+    path = reference.lora_path(batch, cases[0].table, 64, cases[0].widths, layers[0], False)
+    assert path == ("adapter" if room == "none" else "gathered")
+    stacks = [targets.stack for targets in layers]
+    if room == "none":
+        assert stacks == [None, None]
+    elif room == "no slack":
+        assert [stack.capacity for stack in stacks] == [8, 8]
+    else:
+        assert stacks[0] is not None and stacks[0].capacity > 8 and stacks[1] is None
+    for targets, stack in zip(layers, stacks, strict=True):
+        bound = targets.max_stack_elements
+        assert stack is None or bound is None or stack.capacity * position <= bound
 
 
 def test_a_long_run_among_gathered_ones_gets_gemms_of_its_own(torch_gen: torch.Generator) -> None:

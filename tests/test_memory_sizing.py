@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels.layer_adapters import AdapterStack
 from server import runtime
 from server.adapter_pool import AdapterSlotPool
 from server.config import Settings, StartupError
 from server.demo import build_demo_model
+from server.lora_linear import LoRALinear
 from server.memory_profile import (
     StepLimits,
     estimate_largest_step,
@@ -117,6 +119,29 @@ def test_an_explicit_cache_below_the_models_default_context_still_starts() -> No
     # No --max-model-len: the operator chose the cache; requests longer than it are refused one by one.
     engine = build_engine(Settings(device="cpu", kv_cache_tokens=512, block_size=16, model_runner_process=False))
     assert engine.max_model_len == 2048 and engine.allocator.num_blocks == 32
+
+
+@pytest.mark.parametrize(("host_bytes", "bound_by"), [(4 * GIB, "what the batches can need"), (64 * 2**20, "share")])
+def test_a_cpu_servers_stacks_come_out_of_the_host_budget(host_bytes: int, bound_by: str) -> None:
+    """A CPU model runner reads a batch's adapters from copies kept stacked (`kernels.layer_adapters.AdapterStack`);
+    they are adapter weights in host memory too, so --max-host-adapter-bytes covers them: the host tier gets the
+    flag less the stacks' budget, and the model runner shares that budget out to its layers."""
+    settings = Settings(device="cpu", max_host_adapter_bytes=host_bytes, max_lora_rank=16, max_num_seqs=8,
+                        model_runner_process=False)
+    engine = build_engine(settings)
+    try:
+        args = engine.args
+        stacks = runtime.stack_budget_bytes(settings, args, torch.float32, paged=False)
+        rank_row = sum(d_in + d_out for d_in, d_out in args.lora_module_dims.values()) * args.n_layers
+        need = AdapterStack.capacity_for(8) * 16 * rank_row * 4  # fp32 stacks of max-rank adapters
+        assert stacks == (need if bound_by == "what the batches can need" else host_bytes // 8) > 0
+        assert engine.registry.host_budget_bytes == host_bytes - stacks
+        assert runtime.stack_budget_bytes(settings, args, torch.float32, paged=True) == 0  # pages: no stacks
+        caps = [module.targets.max_stack_elements for module in engine.runner.model.modules()
+                if isinstance(module, LoRALinear)]
+        assert len(caps) == 4 * args.n_layers and sum(caps) * 4 <= stacks < (sum(caps) + len(caps)) * 4
+    finally:
+        engine.shutdown()
 
 
 # ---- the largest step fits what start-up reserves -------------------------------------------------------
