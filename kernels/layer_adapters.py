@@ -55,6 +55,7 @@ class AdapterStack:
         self.a_t = torch.zeros(capacity, d_in, len(slices) * rank, dtype=dtype, device=device)
         self.b = tuple(torch.zeros(capacity, rank, widths[k], dtype=dtype, device=device) for k in slices)
         self.a_rows, self.b_rows = self.a_t.flatten(0, 1), tuple(b.flatten(0, 1) for b in self.b)  # as tokens read them
+        self.nbytes = self.a_t.nbytes + sum(b.nbytes for b in self.b)
         self.held: list[AdapterSlices | None] = [None] * capacity
         self._position: dict[int, int] = {}  # id(adapter) -> position; `held` keeps it alive, so no id is reused
 
@@ -152,6 +153,11 @@ class LayerAdapters(dict[int, AdapterSlices]):
         # The key holds ids of adapters `self` holds; one forgotten is dropped from here too (`forget`).
         self._vector_tables[field] = (key, table)
         return table
+
+    @property
+    def stack_bytes(self) -> int:
+        """Bytes the layer's kept stack takes (0 without one)."""
+        return 0 if self.stack is None else self.stack.nbytes
 
     def new_stack_capacity(self, adapters: Sequence[AdapterSlices], d_in: int, widths: Sequence[int]) -> int | None:
         """Positions of a new stack of just `adapters` within `max_stack_elements` (room to grow where it fits);

@@ -92,6 +92,7 @@ class EngineStats:
     adapters_pinned: int  # slots a scheduled sequence holds
     adapter_bytes_resident: int
     adapter_bytes_capacity: int
+    adapter_stack_bytes: int  # a CPU model runner's kept stacks of its batches' adapters, after the last step
     adapter_loads: int  # host -> device, prefetches included
     adapter_prefetches: int
     adapter_evictions: int
@@ -251,6 +252,7 @@ class Engine:
         self._thread = TorchThread(self._run, "lorahive-engine", engine_threads(config.engine_threads))
         self._busy_since: float | None = None  # start of the loop iteration under way; None while waiting for work
         self.steps = 0
+        self.stack_bytes = 0  # the last step's `StepOutput.stack_bytes`
         self.waiting_quota = WaitingQuota(config.max_waiting_requests)
 
     # ---- event-loop side -------------------------------------------------------------------------
@@ -414,6 +416,7 @@ class Engine:
             adapters_pinned=pool.pinned_count,
             adapter_bytes_resident=pool.resident_bytes,
             adapter_bytes_capacity=pool.capacity_bytes,
+            adapter_stack_bytes=self.stack_bytes,
             adapter_loads=pool.loads,
             adapter_prefetches=pool.prefetches,
             adapter_evictions=pool.evictions,
@@ -566,6 +569,7 @@ class Engine:
         overlap = self._prefetch_adapters if self.runner.copies_overlap_compute else None
         output = self.runner.execute(plan, overlap)
         self.steps += 1
+        self.stack_bytes = output.stack_bytes
         self.metrics.step(time.perf_counter() - start, len(plan), sum(c.num_tokens for c in plan))
         for chunk in plan:
             chunk.seq.num_computed += chunk.num_tokens

@@ -136,13 +136,15 @@ class _StateCollector(Collector):
         stats = registry.stats
         resident = GaugeMetricFamily("lorahive_adapters_resident", "Adapters held per tier (disk: stored).",
                                      labels=["tier"])
-        size = GaugeMetricFamily("lorahive_adapter_resident_bytes", "Adapter weight bytes held per tier.",
-                                 labels=["tier"])
+        size = GaugeMetricFamily("lorahive_adapter_resident_bytes", "Adapter weight bytes held per tier (stacks: "
+                                 "the copies a CPU model runner reads a batch of many adapters from).", labels=["tier"])
         gpu = ("gpu", engine_stats.adapters_resident, engine_stats.adapter_bytes_resident)
         for tier, count, nbytes in (gpu,
                                     ("host", stats.host_adapters, stats.host), ("disk", disk_count, disk_bytes)):
             resident.add_metric([tier], count)
             size.add_metric([tier], nbytes)
+        # Copies, not a tier: on a CPU server they share --max-host-adapter-bytes with the host tier.
+        size.add_metric(["stacks"], engine_stats.adapter_stack_bytes)
         yield resident
         yield size
         loads = CounterMetricFamily("lorahive_adapter_loads", "Adapters loaded into a tier (gpu: into a device "

@@ -89,6 +89,7 @@ class StepOutput:
     chunks: list[ScheduledChunk]  # the chunks that got a token, in `tokens` order
     tokens: list[int]
     logprobs: list[TokenLogprob | None]
+    stack_bytes: int = 0  # what the kept stacks of the LoRA layers take after it (a CPU runner's; 0 with pages)
 
 
 class ModelRunner:
@@ -287,7 +288,8 @@ class ModelRunner:
             tokens, logprobs = sample(logits, [chunk.seq.sampler for chunk in host.sampled])
         finally:
             self.mark_read({chunk.seq.slot for chunk in plan if chunk.seq.slot >= 0})
-        return StepOutput(host.sampled, tokens, logprobs)
+        stack_bytes = 0 if self.paged else sum(module.targets.stack_bytes for _, module in self._layers)
+        return StepOutput(host.sampled, tokens, logprobs, stack_bytes)
 
     def _forward(self, inputs: StepBuffers, host: HostStep, splits: int | None = None) -> torch.Tensor:
         step, lora_batch = inputs.load(host, self.model.args.sliding_window)

@@ -176,12 +176,12 @@ class ProcessRunner:
         for chunk in plan:  # the worker mirrors them from now on, even should this step fail
             self._sequences[chunk.seq.seq_id] = chunk.seq
             self._sent.setdefault(chunk.seq.seq_id, 0)
-        positions, tokens, logprobs = self._call("step", StepRequest(chunks, finished))
+        positions, tokens, logprobs, stack_bytes = self._call("step", StepRequest(chunks, finished))
         for chunk in plan:
             self._sent[chunk.seq.seq_id] = len(chunk.seq.token_ids)
         if overlap is not None:
             overlap()
-        return StepOutput([plan[i] for i in positions], tokens, logprobs)
+        return StepOutput([plan[i] for i in positions], tokens, logprobs, stack_bytes)
 
     def _chunk_input(self, chunk: ScheduledChunk) -> ChunkInput:
         seq = chunk.seq
@@ -355,7 +355,7 @@ class _Worker:
             plan.append(ScheduledChunk(seq, chunk.num_tokens))  # type: ignore[arg-type] - it reads like a Sequence
         output = self.runner.execute(plan)
         position = {id(chunk): i for i, chunk in enumerate(plan)}
-        return [position[id(chunk)] for chunk in output.chunks], output.tokens, output.logprobs
+        return [position[id(chunk)] for chunk in output.chunks], output.tokens, output.logprobs, output.stack_bytes
 
     def _load(self, payload: tuple[int, tuple[int, ...], FlatAdapter]) -> None:
         slot, pages, adapter = payload

@@ -23,6 +23,7 @@ from server.adapter_packer import AdapterPacker
 from server.config import Settings
 from server.demo import build_demo_model
 from server.engine import Engine
+from server.lora_linear import LoRALinear
 from server.runtime import max_rank_adapter_bytes
 from tests.support.engines import (
     ENGINE_SETTINGS,
@@ -43,6 +44,7 @@ MAX_TOKENS = 4
 MAX_NUM_SEQS = 32
 RANK = 2
 TARGETS = ("q_proj", "v_proj")
+HOST_BUDGET_BYTES = 256 * 2**20  # adapter weights in host memory, the stacks of a CPU runner's batches included
 
 
 def zipf_choices(count: int, num_adapters: int, seed: int) -> list[int]:
@@ -66,13 +68,16 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 class DeviceTierWatch:
     """Counts, per adapter, the scheduling rounds the device tier refused a sequence whose weights were in host
-    memory, and checks the tier's bytes against its budget at every step."""
+    memory, and checks at every step the tier's bytes against its budget and the host memory adapters take (the
+    host tier, and the stacks the model runner reads a batch's adapters from) against --max-host-adapter-bytes."""
 
     def __init__(self, engine: Engine):
         self.refusals: Counter[str] = Counter()
-        self.most_resident_bytes = 0
-        pool, runner = engine.pool, engine.runner
+        self.most_resident_bytes = self.most_stack_bytes = 0
+        pool, runner, registry = engine.pool, engine.runner, engine.registry
         acquire, execute = pool.acquire, runner.execute
+        stack_budget = runner.model.lora.stack_bytes
+        assert registry.host_budget_bytes + stack_budget == HOST_BUDGET_BYTES
 
         def watched_acquire(key, adapter):
             slot = acquire(key, adapter)
@@ -83,7 +88,10 @@ class DeviceTierWatch:
         def watched_execute(plan, overlap=None):
             self.most_resident_bytes = max(self.most_resident_bytes, pool.resident_bytes)
             assert pool.resident_bytes <= pool.capacity_bytes
-            return execute(plan, overlap)
+            output = execute(plan, overlap)
+            assert output.stack_bytes <= stack_budget and registry.stats.host <= registry.host_budget_bytes
+            self.most_stack_bytes = max(self.most_stack_bytes, output.stack_bytes)
+            return output
 
         pool.acquire, runner.execute = watched_acquire, watched_execute
 
@@ -93,7 +101,8 @@ def engines(store: Path) -> Iterator:
     started: list[Engine] = []
 
     def start(**settings) -> Engine:
-        engine = start_engine({}, store=store, max_num_seqs=MAX_NUM_SEQS, **settings)
+        engine = start_engine({}, store=store, max_num_seqs=MAX_NUM_SEQS, max_host_adapter_bytes=HOST_BUDGET_BYTES,
+                              **settings)
         started.append(engine)
         return engine
 
@@ -122,6 +131,9 @@ def test_zipf_traffic_over_2000_adapters_is_served_as_alone_without_waiting_for_
     assert together == tokens_alone(engine, requests)
     assert sum(watch.refusals.values()) == 0
     assert engine.stats().adapters_resident == distinct and engine.stats().adapter_evictions == 0
+    assert watch.most_stack_bytes > 0, "batches of many adapters were read from stacks"
+    assert engine.stats().adapter_stack_bytes == sum(
+        module.targets.stack_bytes for module in engine.runner.model.modules() if isinstance(module, LoRALinear))
     assert_idle(engine)
 
 

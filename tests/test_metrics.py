@@ -208,6 +208,7 @@ def test_metric_values_agree_with_traffic(server):
             assert value(text, "lorahive_requests_waiting") == 0
             assert value(text, "lorahive_adapters_resident", tier="gpu") == engine.pool.resident_count == 2
             assert value(text, "lorahive_adapter_resident_bytes", tier="gpu") == engine.pool.resident_bytes
+            assert value(text, "lorahive_adapter_resident_bytes", tier="stacks") == engine.stats().adapter_stack_bytes
             assert value(text, "lorahive_adapter_loads_total", tier="gpu") == engine.pool.loads
             assert value(text, "lorahive_adapter_load_duration_seconds_count", transition="host_to_gpu") == \
                 engine.pool.loads

@@ -88,6 +88,9 @@ def test_a_worker_process_gives_every_request_what_the_engines_own_runner_gives(
         assert isinstance(worker.runner, ProcessRunner) and not isinstance(local.runner, ProcessRunner)
         expected = tokens(first_batch_whole(local, mixed_requests()))
         assert tokens(first_batch_whole(worker, mixed_requests())) == expected
+        # The worker reports the stacks its batches were read from, as the engine's own runner does (none in pages).
+        stack_bytes = local.stats().adapter_stack_bytes
+        assert worker.stats().adapter_stack_bytes == stack_bytes and (stack_bytes > 0) == (local.runner.paged is False)
         if settings:
             assert worker.stats().preemptions > 0 and worker.stats().adapter_evictions > 0
         # Again on the running worker (its mirrors of finished sequences are gone): the greedy requests, whose
