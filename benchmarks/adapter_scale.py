@@ -13,6 +13,8 @@ median TTFT ratios.
     PYTHONPATH=. python benchmarks/adapter_scale.py --shape smollm2-135m --values 1,100,1000 --provision 1000 \
         --target-modules q_proj,v_proj
     PYTHONPATH=. python benchmarks/adapter_scale.py --tag slots16 --serve-flag=--max-gpu-adapters=16
+    PYTHONPATH=. python benchmarks/adapter_scale.py --device cuda --shape llama3.2-1b --values 1,100,500 \
+        --provision 500 --target-modules q_proj,v_proj --concurrency 64 --requests 256   # benchmarks/gpu_check
 
 Prints a table and writes JSON to benchmarks/results/adapter_scale-<shape>[-<tag>]-<device>.json.
 """
@@ -41,9 +43,10 @@ REPO = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 300
 
 
-def serve(model: Path | None, store: Path, port: int, flags: list[str], log: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server.cli", "serve", f"--port={port}", f"--store={store}", "--device=cpu",
-               "--log-level=warning", *([f"--model={model}", "--dtype=float32"] if model else []), *flags]
+def serve(model: Path | None, store: Path, port: int, flags: list[str], log: Path, device: str = "cpu",
+          dtype: str = "float32") -> subprocess.Popen:
+    command = [sys.executable, "-m", "server.cli", "serve", f"--port={port}", f"--store={store}", f"--device={device}",
+               "--log-level=warning", *([f"--model={model}", f"--dtype={dtype}"] if model else []), *flags]
     return start_until_ready(command, port, log)
 
 
@@ -89,9 +92,17 @@ def print_table(result: dict) -> None:
                   f"{row['p50_tpot_ms']:.1f} |")
 
 
+def describe_device(device: str) -> str:
+    if device == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["demo", *sorted(SHAPES)], default="demo")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the server runs (cuda: a checkpoint shape's weights in bfloat16)")
     parser.add_argument("--values", default="1,10,100,1000,2000", help="adapter counts the traffic spreads over")
     parser.add_argument("--popularity", nargs="+", default=["zipf:1.0", "uniform"])
     parser.add_argument("--provision", type=int, default=2000, help="adapters uploaded before the sweeps")
@@ -110,11 +121,13 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="lorahive-adapter-scale-") as scratch:
         scratch = Path(scratch)
         checkpoint = None
+        dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
         if args.shape != "demo":  # every token id decodes to text, so the first token's time is measured
-            checkpoint = write_random_checkpoint(args.shape, scratch / "model", torch.float32,
+            checkpoint = write_random_checkpoint(args.shape, scratch / "model", dtype,
                                                  numbered_tokenizer(SHAPES[args.shape]["vocab_size"]))
         port = free_port()
-        server = serve(checkpoint, scratch / "store", port, args.serve_flag, scratch / "serve.log")
+        server = serve(checkpoint, scratch / "store", port, args.serve_flag, scratch / "serve.log", args.device,
+                       str(dtype).removeprefix("torch."))
         try:
             sweeps = {popularity: sweep(f"http://127.0.0.1:{port}", popularity, args, scratch / f"sweep-{i}")
                       for i, popularity in enumerate(args.popularity)}
@@ -122,14 +135,14 @@ def main(argv: list[str] | None = None) -> dict:
             server.terminate()
             server.wait(60)
     result = {
-        "benchmark": "adapter_scale", "shape": args.shape, "device": f"cpu ({platform.machine()}, {os.cpu_count()} "
-        "cores)", "serve_flags": args.serve_flag,
+        "benchmark": "adapter_scale", "shape": args.shape, "device": describe_device(args.device),
+        "serve_flags": args.serve_flag,
         "workload": f"{args.concurrency} concurrent, {args.requests} requests of {args.input_len} + {args.output_len} "
         f"tokens per point, rank-{args.rank} adapters on {args.target_modules}, {args.provision} provisioned",
         "sweeps": sweeps,
     }
     print_table(result)
-    out = args.out or RESULTS / f"adapter_scale-{args.shape}{'-' + args.tag if args.tag else ''}-cpu.json"
+    out = args.out or RESULTS / f"adapter_scale-{args.shape}{'-' + args.tag if args.tag else ''}-{args.device}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
     return result
