@@ -282,18 +282,10 @@ class Engine:
                 QUEUE_FULL_RETRY_AFTER_S,
             )
         try:
-            adapter = self._bind_adapter(request.adapter_id, request.n)
+            adapter = self._bind_adapter(request)
         except RequestError:
             self.waiting_quota.leave(request_id)
             raise
-        if adapter is not None and adapter.manifest.num_virtual_tokens:
-            try:
-                self._check_context(request, adapter.manifest.num_virtual_tokens)
-            except RequestError:
-                for _ in range(request.n):
-                    self.registry.unbind(adapter)
-                self.waiting_quota.leave(request_id)
-                raise
         stream = RequestStream(request_id, len(request.prompt_token_ids), request.n, self, request.incremental)
         seqs = [self._new_sequence(request, request_id, i, adapter) for i in range(request.n)]
         self.metrics.request_submitted(request.adapter_id, len(request.prompt_token_ids), _kind(adapter))
@@ -333,13 +325,21 @@ class Engine:
             problems.append(f"the adapter store (--store) cannot be read ({exc.strerror or type(exc).__name__})")
         return problems
 
-    def _bind_adapter(self, adapter_id: str | None, n: int) -> AdapterVersion | None:
-        """The adapter version the request's `n` sequences will use until they finish."""
-        if adapter_id is None:
+    def _bind_adapter(self, request: GenerationRequest) -> AdapterVersion | None:
+        """The adapter version the request's `n` sequences will use until they finish; refused (nothing held) where
+        its soft prompt leaves the request no room in the context."""
+        if request.adapter_id is None:
             return None
-        version = self.registry.bind(adapter_id, n)  # refuses a broken or unservable one
+        version = self.registry.bind(request.adapter_id, request.n)  # refuses a broken or unservable one
         if version is None:
-            raise AdapterNotFoundError(adapter_id)
+            raise AdapterNotFoundError(request.adapter_id)
+        if version.manifest.num_virtual_tokens:  # `_validate` checked the context without it
+            try:
+                self._check_context(request, version.manifest.num_virtual_tokens)
+            except RequestError:
+                for _ in range(request.n):
+                    self.registry.unbind(version)
+                raise
         return version
 
     def _check_context(self, request: GenerationRequest, virtual_tokens: int = 0) -> None:

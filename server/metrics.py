@@ -176,6 +176,14 @@ def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, doc, value=value)
 
 
+def _zeroed(metric: Counter | Histogram, label_values: tuple[str, ...]) -> Counter | Histogram:
+    """`metric` with a series for each of `label_values` from the start, so that each shows (at zero) from the first
+    scrape rather than after its first event."""
+    for value in label_values:
+        metric.labels(value)
+    return metric
+
+
 class Metrics:
     """Every metric of one server. Methods are cheap and thread-safe (prometheus-client locks per value)."""
 
@@ -194,28 +202,21 @@ class Metrics:
         self.adapter_deletes = Counter("lorahive_adapter_deletes", "Adapter deletions that succeeded.", registry=r)
         self.adapter_delete_failures = Counter(
             "lorahive_adapter_delete_failures", "Adapter deletions refused or failed (any 4xx/5xx).", registry=r)
-        self.finished = Counter(
+        self.finished = _zeroed(Counter(
             "lorahive_requests_finished", "Sequences (request choices) finished, by finish reason "
             "(stop, length, abort: client gone or cut at the end of a drain, error: engine or adapter failure).",
-            ["finish_reason"], registry=r)
-        for reason in FINISH_REASONS:
-            self.finished.labels(reason)
-        self.rejected = Counter(
+            ["finish_reason"], registry=r), FINISH_REASONS)
+        self.rejected = _zeroed(Counter(
             "lorahive_requests_rejected", "Requests refused before any work, by reason (queue_full: the waiting "
             "queue is full and the tenant holds its share, 429; draining: the server is shutting down, 503).",
-            ["reason"], registry=r)
-        for reason in REJECT_REASONS:
-            self.rejected.labels(reason)
+            ["reason"], registry=r), REJECT_REASONS)
         self.prompt_tokens = Counter("lorahive_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
-        self.kind_requests = Counter(
+        self.kind_requests = _zeroed(Counter(
             "lorahive_adapter_kind_requests", "Requests admitted, by the kind of adapter they use (base: none).",
-            ["kind"], registry=r)
-        self.kind_generation_tokens = Counter(
+            ["kind"], registry=r), REQUEST_KINDS)
+        self.kind_generation_tokens = _zeroed(Counter(
             "lorahive_adapter_kind_generation_tokens", "Tokens generated, by the kind of adapter that made them "
-            "(base: none).", ["kind"], registry=r)
-        for kind in REQUEST_KINDS:
-            self.kind_requests.labels(kind)
-            self.kind_generation_tokens.labels(kind)
+            "(base: none).", ["kind"], registry=r), REQUEST_KINDS)
         self.generation_tokens = Counter("lorahive_generation_tokens", "Tokens generated.", registry=r)
         self.queue_time = Histogram(
             "lorahive_request_queue_time_seconds", "Arrival to first admission into a batch, per sequence.",
@@ -240,21 +241,16 @@ class Metrics:
         self.step_tokens = Histogram(
             "lorahive_step_tokens", "Tokens fed to the model in one engine step (prefill chunks + decodes).",
             buckets=COUNT_BUCKETS, registry=r)
-        self.cache_hits = Counter(
+        self.cache_hits = _zeroed(Counter(
             "lorahive_adapter_cache_hits", "Adapter lookups served by a tier (gpu: slot resident; host: weights in "
-            "host memory; disk: read from the store).", ["tier"], registry=r)
-        self.cache_misses = Counter(
+            "host memory; disk: read from the store).", ["tier"], registry=r), TIERS)
+        self.cache_misses = _zeroed(Counter(
             "lorahive_adapter_cache_misses", "Adapter lookups a tier could not serve (gpu, host: go to the colder "
-            "tier; disk: the read or parse failed).", ["tier"], registry=r)
-        for tier in TIERS:
-            self.cache_hits.labels(tier)
-            self.cache_misses.labels(tier)
-        self.load_time = Histogram(
+            "tier; disk: the read or parse failed).", ["tier"], registry=r), TIERS)
+        self.load_time = _zeroed(Histogram(
             "lorahive_adapter_load_duration_seconds", "Time to move an adapter between tiers "
             "(disk_to_host: read + parse; host_to_gpu: slot write, eviction included).", ["transition"],
-            buckets=LOAD_BUCKETS, registry=r)
-        for transition in TRANSITIONS:
-            self.load_time.labels(transition)
+            buckets=LOAD_BUCKETS, registry=r), TRANSITIONS)
         self.broken_loads = Counter(
             "lorahive_adapter_broken_loads", "Adapter versions found broken when read from the store (a file missing "
             "or failing its checksum, or weights that no longer parse); each is read once, then refused until "
