@@ -1,9 +1,9 @@
 """The torch reference's three ways of adding LoRA deltas, timed against each other, and the one `lora_path` picks.
 
 `kernels.reference.add_lora` runs a layer's LoRA adapter by adapter, all at once (every token against every
-page), or gathered (every token reading its own adapter's rows of a stack kept per layer), choosing by a cost model
-whose free constants are `FLOPS_PER_OP`, the flops a torch op's dispatch is worth, and `GATHERED_FLOPS_FACTOR`, how
-much dearer a flop of the gathered way is than one of a GEMM. This script times each way on
+page), or gathered (every token reading its own adapter's rows of a stack kept for the layers of one shape),
+choosing by a cost model whose free constants are `FLOPS_PER_OP`, the flops a torch op's dispatch is worth, and
+`GATHERED_FLOPS_FACTOR`, how much dearer a flop of the gathered way is than one of a GEMM. This script times each way on
 layer shapes of SmolLM2-135M (4 adapters, ranks 8/16/32/64 on every slice), of the deep-narrow benchmark model (8
 rank-16 adapters), of a 1B-class attention (8 rank-16 adapters) and of the demo model (32 rank-8 adapters, as
 issue 17's many-adapter traffic mixes them), at several tokens per adapter, and reports, per

@@ -37,7 +37,7 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from kernels.layer_adapters import TARGETS_NOTHING, AdapterSlices, AdapterStack, LayerAdapters
+from kernels.layer_adapters import TARGETS_NOTHING, AdapterSlices, AdapterStack, LayerAdapters, StackGroup
 from kernels.metadata import LoRABatch
 from kernels.paging import PAGE_RANK, PageTable
 
@@ -149,13 +149,15 @@ def add_lora(
         return
     runs: Sequence[int] = range(len(batch.slot_runs))
     if path == "gathered":
-        adapters = _batch_adapters(batch, targets)
-        plan = _gather_plan(batch, table, adapters, targets, x.shape[1], slice_widths)
-        gathered = plan.gathered and _gathered(y, x, batch, plan, adapters, targets, slice_widths)
+        plan = _gather_plan(batch, table, targets, x.shape[1], slice_widths)
+        gathered = bool(plan.gathered) and _gathered(y, x, batch, plan, targets, slice_widths)
         # The plan is shared by the step's layers of this shape: an adapter idle where it was made may target this
-        # layer (PEFT's layers_to_transform), and goes adapter by adapter, as do gathered runs whose stack this
-        # layer has no room for.
-        runs = plan.apart + tuple(i for i in plan.idle if adapters[i].slices)
+        # layer (PEFT's layers_to_transform), and goes adapter by adapter, as do gathered runs where the layer's
+        # group has no room for their stack.
+        runs = plan.apart
+        if plan.idle:
+            adapters = _batch_adapters(batch, targets)
+            runs += tuple(i for i in plan.idle if adapters[i].slices)
         if not gathered:
             runs += plan.gathered
         if not runs:
@@ -178,29 +180,33 @@ def add_lora(
 
 def _batch_adapters(batch: LoRABatch, targets: Mapping[int, AdapterSlices]) -> tuple[AdapterSlices, ...]:
     """What `targets` holds of each run's adapter (one missing there targets nothing)."""
-    if ("run slots",) not in batch.cache:
-        batch.cache[("run slots",)] = [slot for slot, _, _ in batch.slot_runs]
-    return tuple(map(targets.get, batch.cache[("run slots",)], repeat(TARGETS_NOTHING)))
+    return tuple(map(targets.get, _run_shape(batch).slots, repeat(TARGETS_NOTHING)))
 
 
 @dataclass(frozen=True)
 class _RunShape:
-    """What `lora_path` reads of a step's runs, the same in every layer (cached on the batch)."""
+    """What the cost model and the gathered way read of a step's runs (`batch.slot_runs`), the same in every layer
+    (cached on the batch): each run's slot, tokens, and first row in `by_slot`."""
 
-    lengths: tuple[int, ...]  # tokens per run
-    ranks: tuple[int, ...]  # each run's slot's rank
-    pages: int  # pages of all runs' slots
-    pages_consecutive: bool  # whether the all-at-once path reads them as a view
+    slots: tuple[int, ...]
+    lengths: tuple[int, ...]
+    starts: tuple[int, ...]
 
 
-def _run_shape(batch: LoRABatch, table: PageTable) -> _RunShape:
+def _run_shape(batch: LoRABatch) -> _RunShape:
     key = ("runs",)
     if key not in batch.cache:
-        slots = [slot for slot, _, _ in batch.slot_runs]
-        pages = [page for slot in slots for page in table.host_pages[slot]]
-        batch.cache[key] = _RunShape(
-            tuple(end - start for _, start, end in batch.slot_runs), tuple(table.host_ranks[s] for s in slots),
-            len(pages), _as_slice(pages) is not None)
+        slots, starts, ends = (tuple(column) for column in zip(*batch.slot_runs, strict=True))
+        batch.cache[key] = _RunShape(slots, tuple(end - start for start, end in zip(starts, ends, strict=True)), starts)
+    return batch.cache[key]
+
+
+def _run_pages(batch: LoRABatch, table: PageTable) -> tuple[int, bool]:
+    """(pages of all runs' slots, whether the all-at-once path reads them as a view), cached on the batch."""
+    key = ("run pages",)
+    if key not in batch.cache:
+        pages = [page for slot, _, _ in batch.slot_runs for page in table.host_pages[slot]]
+        batch.cache[key] = (len(pages), _as_slice(pages) is not None)
     return batch.cache[key]
 
 
@@ -228,31 +234,44 @@ def lora_path(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple
 
 def _cheapest_path(batch: LoRABatch, table: PageTable, d_in: int, slice_widths: tuple[int, ...],
                    targets: Mapping[int, AdapterSlices] | None, has_pages: bool) -> str:
-    runs = _run_shape(batch, table)
-    num_slices, width = len(slice_widths), sum(slice_widths)
-    every_slice = AdapterSlices(tuple(range(num_slices)))
-    adapters = _batch_adapters(batch, targets) if targets is not None else (every_slice,) * len(runs.lengths)
-    adapter_cost, kept_rank, stackable = 0, 0, isinstance(targets, LayerAdapters)
-    for n, adapter, rank in zip(runs.lengths, adapters, runs.ranks, strict=True):
-        if not adapter.slices or not rank:
-            continue
-        if adapter.a_t is not None:
-            kept_rank = max(kept_rank, adapter.rank)
-            per_token = adapter.flops_per_token
-        else:
-            stackable = False
-            per_token = 2 * rank * (len(adapter.slices) * d_in + sum(slice_widths[k] for k in adapter.slices))
-        adapter_cost += n * per_token + (3 + len(adapter.slices)) * FLOPS_PER_OP
-    costs = {"adapter": adapter_cost}
+    alone, kept = _alone_costs(batch, table, targets, d_in, slice_widths)
+    costs = {"adapter": sum(alone)}
     if has_pages:
-        dense_rows = runs.pages * PAGE_RANK * (num_slices * d_in + width)
+        num_slices, (pages, consecutive) = len(slice_widths), _run_pages(batch, table)
+        dense_rows = pages * PAGE_RANK * (num_slices * d_in + sum(slice_widths))
         costs["dense"] = (2 * len(batch.token_slots) * dense_rows + (2 + num_slices) * FLOPS_PER_OP
-                          + (0 if runs.pages_consecutive else COPY_FLOPS * dense_rows))
-    if stackable and kept_rank:
-        plan = _gather_plan(batch, table, adapters, targets, d_in, slice_widths)
+                          + (0 if consecutive else COPY_FLOPS * dense_rows))
+    if kept and isinstance(targets, LayerAdapters):
+        plan = _gather_plan(batch, table, targets, d_in, slice_widths)
         if plan.gathered:
             costs["gathered"] = plan.cost
     return min(costs, key=costs.get)
+
+
+def _alone_costs(batch: LoRABatch, table: PageTable, targets: Mapping[int, AdapterSlices] | None, d_in: int,
+                 slice_widths: tuple[int, ...]) -> tuple[list[int], bool]:
+    """(per run, what its adapter's own GEMMs and ops cost in a layer of this shape, 0 where it adds nothing there;
+    whether every adapter that adds something has its weights kept, `AdapterSlices.a_t`), made on `targets`'
+    adapters (None: every adapter on every slice) and cached on the batch: `lora_path` and `_gather_plan` read it."""
+    key = ("alone", d_in, slice_widths)
+    if key not in batch.cache:
+        runs = _run_shape(batch)
+        every_slice = AdapterSlices(tuple(range(len(slice_widths))))
+        adapters = _batch_adapters(batch, targets) if targets is not None else (every_slice,) * len(runs.slots)
+        costs, kept = [], True
+        for n, adapter, slot in zip(runs.lengths, adapters, runs.slots, strict=True):
+            rank = table.host_ranks[slot]
+            if not adapter.slices or not rank:
+                costs.append(0)
+                continue
+            if adapter.a_t is not None:
+                per_token = adapter.flops_per_token
+            else:
+                kept = False
+                per_token = 2 * rank * (len(adapter.slices) * d_in + sum(slice_widths[k] for k in adapter.slices))
+            costs.append(n * per_token + (3 + len(adapter.slices)) * FLOPS_PER_OP)
+        batch.cache[key] = (costs, kept)
+    return batch.cache[key]
 
 
 # Steps an adapter written into a stack serves, over which `lora_path` spreads the cost of writing it: its request
@@ -282,39 +301,41 @@ class _GatherPlan:
     cost: int
 
 
-def _gather_plan(batch: LoRABatch, table: PageTable, adapters: tuple[AdapterSlices, ...], targets: LayerAdapters,
-                 d_in: int, slice_widths: tuple[int, ...]) -> _GatherPlan:
+def _gather_plan(batch: LoRABatch, table: PageTable, targets: LayerAdapters, d_in: int,
+                 slice_widths: tuple[int, ...]) -> _GatherPlan:
     """The `_GatherPlan` of this step's layers of this shape (cached on the batch as `lora_path`'s choice is, for the
-    same reason: `lora_path` and every such layer's `add_lora` read it)."""
+    same reason: `lora_path` and every such layer's `add_lora` read it), made on `targets`' adapters."""
     key = ("gather plan", d_in, slice_widths)
     if key not in batch.cache:
-        serving = list({id(a): a for a in adapters if a.slices}.values())
-        stack = targets.stack
-        new = stack.newcomers(serving) if stack is not None and serving else None
-        if new is None:  # a new stack of just these, where the layer has room for it
-            if targets.new_stack_capacity(serving, d_in, slice_widths) is None:
+        runs, adapters = _run_shape(batch), _batch_adapters(batch, targets)
+        serving = [slot for slot, adapter in zip(runs.slots, adapters, strict=True) if adapter.slices]
+        group = targets.group
+        new = group.stack.newcomers(serving) if group.stack is not None and serving else None
+        if new is None:  # a new stack of just these, where the group has room for it
+            if group.new_stack_capacity(serving, d_in, slice_widths) is None:
                 idle = tuple(i for i, adapter in enumerate(adapters) if not adapter.slices)
                 busy = tuple(i for i, adapter in enumerate(adapters) if adapter.slices)
                 batch.cache[key] = _GatherPlan((), busy, idle, 0)
                 return batch.cache[key]
             new = serving
-            slices, rank = tuple(sorted({k for a in new for k in a.slices})), max((a.rank for a in new), default=0)
+            slices, rank = group.shape_for(new)
         else:
-            slices, rank = stack.slices, stack.rank
+            slices, rank = group.stack.slices, group.stack.rank
         # Every token reads its stack position's whole width: the stack's slices at the stack's rank.
         per_token = GATHERED_FLOPS_FACTOR * 2 * AdapterStack.position_elements(slices, rank, d_in, slice_widths)
+        alone, _ = _alone_costs(batch, table, targets, d_in, slice_widths)
         gathered, apart, idle, cost = [], [], [], 0
-        for i, (n, adapter) in enumerate(zip(_run_shape(batch, table).lengths, adapters, strict=True)):
+        for i, (n, adapter, own) in enumerate(zip(runs.lengths, adapters, alone, strict=True)):
             if not adapter.slices:
                 idle.append(i)
                 continue
-            alone = n * adapter.flops_per_token + (3 + len(adapter.slices)) * FLOPS_PER_OP
-            (gathered if n * per_token < alone else apart).append(i)
-            cost += min(n * per_token, alone)
+            read = n * per_token
+            (gathered if read < own else apart).append(i)
+            cost += min(read, own)
         if gathered:
-            taken = {id(adapters[i]) for i in gathered}
+            taken = {runs.slots[i] for i in gathered}
             writes = sum(COPY_FLOPS * AdapterStack.position_elements(a.slices, a.rank, d_in, slice_widths)
-                         + 2 * len(a.slices) * FLOPS_PER_OP for a in new if id(a) in taken)
+                         + 2 * len(a.slices) * FLOPS_PER_OP for a in (targets[slot] for slot in new if slot in taken))
             cost += (4 + 2 * len(slices)) * FLOPS_PER_OP + writes // STACK_REUSE_STEPS
         batch.cache[key] = _GatherPlan(tuple(gathered), tuple(apart), tuple(idle), int(cost))
     return batch.cache[key]
@@ -334,35 +355,34 @@ class _GatherIndex:
     b_starts: torch.Tensor
 
 
-def _gather_index(batch: LoRABatch, gathered: tuple[int, ...], positions: list[int], d_in: int,
+def _gather_index(batch: LoRABatch, runs: _RunShape, gathered: tuple[int, ...], positions: list[int], d_in: int,
                   rank: int) -> _GatherIndex:
-    """The `_GatherIndex` of the gathered runs at their stack positions (made once per step for the layers whose
-    stacks agree)."""
+    """The `_GatherIndex` of the gathered runs at their stack positions (made once per step for the groups whose
+    stacks agree: after the same batches, they place the same adapters alike)."""
     key = ("gather index", gathered, tuple(positions), d_in, rank)
-    if key not in batch.cache:
-        if ("runs", "host") not in batch.cache:  # each run's first row in `by_slot` and length, once per step
-            bounds = np.array([run[1:] for run in batch.slot_runs]).reshape(-1, 2)
-            batch.cache[("runs", "host")] = (bounds[:, 0], bounds[:, 1] - bounds[:, 0], batch.by_slot.cpu().numpy())
-        starts, lengths, by_slot = batch.cache[("runs", "host")]
-        if len(gathered) < len(starts):
-            starts, lengths = starts[list(gathered)], lengths[list(gathered)]
-            tokens = by_slot[np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())]
-        else:
-            tokens = by_slot
-        token_positions = np.repeat(np.asarray(positions), lengths)
-        every_token = len(tokens) == len(batch.token_slots)
-        if every_token:  # in token order instead
-            in_order = np.empty_like(token_positions)
-            in_order[tokens] = token_positions
-            token_positions = in_order
-        device = batch.by_slot.device
-        rows_a = np.add.outer(token_positions * d_in, np.arange(d_in)).ravel()
-        rows_b = np.add.outer(token_positions * rank, np.arange(rank)).ravel()
-        bag_starts = np.arange(len(token_positions))
-        batch.cache[key] = _GatherIndex(
-            None if every_token else _host_index(tokens).to(device, non_blocking=True),
-            *(_host_index(values).to(device, non_blocking=True)
-              for values in (rows_a, bag_starts * d_in, rows_b, bag_starts * rank)))
+    if key in batch.cache:
+        return batch.cache[key]
+    if ("by_slot", "host") not in batch.cache:  # read from the device once per step, and only for this way
+        batch.cache[("by_slot", "host")] = batch.by_slot.cpu().numpy()
+    starts, lengths, by_slot = np.asarray(runs.starts), np.asarray(runs.lengths), batch.cache[("by_slot", "host")]
+    if len(gathered) < len(starts):
+        starts, lengths = starts[list(gathered)], lengths[list(gathered)]
+        tokens = by_slot[np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())]
+    else:
+        tokens = by_slot
+    token_positions = np.repeat(np.asarray(positions), lengths)
+    every_token = len(tokens) == len(batch.token_slots)
+    if every_token:  # in token order instead
+        in_order = np.empty_like(token_positions)
+        in_order[tokens] = token_positions
+        token_positions = in_order
+    device = batch.by_slot.device
+    rows_a = np.add.outer(token_positions * d_in, np.arange(d_in)).ravel()
+    rows_b = np.add.outer(token_positions * rank, np.arange(rank)).ravel()
+    bag_starts = np.arange(len(token_positions))
+    batch.cache[key] = _GatherIndex(None if every_token else _host_index(tokens).to(device, non_blocking=True),
+                                    *(_host_index(values).to(device, non_blocking=True)
+                                      for values in (rows_a, bag_starts * d_in, rows_b, bag_starts * rank)))
     return batch.cache[key]
 
 
@@ -371,34 +391,42 @@ def _host_index(values: list[int] | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(values, dtype=np.int64))
 
 
-def _gathered(y: torch.Tensor, x: torch.Tensor, batch: LoRABatch, plan: _GatherPlan,
-              adapters: tuple[AdapterSlices, ...], targets: LayerAdapters, slice_widths: tuple[int, ...]) -> bool:
+def _gathered(y: torch.Tensor, x: torch.Tensor, batch: LoRABatch, plan: _GatherPlan, targets: LayerAdapters,
+              slice_widths: tuple[int, ...]) -> bool:
     """y += the plan's gathered runs through their adapters' positions of the layer's stack, every token reading its
     own position's rows: one `embedding_bag` (a weighted sum of rows per token) for the shrink of every slice and
     one per slice for the expand. No padding, and nothing copied but the adapters the stack lacks. False (nothing
-    added) when the layer has no room for a stack of them."""
-    # The plan is shared by the step's layers of this shape; in this one an adapter may target nothing (PEFT's
-    # layers_to_transform), and then adds nothing.
-    runs = tuple(i for i in plan.gathered if adapters[i].slices)
-    if not runs:
-        return True
-    acc = accumulation_dtype(x.dtype)
-    stacked = targets.stack_for([adapters[i] for i in runs], x.shape[1], slice_widths, acc, x.device)
+    added) when the layer's group has no room for a stack of them."""
+    stacked = _stacked(batch, plan, targets.group, x.shape[1], slice_widths, accumulation_dtype(x.dtype), x.device)
     if stacked is None:
         return False
-    stack, positions = stacked
-    index = _gather_index(batch, runs, positions, x.shape[1], stack.rank)
-    xs = (x if index.tokens is None else x.index_select(0, index.tokens)).to(acc)
-    v = _weighted_row_sums(stack.a_rows, index.a, index.a_starts, xs.reshape(-1))  # [n, slices * R]
+    stack, index = stacked
+    # An adapter that targets nothing here (the plan was made on another layer of the shape: PEFT's
+    # layers_to_transform) has zeros in this layer's rows, and adds nothing.
+    a_rows, b_rows = stack.a_rows[targets.member], stack.b_rows[targets.member]
+    xs = (x if index.tokens is None else x.index_select(0, index.tokens)).to(a_rows.dtype)
+    v = _weighted_row_sums(a_rows, index.a, index.a_starts, xs.reshape(-1))  # [n, slices * R]
     by_slice = v.view(len(v), len(stack.slices), stack.rank).transpose(0, 1).contiguous()  # [slices, n, R]
-    parts = [_weighted_row_sums(b_rows, index.b, index.b_starts, by_slice[i].view(-1))
-             for i, b_rows in enumerate(stack.b_rows)]
+    parts = [_weighted_row_sums(rows, index.b, index.b_starts, by_slice[i].view(-1)) for i, rows in enumerate(b_rows)]
     delta = _join_slices(parts, stack.slices, slice_widths).to(y.dtype)
     if index.tokens is None:
         y += delta
     else:
         y.index_add_(0, index.tokens, delta)
     return True
+
+
+def _stacked(batch: LoRABatch, plan: _GatherPlan, group: StackGroup, d_in: int, slice_widths: tuple[int, ...],
+             dtype: torch.dtype, device: torch.device) -> tuple[AdapterStack, _GatherIndex] | None:
+    """The group's stack with the plan's gathered adapters and where their tokens read it: placed once per step
+    for the group's layers (cached on the batch); None when the group has no room for such a stack."""
+    key = ("stacked", id(group), plan.gathered)
+    if key not in batch.cache:
+        runs = _run_shape(batch)
+        stacked = group.stack_for([runs.slots[i] for i in plan.gathered], d_in, slice_widths, dtype, device)
+        batch.cache[key] = None if stacked is None else (
+            stacked[0], _gather_index(batch, runs, plan.gathered, stacked[1], d_in, stacked[0].rank))
+    return batch.cache[key]
 
 
 def _weighted_row_sums(table: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,

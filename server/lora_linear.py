@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import LoRABatch, PageTable, add_lora
-from kernels.layer_adapters import AdapterSlices, LayerAdapters
+from kernels.layer_adapters import AdapterSlices, LayerAdapters, StackGroup
 from kernels.paging import PAGE_RANK, PageRows, allocate_buffers, page_bytes
 from kernels.reference import accumulation_dtype
 from kernels.scales import (
@@ -44,7 +44,8 @@ class LoRAContext:
         self.backend: str = "auto"
         self.table: PageTable | None = None
         # Bytes the torch reference's kept stacks (`kernels.layer_adapters.AdapterStack`) may take in all layers
-        # together, which the model runner shares out; None: no bound (set by the server at start-up).
+        # together, which the model runner shares out to its groups of layers; None: no bound (set by the server at
+        # start-up).
         self.stack_bytes: int | None = None
 
 
@@ -98,11 +99,12 @@ class LoRALinear(nn.Module):
         """Reserve zeroed A/B buffers of `num_pages` pages (page 0, the zero page, included)."""
         self.lora_a, self.lora_b = allocate_buffers(num_pages, self.d_in, self.slice_widths, dtype, device)
 
-    def drop_adapters(self, max_stack_elements: int | None = None) -> None:
+    def drop_adapters(self, stacks: StackGroup | None = None) -> None:
         """Forget every adapter and free the pages (a new model runner, or the memory profile, is done with them);
-        the layer's stack may then hold `max_stack_elements` at most."""
+        batches of many adapters are then read from the stack of `stacks`, the group of the layers of this shape
+        (a group of its own when None)."""
         self.lora_a = self.lora_b = None
-        self.targets = LayerAdapters(max_stack_elements)
+        self.targets = LayerAdapters(stacks)
 
     @property
     def rank_row_elements(self) -> int:

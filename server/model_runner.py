@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from kernels import PageTable
+from kernels.layer_adapters import StackGroup
 from kernels.paging import PAGE_RANK, ZERO_PAGE, PageRows, pages_for_rank
 from kernels.reference import accumulation_dtype
 from server.adapter_packer import PackedAdapter
@@ -44,14 +45,22 @@ log = logging.getLogger("lorahive.runner")
 MAX_GRAPH_BATCH = 256
 
 
-def _stack_caps(layers: list[LoRALinear], stack_bytes: int | None, dtype: torch.dtype) -> list[int | None]:
-    """Each layer's share of `stack_bytes` for its kept stack, in elements of the stacks' dtype: by the size of an
-    adapter's rank in it, so that every layer has room for as many adapters of one rank."""
-    if stack_bytes is None:
-        return [None] * len(layers)
-    elements = stack_bytes // accumulation_dtype(dtype).itemsize
-    rank_rows = [layer.rank_row_elements for layer in layers]
-    return [elements * row // sum(rank_rows) for row in rank_rows]
+def _stack_groups(layers: list[LoRALinear], stack_bytes: int | None, dtype: torch.dtype) -> list[StackGroup]:
+    """The layers grouped by shape, each group reading batches of many adapters from one kept stack
+    (`kernels.layer_adapters.StackGroup`), with its share of `stack_bytes` in elements of the stacks' dtype: by the
+    size of an adapter's rank in its layers, so that every group has room for as many adapters of one rank."""
+    by_shape: dict[tuple[int, tuple[int, ...]], list[LoRALinear]] = {}
+    for layer in layers:
+        by_shape.setdefault((layer.d_in, layer.slice_widths), []).append(layer)
+    elements = None if stack_bytes is None else stack_bytes // accumulation_dtype(dtype).itemsize
+    all_rows = sum(layer.rank_row_elements for layer in layers)
+    groups = []
+    for members in by_shape.values():
+        rows = sum(layer.rank_row_elements for layer in members)
+        groups.append(StackGroup(None if elements is None else elements * rows // all_rows))
+        for layer in members:
+            layer.drop_adapters(groups[-1])  # a runner before this one may have left some
+    return groups
 
 
 def decode_graph_sizes(max_num_seqs: int) -> tuple[int, ...]:
@@ -119,9 +128,8 @@ class ModelRunner:
         self._prompt_blocks = [module for _, module in self._layers if module.slice_names[0] in ("q_proj", "gate_proj")]
         # Per slot holding a prompt-tuning adapter, its soft prompt: views of its pages, or of the host tier's buffer.
         self._prompts: dict[int, list[torch.Tensor]] = {}
-        stack_caps = _stack_caps([module for _, module in self._layers], model.lora.stack_bytes, self.dtype)
-        for (_, module), stack_cap in zip(self._layers, stack_caps, strict=True):
-            module.drop_adapters(stack_cap)  # a runner before this one may have left some
+        self._stack_groups = _stack_groups([module for _, module in self._layers], model.lora.stack_bytes, self.dtype)
+        for _, module in self._layers:
             if self.paged:
                 module.allocate_pages(1 + num_pages, self.dtype, self.device)  # + the zero page
         self.table = PageTable.empty(num_slots, max_rank, self.device)
@@ -288,7 +296,7 @@ class ModelRunner:
             tokens, logprobs = sample(logits, [chunk.seq.sampler for chunk in host.sampled])
         finally:
             self.mark_read({chunk.seq.slot for chunk in plan if chunk.seq.slot >= 0})
-        stack_bytes = 0 if self.paged else sum(module.targets.stack_bytes for _, module in self._layers)
+        stack_bytes = 0 if self.paged else sum(group.nbytes for group in self._stack_groups)
         return StepOutput(host.sampled, tokens, logprobs, stack_bytes)
 
     def _forward(self, inputs: StepBuffers, host: HostStep, splits: int | None = None) -> torch.Tensor:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from kernels import LoRABatch, PageTable, add_lora, reference
-from kernels.layer_adapters import AdapterStack
+from kernels.layer_adapters import AdapterStack, StackGroup
 from kernels.paging import ZERO_PAGE
 from tests.support.lora_cases import TOLERANCES, LoraCase, make_case, naive_lora, naive_shrink
 
@@ -307,23 +307,30 @@ def test_add_lora_matches_naive_on_any_shape(
 def test_a_kept_stack_serves_batch_after_batch_as_adapters_come_and_go(
     params: tuple[int, list[int], int, int, int, tuple[int, ...], list[list[int]]], batches: list[list[int]],
 ) -> None:
-    """One layer's stack through a stream of batches over the same adapters, as a CPU model runner's layer keeps it
-    from step to step: newcomers are written over positions of adapters the batch does not use (a larger rank or
-    another slice builds a new stack), and every batch still gets exactly its own adapters' deltas."""
+    """A stack through a stream of batches over the same adapters, as a CPU model runner keeps it from step to step
+    for two layers of one shape (every other adapter targets nothing in the second: PEFT's layers_to_transform):
+    newcomers are written over positions of adapters the batch does not use (a larger rank or another slice builds
+    a new stack), and every batch still gets exactly its own adapters' deltas in both layers."""
     seed, _, num_slots, max_rank, d_in, widths, ranks = params
-    case = make_case(torch.Generator().manual_seed(seed), [], num_slots, max_rank, d_in, widths, ranks=ranks)
-    targets = case.targets(with_weights=True)
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = torch.Generator().manual_seed(seed)
+    skipping = [[0] * len(slot_ranks) if slot % 2 else slot_ranks for slot, slot_ranks in enumerate(ranks)]
+    cases = [make_case(gen, [], num_slots, max_rank, d_in, widths, ranks=layer_ranks)
+             for layer_ranks in (ranks, skipping)]
+    group = StackGroup()
+    targets = [case.targets(with_weights=True, group=group) for case in cases]
     with pytest.MonkeyPatch.context() as patch:
         force_path(patch, "gathered")
         for token_slots in batches:
             token_slots = [slot % num_slots if slot >= 0 else -1 for slot in token_slots]
-            step = dataclasses.replace(case, token_slots=token_slots,
-                                       x=torch.randn(len(token_slots), d_in, generator=gen, dtype=torch.float64),
-                                       y=torch.randn(len(token_slots), sum(widths), generator=gen, dtype=torch.float64))
-            y = step.y.clone()
-            add_lora(y, step.x, None, None, step.batch, widths, case.table, targets=targets)
-            assert_matches_naive(step, y)
+            batch = LoRABatch.from_token_slots(token_slots)  # one step: both layers read what it caches
+            for case, layer_targets in zip(cases, targets, strict=True):
+                step = dataclasses.replace(
+                    case, token_slots=token_slots,
+                    x=torch.randn(len(token_slots), d_in, generator=gen, dtype=torch.float64),
+                    y=torch.randn(len(token_slots), sum(widths), generator=gen, dtype=torch.float64))
+                y = step.y.clone()
+                add_lora(y, step.x, None, None, batch, widths, case.table, targets=layer_targets)
+                assert_matches_naive(step, y)
 
 
 def test_the_reference_takes_every_adapter_at_once_where_ops_cost_more_than_flops(
@@ -390,47 +397,55 @@ def test_many_small_adapters_with_kept_weights_are_gathered_from_a_kept_stack(
     stack = targets.stack
     held = list(stack.held)
     assert torch.equal(run(), y) and targets.stack is stack and stack.held == held
-    targets[3] = dataclasses.replace(targets[3])  # the same weights, loaded again: a new adapter
-    assert torch.equal(run(), y) and targets.stack is stack
-    assert targets[3] in stack.held and held[3] not in stack.held  # written where no adapter of the batch was
-    assert [a for a in stack.held if a is not targets[3]] == [a for a in held if a is not held[3]]
+    # Slot 3 loaded again, with A zero this time: its tokens get no delta, the others' stay where they are.
+    targets[3] = dataclasses.replace(targets[3], a_t=torch.zeros_like(targets[3].a_t))
+    reloaded = run()
+    assert targets.stack is stack and [s for s in stack.held if s != 3] == [s for s in held if s != 3]
+    slot_3 = torch.tensor(slots) == 3
+    assert torch.equal(reloaded[~slot_3], y[~slot_3]) and torch.equal(reloaded[slot_3], case.y[slot_3])
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["a stack each", "one stack for both"])
 @pytest.mark.parametrize("planned_on", ["every adapter's layer", "half the adapters' layer"])
 def test_layers_of_one_shape_that_disagree_on_what_an_adapter_targets_each_add_their_own(
-    torch_gen: torch.Generator, planned_on: str,
+    torch_gen: torch.Generator, planned_on: str, grouped: bool,
 ) -> None:
     """A step's layers of one shape share one plan, made on the first of them; here half the adapters target one
     layer and not the other (PEFT's layers_to_transform). Each layer still adds exactly its own adapters'
-    deltas, whichever of the two the plan was made on."""
+    deltas, whichever of the two the plan was made on, and whether the layers read their own stacks or, as a
+    model runner's layers of one shape do, one stack placed once for both (zeros where an adapter targets
+    nothing)."""
     slots = list(range(8))  # a decode step: one token per adapter, gathered
     every = make_case(torch_gen, slots, num_slots=8, max_rank=8, d_in=256, widths=(256, 128))
     half = make_case(torch_gen, slots, num_slots=8, max_rank=8, d_in=256, widths=(256, 128),
                      ranks=[[0, 0]] * 4 + [[8, 8]] * 4)
     layers = (every, half) if planned_on == "every adapter's layer" else (half, every)
+    group = StackGroup() if grouped else None
+    targets = [case.targets(with_weights=True, group=group) for case in layers]
     batch = LoRABatch.from_token_slots(slots)  # one step: both layers read what it caches
-    assert reference.lora_path(batch, layers[0].table, 256, layers[0].widths,
-                               layers[0].targets(with_weights=True), False) == "gathered"
-    for case in layers:
+    assert reference.lora_path(batch, layers[0].table, 256, layers[0].widths, targets[0], False) == "gathered"
+    for case, layer_targets in zip(layers, targets, strict=True):
         y = case.y.clone()
-        add_lora(y, case.x, None, None, batch, case.widths, case.table, targets=case.targets(with_weights=True))
+        add_lora(y, case.x, None, None, batch, case.widths, case.table, targets=layer_targets)
         assert_matches_naive(case, y)
+    stacks = {id(layer_targets.stack) for layer_targets in targets}
+    assert len(stacks) == (1 if grouped else 2) and None not in {layer_targets.stack for layer_targets in targets}
 
 
-@pytest.mark.parametrize("room", ["none", "no slack", "one layer of two"])
-def test_a_stack_never_outgrows_its_layers_bound(torch_gen: torch.Generator, room: str) -> None:
-    """A layer's kept stack holds at most `max_stack_elements` (the model runner's share of the stacks' budget):
-    with no room for one of the batch's adapters the step goes adapter by adapter and builds no stack; with room
-    for exactly its adapters the stack has no spare positions; where the plan's layer had room and another layer
-    of the shape has none, that one goes adapter by adapter. Every layer still adds exactly its adapters' deltas."""
+@pytest.mark.parametrize("room", ["none", "no slack", "one group of two"])
+def test_a_stack_never_outgrows_its_groups_bound(torch_gen: torch.Generator, room: str) -> None:
+    """A group's kept stack holds at most `max_elements` (the model runner's share of the stacks' budget): with no
+    room for one of the batch's adapters the step goes adapter by adapter and builds no stack; with room for
+    exactly its adapters the stack has no spare positions; where the plan's group had room and another group of
+    the shape has none, that one goes adapter by adapter. Every layer still adds exactly its adapters' deltas."""
     slots = list(range(8))  # a decode step of eight adapters: gathered where a stack fits
     cases = [make_case(torch_gen, slots, num_slots=8, max_rank=8, d_in=64, widths=(64, 32)) for _ in range(2)]
     position = AdapterStack.position_elements((0, 1), 8, 64, (64, 32))
-    limit = {"none": 8 * position - 1, "no slack": 8 * position, "one layer of two": None}[room]
+    limit = {"none": 8 * position - 1, "no slack": 8 * position, "one group of two": None}[room]
     batch = LoRABatch.from_token_slots(slots)  # one step: both layers read what it caches
     layers = [case.targets(with_weights=True) for case in cases]
-    layers[0].max_stack_elements = limit
-    layers[1].max_stack_elements = limit if room != "one layer of two" else 8 * position - 1
+    layers[0].group.max_elements = limit
+    layers[1].group.max_elements = limit if room != "one group of two" else 8 * position - 1
     for case, targets in zip(cases, layers, strict=True):
         y = case.y.clone()
         add_lora(y, case.x, None, None, batch, case.widths, case.table, targets=targets)
@@ -445,7 +460,7 @@ def test_a_stack_never_outgrows_its_layers_bound(torch_gen: torch.Generator, roo
     else:
         assert stacks[0] is not None and stacks[0].capacity > 8 and stacks[1] is None
     for targets, stack in zip(layers, stacks, strict=True):
-        bound = targets.max_stack_elements
+        bound = targets.group.max_elements
         assert stack is None or bound is None or stack.capacity * position <= bound
 
 

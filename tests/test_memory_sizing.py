@@ -137,9 +137,11 @@ def test_a_cpu_servers_stacks_come_out_of_the_host_budget(host_bytes: int, bound
         assert stacks == (need if bound_by == "what the batches can need" else host_bytes // 8) > 0
         assert engine.registry.host_budget_bytes == host_bytes - stacks
         assert runtime.stack_budget_bytes(settings, args, torch.float32, paged=True) == 0  # pages: no stacks
-        caps = [module.targets.max_stack_elements for module in engine.runner.model.modules()
-                if isinstance(module, LoRALinear)]
-        assert len(caps) == 4 * args.n_layers and sum(caps) * 4 <= stacks < (sum(caps) + len(caps)) * 4
+        groups = {id(module.targets.group): module.targets.group for module in engine.runner.model.modules()
+                  if isinstance(module, LoRALinear)}.values()  # one per shape: q|k|v, o, gate|up, down
+        caps = [group.max_elements for group in groups]
+        assert [len(group.layers) for group in groups] == [args.n_layers] * 4
+        assert sum(caps) * 4 <= stacks < (sum(caps) + len(caps)) * 4
     finally:
         engine.shutdown()
 

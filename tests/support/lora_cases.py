@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels import LoRABatch, PageTable
-from kernels.layer_adapters import AdapterSlices, LayerAdapters
+from kernels.layer_adapters import AdapterSlices, LayerAdapters, StackGroup
 from kernels.paging import PAGE_RANK, ZERO_PAGE, allocate_buffers, pack_pages, pages_for_rank
 from kernels.reference import accumulation_dtype
 
@@ -42,10 +42,11 @@ class LoraCase:
     def pages_of(self, slot: int) -> list[int]:
         return [p for p in self.table.pages[slot].tolist() if p != ZERO_PAGE]
 
-    def targets(self, with_weights: bool = False) -> LayerAdapters:
+    def targets(self, with_weights: bool = False, group: StackGroup | None = None) -> LayerAdapters:
         """Each slot's adapter (`kernels.reference.add_lora`): the slices it targets, and with
-        `with_weights` their weights copied out of the pages as a CPU model runner keeps them."""
-        targets = LayerAdapters()
+        `with_weights` their weights copied out of the pages as a CPU model runner keeps them; in `group` with
+        other layers of the shape where given (else a group of its own)."""
+        targets = LayerAdapters(group)
         for slot, pages in enumerate(self.table.host_pages):
             slices = tuple(k for k, a_k in enumerate(self.a[slot]) if a_k is not None)
             if pages and with_weights and slices:
