@@ -102,14 +102,15 @@ def time_replay(calls: list[tuple[tuple, dict]]) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--adapters", default="1,32", help="distinct adapter counts; ratios are to the first")
     parser.add_argument("--batch", type=int, default=32, help="sequences decoding together")
     parser.add_argument("--target-modules", default="all", help="comma-separated modules, or all")
     parser.add_argument("--rounds", type=int, default=40)
-    parser.add_argument("--label", default="all-modules")
-    args = parser.parse_args()
+    parser.add_argument("--label", default="all-modules", help="names the JSON: results/mixed_step-cpu-LABEL.json")
+    parser.add_argument("--out", type=Path, help="write the JSON here instead")
+    args = parser.parse_args(argv)
     default_threads()
     counts = [int(count) for count in args.adapters.split(",")]
     targets = TARGET_MODULES if args.target_modules == "all" else tuple(args.target_modules.split(","))
@@ -132,12 +133,13 @@ def main() -> None:
     for row in rows:
         print(f"| {row['adapters']} | {row['step_ms']:.2f} ({row['step_vs_first']:.2f}) | "
               f"{row['lora_calls_ms']:.2f} ({row['lora_calls']}) |")
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"mixed_step-cpu-{args.label}.json"
-    out.write_text(json.dumps({
-        "machine": platform.processor() or platform.machine(), "torch": torch.__version__, "batch": args.batch,
-        "target_modules": list(targets), "rounds": args.rounds, "rows": rows}, indent=2) + "\n")
+    result = {"machine": platform.processor() or platform.machine(), "torch": torch.__version__, "batch": args.batch,
+              "target_modules": list(targets), "rounds": args.rounds, "rows": rows}
+    out = args.out or RESULTS / f"mixed_step-cpu-{args.label}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
+    return result
 
 
 if __name__ == "__main__":

@@ -207,12 +207,21 @@ class LayerAdapters(dict[int, AdapterSlices]):
         super().__init__()
         self.group = StackGroup() if group is None else group
         self.member = self.group.join(self)  # its layer in the group's stack
+        self._weighted: bool | None = None  # `weighted`, worked out again after a change
         # field -> (the adapters it was stacked for, by identity; [1 + n, width]: zeros, then each one's vector)
         self._vector_tables: dict[str, tuple[tuple[int, ...], torch.Tensor | None]] = {}
 
     def __setitem__(self, slot: int, adapter: AdapterSlices) -> None:
         super().__setitem__(slot, adapter)
         self.group.drop(slot)  # a slot loaded again: the stack must not serve what it held before
+        self._weighted = None
+
+    @property
+    def weighted(self) -> bool:
+        """Whether any of its adapters targets a slice here."""
+        if self._weighted is None:
+            self._weighted = any(adapter.slices for adapter in self.values())
+        return self._weighted
 
     @property
     def stack(self) -> AdapterStack | None:
@@ -241,6 +250,7 @@ class LayerAdapters(dict[int, AdapterSlices]):
         """Drop the slot's adapter, from the group's stack too (its slot was cleared)."""
         adapter = self.pop(slot, None)
         self.group.drop(slot)
+        self._weighted = None
         if adapter is not None:  # an id in a kept table's key could otherwise be reused by a newer adapter
             self._vector_tables = {field: kept for field, kept in self._vector_tables.items()
                                    if id(adapter) not in kept[0]}

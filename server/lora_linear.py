@@ -228,7 +228,11 @@ class LoRALinear(nn.Module):
             y = self.base(scale_inputs(x, batch, table, self.lora_a, self.targets))
         else:
             y = self.base(x)
-        add_lora(y, x, self.lora_a, self.lora_b, batch, self.slice_widths, table, self.context.backend, self.targets)
+        # Without pages (a CPU runner, no CUDA graph to keep whole) a layer no held adapter has weights in adds nothing:
+        # with q,v adapters, three of a block's four LoRA layers.
+        if self.lora_a is not None or self.targets.weighted:
+            add_lora(y, x, self.lora_a, self.lora_b, batch, self.slice_widths, table, self.context.backend,
+                     self.targets)
         if scaled:
             scale_outputs(y, batch, table, self.lora_b, self.targets, getattr(self.base, "bias", None) is not None)
         return y

@@ -17,6 +17,7 @@ from torch import nn
 from adapters_store import TARGET_MODULES, LoraAdapter
 from kernels import LoRABatch, PageTable
 from kernels.paging import ZERO_PAGE, PageRows, pages_for_rank
+from server import lora_linear as lora_linear_module
 from server.adapter_packer import AdapterPacker, PackedWeight
 from server.adapter_pool import AdapterSlotPool
 from server.demo import build_demo_model
@@ -200,6 +201,34 @@ def test_a_step_runs_each_adapters_rows_together_decode_rows_first(model, adapte
     assert seen == [([-1, a0, a0, *[a0] * 7, a2, a2] if a0 < a2 else [-1, a2, a2, a0, a0, *[a0] * 7], 1)]
     assert len(plan) == 6 and all(len(seq.output_ids) == 2 for seq in seqs)
     assert newcomer.output_ids == run_greedy(runner, [sequence(0, prompt(9, 7), slot["a0"])])[0][:1]
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_a_cpu_runner_skips_the_layers_no_held_adapter_targets(model, adapters, monkeypatch, paged):
+    """With only an MLP adapter held, a CPU runner's attention layers run no LoRA at all (with pages every layer
+    still does: a captured CUDA graph must hold the LoRA of adapters loaded after it); once an adapter on every
+    module is held, and after it is cleared again, each layer does what its held adapters need."""
+    runner, pool = runner_and_pool(model, num_slots=2, paged=paged)
+    calls = []
+    add_lora = lora_linear_module.add_lora
+    monkeypatch.setattr(lora_linear_module, "add_lora", lambda *args: calls.append(args[5]) or add_lora(*args))
+    layers = model.args.n_layers
+
+    def lora_layers_of_a_step(slot: int) -> int:
+        calls.clear()
+        step_all(runner, [sequence(0, prompt(1, 5), slot)])
+        return len(calls)
+
+    mlp = pool.acquire("mlp", PACKER.pack(adapters["mlp"]))
+    for write in pool.take_writes():
+        runner.apply(write)
+    assert lora_layers_of_a_step(mlp) == (4 if paged else 2) * layers  # gate|up and down
+    everywhere = pool.acquire("a0", PACKER.pack(adapters["a0"]))
+    for write in pool.take_writes():
+        runner.apply(write)
+    assert lora_layers_of_a_step(mlp) == 4 * layers
+    runner.clear_slot(everywhere)
+    assert lora_layers_of_a_step(mlp) == (4 if paged else 2) * layers
 
 
 @pytest.mark.parametrize("paged", [False, True])
