@@ -125,7 +125,7 @@ def test_an_explicit_cache_below_the_models_default_context_still_starts() -> No
 def test_a_cpu_servers_stacks_come_out_of_the_host_budget(host_bytes: int, bound_by: str) -> None:
     """A CPU model runner reads a batch's adapters from copies kept stacked (`kernels.layer_adapters.AdapterStack`);
     they are adapter weights in host memory too, so --max-host-adapter-bytes covers them: the host tier gets the
-    flag less the stacks' budget, and the model runner shares that budget out to its layers."""
+    flag less the stacks' budget, and the model runner shares that budget out to its layers of each shape."""
     settings = Settings(device="cpu", max_host_adapter_bytes=host_bytes, max_lora_rank=16, max_num_seqs=8,
                         model_runner_process=False)
     engine = build_engine(settings)
