@@ -1,4 +1,4 @@
-"""A decode step of many distinct adapters against one of a single adapter, timed in one process on the CPU.
+"""A decode step of many distinct adapters against a step of a single adapter, timed in one process on the CPU.
 
 Issue 17 asks that a batch of many distinct adapters cost about what a batch of one adapter does. The end-to-end
 sweep (`adapter_scale.py`) moves by 0.1-0.2 between runs on a 2-core machine; this script isolates the step. It

@@ -99,12 +99,12 @@ class LoRALinear(nn.Module):
         """Reserve zeroed A/B buffers of `num_pages` pages (page 0, the zero page, included)."""
         self.lora_a, self.lora_b = allocate_buffers(num_pages, self.d_in, self.slice_widths, dtype, device)
 
-    def drop_adapters(self, stacks: StackGroup | None = None) -> None:
+    def drop_adapters(self, group: StackGroup | None = None) -> None:
         """Forget every adapter and free the pages (a new model runner, or the memory profile, is done with them);
-        batches of many adapters are then read from the stack of `stacks`, the group of the layers of this shape
-        (a group of its own when None)."""
+        batches of many adapters are then read from the stack of `group`, the layers of this shape (a group of its
+        own when None)."""
         self.lora_a = self.lora_b = None
-        self.targets = LayerAdapters(stacks)
+        self.targets = LayerAdapters(group)
 
     @property
     def rank_row_elements(self) -> int:

@@ -48,7 +48,8 @@ MAX_GRAPH_BATCH = 256
 def _stack_groups(layers: list[LoRALinear], stack_bytes: int | None, dtype: torch.dtype) -> list[StackGroup]:
     """The layers grouped by shape, each group reading batches of many adapters from one kept stack
     (`kernels.layer_adapters.StackGroup`), with its share of `stack_bytes` in elements of the stacks' dtype: by the
-    size of an adapter's rank in its layers, so that every group has room for as many adapters of one rank."""
+    size of an adapter's rank in its layers, so that every group has room for as many adapters of one rank. Each
+    layer forgets what it held (`LoRALinear.drop_adapters`) and joins its group."""
     by_shape: dict[tuple[int, tuple[int, ...]], list[LoRALinear]] = {}
     for layer in layers:
         by_shape.setdefault((layer.d_in, layer.slice_widths), []).append(layer)
