@@ -16,7 +16,9 @@ median TTFT ratios.
     PYTHONPATH=. python benchmarks/adapter_scale.py --device cuda --shape llama3.2-1b --values 1,100,500 \
         --provision 500 --target-modules q_proj,v_proj --concurrency 64 --requests 256   # benchmarks/gpu_check
 
-Prints a table and writes JSON to benchmarks/results/adapter_scale-<shape>[-<tag>]-<device>.json.
+Prints a table and writes JSON to benchmarks/results/adapter_scale-<shape>[-<tag>]-<device>.json, and beside it a
+PNG of both ratios against the adapter count, a line per popularity (`--plot JSON` draws it again from a JSON
+written before, running nothing).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 from adapters_store import TARGET_MODULES
 from benchmarks.engine_throughput import RESULTS, SHAPES, write_random_checkpoint
 from benchmarks.vs_peft import numbered_tokenizer
+from loadtest.plots import plot_ratio_sweeps
 from tests.support.servers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +101,12 @@ def describe_device(device: str) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
+def write_plot(result: dict, json_path: Path) -> Path:
+    """The PNG of `result`'s sweeps beside its JSON: tok/s and p50 TTFT vs one adapter, a line per popularity."""
+    return plot_ratio_sweeps(result["sweeps"], f"distinct adapters, {result['shape']} on {result['device']}",
+                             json_path.with_suffix(".png"))
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["demo", *sorted(SHAPES)], default="demo")
@@ -117,7 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--serve-flag", action="append", default=[], help="extra `lorahive serve` flag (repeatable)")
     parser.add_argument("--tag", default="", help="suffix of the JSON's name")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    parser.add_argument("--plot", type=Path, help="only draw the PNG of this JSON, written by an earlier run")
     args = parser.parse_args(argv)
+    if args.plot:
+        result = json.loads(args.plot.read_text())
+        print(f"wrote {write_plot(result, args.plot)}")
+        return result
     with tempfile.TemporaryDirectory(prefix="lorahive-adapter-scale-") as scratch:
         scratch = Path(scratch)
         checkpoint = None
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(result)
     out = args.out or RESULTS / f"adapter_scale-{args.shape}{'-' + args.tag if args.tag else ''}-{args.device}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {out}, {write_plot(result, out)}")
     return result
 
 

@@ -269,6 +269,38 @@ def plot_sweep(rows: Sequence[dict[str, Any]], knob: str, path: Path) -> Path:
     return _save(sweep_figure(rows, knob), path)
 
 
+def ratio_sweeps_figure(sweeps: dict[str, Sequence[dict[str, Any]]], knob: str) -> Any:
+    """Output tokens/s and p50 TTFT against the swept knob as ratios to each sweep's first point, a line per sweep
+    (e.g. per adapter popularity): S-LoRA's question, what serving more adapters costs, with sweeps whose absolute
+    numbers differ (a 2-core machine drifts between them) read on one scale."""
+    plt = _pyplot()
+    fig, (tokens, ttft) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
+    for label, rows in sweeps.items():
+        xs = [float(r["value"]) for r in rows]
+        per_point = _per_point([r["completed"] or 0 for r in rows])
+        tokens.plot(xs, [r["output_throughput_ratio"] for r in rows], marker="o", label=f"{label} ({per_point})")
+        ttft.plot(xs, [r["p50_ttft_ms_ratio"] for r in rows], marker="o", label=f"{label} ({per_point})")
+    tokens.set_ylabel("output tokens/s vs first point")
+    ttft.set_ylabel("p50 TTFT vs first point")
+    values = sorted({float(r["value"]) for rows in sweeps.values() for r in rows})
+    if values and min(values) > 0 and values[-1] / values[0] >= 20:  # adapter counts span decades
+        ttft.set_xscale("log")
+        ttft.set_xticks(values, [f"{v:g}" for v in values])
+        ttft.minorticks_off()
+    ttft.set_xlabel(knob)
+    for ax in (tokens, ttft):
+        ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        _from_zero(ax)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    fig.suptitle(f"sweeps over {knob}, relative to their first point")
+    return fig
+
+
+def plot_ratio_sweeps(sweeps: dict[str, Sequence[dict[str, Any]]], knob: str, path: Path) -> Path:
+    return _save(ratio_sweeps_figure(sweeps, knob), path)
+
+
 def compare_cdfs_figure(runs: dict[str, Sequence[RequestResult]]) -> Any:
     """The four latency CDFs with one curve per run: servers (or settings) side by side."""
     plt = _pyplot()

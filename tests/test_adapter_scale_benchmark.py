@@ -20,3 +20,7 @@ def test_each_popularity_sweeps_the_adapter_counts_against_one_adapter(tmp_path:
         assert [row["value"] for row in rows] == [1, 3]
         assert all(row["completed"] == 4 and row["failed"] == 0 and row["output_throughput"] > 0 for row in rows)
         assert rows[0]["output_throughput_ratio"] == 1.0 and rows[0]["p50_ttft_ms_ratio"] == 1.0
+    plot = out.with_suffix(".png")
+    assert plot.read_bytes().startswith(b"\x89PNG")  # the ratios drawn beside the JSON
+    plot.unlink()
+    assert adapter_scale.main(["--plot", str(out)]) == result and plot.read_bytes().startswith(b"\x89PNG")

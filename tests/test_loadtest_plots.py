@@ -19,6 +19,7 @@ from loadtest.plots import (
     compare_cdfs_figure,
     latency_cdf_figure,
     latency_over_time_figure,
+    ratio_sweeps_figure,
     sweep_figure,
     throughput_figure,
     write_run_plots,
@@ -127,6 +128,22 @@ def test_sweep_has_one_axes_per_panel_from_zero(figures: list[Any]):
         assert ax.get_ylim()[0] == 0  # 206 to 211 tok/s is flat, not a cliff
         assert all("(n=100)" in text for text in legend_texts(ax))
     assert [len(ax.get_lines()) for ax in figure.axes] == [1, 1, 4]
+
+
+def test_ratio_sweeps_draw_a_line_per_sweep_on_both_panels(figures: list[Any]):
+    sweeps = {
+        popularity: [{"value": value, "completed": 96, "output_throughput_ratio": ratio, "p50_ttft_ms_ratio": 2 - ratio}
+                     for value, ratio in ((1, 1.0), (100, 0.9), (2000, share))]
+        for popularity, share in (("zipf:1.0", 0.85), ("uniform", 0.75))
+    }
+    figure = ratio_sweeps_figure(sweeps, "adapters")
+    figures.append(figure)
+    assert_no_twin_axes(figure)
+    for ax in figure.axes:
+        assert ax.get_ylim()[0] == 0
+        assert legend_texts(ax) == ["zipf:1.0 (n=96)", "uniform (n=96)"]
+        assert [list(line.get_xdata()) for line in ax.get_lines()][:2] == [[1, 100, 2000]] * 2
+    assert [list(line.get_ydata()) for line in figure.axes[0].get_lines()][:2] == [[1.0, 0.9, 0.85], [1.0, 0.9, 0.75]]
 
 
 def test_without_matplotlib_the_run_says_what_it_wrote(tmp_path: Path, capsys, monkeypatch):
