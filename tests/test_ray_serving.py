@@ -298,12 +298,20 @@ def test_a_replica_shut_down_by_a_scale_down_lets_its_streams_finish(cluster: tu
     url, settings = cluster
 
     async def scenario() -> list[tuple[str, str, str | None]]:
-        streams = [asyncio.create_task(send_all(url, [body(i, None, True, max_tokens=200) | {"ignore_eos": True}]))
-                   for i in range(6)]
-        await asyncio.sleep(1.0)  # they are streaming
-        await asyncio.to_thread(serve.run, application(settings, replicas=1, adapters_per_replica=16,
-                                                       replica_cpus=0), name="lorahive", route_prefix="/")
-        return [answer for stream in streams for answer in await stream]
+        async with httpx.AsyncClient(base_url=url, timeout=TIMEOUT, headers=HEADERS) as client:
+            # Streams started one by one, each once the last is generating, until both replicas stream: Ray's router
+            # picks by queue lengths it learns a moment late, so a burst could all land on one replica.
+            began: list[str] = []  # the replica of each stream, once it produced text
+            streams = []
+            while len(streams) < 6 or len(set(began)) < 2:
+                assert len(streams) < 16, f"every stream went to one replica: {began}"
+                request = body(len(streams), None, True, max_tokens=300) | {"ignore_eos": True}
+                streams.append(asyncio.create_task(complete(client, request, began.append)))
+                while len(began) < len(streams):
+                    await asyncio.sleep(0.01)
+            await asyncio.to_thread(serve.run, application(settings, replicas=1, adapters_per_replica=16,
+                                                           replica_cpus=0), name="lorahive", route_prefix="/")
+            return await asyncio.wait_for(asyncio.gather(*streams), timeout=120)
 
     try:
         answers = asyncio.run(scenario())
