@@ -161,19 +161,18 @@ class StackGroup:
         """Bytes the kept stack takes (0 without one)."""
         return 0 if self.stack is None else self.stack.nbytes
 
-    def shape_for(self, slots: Sequence[int]) -> tuple[tuple[int, ...], int]:
-        """(slices, rank) of a new stack of just `slots`' adapters: every slice any of them targets in any of the
-        group's layers, at the largest rank."""
+    def new_stack(self, slots: Sequence[int], d_in: int,
+                  widths: Sequence[int]) -> tuple[tuple[int, ...], int, int] | None:
+        """(slices, rank, positions) of a new stack of just `slots`' adapters: every slice any of them targets in any
+        of the group's layers, at the largest rank, with room to grow where `max_elements` allows; None when not
+        even they fit."""
         adapters = [layer[slot] for slot in slots for layer in self.layers if slot in layer]
-        return tuple(sorted({k for a in adapters for k in a.slices})), max((a.rank for a in adapters), default=0)
-
-    def new_stack_capacity(self, slots: Sequence[int], d_in: int, widths: Sequence[int]) -> int | None:
-        """Positions of a new stack of just `slots`' adapters within `max_elements` (room to grow where it fits);
-        None when not even they fit."""
-        per_position = len(self.layers) * AdapterStack.position_elements(*self.shape_for(slots), d_in, widths)
+        slices = tuple(sorted({k for a in adapters for k in a.slices}))
+        rank = max((a.rank for a in adapters), default=0)
+        per_position = len(self.layers) * AdapterStack.position_elements(slices, rank, d_in, widths)
         for capacity in (AdapterStack.capacity_for(len(slots)), len(slots)):
             if self.max_elements is None or capacity * per_position <= self.max_elements:
-                return capacity
+                return slices, rank, capacity
         return None
 
     def stack_for(self, slots: Sequence[int], d_in: int, widths: Sequence[int], dtype: torch.dtype,
@@ -183,11 +182,11 @@ class StackGroup:
         just them; None when that would be larger than `max_elements` (the kept one stays)."""
         positions = self.stack.place(slots) if self.stack is not None else None
         if positions is None:
-            capacity = self.new_stack_capacity(slots, d_in, widths)
-            if capacity is None:
+            shape = self.new_stack(slots, d_in, widths)
+            if shape is None:
                 return None
             self.stack = None  # its memory goes before the new stack takes its own
-            self.stack = AdapterStack(self.layers, *self.shape_for(slots), capacity, d_in, widths, dtype, device)
+            self.stack = AdapterStack(self.layers, *shape, d_in, widths, dtype, device)
             positions = self.stack.place(slots)
         return self.stack, positions
 

@@ -312,13 +312,13 @@ def _gather_plan(batch: LoRABatch, table: PageTable, targets: LayerAdapters, d_i
         group = targets.group
         new = group.stack.newcomers(serving) if group.stack is not None and serving else None
         if new is None:  # a new stack of just these, where the group has room for it
-            if group.new_stack_capacity(serving, d_in, slice_widths) is None:
+            shape = group.new_stack(serving, d_in, slice_widths)
+            if shape is None:
                 idle = tuple(i for i, adapter in enumerate(adapters) if not adapter.slices)
                 busy = tuple(i for i, adapter in enumerate(adapters) if adapter.slices)
                 batch.cache[key] = _GatherPlan((), busy, idle, 0)
                 return batch.cache[key]
-            new = serving
-            slices, rank = group.shape_for(new)
+            new, (slices, rank, _) = serving, shape
         else:
             slices, rank = group.stack.slices, group.stack.rank
         # Every token reads its stack position's whole width: the stack's slices at the stack's rank.
